@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up ./.venv and run the whole test suite: ruff (lint + format check), then pytest.
+# Chromium (Debian package) is installed for the browser test when apt-get is available and we are root.
+set -euo pipefail
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+source scripts/setup_env.sh
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[test] installing chromium for the browser test"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "[test] chromium could not be installed: the browser test will skip"
+fi
+export WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg
+ruff check .
+ruff format --check .
+python -m pytest -q "$@"

@@ -51,6 +51,12 @@ def train_bundle(dataset_dir: Path, output_dir: Path, baseline: bool = False, *o
         "--epochs", "1",
         "--use_wandb", "false",
         "--use_mlflow", "false",
+        "--progress", "false",
+        # a tiny network and short epochs: these fixtures test the plumbing, not the model
+        "--epoch_length", "2",
+        "--val_epoch_length", "1",
+        "--batch_size", "4",
+        "--network_overrides", "{'channels': [4, 8], 'block_layers': [1], 'growth_rate': 4}",
         *overrides,
     ]  # fmt: skip
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}

@@ -1,0 +1,226 @@
+"""Drive the Counterfactual Machine in a real headless Chromium: serve it, load a page, read it, screenshot it.
+
+Used by ``tests/test_app_browser.py`` and to make the documentation screenshot::
+
+    python -m cbvae_ext.app_browser --run_dir runs/cbvae --dataset_dir runs/data_1000 \\
+        --query "year=2018" --out bundle/docs/counterfactual_year.png
+
+Streamlit renders client-side over a websocket after the page's load event, so instead of a fixed
+``--virtual-time-budget`` the page is polled through the Chrome DevTools protocol until the views exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["APP", "CHROMIUM_FLAGS", "VIEWS", "BrowserError", "HeadlessChromium", "find_chromium", "serve_app"]
+
+APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+#: Headings of the three views; the page is ready when all show and their images have loaded.
+VIEWS: tuple[str, ...] = ("Generated map", "Counterfactual difference", "Year sweep")
+CHROMIUM_FLAGS: tuple[str, ...] = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--hide-scrollbars",
+)
+
+# text of the page and the number of images served by Streamlit's media endpoint that finished loading
+_PAGE_STATE = """JSON.stringify({
+  text: document.body ? document.body.innerText : "",
+  images: Array.from(document.images).filter(i => i.src.includes("/media/") && i.complete && i.naturalWidth > 0).length,
+  running: !!document.querySelector('[data-testid="stStatusWidget"]'),
+  exceptions: document.querySelectorAll('[data-testid="stException"]').length,
+})"""
+
+
+class BrowserError(RuntimeError):
+    """Chromium or the Streamlit server did not start or answer."""
+
+
+def find_chromium() -> str | None:
+    """Path of a Chromium binary (Debian's ``chromium``), or None."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def serve_app(run_dir: Path, dataset_dir: Path | None = None, timeout: float = 120.0) -> Iterator[str]:
+    """``streamlit run app/streamlit_app.py`` on a free local port; yields its URL and stops it afterwards.
+
+    Raises:
+        BrowserError: the server exited or did not answer ``/_stcore/health`` within ``timeout`` seconds.
+    """
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(APP),
+        "--server.headless", "true", "--server.address", "127.0.0.1", "--server.port", str(port),
+        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+        "--", "--run_dir", str(run_dir), *(["--dataset_dir", str(dataset_dir)] if dataset_dir else []),
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("CBVAE_RUN_DIR", "CBVAE_DATASET_DIR")}
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise BrowserError(f"streamlit exited with {proc.returncode}: {log.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise BrowserError(f"streamlit did not answer on {url} within {timeout:.0f} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop(proc)
+        log.close()
+
+
+class HeadlessChromium:
+    """One headless Chromium page driven through the DevTools protocol (``websockets``, a Streamlit dependency).
+
+    Args:
+        profile: an empty folder for the browser profile.
+        width: window width in pixels.
+        height: window height in pixels.
+        chromium: browser binary (default ``find_chromium()``).
+    """
+
+    def __init__(self, profile: Path, width: int = 1400, height: int = 2200, chromium: str | None = None) -> None:
+        from websockets.sync.client import connect
+
+        chromium = chromium or find_chromium()
+        if chromium is None:
+            raise BrowserError("chromium is not installed (apt-get install -y chromium)")
+        profile.mkdir(parents=True, exist_ok=True)
+        cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.ws: Any = None
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise BrowserError(f"chromium did not open its DevTools port ({cmd[0]})")
+            time.sleep(0.2)
+        port = port_file.read_text().split()[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
+            page = next(t for t in json.load(resp) if t["type"] == "page")
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self._id = 0
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        """Send one DevTools command and return its result."""
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=120))
+            if msg.get("id") == self._id:
+                if "error" in msg:
+                    raise BrowserError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    def evaluate(self, expression: str) -> Any:
+        """Value of a JavaScript expression in the page."""
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def open_app(self, url: str, min_images: int = 8, timeout: float = 300.0) -> dict[str, Any]:
+        """Navigate to the app and wait until the three views and ``min_images`` images have rendered.
+
+        Returns the last page state (``text``, ``images``, ``running``, ``exceptions``), ready or not.
+        """
+        self.call("Page.navigate", url=url)
+        deadline, state = time.monotonic() + timeout, {}
+        while time.monotonic() < deadline:
+            state = json.loads(self.evaluate(_PAGE_STATE))
+            if all(v in state["text"] for v in VIEWS) and state["images"] >= min_images and not state["running"]:
+                time.sleep(0.5)  # let the last images paint
+                break
+            time.sleep(1.0)
+        return state
+
+    def screenshot(self) -> bytes:
+        """PNG of the viewport."""
+        return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+
+    def close(self) -> None:
+        if self.ws is not None:
+            self.ws.close()
+        _stop(self.proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Screenshot the Counterfactual Machine on a run.")
+    parser.add_argument("--run_dir", required=True, type=Path)
+    parser.add_argument("--dataset_dir", type=Path)
+    parser.add_argument("--query", default="", help="URL query, e.g. 'study=neurosynth:123&year=2018'")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--crop", default="300,560,1400,1700", help="left,top,right,bottom in page pixels")
+    parser.add_argument("--width", type=int, default=900, help="width of the saved PNG")
+    args = parser.parse_args(argv)
+    from PIL import Image
+
+    try:
+        with serve_app(args.run_dir, args.dataset_dir) as url, tempfile.TemporaryDirectory() as tmp:
+            browser = HeadlessChromium(Path(tmp) / "profile")
+            try:
+                state = browser.open_app(f"{url}/?{args.query}" if args.query else url)
+                png = browser.screenshot()
+            finally:
+                browser.close()
+    except BrowserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not all(v in state.get("text", "") for v in VIEWS):
+        print(f"error: the page did not render its views: {state.get('text', '')[:300]}", file=sys.stderr)
+        return 2
+    img = Image.open(io.BytesIO(png)).convert("RGB").crop(tuple(int(v) for v in args.crop.split(",")))
+    img = img.resize((args.width, round(img.height * args.width / img.width)), Image.LANCZOS)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    img.quantize(colors=128).save(args.out, optimize=True)
+    print(f"{args.out}: {img.width}x{img.height}, {args.out.stat().st_size // 1024} KiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""Dataset builder and loader: Neurosynth/NeuroStore coordinates -> MA maps + metadata -> MONAI datasets.
+
+Build: ``python -m cbvae_ext.data build --neurosynth-dir DIR --out OUT`` or ``build_dataset(...)``.
+Load: ``load_dataset_info(OUT)``, ``make_dataset(OUT, split)``, ``load_split_tensors(OUT, split, device)``.
+"""
+
+from __future__ import annotations
+
+from .builder import build_dataset
+from .categories import CATEGORIES
+from .dataset import (
+    DatasetInfo,
+    LoadMapd,
+    ResidentSplit,
+    load_dataset_info,
+    load_split_tensors,
+    make_dataset,
+    map_transforms,
+)
+from .errors import DataError
+
+__all__ = [
+    "CATEGORIES",
+    "DataError",
+    "DatasetInfo",
+    "LoadMapd",
+    "ResidentSplit",
+    "build_dataset",
+    "load_dataset_info",
+    "load_split_tensors",
+    "make_dataset",
+    "map_transforms",
+]

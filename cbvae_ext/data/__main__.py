@@ -1,0 +1,72 @@
+"""Command line: ``python -m cbvae_ext.data build ...`` and ``python -m cbvae_ext.data info OUT``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import DataError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .kernels import DEFAULT_FWHM, DEFAULT_RADIUS, KERNELS
+
+    parser = argparse.ArgumentParser(prog="python -m cbvae_ext.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build a dataset folder of MA maps and metadata")
+    build.add_argument("--neurosynth-dir", help="Neurosynth v7 files (NiMARE layout); omitted: NiMARE's fetcher")
+    build.add_argument("--no-neurosynth", action="store_true", help="build from --neurostore-dir folders only")
+    build.add_argument("--neurostore-dir", action="append", default=[], help="NiMARE parquet studyset (repeatable)")
+    build.add_argument("--out", required=True, help="dataset folder to write")
+    build.add_argument("--subset", type=int, help="keep N Neurosynth studies (deterministic, stratified)")
+    build.add_argument("--resolution", type=int, default=4, choices=(2, 4), help="voxel size in mm")
+    build.add_argument("--kernel", default="ale", choices=KERNELS)
+    build.add_argument("--fwhm", type=float, default=DEFAULT_FWHM, help="ALE Gaussian FWHM in mm")
+    build.add_argument("--radius", type=float, default=DEFAULT_RADIUS, help="MKDA sphere radius in mm")
+    build.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    build.add_argument("--seed", type=int, default=0, help="seed of the subset and split hashes")
+    build.add_argument("--force", action="store_true", help="rebuild even if OUT holds the same build")
+    info = sub.add_parser("info", help="print a dataset folder's counts")
+    info.add_argument("out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "build":
+            from .builder import build_dataset
+
+            build_dataset(
+                neurosynth_dir=args.neurosynth_dir,
+                out=args.out,
+                subset=args.subset,
+                resolution=args.resolution,
+                kernel=args.kernel,
+                neurostore_dirs=args.neurostore_dir,
+                dtype=args.dtype,
+                force=args.force,
+                fwhm=args.fwhm,
+                radius=args.radius,
+                neurosynth=not args.no_neurosynth,
+                seed=args.seed,
+            )
+        else:
+            from .dataset import load_dataset_info
+
+            m = load_dataset_info(args.out).manifest
+            keys = ("n_maps", "grid", "kernel", "counts", "split_counts", "category_counts")
+            print(json.dumps({k: m[k] for k in keys}, indent=2))
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

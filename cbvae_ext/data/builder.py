@@ -1,0 +1,332 @@
+"""Build a dataset folder: sources -> peaks on the grid -> stratified subset/splits -> MA maps on disk.
+
+Output (see ``bundle/docs/formats.md``): ``maps.npy``, ``metadata.parquet``, ``mask.nii.gz`` and
+``manifest.json``, written into a temporary sibling folder that is renamed to ``OUT`` only when
+complete, so an interrupted build never leaves a folder that loads. A folder whose manifest carries
+the same cache key (input checksums + options + package version) is reused unless ``force``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from cbvae_ext.schema import CONTINUOUS_FIELDS, MetadataSchema
+
+from .categories import CATEGORIES, category_table
+from .errors import DataError
+from .grid import Grid, make_grid
+from .kernels import DEFAULT_FWHM, DEFAULT_RADIUS, KernelSpec, render_maps
+from .sources import (
+    SourceTable,
+    fetch_neurosynth_dir,
+    file_sha256,
+    read_neurostore,
+    read_neurosynth,
+    source_files,
+)
+from .splits import provisional_year_bins, split_groups, strata, stratified_subset
+
+__all__ = ["DATASET_FILES", "DTYPES", "build_dataset", "package_version"]
+
+logger = logging.getLogger("cbvae_ext.data")
+
+DATASET_FILES = ("maps.npy", "metadata.parquet", "mask.nii.gz", "manifest.json")
+DTYPES = ("float16", "float32")
+FORMAT_VERSION = 1
+
+
+def package_version() -> str:
+    try:
+        return importlib_metadata.version("cbvae")
+    except importlib_metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _cache_key(sources: list[tuple[str, Path]], options: dict) -> str | None:
+    """Hash of input checksums, options and package version; None when an input file is missing."""
+    checksums = []
+    for kind, directory in sources:
+        files = source_files(kind, directory)
+        if not files or not all(p.is_file() for p in files):
+            return None
+        checksums.append([kind, {p.name: file_sha256(p) for p in files}])
+    blob = json.dumps(
+        {"inputs": checksums, "options": options, "version": package_version(), "format": FORMAT_VERSION},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _cached(out: Path, key: str | None) -> bool:
+    if key is None or not all((out / f).is_file() for f in DATASET_FILES):
+        return False
+    try:
+        return json.loads((out / "manifest.json").read_text()).get("cache_key") == key
+    except (OSError, ValueError):
+        return False
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _prepare_output(out: Path) -> Path:
+    """Check ``out`` can be (re)placed and return a fresh temporary sibling folder."""
+    if out.exists() and (
+        not out.is_dir()
+        or (any(out.iterdir()) and not (out / "manifest.json").exists() and not (out / "maps.npy").exists())
+    ):
+        raise DataError(f"output {out} exists and is not a dataset folder; choose another --out or remove it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.partial-*"):
+            if not _pid_alive(stale.name.rsplit("-", 1)[-1]):  # left by a killed build
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise DataError(f"output folder {out.parent} is not writable ({err.strerror}); choose another --out") from err
+    return tmp
+
+
+def _place_peaks(tables: list[SourceTable], grid: Grid) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Concatenate sources, voxelise peaks and drop those outside the mask; returns rows, peaks, counts."""
+    rows, peaks, counts, offset = [], [], {}, 0
+    for table in tables:
+        ijk = grid.voxels(table.peaks[["x", "y", "z"]].to_numpy())
+        inside = grid.in_mask(ijk)
+        frame = pd.DataFrame(ijk[inside], columns=["i", "j", "k"])
+        frame.insert(0, "row", table.peaks["row"].to_numpy()[inside] + offset)
+        n_peaks = np.bincount(table.peaks["row"].to_numpy()[inside], minlength=len(table.rows))
+        part = table.rows.assign(n_peaks=n_peaks)
+        counts[table.name] = {
+            **table.counts,
+            "peaks_outside_mask": int((~inside).sum()),
+            "studies_without_peaks": int((n_peaks == 0).sum()),
+        }
+        rows.append(part)
+        peaks.append(frame)
+        offset += len(table.rows)
+    rows_df = pd.concat(rows, ignore_index=True)
+    dup = rows_df["id"][rows_df["id"].duplicated()]
+    if len(dup):
+        raise DataError(f"id {dup.iloc[0]!r} comes from two sources; give each --neurostore-dir only once")
+    return rows_df, pd.concat(peaks, ignore_index=True), counts
+
+
+def _write_npy(path: Path, batches, shape: tuple[int, ...], dtype: str, total: int) -> None:
+    """Stream map batches into a memory-mappable ``.npy`` (header, then rows in order).
+
+    Writing through the file instead of an ``open_memmap`` keeps dirty pages out of our RSS, so a
+    full build never holds more than one batch of float32 maps.
+    """
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+        )
+        with tqdm(total=total, unit="map", desc="MA maps", disable=None) as bar:
+            for batch in batches:
+                f.write(np.ascontiguousarray(batch, dtype=dtype).data)
+                bar.update(len(batch))
+
+
+def build_dataset(
+    neurosynth_dir: str | Path | None = None,
+    out: str | Path = "data/neurosynth",
+    subset: int | None = None,
+    resolution: int = 4,
+    kernel: str = "ale",
+    neurostore_dirs: Sequence[str | Path] = (),
+    dtype: str = "float16",
+    force: bool = False,
+    fwhm: float = DEFAULT_FWHM,
+    radius: float = DEFAULT_RADIUS,
+    neurosynth: bool = True,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> Path:
+    """Build (or reuse) a dataset folder and return its path.
+
+    Args:
+        neurosynth_dir: folder with the Neurosynth v7 files; None downloads them with
+            ``nimare.extract.fetch_neurosynth`` (reusing an existing download).
+        out: dataset folder to write.
+        subset: keep this many Neurosynth studies (deterministic, stratified by category x year bin);
+            None keeps all. NeuroStore sources are always kept whole.
+        resolution: grid voxel size in mm (4 or 2).
+        kernel: ``"ale"`` (Gaussian, ``fwhm``) or ``"mkda"`` (sphere, ``radius``).
+        neurostore_dirs: NiMARE parquet studyset folders to add.
+        dtype: ``"float16"`` or ``"float32"`` for ``maps.npy``.
+        force: rebuild even when ``out`` holds a build with the same cache key.
+        fwhm: ALE Gaussian FWHM in mm.
+        radius: MKDA sphere radius in mm.
+        neurosynth: include Neurosynth (False builds from NeuroStore folders only).
+        seed: seed of the hash ranks behind the subset and the splits.
+        batch_size: maps rendered per batch (bounds memory).
+
+    Raises:
+        DataError: bad option or input, nothing left after filtering, or an unwritable output.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise DataError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if subset is not None and (int(subset) != subset or subset < 1):
+        raise DataError(f"--subset {subset!r} must be a positive integer")
+    spec = KernelSpec(kernel, float(fwhm), float(radius))
+    grid = make_grid(int(resolution))
+    if not neurosynth and not neurostore_dirs:
+        raise DataError("no source selected; drop --no-neurosynth or add --neurostore-dir")
+
+    inputs: list[tuple[str, Path]] = []
+    if neurosynth:
+        inputs.append(("neurosynth", Path(neurosynth_dir) if neurosynth_dir else fetch_neurosynth_dir()))
+    inputs += [("neurostore", Path(d)) for d in neurostore_dirs]
+    for kind, directory in inputs:
+        if not directory.is_dir():
+            flag = "--neurosynth-dir" if kind == "neurosynth" else "--neurostore-dir"
+            raise DataError(f"{kind} folder {directory} does not exist; check {flag}")
+    options = {
+        "subset": subset,
+        "resolution": int(resolution),
+        "kernel": spec.to_dict(grid),
+        "dtype": dtype,
+        "seed": seed,
+    }
+    key = _cache_key(inputs, options)
+    if not force and _cached(out, key):
+        logger.info("reusing %s (same inputs and options; pass --force to rebuild)", out)
+        return out
+
+    tables = [read_neurosynth(d) if kind == "neurosynth" else read_neurostore(d) for kind, d in inputs]
+    rows, peaks, counts = _place_peaks(tables, grid)
+    keep = rows["n_peaks"].to_numpy() > 0
+    if subset is not None and neurosynth:
+        ns = np.flatnonzero(keep & (rows["source"] == "neurosynth").to_numpy())
+        ns_rows = rows.iloc[ns]
+        chosen = ns[
+            stratified_subset(
+                ns_rows["id"],
+                strata(ns_rows["category"], provisional_year_bins(ns_rows["year"].to_numpy())),
+                int(subset),
+                seed,
+            )
+        ]
+        counts["neurosynth"]["studies_not_in_subset"] = int(len(ns) - len(chosen))
+        keep &= (rows["source"] != "neurosynth").to_numpy()
+        keep[chosen] = True
+    if not keep.any():
+        raise DataError("no study has a peak inside the brain mask; check the coordinates and their space labels")
+    new_index = np.full(len(rows), -1)
+    new_index[keep] = np.arange(int(keep.sum()))
+    rows = rows[keep].reset_index(drop=True)
+    peaks = peaks[keep[peaks["row"].to_numpy()]]
+    row_of_peak = new_index[peaks["row"].to_numpy()]
+    for name, c in counts.items():
+        c["n_maps"] = int((rows["source"] == name).sum())
+        logger.info(
+            "%s: read %d studies / %d peaks; dropped %d peaks outside the brain mask, %d peaks without a study, "
+            "%d studies with no peak left%s; kept %d maps",
+            name,
+            c["studies_read"],
+            c["peaks_read"],
+            c["peaks_outside_mask"],
+            c["peaks_without_study"],
+            c["studies_without_peaks"],
+            f", {c['studies_not_in_subset']} studies outside --subset" if "studies_not_in_subset" in c else "",
+            c["n_maps"],
+        )
+
+    # splits: stratify on provisional bins over all rows, then fit the stored bin edges on train
+    rows["split"] = split_groups(
+        rows["study_id"], strata(rows["category"], provisional_year_bins(rows["year"].to_numpy())), seed
+    )
+    for name in CONTINUOUS_FIELDS:
+        if name not in rows:
+            rows[name] = np.nan
+        rows[name] = rows[name].astype(np.float64)
+        rows[f"{name}_observed"] = np.isfinite(rows[name].to_numpy())
+    rows["category_observed"] = rows["category"].notna()
+    train = rows[rows["split"] == "train"]
+    schema = MetadataSchema.fit(CATEGORIES, {f: train[f].to_numpy() for f in CONTINUOUS_FIELDS})
+    rows["year_bin"] = schema.year_bin(rows["year"].to_numpy())
+    rows["n_peaks"] = rows["n_peaks"].astype(np.int64)
+    columns = ["id", "study_id", "source", "title"]
+    for name in CONTINUOUS_FIELDS:
+        columns += [name, f"{name}_observed"]
+    rows = rows[[*columns, "category", "category_observed", "space", "n_peaks", "year_bin", "split"]]
+
+    tmp = _prepare_output(out)
+    try:
+        shape = (len(rows), *grid.shape)
+        maps = render_maps(
+            spec.cube(grid), peaks[["i", "j", "k"]].to_numpy(), row_of_peak, len(rows), grid.mask, batch_size, dtype
+        )
+        _write_npy(tmp / "maps.npy", maps, shape, dtype, len(rows))
+        rows.to_parquet(tmp / "metadata.parquet", index=False)
+        nib.save(grid.mask_img(), tmp / "mask.nii.gz")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "package_version": package_version(),
+            "cache_key": key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "options": options,
+            "n_maps": len(rows),
+            "dtype": dtype,
+            "grid": grid.to_dict(),
+            "kernel": spec.to_dict(grid),
+            "image_scaling": "loader divides each map by its own maximum",
+            "sources": [
+                {
+                    "name": t.name,
+                    "kind": kind,
+                    "path": str(Path(d).resolve()),
+                    "files": {Path(p).name: h for p, h in t.files.items()},
+                }
+                for t, (kind, d) in zip(tables, inputs, strict=True)
+            ],
+            "counts": counts,
+            "split_counts": {s: int((rows["split"] == s).sum()) for s in ("train", "val", "test")},
+            "category_counts": {str(k): int(v) for k, v in rows["category"].value_counts(dropna=False).items()},
+            "category_table": category_table(),
+            "space_rule": "TAL converted with nimare.utils.tal2mni; UNKNOWN/OTHER treated as MNI, kept as UNKNOWN",
+            "year_bin_edges": schema.year_bin_edges,
+            "schema": schema.to_dict(),
+            "build_seconds": round(time.perf_counter() - start, 2),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(
+            f"cannot write dataset to {out} ({err.strerror or err}); check free space and permissions"
+        ) from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %d maps %s to %s in %.1f s", len(rows), list(grid.shape), out, time.perf_counter() - start)
+    return out

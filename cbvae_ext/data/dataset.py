@@ -1,0 +1,263 @@
+"""Loading a dataset folder: metadata + memory-mapped maps as MONAI datasets or device-resident tensors.
+
+Each item is ``{"image": float32 [1, D, H, W] in [0, 1], "meta": [schema.meta_dim], "meta_mask":
+[schema.mask_dim], "year_bin": int, "category": int, "id": str}``. ``image`` is the stored MA map
+divided by its own maximum (every kept study has an in-mask peak, so the maximum is positive).
+Maps are read from ``maps.npy`` through ``np.load(mmap_mode="r")``, opened lazily once per process, so
+DataLoader workers share the page cache instead of copying the array.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from monai.config import KeysCollection
+from monai.data import CacheDataset, Dataset
+from monai.transforms import Compose, EnsureTyped, MapTransform, ScaleIntensityd
+
+from cbvae_ext.schema import CONTINUOUS_FIELDS, MetadataSchema, SchemaError
+
+from .builder import DATASET_FILES
+from .errors import DataError
+
+__all__ = [
+    "SPLITS",
+    "DatasetInfo",
+    "LoadMapd",
+    "ResidentSplit",
+    "load_dataset_info",
+    "load_split_tensors",
+    "make_dataset",
+    "map_transforms",
+]
+
+SPLITS = ("train", "val", "test", "all")
+
+
+@dataclass
+class DatasetInfo:
+    """Everything in a dataset folder.
+
+    Attributes:
+        path: the folder.
+        manifest: ``manifest.json`` content.
+        schema: the metadata vector declaration (fitted on the training split).
+        metadata: ``metadata.parquet``; row ``i`` describes ``maps[i]``.
+        maps: read-only memory map ``[N, D, H, W]``.
+        mask: bool brain mask ``[D, H, W]``.
+        affine: 4x4 voxel-to-MNI affine.
+    """
+
+    path: Path
+    manifest: dict
+    schema: MetadataSchema
+    metadata: pd.DataFrame
+    maps: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+
+    def rows(self, split: str) -> np.ndarray:
+        """Row indices of a split (``"all"`` for every row)."""
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        if split == "all":
+            return np.arange(len(self.metadata))
+        return np.flatnonzero(self.metadata["split"].to_numpy() == split)
+
+    def encode(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(meta, meta_mask)`` of the given rows via ``schema.encode``."""
+        frame = self.metadata.iloc[rows]
+        values = {f: frame[f].to_numpy(np.float64) for f in CONTINUOUS_FIELDS}
+        return self.schema.encode(values, frame["category"].tolist())
+
+    def category_index(self, rows: np.ndarray) -> np.ndarray:
+        return np.array([self.schema.category_index(c) for c in self.metadata["category"].iloc[rows]], dtype=np.int64)
+
+
+def load_dataset_info(path: str | Path) -> DatasetInfo:
+    """Open a dataset folder written by ``build_dataset``.
+
+    Raises:
+        DataError: when the folder is missing, incomplete or inconsistent.
+    """
+    path = Path(path)
+    fix = "build it with: python -m cbvae_ext.data build --out " + str(path)
+    if not path.is_dir():
+        raise DataError(f"dataset folder {path} does not exist; {fix}")
+    missing = [f for f in DATASET_FILES if not (path / f).is_file()]
+    if missing:
+        raise DataError(f"dataset folder {path} is incomplete (missing {', '.join(missing)}); {fix} --force")
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        schema = MetadataSchema.from_dict(manifest["schema"])
+        metadata = pd.read_parquet(path / "metadata.parquet")
+        maps = np.load(path / "maps.npy", mmap_mode="r")
+        mask_img = nib.load(path / "mask.nii.gz")
+        mask = np.asarray(mask_img.dataobj) > 0
+    except (OSError, ValueError, KeyError, SchemaError) as err:
+        raise DataError(f"dataset folder {path} is unreadable ({err}); {fix} --force") from err
+    if maps.shape[0] != len(metadata) or maps.shape[1:] != mask.shape:
+        raise DataError(
+            f"dataset folder {path} is inconsistent: maps {maps.shape}, {len(metadata)} metadata rows, mask "
+            f"{mask.shape}; {fix} --force"
+        )
+    return DatasetInfo(path, manifest, schema, metadata, maps, mask, np.asarray(mask_img.affine))
+
+
+class LoadMapd(MapTransform):
+    """Read map ``d["index"]`` of a ``maps.npy`` into ``d[key]`` as float32 ``[1, D, H, W]``.
+
+    The memory map is opened on first use in each process and never pickled, so DataLoader workers
+    share the file's page cache.
+
+    Args:
+        keys: output key(s), normally ``"image"``.
+        maps_path: path of ``maps.npy``.
+        index_key: key holding the row index.
+    """
+
+    def __init__(self, keys: KeysCollection, maps_path: str | Path, index_key: str = "index") -> None:
+        super().__init__(keys)
+        self.maps_path = str(maps_path)
+        self.index_key = index_key
+        self._maps: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": None}
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        if self._maps is None:
+            self._maps = np.load(self.maps_path, mmap_mode="r")
+        d = dict(data)
+        for key in self.keys:
+            d[key] = np.asarray(self._maps[int(d[self.index_key])], dtype=np.float32)[None]
+        return d
+
+
+def map_transforms(maps_path: str | Path) -> Compose:
+    """Load the map, divide it by its maximum (maps are 0 outside the mask, so min-max = max scaling)."""
+    return Compose(
+        [
+            LoadMapd("image", maps_path),
+            ScaleIntensityd("image", minv=0.0, maxv=1.0),
+            EnsureTyped(["image", "meta", "meta_mask"], data_type="tensor", dtype=torch.float32, track_meta=False),
+        ]
+    )
+
+
+def _items(info: DatasetInfo, rows: np.ndarray) -> list[dict]:
+    meta, meta_mask = info.encode(rows)
+    year_bin = info.metadata["year_bin"].to_numpy()[rows]
+    category = info.category_index(rows)
+    ids = info.metadata["id"].to_numpy()[rows]
+    return [
+        {
+            "index": int(r),
+            "id": str(ids[n]),
+            "meta": meta[n],
+            "meta_mask": meta_mask[n],
+            "year_bin": int(year_bin[n]),
+            "category": int(category[n]),
+        }
+        for n, r in enumerate(rows)
+    ]
+
+
+def make_dataset(path: str | Path, split: str = "train", cache: bool = False, **cache_kwargs: Any) -> Dataset:
+    """A MONAI ``Dataset`` (or ``CacheDataset`` with ``cache=True``) over one split of a dataset folder.
+
+    Args:
+        path: dataset folder.
+        split: ``train``, ``val``, ``test`` or ``all``.
+        cache: cache the transformed items in memory (``monai.data.CacheDataset``).
+        cache_kwargs: passed to ``CacheDataset`` (e.g. ``num_workers``, ``cache_rate``).
+    """
+    info = load_dataset_info(path)
+    data = _items(info, info.rows(split))
+    transform = map_transforms(info.path / "maps.npy")
+    if cache:
+        cache_kwargs.setdefault("progress", False)
+        return CacheDataset(data, transform, **cache_kwargs)
+    return Dataset(data, transform)
+
+
+def load_split_tensors(
+    path: str | Path,
+    split: str = "train",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float16,
+    chunk: int = 512,
+) -> dict[str, Any]:
+    """A whole split as stacked tensors on ``device`` (for the GPU-resident preset).
+
+    Returns:
+        ``{"image": [N, 1, D, H, W] (dtype, max-scaled), "meta": [N, M] float32, "meta_mask": [N, C+1] float32,
+        "year_bin": [N] int64, "category": [N] int64, "id": list[str]}``.
+    """
+    info = load_dataset_info(path)
+    rows = info.rows(split)
+    device = torch.device(device)
+    image = torch.empty((len(rows), 1, *info.mask.shape), dtype=dtype, device=device)
+    for start in range(0, len(rows), chunk):
+        block = torch.from_numpy(np.asarray(info.maps[rows[start : start + chunk]], dtype=np.float32))
+        peak = block.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+        image[start : start + len(block), 0] = (block / peak[:, None, None, None]).to(device=device, dtype=dtype)
+    meta, meta_mask = info.encode(rows)
+    return {
+        "image": image,
+        "meta": torch.from_numpy(meta).to(device),
+        "meta_mask": torch.from_numpy(meta_mask).to(device),
+        "year_bin": torch.from_numpy(info.metadata["year_bin"].to_numpy()[rows].astype(np.int64)).to(device),
+        "category": torch.from_numpy(info.category_index(rows)).to(device),
+        "id": [str(i) for i in info.metadata["id"].to_numpy()[rows]],
+    }
+
+
+class ResidentSplit:
+    """A split held as tensors on one device, served in (optionally shuffled) batches.
+
+    Args:
+        path: dataset folder.
+        split: ``train``, ``val``, ``test`` or ``all``.
+        device: where the tensors live.
+        dtype: image dtype on the device (float16/bfloat16 halve the memory; batches are cast to float32).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        split: str = "train",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float16,
+    ) -> None:
+        self.tensors = load_split_tensors(path, split, device, dtype)
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.tensors["id"])
+
+    def batch(self, index: torch.Tensor) -> dict[str, Any]:
+        """Items ``index`` as a batch dict; ``image`` as float32."""
+        index = index.to(self.device)
+        out = {k: v[index] for k, v in self.tensors.items() if k != "id"}
+        out["image"] = out["image"].float()
+        out["id"] = [self.tensors["id"][i] for i in index.tolist()]
+        return out
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None, drop_last: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Iterate over the split in batches, like a ``DataLoader`` over a ``MapDataset``."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            yield self.batch(order[start : start + batch_size])

@@ -1,0 +1,139 @@
+"""The C-β-VAE objective with per-term outputs.
+
+Per map (then averaged over the batch)::
+
+    loss = recon + β·KL + w_imp·imp + w_adv·adv
+
+- ``recon``: Bernoulli cross-entropy with soft targets, ``BCEWithLogits(logits, x)`` summed over the
+  in-mask voxels. Maps lie in [0, 1] and peak at 1 (formats.md), so each voxel is read as the
+  probability of "activated" (independent voxels). It is not a normalised density on [0, 1] (the
+  continuous Bernoulli adds a prediction-dependent normaliser), but per voxel it is a proper scoring
+  rule, minimal exactly when ``sigmoid(logits) == x``. Voxels outside the brain mask carry no data.
+- ``kl``: ``KL(q(z|x, m) || N(0, I))`` summed over latent dimensions.
+- ``imp``: Gaussian negative log-likelihood of the observed continuous metadata (normalised units)
+  under the imputation head ``N(imp_mu, exp(imp_logvar))``; where a field is missing, the head is pulled
+  towards a weak prior ``N(0, σ_p²)`` by ``KL(N(imp_mu, σ²) || N(0, σ_p²))`` -- no target is invented.
+- ``adv``: cross-entropy of the year-bin adversary on rows whose year is known (``year_bin >= 0``); the
+  gradient reversal layer inside the network makes the encoder work against it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CBVAELoss", "LossError"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class LossError(ValueError):
+    """The network output or the batch does not match what the loss needs."""
+
+
+class CBVAELoss(nn.Module):
+    """ELBO + imputation + adversarial loss returning every term.
+
+    Args:
+        mask: brain mask on the map grid (``[D, H, W]``, nonzero = in brain); ``None`` uses every voxel.
+        beta: initial KL weight; the ``KLController`` changes ``self.beta`` during training.
+        imputation_weight: weight of the imputation term.
+        adversary_weight: weight of the adversary's cross-entropy.
+        prior_sigma: standard deviation σ_p of the weak prior on a missing field (normalised units).
+
+    Raises:
+        LossError: for a non-positive ``prior_sigma`` or negative weights.
+    """
+
+    def __init__(
+        self,
+        mask: torch.Tensor | None = None,
+        beta: float = 1.0,
+        imputation_weight: float = 1.0,
+        adversary_weight: float = 1.0,
+        prior_sigma: float = 3.0,
+    ) -> None:
+        super().__init__()
+        if prior_sigma <= 0:
+            raise LossError(f"prior_sigma must be > 0, got {prior_sigma}")
+        if min(beta, imputation_weight, adversary_weight) < 0:
+            raise LossError("beta, imputation_weight and adversary_weight must be >= 0")
+        self.beta = float(beta)
+        self.imputation_weight = float(imputation_weight)
+        self.adversary_weight = float(adversary_weight)
+        self.prior_sigma = float(prior_sigma)
+        mask_t = torch.ones(1) if mask is None else torch.as_tensor(mask) != 0
+        self.register_buffer("mask", mask_t.to(torch.float32), persistent=False)
+
+    def reconstruction(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Per-map Bernoulli NLL over in-mask voxels, ``[B]``."""
+        if self.mask.dim() > 1 and tuple(logits.shape[-3:]) != tuple(self.mask.shape):
+            raise LossError(f"recon grid {tuple(logits.shape[-3:])} differs from mask grid {tuple(self.mask.shape)}")
+        bce = F.binary_cross_entropy_with_logits(logits.float(), image.float(), reduction="none")
+        return (bce * self.mask).flatten(1).sum(1)
+
+    @staticmethod
+    def kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """Per-map ``KL(N(mu, exp(logvar)) || N(0, I))`` summed over latents, ``[B]``."""
+        mu, logvar = mu.float(), logvar.float()
+        return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(1)
+
+    def imputation(
+        self, imp_mu: torch.Tensor, imp_logvar: torch.Tensor, target: torch.Tensor, observed: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-map Gaussian NLL where observed plus the weak-prior KL where missing, ``[B]``."""
+        imp_mu, imp_logvar = imp_mu.float(), imp_logvar.float()
+        nll = 0.5 * (_LOG_2PI + imp_logvar + (target - imp_mu).square() / imp_logvar.exp())
+        log_sp2 = 2.0 * math.log(self.prior_sigma)
+        prior_kl = 0.5 * (log_sp2 - imp_logvar + (imp_logvar.exp() + imp_mu.square()) / self.prior_sigma**2 - 1.0)
+        return torch.where(observed > 0, nll, prior_kl).sum(1)
+
+    def forward(
+        self,
+        out: Mapping[str, torch.Tensor | None],
+        batch: Mapping[str, torch.Tensor],
+        beta: float | None = None,
+        adversary: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Compute every term.
+
+        Args:
+            out: network output (formats.md network contract).
+            batch: dataset batch with ``image``, ``meta``, ``meta_mask`` and ``year_bin``.
+            beta: KL weight to use instead of ``self.beta`` (validation uses 1, the plain ELBO).
+            adversary: include the adversary term in ``loss``.
+
+        Returns:
+            0-d tensors ``loss`` (differentiable), ``recon``, ``kl``, ``imp``, ``adv`` and ``adv_acc``
+            (batch means; ``adv_acc`` is NaN when no row has a known year or the model has no adversary).
+        """
+        try:
+            image, logits, mu, logvar = batch["image"], out["recon"], out["mu"], out["logvar"]
+        except KeyError as err:
+            raise LossError(f"missing {err} in the network output or batch; see formats.md") from None
+        beta = self.beta if beta is None else float(beta)
+        recon = self.reconstruction(logits, image).mean()
+        kl = self.kl(mu, logvar).mean()
+        zero = recon.new_zeros(())
+        imp, adv, adv_acc = zero, zero, recon.new_full((), float("nan"))
+        if out.get("imp_mu") is not None:
+            n_cont = out["imp_mu"].shape[1]
+            target = batch["meta"][:, :n_cont].float()
+            observed = batch["meta_mask"][:, :n_cont]
+            imp = self.imputation(out["imp_mu"], out["imp_logvar"], target, observed).mean()
+        year_logits = out.get("year_logits")
+        if year_logits is not None:
+            year_bin = torch.as_tensor(batch["year_bin"], device=year_logits.device).long().view(-1)
+            known = year_bin >= 0
+            if known.any():
+                logits_k = year_logits[known].float()
+                adv = F.cross_entropy(logits_k, year_bin[known])
+                adv_acc = (logits_k.argmax(1) == year_bin[known]).float().mean()
+        loss = recon + beta * kl + self.imputation_weight * imp
+        if adversary:
+            loss = loss + self.adversary_weight * adv
+        return {"loss": loss, "recon": recon, "kl": kl, "imp": imp, "adv": adv, "adv_acc": adv_acc}

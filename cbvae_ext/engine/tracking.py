@@ -1,0 +1,93 @@
+"""Experiment tracking: W&B through ignite's ``WandBLogger`` and the MLflow store location for MONAI's ``MLFlowHandler``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+__all__ = ["WandBTracker", "mlflow_uri", "wandb_mode"]
+
+
+def mlflow_uri(output_dir: str | Path) -> str:
+    """Embedded SQLite store ``sqlite:///<output_dir>/mlflow.db`` (``MLFLOW_TRACKING_URI`` still wins in MONAI)."""
+    path = Path(output_dir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def wandb_mode() -> str:
+    """``"offline"`` unless ``WANDB_API_KEY`` is set (then ``WANDB_MODE`` or ``"online"``)."""
+    if not os.environ.get("WANDB_API_KEY"):
+        return "offline"
+    return os.environ.get("WANDB_MODE", "online")
+
+
+class WandBTracker:
+    """Log the trainer's per-iteration scalars, epoch metrics, lr and the evaluator's metrics to W&B.
+
+    Every record uses the trainer's iteration as the W&B step so that steps stay monotonic.
+    The run is created on ``attach`` (offline files under ``<output_dir>/wandb`` without an API key)
+    and finished when training completes.
+
+    Args:
+        output_dir: run folder; W&B writes under ``<output_dir>/wandb``.
+        project: W&B project name.
+        run_name: W&B run name (default: W&B's).
+        config: hyper-parameters recorded with the run.
+        evaluator: engine whose epoch metrics (``val_*``) are logged too.
+        optimizer: its ``lr`` is logged.
+        log_every: log the iteration scalars every this many iterations.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        project: str = "cbvae",
+        run_name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        evaluator: Engine | None = None,
+        optimizer: Any | None = None,
+        log_every: int = 10,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.project = project
+        self.run_name = run_name
+        self.config = dict(config or {})
+        self.evaluator = evaluator
+        self.optimizer = optimizer
+        self.log_every = max(int(log_every), 1)
+        self.logger: Any = None
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.handlers.wandb_logger import WandBLogger
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.logger = WandBLogger(
+            project=self.project,
+            name=self.run_name,
+            dir=str(self.output_dir),
+            mode=wandb_mode(),
+            config=self.config,
+        )
+
+        def step(*_: Any) -> int:
+            return engine.state.iteration
+
+        every = Events.ITERATION_COMPLETED(every=self.log_every)
+        self.logger.attach_output_handler(
+            engine, every, tag="train_iter", output_transform=lambda out: out, global_step_transform=step
+        )
+        self.logger.attach_output_handler(
+            engine, Events.EPOCH_COMPLETED, tag="epoch", metric_names="all", global_step_transform=step
+        )
+        if self.optimizer is not None:
+            self.logger.attach_opt_params_handler(engine, every, optimizer=self.optimizer, param_name="lr")
+        if self.evaluator is not None:
+            self.logger.attach_output_handler(
+                self.evaluator, Events.EPOCH_COMPLETED, tag="epoch", metric_names="all", global_step_transform=step
+            )
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.logger.close())

@@ -1,0 +1,90 @@
+"""Loading runs for evaluation: every checkpoint/dataset mismatch is a one-line ``EvaluationError``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cbvae_ext.evaluation.run import EvaluationError, load_run
+from cbvae_ext.networks import build_network, preset_config
+from cbvae_ext.schema import MetadataSchema
+
+GRID = (12, 14, 12)
+
+
+def _schema(categories: tuple[str, ...] = ("motor", "memory", "other")) -> MetadataSchema:
+    years = np.linspace(1995, 2020, 40)
+    return MetadataSchema.fit(list(categories), {"year": years, "sample_size": np.full(40, 20.0)})
+
+
+def _make_run(root: Path, schema: MetadataSchema, grid=GRID, model: str = "cbvae", **overrides) -> Path:
+    config = preset_config("cpu", schema, grid, model=model, **overrides)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save(build_network(config).state_dict(), root / "model.pt")
+    (root / "network_config.json").write_text(json.dumps(config))
+    decoder_schema = {"latent_size": config["latent_size"], "model": model, "meta_schema": schema.to_dict()}
+    (root / "decoder_schema.json").write_text(json.dumps(decoder_schema))
+    return root
+
+
+def test_load_run_restores_the_weights_in_eval_mode(tmp_path):
+    schema = _schema()
+    run_dir = _make_run(tmp_path / "run", schema)
+    run = load_run(run_dir, schema, GRID)
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    for key, value in run.model.state_dict().items():
+        torch.testing.assert_close(value, saved[key])
+    assert not run.model.training and run.kind == "cbvae" and run.latent_size == 32
+    assert len(run.checkpoint_sha256) == 64
+
+
+def test_grid_mismatch(tmp_path):
+    schema = _schema()
+    run_dir = _make_run(tmp_path / "run", schema)
+    with pytest.raises(EvaluationError, match=r"grid mismatch.*\[12, 14, 12\].*\[16, 16, 16\]"):
+        load_run(run_dir, schema, (16, 16, 16))
+
+
+def test_schema_mismatch_meta_dim_and_categories(tmp_path):
+    run_dir = _make_run(tmp_path / "run", _schema())
+    with pytest.raises(EvaluationError, match="schema mismatch.*meta_dim=7.*meta_dim=8"):
+        load_run(run_dir, _schema(("motor", "memory", "language", "other")), GRID)
+    with pytest.raises(EvaluationError, match="schema mismatch.*categories"):
+        load_run(run_dir, _schema(("motor", "emotion", "other")), GRID)
+
+
+def test_latent_size_mismatch_with_decoder_schema(tmp_path):
+    schema = _schema()
+    run_dir = _make_run(tmp_path / "run", schema)
+    spec = json.loads((run_dir / "decoder_schema.json").read_text())
+    (run_dir / "decoder_schema.json").write_text(json.dumps({**spec, "latent_size": 16}))
+    with pytest.raises(EvaluationError, match="latent size mismatch.*16.*32"):
+        load_run(run_dir, schema, GRID)
+
+
+def test_checkpoint_not_matching_its_config(tmp_path):
+    schema = _schema()
+    run_dir = _make_run(tmp_path / "run", schema)
+    other = _make_run(tmp_path / "other", schema, latent_size=8)
+    (run_dir / "model.pt").write_bytes((other / "model.pt").read_bytes())
+    with pytest.raises(EvaluationError, match="checkpoint mismatch.*model.pt does not fit") as err:
+        load_run(run_dir, schema, GRID)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_unsafe_checkpoints(tmp_path):
+    schema = _schema()
+    with pytest.raises(EvaluationError, match="network_config.json not found"):
+        load_run(tmp_path / "nowhere", schema, GRID)
+    run_dir = _make_run(tmp_path / "run", schema)
+    # a pickled object (not plain tensors) is refused by weights_only=True
+    torch.save({"net": torch.nn.Linear(2, 2)}, run_dir / "model.pt")
+    with pytest.raises(EvaluationError, match="weights_only=True"):
+        load_run(run_dir, schema, GRID)
+    (run_dir / "model.pt").unlink()
+    with pytest.raises(EvaluationError, match="model.pt not found"):
+        load_run(run_dir, schema, GRID)

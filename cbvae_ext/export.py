@@ -106,6 +106,7 @@ def export_decoder(
     mask_path: str | Path,
     run_dir: str | Path,
     latent_kl: Sequence[float] | np.ndarray | None = None,
+    dataset_dir: str | Path | None = None,
 ) -> Path:
     """Write ``decoder.ts``, ``decoder_schema.json`` and ``mask.nii.gz`` into ``run_dir``.
 
@@ -117,6 +118,7 @@ def export_decoder(
         mask_path: the dataset's ``mask.nii.gz``.
         run_dir: run folder.
         latent_kl: mean KL per latent dimension on the training split (``write_latents`` returns it).
+        dataset_dir: the training dataset folder, recorded so the app can show a study's real map.
 
     Returns:
         Path of ``decoder.ts``.
@@ -152,6 +154,7 @@ def export_decoder(
         "latent_kl": None if latent_kl is None else [float(v) for v in latent_kl],
         # a missing field enters the decoder as normalised 0 (the training mean) with mask 0
         "imputed_defaults": {spec.name: 0.0 for spec in schema.fields},
+        "dataset_dir": None if dataset_dir is None else str(Path(dataset_dir).resolve()),
     }
     (run_dir / SCHEMA_FILE).write_text(json.dumps(info, indent=2))
     target = run_dir / MASK_FILE

@@ -39,38 +39,62 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, neurosynth_dir: Path)
     return Path(build_dataset(neurosynth_dir=neurosynth_dir, out=out, subset=120, resolution=4))
 
 
-def train_bundle(dataset_dir: Path, output_dir: Path, baseline: bool = False, *overrides: str) -> Path:
-    """Train through the real bundle CLI (`python -m monai.bundle run training`) with tiny settings."""
-    configs = ["bundle/configs/train.yaml"] + (["bundle/configs/train_baseline.yaml"] if baseline else [])
-    config_arg = configs[0] if len(configs) == 1 else str(configs)
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "training",
+#: Tiny network and 2 iterations per epoch: tests of the training plumbing, not of the model.
+TINY_TRAINING = [
+    "--epoch_length", "2",
+    "--val_epoch_length", "1",
+    "--batch_size", "4",
+    "--network_overrides", "{'channels': [4, 8], 'block_layers': [1], 'growth_rate': 4}",
+    "--progress", "false",
+]  # fmt: skip
+
+#: Environment of a bundle subprocess: offline W&B, no inherited tracking targets.
+BUNDLE_ENV = {
+    **{k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "MLFLOW_TRACKING_URI")},
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def training_command(
+    dataset_dir: Path, output_dir: Path, epochs: int, *extra: str, configs: tuple[str, ...] = ("train.yaml",)
+) -> list[str]:
+    """Arguments of `python -m monai.bundle run training` with the tiny settings (without the interpreter)."""
+    files = [f"bundle/configs/{c}" for c in configs]
+    config_arg = files[0] if len(files) == 1 else str(files)
+    return [
+        "-m", "monai.bundle", "run", "training",
         "--config_file", config_arg,
         "--dataset_dir", str(dataset_dir),
         "--output_dir", str(output_dir),
-        "--epochs", "1",
-        "--use_wandb", "false",
-        "--use_mlflow", "false",
-        "--progress", "false",
-        # a tiny network and short epochs: these fixtures test the plumbing, not the model
-        "--epoch_length", "2",
-        "--val_epoch_length", "1",
-        "--batch_size", "4",
-        "--network_overrides", "{'channels': [4, 8], 'block_layers': [1], 'growth_rate': 4}",
-        *overrides,
+        "--epochs", str(epochs),
+        *TINY_TRAINING, *extra,
     ]  # fmt: skip
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def run_bundle(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run a bundle command from the repo root; fail with the end of its output when it fails."""
+    proc = subprocess.run(
+        [*(launcher or [sys.executable]), *args],
+        cwd=REPO_ROOT,
+        env=BUNDLE_ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"bundle training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return output_dir
+        pytest.fail(f"bundle command failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
 
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> dict[str, Path]:
     """One C-β-VAE and one baseline run, each trained for one epoch on the tiny dataset."""
     root = tmp_path_factory.mktemp("runs")
-    return {
-        "cbvae": train_bundle(tiny_dataset, root / "cbvae"),
-        "baseline": train_bundle(tiny_dataset, root / "baseline", True),
-    }
+    off = ("--use_wandb", "false", "--use_mlflow", "false")
+    run_bundle(training_command(tiny_dataset, root / "cbvae", 1, *off))
+    run_bundle(
+        training_command(tiny_dataset, root / "baseline", 1, *off, configs=("train.yaml", "train_baseline.yaml"))
+    )
+    return {"cbvae": root / "cbvae", "baseline": root / "baseline"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,41 +15,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import BUNDLE_ENV, run_bundle, training_command
 
 pytestmark = pytest.mark.slow
 
-# a tiny network and 2 iterations per epoch keep each run within seconds of compute on 2 cores
-TINY = [
-    "--epoch_length", "2",
-    "--val_epoch_length", "1",
-    "--batch_size", "4",
-    "--network_overrides", "{'channels': [4, 8], 'block_layers': [1], 'growth_rate': 4}",
-    "--progress", "false",
-]  # fmt: skip
-ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-ENV.pop("WANDB_API_KEY", None)
-ENV.pop("MLFLOW_TRACKING_URI", None)
-
-
-def _cmd(dataset: Path, out: Path, epochs: int, *extra: str, configs: tuple[str, ...] = ("train.yaml",)) -> list[str]:
-    files = [f"bundle/configs/{c}" for c in configs]
-    config_arg = files[0] if len(files) == 1 else str(files)
-    return [
-        "-m", "monai.bundle", "run", "training",
-        "--config_file", config_arg,
-        "--dataset_dir", str(dataset),
-        "--output_dir", str(out),
-        "--epochs", str(epochs),
-        *TINY, *extra,
-    ]  # fmt: skip
-
-
-def _run(args: list[str], repo_root: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [*(launcher or [sys.executable]), *args], cwd=repo_root, env=ENV, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+OFF = ("--use_mlflow", "false", "--use_wandb", "false")
 
 
 def _assert_run_folder(out: Path, epochs: int) -> pd.DataFrame:
@@ -67,7 +38,9 @@ def _assert_run_folder(out: Path, epochs: int) -> pd.DataFrame:
 
 def test_train_cbvae_with_tracking(tiny_dataset, repo_root, tmp_path):
     out = tmp_path / "run"
-    _run(_cmd(tiny_dataset, out, 2, "--use_mlflow", "true", "--use_wandb", "true", "--log_every", "1"), repo_root)
+    run_bundle(
+        training_command(tiny_dataset, out, 2, "--use_mlflow", "true", "--use_wandb", "true", "--log_every", "1")
+    )
     hist = _assert_run_folder(out, 2)
     # per-term values are finite and the total is their weighted sum (weights 1)
     row = hist.iloc[-1]
@@ -97,25 +70,21 @@ def test_train_cbvae_with_tracking(tiny_dataset, repo_root, tmp_path):
     assert list((out / "wandb").glob("offline-run-*")), list((out / "wandb").iterdir())
 
 
-def test_train_baseline_overlay(tiny_dataset, repo_root, tmp_path):
-    out = tmp_path / "baseline"
-    args = _cmd(tiny_dataset, out, 1, "--use_mlflow", "false", "--use_wandb", "false")
-    _run(
-        args[:4] + ["--config_file", "['bundle/configs/train.yaml','bundle/configs/train_baseline.yaml']"] + args[6:],
-        repo_root,
-    )
+def test_train_baseline_overlay(tiny_runs):
+    out = tiny_runs["baseline"]  # trained by the session fixture through the overlay
     hist = _assert_run_folder(out, 1)
     assert hist["imp"].iloc[0] == 0.0 and hist["adv"].iloc[0] == 0.0  # no imputation head, no adversary
-    import json
-
     assert json.loads((out / "network_config.json").read_text())["model"] == "baseline"
+    assert json.loads((tiny_runs["cbvae"] / "network_config.json").read_text())["model"] == "cbvae"
 
 
 def test_resume_after_sigkill(tiny_dataset, repo_root, tmp_path):
     out = tmp_path / "resumed"
-    args = _cmd(tiny_dataset, out, 3, "--use_mlflow", "false", "--use_wandb", "false")
+    args = training_command(tiny_dataset, out, 3, *OFF)
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen([sys.executable, *args], cwd=repo_root, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=repo_root, env=BUNDLE_ENV, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 600
         while not list((out / "checkpoints").glob("*_epoch=*.pt")):
@@ -130,7 +99,7 @@ def test_resume_after_sigkill(tiny_dataset, repo_root, tmp_path):
     saved = int(next((out / "checkpoints").glob("*_epoch=*.pt")).stem.split("=")[-1])
     assert saved < 3
 
-    second = _run(args, repo_root)
+    second = run_bundle(args)
     text = second.stdout + second.stderr
     assert "Restored all variables from" in text  # MONAI CheckpointLoader
     # only the epochs after the checkpoint ran again
@@ -142,10 +111,9 @@ def test_resume_after_sigkill(tiny_dataset, repo_root, tmp_path):
 
 def test_ddp_two_processes_gloo(tiny_dataset, repo_root, tmp_path):
     out = tmp_path / "ddp"
-    args = _cmd(tiny_dataset, out, 1, "--use_mlflow", "false", "--use_wandb", "false",
-                configs=("train.yaml", "multi_gpu_train.yaml"))  # fmt: skip
+    args = training_command(tiny_dataset, out, 1, *OFF, configs=("train.yaml", "multi_gpu_train.yaml"))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = _run(args[1:] if args[0] == "-m" else args, repo_root, launcher=[*launcher, "-m"])
+    proc = run_bundle(args[1:], launcher=[*launcher, "-m"])
     hist = _assert_run_folder(out, 1)
     assert hist["grl_lambda"].iloc[0] > 0
     assert "Saved checkpoint at epoch: 1" in proc.stdout + proc.stderr

@@ -126,7 +126,8 @@ def test_failed_step_marks_the_job_failed_with_its_log(repo_root: Path, tmp_path
 @pytest.mark.slow
 def test_entry_script_end_to_end_on_cpu(repo_root: Path, tmp_path: Path, tiny_dataset: Path):
     (tmp_path / "dataset_120_4mm").symlink_to(tiny_dataset, target_is_directory=True)
-    env = {"CBVAE_TRAIN_ARGS": "--use_mlflow false", "CBVAE_EVAL_ARGS": "--n_bootstrap 20 --n_permutations 5"}
+    train_args = "--use_mlflow false --epoch_length 2 --val_epoch_length 1 --batch_size 4 --progress false"
+    env = {"CBVAE_TRAIN_ARGS": train_args, "CBVAE_EVAL_ARGS": "--n_bootstrap 20 --n_permutations 5"}
     proc = run_entry(repo_root, ["--root", str(tmp_path), "--subset", "120", "--epochs", "1"], env, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = tmp_path / "output"

@@ -32,7 +32,8 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "batch_size": 16,
         "autocast_dtype": None,
-        "channels_last": False,
+        # channels_last_3d makes oneDNN's 3D conv backward ~5x faster on CPU (37 vs 7 maps/s, bench_train.py)
+        "channels_last": True,
         "compile": False,
         "resident": False,
         "num_workers": 0,
@@ -193,5 +194,14 @@ def finalize_run(
         model.load_state_dict(torch.load(best, map_location=device, weights_only=True))
     info = _dataset_info(dataset_dir)
     kl = write_latents(model, info, out, device=device)
-    export_decoder(model, info.schema, info.mask.shape, info.affine, info.path / "mask.nii.gz", out, latent_kl=kl)
+    export_decoder(
+        model,
+        info.schema,
+        info.mask.shape,
+        info.affine,
+        info.path / "mask.nii.gz",
+        out,
+        latent_kl=kl,
+        dataset_dir=info.path,
+    )
     logger.info(f"run finalised in {out}")

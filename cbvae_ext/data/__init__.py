@@ -11,7 +11,6 @@ from .categories import CATEGORIES
 from .dataset import (
     DatasetInfo,
     LoadMapd,
-    ResidentSplit,
     load_dataset_info,
     load_split_tensors,
     make_dataset,
@@ -24,7 +23,6 @@ __all__ = [
     "DataError",
     "DatasetInfo",
     "LoadMapd",
-    "ResidentSplit",
     "build_dataset",
     "load_dataset_info",
     "load_split_tensors",

@@ -10,7 +10,7 @@ DataLoader workers share the page cache instead of copying the array.
 from __future__ import annotations
 
 import json
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,6 @@ __all__ = [
     "SPLITS",
     "DatasetInfo",
     "LoadMapd",
-    "ResidentSplit",
     "load_dataset_info",
     "load_split_tensors",
     "make_dataset",
@@ -219,45 +218,3 @@ def load_split_tensors(
         "category": torch.from_numpy(info.category_index(rows)).to(device),
         "id": [str(i) for i in info.metadata["id"].to_numpy()[rows]],
     }
-
-
-class ResidentSplit:
-    """A split held as tensors on one device, served in (optionally shuffled) batches.
-
-    Args:
-        path: dataset folder.
-        split: ``train``, ``val``, ``test`` or ``all``.
-        device: where the tensors live.
-        dtype: image dtype on the device (float16/bfloat16 halve the memory; batches are cast to float32).
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        split: str = "train",
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float16,
-    ) -> None:
-        self.tensors = load_split_tensors(path, split, device, dtype)
-        self.device = torch.device(device)
-
-    def __len__(self) -> int:
-        return len(self.tensors["id"])
-
-    def batch(self, index: torch.Tensor) -> dict[str, Any]:
-        """Items ``index`` as a batch dict; ``image`` as float32."""
-        index = index.to(self.device)
-        out = {k: v[index] for k, v in self.tensors.items() if k != "id"}
-        out["image"] = out["image"].float()
-        out["id"] = [self.tensors["id"][i] for i in index.tolist()]
-        return out
-
-    def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None, drop_last: bool = False
-    ) -> Iterator[dict[str, Any]]:
-        """Iterate over the split in batches, like a ``DataLoader`` over a ``MapDataset``."""
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            yield self.batch(order[start : start + batch_size])

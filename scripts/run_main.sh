@@ -39,4 +39,4 @@ echo "[main] 4/4 evaluation -> $out_root/eval"
 python -m monai.bundle run evaluate --config_file bundle/configs/evaluate.yaml \
   --dataset_dir "$data_dir" --run_dir "$out_root/cbvae" --baseline_run_dir "$out_root/baseline" \
   --output_dir "$out_root/eval"
-echo "[main] done: results in $out_root/eval/test_results.json; demo: streamlit run app/streamlit_app.py"
+echo "[main] done: results in $out_root/eval/test_results.json; demo: streamlit run app/streamlit_app.py -- --run_dir $out_root/cbvae"

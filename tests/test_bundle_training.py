@@ -80,7 +80,8 @@ def test_train_baseline_overlay(tiny_runs):
 
 def test_resume_after_sigkill(tiny_dataset, repo_root, tmp_path):
     out = tmp_path / "resumed"
-    args = training_command(tiny_dataset, out, 3, *OFF)
+    # a text "false" override passes through the config's switches (flag() is unit-tested)
+    args = training_command(tiny_dataset, out, 3, *OFF, "--channels_last", "false")
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(
         [sys.executable, *args], cwd=repo_root, env=BUNDLE_ENV, stdout=log, stderr=subprocess.STDOUT
@@ -111,7 +112,9 @@ def test_resume_after_sigkill(tiny_dataset, repo_root, tmp_path):
 
 def test_ddp_two_processes_gloo(tiny_dataset, repo_root, tmp_path):
     out = tmp_path / "ddp"
-    args = training_command(tiny_dataset, out, 1, *OFF, configs=("train.yaml", "multi_gpu_train.yaml"))
+    # the GPU preset's code paths on CPU: per-rank shards of a resident split, bf16 autocast
+    gpu_paths = ("--resident", "true", "--autocast_dtype", "bfloat16")
+    args = training_command(tiny_dataset, out, 1, *OFF, *gpu_paths, configs=("train.yaml", "multi_gpu_train.yaml"))
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = run_bundle(args[1:], launcher=[*launcher, "-m"])
     hist = _assert_run_folder(out, 1)

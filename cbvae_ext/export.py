@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from cbvae_ext.networks import MODELS
+from cbvae_ext.networks import MODELS, unwrap
 from cbvae_ext.schema import MetadataSchema
 
 __all__ = [
@@ -65,14 +65,6 @@ def normalise_maps(maps: np.ndarray | torch.Tensor) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(maps, dtype=np.float32) if not torch.is_tensor(maps) else maps).float()
     peak = x.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
     return (x / peak.view(-1, *([1] * (x.ndim - 1)))).unsqueeze(1)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The network inside DistributedDataParallel / torch.compile wrappers."""
-    for attr in ("module", "_orig_mod"):
-        while isinstance(getattr(model, attr, None), nn.Module):
-            model = getattr(model, attr)
-    return model
 
 
 def _model_name(model: nn.Module) -> str:
@@ -128,7 +120,7 @@ def export_decoder(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = _unwrap(model)
+    model = unwrap(model)
     name = _model_name(model)
     grid = [int(s) for s in grid_shape]
     if list(model.decoder.out_shape) != grid:
@@ -183,7 +175,7 @@ def write_latents(
     Returns:
         Mean KL per latent dimension over the training rows (``latent_kl`` of ``export_decoder``).
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     frame = dataset_info.metadata
     meta, meta_mask = dataset_info.encode(np.arange(len(frame)))
     was_training = model.training

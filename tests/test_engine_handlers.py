@@ -88,8 +88,12 @@ def test_grl_schedule_ramps_network_lambda_over_steps():
 
 def test_grl_schedule_leaves_a_model_without_adversary_alone():
     engine = Engine(lambda e, _: None)
-    GRLSchedule(torch.nn.Linear(2, 2)).attach(engine)
+    net = torch.nn.Linear(2, 2)
+    schedule = GRLSchedule(net, gamma=10.0, lambda_max=1.0)
+    schedule.attach(engine)
     engine.run([0, 1], max_epochs=2)
+    assert not hasattr(net, "grl")  # nothing was set on the baseline
+    assert schedule.lambda_ == pytest.approx(dann_lambda(3 / 4, 10.0, 1.0))  # the schedule still advanced
 
 
 def test_history_writes_rows_and_plot_and_truncates_on_resume(tmp_path):
@@ -143,5 +147,11 @@ def test_resident_batches_cover_every_row_once_per_epoch_and_shard():
     shards = [ResidentBatches(data, batch_size=2, seed=1, rank=r, world_size=2) for r in range(2)]
     rows = [torch.cat([b["year_bin"] for b in s]).tolist() for s in shards]
     assert sorted(rows[0] + rows[1]) == list(range(10)) and not set(rows[0]) & set(rows[1])
+    # 9 rows on 2 ranks: padded to 5 rows each, so both ranks run the same number of batches (DDP)
+    odd = {"year_bin": torch.arange(9)}
+    shards = [ResidentBatches(odd, batch_size=4, seed=1, rank=r, world_size=2) for r in range(2)]
+    assert [len(s) for s in shards] == [2, 2]
+    rows = [torch.cat([b["year_bin"] for b in s]).tolist() for s in shards]
+    assert [len(r) for r in rows] == [5, 5] and set(rows[0] + rows[1]) == set(range(9))
     with pytest.raises(ValueError, match="one length"):
         ResidentBatches({"a": torch.zeros(2), "b": torch.zeros(3)}, batch_size=1)

@@ -88,3 +88,13 @@ def test_missing_and_unsafe_checkpoints(tmp_path):
     (run_dir / "model.pt").unlink()
     with pytest.raises(EvaluationError, match="model.pt not found"):
         load_run(run_dir, schema, GRID)
+
+
+def test_run_trained_on_another_dataset_build_is_refused(tmp_path):
+    schema = _schema()
+    run_dir = _make_run(tmp_path / "run", schema)
+    config = json.loads((run_dir / "network_config.json").read_text())
+    (run_dir / "network_config.json").write_text(json.dumps({**config, "dataset_manifest_sha256": "a" * 64}))
+    assert load_run(run_dir, schema, GRID, manifest_sha256="a" * 64).kind == "cbvae"
+    with pytest.raises(EvaluationError, match=r"dataset mismatch: .* was trained on .*aaaaaaaaaaaa.*bbbbbbbbbbbb"):
+        load_run(run_dir, schema, GRID, manifest_sha256="b" * 64)

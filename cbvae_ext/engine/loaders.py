@@ -59,10 +59,18 @@ class ResidentBatches:
             order = torch.randperm(self.n, generator=gen)
         else:
             order = torch.arange(self.n)
-        return order[self.rank :: self.world_size]
+        # pad by repeating the first rows so every rank gets the same number of rows (and of batches):
+        # an extra batch on one rank would leave DDP's all-reduce waiting forever, as DistributedSampler
+        # (even_divisible) avoids the same way
+        padded = torch.cat([order, order[: self._per_rank * self.world_size - self.n]])
+        return padded[self.rank :: self.world_size]
+
+    @property
+    def _per_rank(self) -> int:
+        return -(-self.n // self.world_size)
 
     def __len__(self) -> int:
-        n = len(range(self.rank, self.n, self.world_size))
+        n = self._per_rank
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -15,20 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbvae_ext.networks import unwrap
+
 __all__ = ["BATCH_KEYS", "EvalStep", "TrainStep", "grl_lambda", "to_device", "unwrap"]
 
 #: Tensors of a dataset batch the model and the loss read.
 BATCH_KEYS = ("image", "meta", "meta_mask", "year_bin")
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The bare model under DDP / ``torch.compile`` wrappers."""
-    while True:
-        inner = getattr(network, "module", None)
-        inner = getattr(network, "_orig_mod", None) if inner is None else inner
-        if not isinstance(inner, nn.Module):
-            return network
-        network = inner
 
 
 def grl_lambda(network: nn.Module) -> float:

@@ -19,6 +19,7 @@ __all__ = [
     "make_loader",
     "network_config",
     "rank",
+    "save_network_config",
     "training_preset",
     "world_size",
 ]

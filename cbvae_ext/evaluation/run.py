@@ -75,7 +75,11 @@ class LoadedRun:
 
 
 def load_run(
-    run_dir: str | Path, schema: MetadataSchema, grid_shape: tuple[int, ...], device: str | torch.device = "cpu"
+    run_dir: str | Path,
+    schema: MetadataSchema,
+    grid_shape: tuple[int, ...],
+    device: str | torch.device = "cpu",
+    manifest_sha256: str | None = None,
 ) -> LoadedRun:
     """Rebuild a run's network, load ``model.pt`` with ``weights_only=True`` and check it against the dataset.
 
@@ -84,13 +88,22 @@ def load_run(
         schema: the evaluation dataset's metadata schema.
         grid_shape: the evaluation dataset's map grid ``(D, H, W)``.
         device: where the network runs.
+        manifest_sha256: checksum of the evaluation dataset's ``manifest.json``; a run trained on another
+            build is refused, since another build has other splits (training studies could be "test").
 
     Raises:
-        EvaluationError: missing files, or a grid, schema, latent size or state dict that does not match.
+        EvaluationError: missing files, another dataset build, or a grid, schema, latent size or state dict
+            that does not match.
     """
     run_dir = Path(run_dir)
     fix = "pass the output folder of a bundle training run"
     config = _read_json(run_dir / "network_config.json", fix)
+    trained_on = _trained_on(config)
+    if manifest_sha256 is not None and trained_on is not None and trained_on != manifest_sha256:
+        raise EvaluationError(
+            f"dataset mismatch: {run_dir} was trained on the dataset whose manifest.json has sha256 {trained_on[:12]}…, "
+            f"not this one ({manifest_sha256[:12]}…); splits differ between builds, so evaluate on the training dataset"
+        )
     if "spatial_shape" not in config:
         raise EvaluationError(f"{run_dir / 'network_config.json'} lacks 'spatial_shape'; {fix}")
     run_grid = tuple(int(s) for s in config["spatial_shape"])
@@ -246,7 +259,7 @@ class Evaluation:
         runs: dict[str, LoadedRun] = {}
         for path in (self.run_dir, self.baseline_run_dir):
             if path is not None:
-                run = load_run(path, schema, grid, self.device)
+                run = load_run(path, schema, grid, self.device, file_sha256(info.path / "manifest.json"))
                 if run.kind in runs:
                     raise EvaluationError(
                         f"both run folders hold a {run.kind!r} model ({runs[run.kind].run_dir}, {run.run_dir}); "
@@ -366,18 +379,17 @@ class Evaluation:
                 recon = torch.sigmoid(out["recon"].float())
                 pred = masked_vectors(recon.cpu().numpy(), mask)
                 # ELBO at β = 1 with one latent sample z ~ q(z | x, m), the training likelihood (CBVAELoss)
-                eps = torch.randn(out["mu"].shape, generator=gen).to(self.device)
-                z = out["mu"] + eps * torch.exp(0.5 * out["logvar"])
-                m = model.decoder_input(meta, meta_mask, out["imp_mu"])
-                nll = loss.reconstruction(model.decode(z, m), image)
-                kl = loss.kl(out["mu"], out["logvar"])
-                # conditional-only generation: prior mean z = 0 and the study's metadata, missing fields at the
-                # run's imputation default (never the map's own imputation, which would leak the map)
+                # missing fields enter the decoder at the run's imputation default, never the map's own
+                # imputation: that is information from x that pays no KL, which would loosen the bound
                 imp0 = defaults[kind]
                 imp0 = None if imp0 is None else imp0.to(self.device).expand(len(image), -1)
-                cond = torch.sigmoid(
-                    model.decode(torch.zeros_like(out["mu"]), model.decoder_input(meta, meta_mask, imp0))
-                )
+                m0 = model.decoder_input(meta, meta_mask, imp0)
+                eps = torch.randn(out["mu"].shape, generator=gen).to(self.device)
+                z = out["mu"] + eps * torch.exp(0.5 * out["logvar"])
+                nll = loss.reconstruction(model.decode(z, m0), image)
+                kl = loss.kl(out["mu"], out["logvar"])
+                # conditional-only generation: prior mean z = 0 and the study's metadata
+                cond = torch.sigmoid(model.decode(torch.zeros_like(out["mu"]), m0))
                 cond_pred = masked_vectors(cond.float().cpu().numpy(), mask)
                 for key, value in (
                     *((f"recon/{k}", v) for k, v in score_maps(pred, target, mask).items()),
@@ -621,7 +633,8 @@ class Evaluation:
             "dice_top1": "Dice of the top 1% in-mask voxels of real vs predicted",
             "reconstruction": "decoder output sigmoid(logits) at z = posterior mean μ",
             "elbo_beta1": "per map: nll = Bernoulli cross-entropy over in-mask voxels (CBVAELoss.reconstruction) at one "
-            "z ~ q(z|x,m); kl = KL(q || N(0, I)); elbo = -(nll + kl), nats, higher is better",
+            "z ~ q(z|x,m), decoder conditioned on the observed metadata with missing fields at the run's imputation "
+            "default; kl = KL(q || N(0, I)); elbo = -(nll + kl), nats, higher is better",
             "conditional_only": "decode(z = 0, the study's metadata; missing fields at the run's imputation default)",
             "bootstrap": f"percentile 95% CI of the mean over held-out maps, {self.n_bootstrap} resamples, seed {self.seed}",
             "probes": "fit on train μ (standardised), scored on test; balanced accuracy over year bins; null = same "

@@ -48,6 +48,7 @@ __all__ = [
     "grad_reverse",
     "preset_config",
     "sample_latent",
+    "unwrap",
 ]
 
 MODELS: dict[str, type[nn.Module]] = {"cbvae": ConditionalBetaVAE, "baseline": BaselineVAE}
@@ -149,3 +150,13 @@ def build_network(config: Mapping[str, Any]) -> nn.Module:
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The bare model under DDP / ``torch.compile`` wrappers."""
+    while True:
+        inner = getattr(network, "module", None)
+        inner = getattr(network, "_orig_mod", None) if inner is None else inner
+        if not isinstance(inner, nn.Module):
+            return network
+        network = inner

@@ -37,7 +37,7 @@ from .sources import (
     read_neurosynth,
     source_files,
 )
-from .splits import provisional_year_bins, split_groups, strata, stratified_subset
+from .splits import duplicate_groups, merge_groups, provisional_year_bins, split_groups, strata, stratified_subset
 
 __all__ = ["DATASET_FILES", "DTYPES", "FORMAT_NAME", "build_dataset", "package_version", "topic_columns"]
 
@@ -295,8 +295,12 @@ def build_dataset(
         )
 
     # splits: stratify on provisional bins over all rows, then fit the stored bin edges on train
+    # split groups: a study with all its analyses, joined with studies whose maps are identical
+    ijk = peaks[["i", "j", "k"]].to_numpy(np.int64)
+    duplicates = duplicate_groups(row_of_peak, np.ravel_multi_index(tuple(ijk.T), grid.shape), len(rows))
+    rows["split_group"] = merge_groups(rows["study_id"], duplicates)
     rows["split"] = split_groups(
-        rows["study_id"], strata(rows["category"], provisional_year_bins(rows["year"].to_numpy())), seed
+        rows["split_group"], strata(rows["category"], provisional_year_bins(rows["year"].to_numpy())), seed
     )
     for name in CONTINUOUS_FIELDS:
         if name not in rows:
@@ -321,7 +325,7 @@ def build_dataset(
     for name in CONTINUOUS_FIELDS:
         columns += [name, f"{name}_observed"]
     columns += [*tcols, f"{TOPICS.name}_observed"]
-    rows = rows[[*columns, "category", "category_observed", "space", "n_peaks", "year_bin", "split"]]
+    rows = rows[[*columns, "category", "category_observed", "space", "n_peaks", "year_bin", "split_group", "split"]]
 
     tmp = _prepare_output(out)
     try:
@@ -355,6 +359,12 @@ def build_dataset(
             ],
             "counts": counts,
             "split_counts": {s: int((rows["split"] == s).sum()) for s in ("train", "val", "test")},
+            "duplicate_maps": {
+                "rule": "studies whose kept peaks fall on exactly the same voxels (identical maps) share a split",
+                "n_groups": len(duplicates),
+                "n_maps": int(sum(len(g) for g in duplicates)),
+                "groups": [[str(rows["id"].iloc[r]) for r in g] for g in duplicates],
+            },
             "category_counts": {str(k): int(v) for k, v in rows["category"].value_counts(dropna=False).items()},
             "category_table": category_table(),
             "space_rule": "TAL converted with nimare.utils.tal2mni; UNKNOWN/OTHER treated as MNI, kept as UNKNOWN",

@@ -15,7 +15,7 @@ import torch
 
 from cbvae_ext.data import DatasetInfo
 from cbvae_ext.export import DecoderModule, export_decoder, latent_kl, normalise_maps, write_latents
-from cbvae_ext.inference import RunFolderError, load
+from cbvae_ext.inference import InferenceError, RunFolderError, load
 from cbvae_ext.networks import FiLMGenerator, build_network, preset_config
 from cbvae_ext.schema import MetadataSchema, SchemaError
 
@@ -178,7 +178,7 @@ def test_baseline_decoder_ignores_conditions(tmp_path: Path, schema: MetadataSch
 
 
 def test_missing_and_mismatched_run_files(run: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
-    with pytest.raises(RunFolderError, match=r"has no decoder.ts; train and export a run with: python -m monai.bundle"):
+    with pytest.raises(RunFolderError, match=r"has no decoder.ts, decoder_schema.json, mask.nii.gz; train and export"):
         load(tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(run[0], copy)
@@ -192,7 +192,7 @@ def test_missing_and_mismatched_run_files(run: tuple[Path, torch.nn.Module], tmp
     with pytest.raises(RunFolderError, match="model.pt does not fit .*network_config.json"):
         load(copy).encode(np.ones(GRID))
     (copy / "decoder_schema.json").write_text("{}")
-    with pytest.raises(RunFolderError, match="decoder_schema.json is malformed"):
+    with pytest.raises(RunFolderError, match="decoder_schema.json lacks latent_size, model, meta_schema, grid"):
         load(copy)
 
 
@@ -229,3 +229,54 @@ def test_write_latents(run: tuple[Path, torch.nn.Module], schema: MetadataSchema
     train = [0, 1, 4]
     np.testing.assert_allclose(kl, latent_kl(ref_mu.numpy()[train], ref_logvar.numpy()[train]), rtol=1e-4)
     assert kl.shape == (32,) and (kl >= 0).all()
+
+
+def _copy_run(run: tuple[Path, torch.nn.Module], dest: Path) -> Path:
+    shutil.copytree(run[0], dest)
+    shutil.copy(run[0].parent / "mask.nii.gz", dest / "mask.nii.gz")
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("mask.nii.gz", b"not a nifti", r"mask.nii.gz is not a readable NIfTI mask"),  # was nibabel's ImageFileError
+        ("decoder.ts", b"", r"decoder.ts is not a TorchScript file"),
+        ("decoder_schema.json", b"[1, 2]", r"decoder_schema.json holds a list, not a JSON object"),  # was TypeError
+        ("decoder_schema.json", b"\xff\xfe", r"decoder_schema.json is not readable JSON"),  # was UnicodeDecodeError
+    ],
+)
+def test_load_damaged_file_is_a_run_folder_error(run, tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    copy = _copy_run(run, tmp_path / "copy")
+    (copy / name).write_bytes(content)
+    with pytest.raises(RunFolderError, match=message) as err:
+        load(copy)
+    assert "\n" not in str(err.value)
+
+
+def test_encode_with_damaged_checkpoint_is_a_run_folder_error(run, tmp_path: Path) -> None:
+    copy = _copy_run(run, tmp_path / "copy")
+    (copy / "model.pt").write_bytes(b"\x80\x02garbage")  # was _pickle.UnpicklingError
+    with pytest.raises(RunFolderError, match=r"model.pt cannot be loaded with weights_only=True"):
+        load(copy).encode(np.ones(GRID))
+
+
+def test_load_refuses_config_that_disagrees_with_decoder_schema(run, tmp_path: Path) -> None:
+    copy = _copy_run(run, tmp_path / "copy")
+    config = json.loads((copy / "network_config.json").read_text())
+    (copy / "network_config.json").write_text(json.dumps({**config, "latent_size": 16}))
+    with pytest.raises(RunFolderError, match=r"network_config.json \(cbvae, latent 16\) does not match .*latent 32"):
+        load(copy)
+
+
+def test_decode_refuses_non_finite_latents_and_overflowing_conditions(run) -> None:
+    model = load(run[0])
+    z = np.zeros(32)
+    z[3] = np.nan
+    with pytest.raises(InferenceError, match="z holds NaN or infinite values"):  # was an all-NaN map
+        model.decode(z, {"task": "emotion"})
+    with pytest.raises(InferenceError, match="decoding gave NaN/infinite values"):
+        model.decode(np.zeros(32), {"task": "emotion", "year": 1e300}, allow_extrapolation=True)
+    assert np.isfinite(
+        model.decode(np.zeros(32), {"task": "emotion", "year": 2030}, allow_extrapolation=True).map
+    ).all()

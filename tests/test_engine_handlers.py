@@ -216,7 +216,7 @@ def test_atomic_saver_rotates_to_n_saved_across_a_resume(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model_epoch=2.pt"]
     resumed = _epoch_engine()  # a new process: its saver adopts the checkpoint it resumed from
     AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_interval=1, n_saved=1).attach(resumed)
-    resumed.state.epoch = 2
+    resumed.state.epoch, resumed.state.max_epochs = 2, 4  # as the CheckpointLoader leaves it
     resumed.run([0], max_epochs=4)
     assert [p.name for p in tmp_path.iterdir()] == ["model_epoch=4.pt"]  # epoch 2 was left behind by MONAI's saver
 

@@ -17,6 +17,7 @@ from cbvae_ext.data import DatasetInfo
 from cbvae_ext.export import DecoderModule, export_decoder, latent_kl, normalise_maps, write_latents
 from cbvae_ext.inference import InferenceError, RunFolderError, load
 from cbvae_ext.networks import FiLMGenerator, build_network, preset_config
+from cbvae_ext.run_folder import APP_FILES, EVALUATION_FILES, RunFolder
 from cbvae_ext.schema import MetadataSchema, SchemaError
 
 matplotlib.use("Agg")
@@ -280,3 +281,35 @@ def test_decode_refuses_non_finite_latents_and_overflowing_conditions(run) -> No
     assert np.isfinite(
         model.decode(np.zeros(32), {"task": "emotion", "year": 2030}, allow_extrapolation=True).map
     ).all()
+
+
+def test_run_folder_offers_what_evaluation_and_the_app_read(run, schema: MetadataSchema, tmp_path: Path) -> None:
+    path, net = run
+    folder = RunFolder.open(path, require=EVALUATION_FILES)
+    assert folder.latent_size == 32 and folder.model_kind == "cbvae" and folder.grid_shape == tuple(GRID)
+    assert folder.trained_on == "0" * 64 and folder.schema.categories == CATS
+    assert folder.imputed_defaults == {f.name: 0.0 for f in schema.fields}
+    np.testing.assert_array_equal(folder.latent_kl, np.arange(32.0))
+    loaded = folder.load_network()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values(), strict=True))
+    folder.check_dataset(schema, GRID, "0" * 64)
+    with pytest.raises(RunFolderError, match=r"dataset mismatch: .* manifest.json has sha256 000000000000…"):
+        folder.check_dataset(schema, GRID, "1" * 64)
+    with pytest.raises(RunFolderError, match=r"grid mismatch: .* has grid \[24, 28, 24\] but the dataset has"):
+        folder.check_dataset(schema, [24, 28, 20])
+    other = MetadataSchema.fit(["motor", "emotion", "other"], {"year": np.arange(1995.0, 2015.0)})
+    with pytest.raises(RunFolderError, match="schema mismatch"):
+        folder.check_dataset(other, GRID)
+
+    # the app needs latents.parquet too; `missing` lets it show how to make the run
+    copy = _copy_run(run, tmp_path / "copy")
+    with pytest.raises(RunFolderError, match="has no latents.parquet") as err:
+        RunFolder.open(copy, require=APP_FILES)
+    assert err.value.missing == ("latents.parquet",)
+    frame = pd.DataFrame({"id": ["a"], "title": ["t"], "year": [2000.0], "category": ["other"], "split": ["train"]})
+    frame.assign(mu=[[0.0] * 31]).to_parquet(copy / "latents.parquet")
+    with pytest.raises(RunFolderError, match="mu has 31 entries per study but latent_size is 32"):
+        RunFolder.open(copy, require=APP_FILES).latents()
+    frame.assign(mu=[[0.5] * 32]).to_parquet(copy / "latents.parquet")
+    table, mu = RunFolder.open(copy, require=APP_FILES).latents()
+    assert "mu" not in table and mu.shape == (1, 32) and mu.dtype == np.float32

@@ -232,14 +232,13 @@ class RunFolder:
         config, spec = self._config(), self.decoder_schema
         if spec is None:
             return
-        ours = (str(config.get("model", "cbvae")), config.get("latent_size"))
-        theirs = (str(spec.get("model", "cbvae")), spec.get("latent_size"))
-        if ours[0] != theirs[0] or str(ours[1]) != str(theirs[1]):
-            raise RunFolderError(
-                f"{self.path / NETWORK_CONFIG} ({ours[0]}, latent {ours[1]}) does not match "
-                f"{self.path / SCHEMA} ({theirs[0]}, latent {theirs[1]}); keep both files from the same run or "
-                f"re-export it"
-            )
+        fix = "keep both files from the same run, or re-export it"
+        for key, label in (("model", "model"), ("latent_size", "latent size")):
+            ours, theirs = config.get(key, "cbvae" if key == "model" else None), spec.get(key)
+            if str(ours) != str(theirs):
+                raise RunFolderError(
+                    f"{label} mismatch: {self.path / SCHEMA} has {key} {theirs} but {NETWORK_CONFIG} has {ours}; {fix}"
+                )
         grid = config.get("spatial_shape")
         if grid is not None and [int(s) for s in grid] != self.grid_shape_list:
             raise RunFolderError(
@@ -401,7 +400,7 @@ class RunFolder:
             net.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError, ValueError) as err:
             raise RunFolderError(
-                f"{ckpt} does not fit {self.path / NETWORK_CONFIG} ({_first_line(err)}); keep model.pt and "
+                f"checkpoint mismatch: {ckpt} does not fit {self.path / NETWORK_CONFIG} ({_first_line(err)}); keep model.pt and "
                 f"{NETWORK_CONFIG} from the same run"
             ) from None
         return net.to(device).eval()

@@ -266,7 +266,10 @@ def test_load_refuses_config_that_disagrees_with_decoder_schema(run, tmp_path: P
     copy = _copy_run(run, tmp_path / "copy")
     config = json.loads((copy / "network_config.json").read_text())
     (copy / "network_config.json").write_text(json.dumps({**config, "latent_size": 16}))
-    with pytest.raises(RunFolderError, match=r"network_config.json \(cbvae, latent 16\) does not match .*latent 32"):
+    with pytest.raises(
+        RunFolderError,
+        match=r"latent size mismatch: .*decoder_schema.json has latent_size 32 but network_config.json has 16",
+    ):
         load(copy)
 
 

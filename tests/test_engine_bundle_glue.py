@@ -72,3 +72,23 @@ def test_presets_are_the_bundle_configs() -> None:
     assert set(TRAIN["architecture"]) | set(cpu) <= set(gpu_overlay)
     with pytest.raises(PresetError, match="unknown network preset 'tpu'; valid presets: cpu, gpu"):
         training_preset("tpu")
+
+
+def _parser(*files: str, **overrides):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIG_DIR / f) for f in files])
+    parser.update(overrides)
+    return parser
+
+
+def test_gpu_overlay_through_monai_config_parser(capsys) -> None:
+    gpu = _parser("train.yaml", "preset_gpu.yaml")
+    assert gpu.get_parsed_content("architecture") == architecture_preset("gpu")
+    knobs = gpu.get_parsed_content("knobs")  # the config's own check passes on the overlay's values
+    assert knobs["preset"] == "gpu" and knobs["batch_size"] == 64 and knobs["autocast_dtype"] == "bfloat16"
+    # the command line "--preset gpu" without the overlay is refused before anything is built
+    with pytest.raises(SystemExit):
+        _parser("train.yaml", preset="gpu").get_parsed_content("knobs")
+    assert "add the overlay instead" in capsys.readouterr().err

@@ -94,6 +94,18 @@ def test_conditional_mean_term_is_its_own_cross_entropy():
     assert terms["loss"].item() == pytest.approx((terms["recon"] + terms["kl"] + 0.5 * cm).item(), rel=1e-5)
 
 
+def test_free_bits_charge_only_kl_above_the_allowance():
+    batch, out = _batch(), _out()
+    plain = CBVAELoss(imputation_weight=0.0, adversary_weight=0.0)
+    free = CBVAELoss(imputation_weight=0.0, adversary_weight=0.0, free_bits=5.0)  # 1 nat for each of 5 dims
+    kl_dims = CBVAELoss.kl(out["mu"], out["logvar"], per_dim=True).mean(0)
+    terms = free(out, batch)
+    assert terms["kl"].item() == pytest.approx(kl_dims.sum().item(), rel=1e-6)  # reported: the true KL
+    want = terms["recon"] + kl_dims.clamp_min(1.0).sum()
+    assert terms["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert free(out, batch, beta=1.0)["loss"].item() == pytest.approx(plain(out, batch)["loss"].item())  # validation
+
+
 def test_floor_is_the_minimum_of_the_reconstruction():
     batch = _batch()
     x = batch["image"].clamp(1e-3, 1 - 1e-3)

@@ -80,9 +80,10 @@ def _fit(net: torch.nn.Module, schema: MetadataSchema) -> np.ndarray:
 def _task_condition(schema: MetadataSchema, n: int, task: int | None) -> torch.Tensor:
     """Decoder input with only the task given (``None``: nothing given)."""
     meta, mask = torch.zeros(n, schema.meta_dim), torch.zeros(n, schema.mask_dim)
+    group = schema.group("task")
     if task is not None:
-        meta[:, schema.n_continuous + task] = 1.0
-        mask[:, schema.n_continuous] = 1.0
+        meta[:, group.meta_slice.start + task] = 1.0
+        mask[:, group.mask_index] = 1.0
     return torch.cat([meta, mask], dim=1)
 
 
@@ -147,14 +148,15 @@ def test_unconditional_models_ignore_conditions(schema: MetadataSchema, model: s
 
 
 @pytest.mark.parametrize(("model", "overrides"), [("baseline", {}), ("cbvae", {"conditioning": False})])
-def test_unconditional_models_start_at_the_mean_map(schema: MetadataSchema, model: str, overrides: dict) -> None:
-    """Output bias = logit of the training mean map and a zero residual: training starts from the mean-map model."""
+def test_unconditional_models_add_the_mean_map_logits(schema: MetadataSchema, model: str, overrides: dict) -> None:
+    """Output bias = logit of the training mean map: training starts near the mean-map model, not below it."""
     net = _model(schema, model, **overrides).eval()
-    mean, _ = _category_means(schema)
-    net.cond_mean.fit(mean)
+    z, m = torch.randn(2, 32), torch.zeros(2, schema.meta_dim + schema.mask_dim)
     with torch.no_grad():
-        logits = net.decode(torch.randn(2, 32), torch.zeros(2, schema.meta_dim + schema.mask_dim))
-    torch.testing.assert_close(logits, logit(mean).float().expand(2, 1, *SHAPE))
+        before = net.decode(z, m)
+        mean, _ = _category_means(schema)
+        net.cond_mean.fit(mean)
+        torch.testing.assert_close(net.decode(z, m) - before, logit(mean).float().expand(2, 1, *SHAPE))
 
 
 def test_conditional_mean_starts_at_the_category_mean_logits(schema: MetadataSchema) -> None:
@@ -165,8 +167,6 @@ def test_conditional_mean_starts_at_the_category_mean_logits(schema: MetadataSch
         m = torch.cat([_task_condition(schema, 1, task) for task in range(k)])
         want = logit(cat_means).float()[:, None]
         torch.testing.assert_close(net.conditional_mean(m), want, atol=2e-4, rtol=1e-4)
-        # the residual starts at 0: decode(z, c) is the category mean whatever z
-        torch.testing.assert_close(net.decode(torch.randn(k, 32), m), want, atol=2e-4, rtol=1e-4)
         # task unknown (token at 0): the overall mean
         torch.testing.assert_close(
             net.conditional_mean(_task_condition(schema, 1, None))[0, 0], logit(cat_means.mean(0)).float()
@@ -222,6 +222,27 @@ def test_unknown_token_makes_output_independent_of_a_hidden_group(schema: Metada
         year2 = year.clone()
         year2[:, 0] = -1.5
         assert (net.decode(z, year) - net.decode(z, year2)).abs().max() > 1e-3
+
+
+def test_topics_are_one_more_condition_group() -> None:
+    """With the LDA topic vector in the schema: its own group, scaled to O(1) entries, hidden behind its token."""
+    rng = np.random.default_rng(0)
+    topics = MetadataSchema.fit(CATEGORIES, {"year": rng.uniform(1995, 2015, 50)}, topic_names=[f"t{i}" for i in range(6)])
+    groups = groups_config(topics)
+    assert [g[:2] for g in groups][4:] == [["topics", "vector"], ["task", "categorical"]]
+    net = _model(topics).eval()
+    _randomise_film(net)
+    group = topics.group("topics")
+    assert (net.cond_scale[group.meta_slice] == 6.0).all() and net.cond_scale[: group.meta_slice.start].eq(1).all()
+    m = torch.zeros(2, topics.meta_dim + topics.mask_dim)
+    m[:, group.meta_slice] = torch.from_numpy(rng.dirichlet(np.ones(6), 2)).float()
+    m[:, topics.meta_dim + group.mask_index] = 1.0
+    z = torch.zeros(2, 32)
+    with torch.no_grad():
+        assert (net.decode(z, m)[0] - net.decode(z, m)[1]).abs().max() > 1e-3  # the mixture matters
+        m[:, topics.meta_dim + group.mask_index] = 0.0
+        out = net.decode(z, m)
+        assert torch.equal(out[0], out[1])  # hidden: only the token is seen
 
 
 def test_condition_dropout_hides_exactly_the_chosen_groups(schema: MetadataSchema) -> None:

@@ -12,7 +12,9 @@ Per map (then averaged over the batch)::
 - ``floor``: the smallest value ``recon`` can take, the targets' summed Bernoulli entropy
   ``-Σ [x log x + (1 - x) log(1 - x)]`` (reached at ``sigmoid(logits) == x``). ``recon - floor`` is the
   excess reconstruction loss, the scale on which the KL controller compares the KL term.
-- ``kl``: ``KL(q(z|x, m) || N(0, I))`` summed over latent dimensions.
+- ``kl``: ``KL(q(z|x, m) || N(0, I))`` summed over latent dimensions. With ``free_bits`` F > 0 the
+  objective uses ``Σ_d max(KL_d, F / L)`` (batch-mean KL per dimension, Kingma et al. 2016), so the
+  encoder gains nothing from pushing a dimension below F / L nats; ``kl`` still reports the true KL.
 - ``cm``: the same cross-entropy for the conditional-mean path's logits (``out["cond_mean"]``, no
   latent), so that path estimates the mean map given the conditions; 0 for a model without it.
 - ``imp``: Gaussian negative log-likelihood of the observed continuous metadata (normalised units)
@@ -50,6 +52,7 @@ class CBVAELoss(nn.Module):
         imputation_weight: weight of the imputation term.
         adversary_weight: weight of the adversary's cross-entropy.
         prior_sigma: standard deviation σ_p of the weak prior on a missing field (normalised units).
+        free_bits: total nats of KL (spread evenly over the latent dimensions) the objective does not charge.
 
     Raises:
         LossError: for a non-positive ``prior_sigma`` or negative weights.
@@ -63,12 +66,14 @@ class CBVAELoss(nn.Module):
         imputation_weight: float = 1.0,
         adversary_weight: float = 1.0,
         prior_sigma: float = 3.0,
+        free_bits: float = 0.0,
     ) -> None:
         super().__init__()
         if prior_sigma <= 0:
             raise LossError(f"prior_sigma must be > 0, got {prior_sigma}")
-        if min(beta, cond_mean_weight, imputation_weight, adversary_weight) < 0:
-            raise LossError("beta, cond_mean_weight, imputation_weight and adversary_weight must be >= 0")
+        if min(beta, cond_mean_weight, imputation_weight, adversary_weight, free_bits) < 0:
+            raise LossError("beta, cond_mean_weight, imputation_weight, adversary_weight and free_bits must be >= 0")
+        self.free_bits = float(free_bits)
         self.beta = float(beta)
         self.cond_mean_weight = float(cond_mean_weight)
         self.imputation_weight = float(imputation_weight)
@@ -91,10 +96,11 @@ class CBVAELoss(nn.Module):
         return (entropy * self.mask).flatten(1).sum(1)
 
     @staticmethod
-    def kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """Per-map ``KL(N(mu, exp(logvar)) || N(0, I))`` summed over latents, ``[B]``."""
+    def kl(mu: torch.Tensor, logvar: torch.Tensor, per_dim: bool = False) -> torch.Tensor:
+        """Per-map ``KL(N(mu, exp(logvar)) || N(0, I))`` summed over latents, ``[B]`` (``[B, L]`` with ``per_dim``)."""
         mu, logvar = mu.float(), logvar.float()
-        return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(1)
+        kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)
+        return kl if per_dim else kl.sum(1)
 
     def imputation(
         self, imp_mu: torch.Tensor, imp_logvar: torch.Tensor, target: torch.Tensor, observed: torch.Tensor
@@ -130,9 +136,12 @@ class CBVAELoss(nn.Module):
             image, logits, mu, logvar = batch["image"], out["recon"], out["mu"], out["logvar"]
         except KeyError as err:
             raise LossError(f"missing {err} in the network output or batch; see formats.md") from None
-        beta = self.beta if beta is None else float(beta)
         recon = self.reconstruction(logits, image).mean()
-        kl = self.kl(mu, logvar).mean()
+        kl_dims = self.kl(mu, logvar, per_dim=True).mean(0)
+        kl = kl_dims.sum()
+        # free bits shape the training objective only; a given beta (validation) gets the plain ELBO
+        free = self.free_bits if beta is None else 0.0
+        kl_objective = kl_dims.clamp_min(free / kl_dims.numel()).sum() if free else kl
         zero = recon.new_zeros(())
         cm, imp, adv, adv_acc = zero, zero, zero, recon.new_full((), float("nan"))
         if out.get("cond_mean") is not None:
@@ -150,7 +159,7 @@ class CBVAELoss(nn.Module):
                 logits_k = year_logits[known].float()
                 adv = F.cross_entropy(logits_k, year_bin[known])
                 adv_acc = (logits_k.argmax(1) == year_bin[known]).float().mean()
-        loss = recon + beta * kl + self.cond_mean_weight * cm + self.imputation_weight * imp
+        loss = recon + (self.beta if beta is None else float(beta)) * kl_objective + self.cond_mean_weight * cm + self.imputation_weight * imp
         if adversary:
             loss = loss + self.adversary_weight * adv
         floor = self.floor(image).mean()

@@ -106,7 +106,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 CONDITIONING: dict[str, Any] = {
     "conditioning": True,
     "cond_mean": True,
-    "cond_mean_rank": 32,
+    "cond_mean_rank": 16,
     "detach_cond_mean": True,
     "unknown_tokens": True,
     "decoder_cond_input": True,

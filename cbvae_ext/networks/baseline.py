@@ -25,8 +25,8 @@ class BaselineVAE(nn.Module):
     the last feature grid is flattened into a linear layer, like the dense encoder's, so both keep the
     spatial layout. The decoder is ``DenseDecoder`` with the same settings and no FiLM; ``decode(z, m)``
     accepts ``m`` and ignores it. With ``cond_mean`` the logits are a learned bias volume (initialised to
-    the logit of the training mean map by ``initialise_from_data``) plus the decoder, whose output layer
-    starts at 0: training starts from the mean-map model instead of below it.
+    the logit of the training mean map by ``initialise_from_data``) plus the decoder: training starts
+    near the mean-map model instead of below it.
 
     Args:
         spatial_shape: map grid ``(D, H, W)``.
@@ -98,8 +98,6 @@ class BaselineVAE(nn.Module):
             act=act,
         )
         self.cond_mean = ConditionalMean(0, spatial_shape, 0) if cond_mean else None
-        if self.cond_mean is not None:
-            self.decoder.zero_head()
 
     def encode(self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mu, logvar)``; ``meta``/``meta_mask`` are ignored."""

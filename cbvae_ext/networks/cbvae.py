@@ -141,8 +141,6 @@ class ConditionalBetaVAE(nn.Module):
         self.adversary = YearAdversary(latent_size, n_year_bins, adversary_hidden)
         self.tokens = UnknownTokens(self.groups, meta_dim) if unknown_tokens and self.conditioning else None
         self.cond_mean = ConditionalMean(cond_dim, spatial_shape, cond_mean_rank) if cond_mean else None
-        if self.cond_mean is not None:
-            self.decoder.zero_head()  # training starts from the mean maps, the residual at 0
         # the encoder sees only ``encoder_groups``: the others are hidden (0 values, mask 0) before its FiLM
         keep = torch.ones(meta_dim + mask_dim)
         for name, _, start, stop, mask_index in self.groups:
@@ -150,10 +148,17 @@ class ConditionalBetaVAE(nn.Module):
                 keep[start:stop] = 0.0
                 keep[meta_dim + mask_index] = 0.0
         self.register_buffer("encoder_keep", keep, persistent=False)
+        # a vector group (the topic mixture sums to 1) enters scaled by its size, so its entries are O(1)
+        # like the one-hot and the z-scored fields
+        scale = torch.ones(meta_dim + mask_dim)
+        for _, kind, start, stop, _ in self.groups:
+            if kind == "vector":
+                scale[start:stop] = float(stop - start)
+        self.register_buffer("cond_scale", scale, persistent=False)
 
     def encode(self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mu, logvar)`` of ``x`` given the observed metadata (of ``encoder_groups``)."""
-        m = torch.cat([meta, meta_mask], dim=1) * self.encoder_keep if self.conditioning else None
+        m = torch.cat([meta, meta_mask], dim=1) * (self.encoder_keep * self.cond_scale) if self.conditioning else None
         mu, logvar = self.encoder(x, m).chunk(2, dim=1)
         return mu, logvar
 
@@ -168,6 +173,7 @@ class ConditionalBetaVAE(nn.Module):
     def _condition(self, m: torch.Tensor | None) -> torch.Tensor | None:
         if not self.conditioning or m is None:
             return None
+        m = m * self.cond_scale
         return self.tokens(m) if self.tokens is not None else m
 
     def conditional_mean(self, m: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 __all__ = [
     "KINDS",
+    "PRIOR_MAPS",
     "ConditionalMean",
     "UnknownTokens",
     "check_groups",
@@ -39,6 +40,9 @@ __all__ = [
 
 #: Kinds of condition groups (``schema.groups``).
 KINDS = ("continuous", "vector", "categorical")
+
+#: Pseudo-maps of the overall mean added to each category mean when initialising the conditional mean.
+PRIOR_MAPS = 10.0
 
 #: One group as stored in a network config: ``[name, kind, meta_start, meta_stop, mask_index]``.
 GroupConfig = Sequence[Any]
@@ -241,8 +245,10 @@ def initialise_from_data(network: nn.Module, dataset_dir: Any) -> nn.Module:
     path = getattr(model, "cond_mean", None)
     if path is None:
         return network
-    mean, cat_means, _ = training_means(dataset_dir)
-    task = [g for g in getattr(model, "groups", []) if g[1] == "categorical"]
+    mean, cat_means, counts = training_means(dataset_dir)
+    w = (counts / (counts + PRIOR_MAPS))[:, None, None, None]
+    cat_means = w * cat_means + (1.0 - w) * mean
+    task = [g for g in getattr(model, "groups", []) if g[0] == "task"]
     columns = list(range(task[0][2], task[0][3])) if task and path.rank else None
     device = path.bias.device
     path.fit(mean, cat_means if columns else None, columns)

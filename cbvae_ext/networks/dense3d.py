@@ -365,13 +365,6 @@ class DenseDecoder(nn.Module):
         self.film = FiLMGenerator(cond_dim, film_channels, film_hidden) if cond_dim else None
         self.n_film = len(film_channels)
 
-    def zero_head(self) -> None:
-        """Zero the output convolution, so the decoder starts as a residual of 0 logits."""
-        conv = self.head.pixelshuffle.conv_block.conv
-        nn.init.zeros_(conv.weight)
-        if conv.bias is not None:
-            nn.init.zeros_(conv.bias)
-
     def forward(self, z: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
         params = _film_params(self.film, m, self.n_film)
         if self.cond_input and m is not None:

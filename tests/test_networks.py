@@ -401,3 +401,32 @@ def test_config_is_json_and_validated(schema: MetadataSchema) -> None:
         build_network({k: v for k, v in config.items() if k != "channels"})
     with pytest.raises(ValueError, match="unknown network preset 'tpu'"):
         preset_config("tpu", schema, SHAPE)
+
+
+def test_exported_conditional_mean_and_task_contrast(schema: MetadataSchema, tmp_path) -> None:
+    """``conditional_mean.ts`` and ``CounterfactualModel.conditional_mean`` / ``contrast`` from an exported run."""
+    import nibabel as nib
+
+    from cbvae_ext.export import export_decoder
+    from cbvae_ext.inference import load
+
+    net = _model(schema).eval()
+    cat_means = _fit(net, schema)
+    _randomise_film(net)
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[2:-2, 2:-2, 2:-2] = 1
+    nib.save(nib.Nifti1Image(mask, affine), tmp_path / "mask.nii.gz")
+    run = tmp_path / "run"
+    export_decoder(net, schema, SHAPE, affine, tmp_path / "mask.nii.gz", run)
+    assert (run / "conditional_mean.ts").is_file()
+    model = load(run)
+    k = schema.categories.index("emotion")
+    got = model.conditional_mean({"task": "emotion"}).map
+    np.testing.assert_allclose(got, np.where(mask > 0, cat_means[k], 0.0), atol=1e-5)
+    z = np.random.default_rng(0).normal(size=32).astype(np.float32)
+    contrast = model.contrast(z, {"task": "emotion", "year": 2005}, hidden=("task",), strength=2.0)
+    given, unknown = model.decode(z, {"task": "emotion", "year": 2005}).map, model.decode(z, {"year": 2005}).map
+    np.testing.assert_allclose(contrast, 2.0 * (given - unknown), atol=1e-6)
+    assert np.abs(contrast).max() > 1e-3
+    assert not np.any(model.contrast(z, {"year": 2005}, hidden=("task",)))  # nothing hidden, nothing added

@@ -190,15 +190,17 @@ def test_ridge_fit_recovers_category_means_and_picks_the_penalty_on_validation()
     cats = rng.integers(0, k, 400)
     x = np.eye(k)[cats]
     y = means[cats] + rng.normal(0, 0.3, (400, v))
-    b0, coef, alpha, scores = fit_ridge(x[:300], lambda r: y[:300][r], x[300:], lambda r: y[300:][r], alphas=[1e-6])
+    b0, coef, best, _ = fit_ridge(
+        x[:300], lambda r: y[:300][r], [x[300:]], lambda r: y[300:][r], [np.zeros(k)], voxel_step=1
+    )
     empirical = np.stack([y[:300][cats[:300] == j].mean(0) for j in range(k)])
     np.testing.assert_allclose(b0 + np.eye(k) @ coef, empirical, atol=1e-5)  # no penalty: the category means
     # pure-noise features: validation prefers the largest penalty (predicting the mean)
     noise = rng.normal(size=(400, 20))
-    _, coef, alpha, scores = fit_ridge(
-        noise[:300], lambda r: y[:300][r], noise[300:], lambda r: y[300:][r], alphas=[0.1, 1e4]
+    _, coef, best, scores = fit_ridge(
+        noise[:300], lambda r: y[:300][r], [noise[300:]], lambda r: y[300:][r], [np.full(20, 0.1), np.full(20, 1e4)]
     )
-    assert alpha == 1e4 and scores[1e4] < scores[0.1] and np.abs(coef).max() < 0.01
+    assert best == 1 and scores[1] < scores[0] and np.abs(coef).max() < 0.01
 
 
 def test_decode_of_the_prior_differs_between_categories(schema: MetadataSchema) -> None:

@@ -136,7 +136,15 @@ class ConditionalBetaVAE(nn.Module):
         self.grl = GradientReversal(grl_lambda)
         self.adversary = YearAdversary(latent_size, n_year_bins, adversary_hidden)
         self.tokens = UnknownTokens(self.groups, meta_dim) if unknown_tokens and self.conditioning else None
-        self.cond_mean = ConditionalMean(cond_dim, spatial_shape, cond_mean_rank) if cond_mean else None
+        # the conditional mean reads m and, per vector group, m again where that group is hidden: its own
+        # linear model for "topics unknown", where the task one-hot must carry what the topics would
+        self.register_buffer(
+            "vector_flags",
+            torch.tensor([meta_dim + g[4] for g in self.groups if g[1] == "vector"], dtype=torch.long),
+            persistent=False,
+        )
+        cm_dim = cond_dim * (1 + len(self.vector_flags)) if self.conditioning else 0
+        self.cond_mean = ConditionalMean(cm_dim, spatial_shape, cond_mean_rank) if cond_mean else None
         # the encoder sees only ``encoder_groups``: the others are hidden (0 values, mask 0) before its FiLM
         keep = torch.ones(meta_dim + mask_dim)
         for name, _, start, stop, mask_index in self.groups:
@@ -173,11 +181,13 @@ class ConditionalBetaVAE(nn.Module):
         return self.tokens(m) if self.tokens is not None else m
 
     def cond_mean_input(self, m: torch.Tensor) -> torch.Tensor | None:
-        """What the conditional-mean path reads: scaled ``m`` with hidden groups' values at 0 (no tokens)."""
+        """What the conditional-mean path reads: scaled ``m`` with hidden groups' values at 0 (no tokens),
+        followed by a copy of it per vector group, zero where that group is observed."""
         if not self.conditioning:
             return None
         m = m * self.cond_scale
-        return self.tokens(m, token=False) if self.tokens is not None else m
+        m = self.tokens(m, token=False) if self.tokens is not None else m
+        return torch.cat([m, *(m * (1.0 - m[:, i : i + 1]) for i in self.vector_flags.tolist())], dim=1)
 
     def conditional_mean(self, m: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, 1, D, H, W]`` of the conditional mean map given ``m`` alone (no latent).

@@ -202,24 +202,33 @@ class ConditionalMean(nn.Module):
 def fit_ridge(
     x_train: np.ndarray,
     y_train: Any,
-    x_val: np.ndarray,
+    x_val: Sequence[np.ndarray],
     y_val: Any,
-    alphas: Sequence[float] = tuple(10.0 ** np.arange(-1, 8)),
+    penalties: Sequence[np.ndarray],
     chunk: int = 512,
-) -> tuple[np.ndarray, np.ndarray, float, dict[float, float]]:
-    """Ridge regression of maps on conditions, the penalty chosen by validation mean squared error.
+    voxel_step: int = 4,
+) -> tuple[np.ndarray, np.ndarray, int, list[float]]:
+    """Ridge regression of maps on conditions, the per-feature penalty chosen on validation.
 
     Features are standardised (constant columns dropped), the intercept is not penalised. ``y_*`` are
-    callables ``rows -> [len(rows), V]`` float arrays, so the maps are read in chunks.
+    callables ``rows -> [len(rows), V]`` float arrays, so the maps are read in chunks. Each candidate in
+    ``penalties`` is a vector of per-feature penalties; the one with the smallest validation mean squared
+    error, averaged over the condition sets ``x_val`` (each ``[n_val, n_features]`` for the same maps,
+    e.g. all conditions given and the task alone) on every ``voxel_step``-th voxel, wins.
 
     Returns:
-        ``(intercept [V], coef [n_features, V], alpha, {alpha: validation MSE})``.
+        ``(intercept [V], coef [n_features, V], index of the chosen penalty, validation MSE per candidate)``.
     """
     n, d = x_train.shape
     mu, sd = x_train.mean(0), x_train.std(0)
     keep = sd > 1e-8
-    xs = np.zeros_like(x_train)
-    xs[:, keep] = (x_train[:, keep] - mu[keep]) / sd[keep]
+
+    def standard(x: np.ndarray) -> np.ndarray:
+        out = np.zeros_like(x, dtype=np.float64)
+        out[:, keep] = (x[:, keep] - mu[keep]) / sd[keep]
+        return out
+
+    xs = standard(x_train)
     gram = xs.T @ xs
     xty, ysum = None, None
     for start in range(0, n, chunk):
@@ -228,17 +237,16 @@ def fit_ridge(
         xty = xs[rows].T @ y if xty is None else xty + xs[rows].T @ y
         ysum = y.sum(0) if ysum is None else ysum + y.sum(0)
     ybar = ysum / n
-    xv = np.zeros_like(x_val)
-    xv[:, keep] = (x_val[:, keep] - mu[keep]) / sd[keep]
-    yv = np.asarray(y_val(np.arange(len(x_val))), dtype=np.float64)
-    scores, coefs = {}, {}
-    for alpha in alphas:
-        b = np.linalg.solve(gram + alpha * np.eye(d), xty)  # xs is centred, so xty needs no centring
-        scores[float(alpha)] = float(((ybar + xv @ b - yv) ** 2).mean())
-        coefs[float(alpha)] = b
-    best = min(scores, key=scores.get)
-    coef = np.zeros_like(coefs[best])
-    coef[keep] = coefs[best][keep] / sd[keep, None]
+    yv = np.asarray(y_val(np.arange(len(x_val[0]))), dtype=np.float64)[:, ::voxel_step]
+    xvs = [standard(x) for x in x_val]
+    scores = []
+    for pen in penalties:
+        b = np.linalg.solve(gram + np.diag(np.asarray(pen, dtype=np.float64)) + 1e-9 * np.eye(d), xty[:, ::voxel_step])
+        scores.append(float(np.mean([((ybar[::voxel_step] + xv @ b - yv) ** 2).mean() for xv in xvs])))
+    best = int(np.argmin(scores))
+    b = np.linalg.solve(gram + np.diag(np.asarray(penalties[best], dtype=np.float64)) + 1e-9 * np.eye(d), xty)
+    coef = np.zeros_like(b)
+    coef[keep] = b[keep] / sd[keep, None]
     return ybar - mu @ coef, coef, best, scores
 
 
@@ -248,8 +256,11 @@ def initialise_from_data(network: nn.Module, dataset_dir: Any, seed: int = 0) ->
     The intercept-only path (baseline, conditioning-off twin) gets the training mean map. Otherwise the
     training rows enter twice, each condition group hidden with the network's condition-dropout
     probability (the network's own view ``cond_mean_input``), and ``fit_ridge`` picks the penalty on
-    the validation split with every condition given. A network without the path is returned unchanged;
-    a checkpoint loaded later overwrites the fit.
+    the validation split. The penalty has two strengths, one for the categorical groups (the task
+    one-hot) and one for the rest (year, ..., the 50 topic weights), chosen together on the validation
+    maps with every condition given and with the task alone (the app's two main queries), so neither
+    the topics' many weights nor the few maps of a small category set the other's shrinkage. A network
+    without the path is returned unchanged; a checkpoint loaded later overwrites the fit.
     """
     from cbvae_ext.data import load_dataset_info, normalise_maps
     from cbvae_ext.networks import unwrap
@@ -273,9 +284,11 @@ def initialise_from_data(network: nn.Module, dataset_dir: Any, seed: int = 0) ->
         return network
     gen = torch.Generator().manual_seed(seed)
 
-    def conditions(rows: np.ndarray, drop: bool) -> np.ndarray:
+    def conditions(rows: np.ndarray, drop: bool, hidden: torch.Tensor | None = None) -> np.ndarray:
         meta, meta_mask = (torch.from_numpy(a) for a in info.encode(rows))
-        if drop:
+        if hidden is not None:
+            meta, meta_mask = drop_conditions(meta, meta_mask, model.groups, 0.0, hidden=hidden)
+        elif drop:
             meta, meta_mask = drop_conditions(meta, meta_mask, model.groups, model.condition_dropout, gen)
         with torch.no_grad():
             m = model.cond_mean_input(torch.cat([meta, meta_mask], dim=1).to(path.intercept.device))
@@ -284,10 +297,25 @@ def initialise_from_data(network: nn.Module, dataset_dir: Any, seed: int = 0) ->
     replicas = 2 if model.condition_dropout else 1
     x_train = np.concatenate([conditions(train, replicas > 1) for _ in range(replicas)])
     rows = np.concatenate([train] * replicas)
-    b0, coef, alpha, _ = fit_ridge(x_train, lambda r: maps(rows[r]), conditions(val, False), lambda r: maps(val[r]))
+    # the task one-hot and the observed flags take one strength, the fields and topic weights the other
+    categorical = np.zeros(model.encoder_keep.numel(), bool)
+    categorical[model.meta_dim :] = True
+    for _, kind, start, stop, _ in model.groups:
+        categorical[start:stop] = kind == "categorical"
+    categorical = np.tile(categorical, x_train.shape[1] // len(categorical))
+    candidates = [(a, c) for a in 10.0 ** np.arange(1, 7) for c in 10.0 ** np.arange(0, 6)]
+    penalties = [np.where(categorical, c, a) for a, c in candidates]
+    task_only = torch.tensor([g[0] != "task" for g in model.groups]).expand(len(val), -1)
+    b0, coef, best, _ = fit_ridge(
+        x_train,
+        lambda r: maps(rows[r]),
+        [conditions(val, False), conditions(val, False, task_only)],
+        lambda r: maps(val[r]),
+        penalties,
+    )
     intercept[mask] = b0
     full = np.zeros((coef.shape[0], *mask.shape), np.float32)
     full[:, mask] = coef
     path.fit(intercept, full)
-    path.alpha = alpha
+    path.alpha = candidates[best]
     return network

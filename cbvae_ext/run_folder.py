@@ -50,6 +50,7 @@ __all__ = [
 MODEL = "model.pt"  #: best weights (bare state dict)
 NETWORK_CONFIG = "network_config.json"  #: ``build_network`` config + dataset checksum and grid
 DECODER = "decoder.ts"  #: TorchScript decoder ``(z, cond) -> map in [0, 1]``
+COND_MEAN = "conditional_mean.ts"  #: TorchScript conditional-mean path ``cond -> map in [0, 1]``
 SCHEMA = "decoder_schema.json"  #: what a client needs to build ``cond`` and place the map
 MASK = "mask.nii.gz"  #: brain mask on the grid
 LATENTS = "latents.parquet"  #: every study's posterior mean

@@ -1,0 +1,321 @@
+"""How conditions enter the C-β-VAE: condition groups, condition dropout, "unknown" tokens, conditional mean.
+
+- **Groups.** The conditioning vector ``m = [meta, meta_mask]`` is a list of condition groups (a
+  continuous field, the topic vector, the task one-hot), each with a slice of ``meta`` and one mask
+  entry. ``groups_config(schema)`` writes them as JSON-able lists for ``network_config.json``.
+- **Condition dropout** (``drop_conditions``): in training each observed group is hidden (values 0,
+  mask 0) with probability ``p``, so every missing pattern is a trained input.
+- **Unknown tokens** (``UnknownTokens``): a hidden categorical or vector group's values are replaced by
+  a learned vector, so the network's output cannot depend on what a hidden group's values were and
+  ``decode(z, c) - decode(z, c with the task hidden)`` is a task contrast. Hidden continuous fields keep
+  the value ``complete_metadata`` put there (the imputation head's estimate, or the schema default).
+- **Conditional mean** (``ConditionalMean``): logits ``b + U·(W·m)``, a low-rank linear map from the
+  conditions to a logit volume, trained with the reconstruction likelihood and no latent. ``fit`` sets
+  ``b`` to the logit of the training mean map and the task block of ``U·W`` to the training category
+  means, exactly (``logit(mean_k) - logit(mean)``, rank ≥ number of categories).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "KINDS",
+    "ConditionalMean",
+    "UnknownTokens",
+    "check_groups",
+    "drop_conditions",
+    "group_mask",
+    "initialise_from_data",
+    "groups_config",
+    "fit_ridge",
+    "logit",
+]
+
+#: Kinds of condition groups (``schema.groups``).
+KINDS = ("continuous", "vector", "categorical")
+
+#: One group as stored in a network config: ``[name, kind, meta_start, meta_stop, mask_index]``.
+GroupConfig = Sequence[Any]
+
+
+def groups_config(schema: Any) -> list[list[Any]]:
+    """JSON-able condition groups of a metadata schema, in mask order.
+
+    Uses ``schema.groups`` (``.name``, ``.kind``, ``.meta_slice``, ``.mask_index``) when the schema has
+    them, else the layout ``[continuous fields..., task one-hot]`` with one mask entry each.
+    """
+    groups = getattr(schema, "groups", None)
+    if groups is not None:
+        return [[g.name, g.kind, int(g.meta_slice.start), int(g.meta_slice.stop), int(g.mask_index)] for g in groups]
+    c = int(schema.n_continuous)
+    out: list[list[Any]] = [[f.name, "continuous", j, j + 1, j] for j, f in enumerate(schema.fields)]
+    out.append(["task", "categorical", c, int(schema.meta_dim), c])
+    return out
+
+
+def check_groups(groups: Sequence[GroupConfig], meta_dim: int, mask_dim: int) -> None:
+    for name, kind, start, stop, mask_index in groups:
+        if kind not in KINDS or not (0 <= start < stop <= meta_dim) or not (0 <= mask_index < mask_dim):
+            raise ValueError(
+                f"condition group {name!r} ({kind}, meta[{start}:{stop}], mask[{mask_index}]) does not fit meta_dim "
+                f"{meta_dim} / mask_dim {mask_dim}; rebuild the network config with preset_config()"
+            )
+
+
+def group_mask(groups: Sequence[GroupConfig], meta_dim: int, names: Sequence[str] | None = None) -> torch.Tensor:
+    """``[n_groups, meta_dim]`` 0/1 matrix: row g marks the meta entries of group g (all groups or ``names``)."""
+    out = torch.zeros(len(groups), meta_dim)
+    for i, (name, _, start, stop, _) in enumerate(groups):
+        if names is None or name in names:
+            out[i, start:stop] = 1.0
+    return out
+
+
+def drop_conditions(
+    meta: torch.Tensor,
+    meta_mask: torch.Tensor,
+    groups: Sequence[GroupConfig],
+    p: float | Mapping[str, float],
+    generator: torch.Generator | None = None,
+    hidden: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hide each group of each row with probability ``p`` (per group name when a mapping): values 0, mask 0.
+
+    Args:
+        meta: ``[B, meta_dim]``.
+        meta_mask: ``[B, mask_dim]``.
+        groups: condition groups (``groups_config``).
+        p: dropout probability, one for all groups or ``{group name: p}`` (absent names: 0).
+        generator: random generator (the global one when None).
+        hidden: ``[B, n_groups]`` bool, which groups to hide (overrides ``p``; for tests and evaluation).
+
+    Returns:
+        ``(meta, meta_mask)`` copies with the chosen groups hidden.
+    """
+    n = meta.shape[0]
+    if hidden is None:
+        probs = [float(p.get(g[0], 0.0)) if isinstance(p, Mapping) else float(p) for g in groups]
+        probs_t = torch.tensor(probs, device=meta.device)
+        draw = torch.rand(n, len(groups), generator=generator, device="cpu" if generator else meta.device)
+        hidden = draw.to(meta.device) < probs_t
+    hidden = hidden.to(meta.device)
+    keep_meta = 1.0 - hidden.to(meta.dtype) @ group_mask(groups, meta.shape[1]).to(meta)
+    keep_mask = torch.ones_like(meta_mask)
+    index = torch.tensor([g[4] for g in groups], device=meta.device)
+    keep_mask[:, index] = 1.0 - hidden.to(meta_mask.dtype)
+    return meta * keep_meta.clamp_min(0.0), meta_mask * keep_mask
+
+
+class UnknownTokens(nn.Module):
+    """Replace the values of hidden categorical/vector groups in ``m = [meta, meta_mask]`` by learned tokens.
+
+    Tokens start at 0 (an all-zero one-hot, what the data loader stores for a missing task), so an
+    untrained model behaves as before.
+
+    Args:
+        groups: condition groups (``groups_config``).
+        meta_dim: length of ``meta``.
+    """
+
+    def __init__(self, groups: Sequence[GroupConfig], meta_dim: int) -> None:
+        super().__init__()
+        self.meta_dim = meta_dim
+        tokenised = [g for g in groups if g[1] != "continuous"]
+        self.names = [g[0] for g in tokenised]
+        self.token = nn.Parameter(torch.zeros(meta_dim))
+        self.register_buffer("members", group_mask(tokenised, meta_dim), persistent=False)
+        self.register_buffer("mask_index", torch.tensor([g[4] for g in tokenised], dtype=torch.long), persistent=False)
+
+    def forward(self, m: torch.Tensor, token: bool = True) -> torch.Tensor:
+        """``m`` with hidden groups' values replaced by their token (``token=False``: by 0)."""
+        if not self.names:
+            return m
+        meta, mask = m[:, : self.meta_dim], m[:, self.meta_dim :]
+        hidden = (1.0 - mask[:, self.mask_index]) @ self.members  # [B, meta_dim]: 1 where a hidden group's value
+        meta = meta * (1.0 - hidden)
+        if token:
+            meta = meta + self.token.to(meta.dtype) * hidden
+        return torch.cat([meta, mask], dim=1)
+
+
+def logit(p: np.ndarray | torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """``log(p / (1 - p))`` with ``p`` clipped to ``[eps, 1 - eps]``."""
+    p = torch.as_tensor(np.asarray(p) if not torch.is_tensor(p) else p).double().clamp(eps, 1 - eps)
+    return torch.log(p) - torch.log1p(-p)
+
+
+class ConditionalMean(nn.Module):
+    """Conditional mean map ``p(m) = b + U·(W·m)`` (clipped to ``[eps, 1 - eps]``), returned as logits.
+
+    Everything is a buffer (saved with the model, never trained): ``fit`` sets it.
+
+    Args:
+        cond_dim: length of ``m`` (0: just the intercept volume, an unconditional mean map).
+        spatial_shape: output grid ``(D, H, W)``.
+        rank: rank of ``U·W`` (ignored when ``cond_dim`` is 0).
+        eps: probability clip before the logit.
+    """
+
+    def __init__(self, cond_dim: int, spatial_shape: Sequence[int], rank: int, eps: float = 1e-4) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in spatial_shape)
+        self.eps = float(eps)
+        n_vox = int(np.prod(self.shape))
+        self.rank = min(int(rank), cond_dim) if cond_dim else 0
+        self.register_buffer("intercept", torch.full((n_vox,), 0.5))  # logit 0 until fitted
+        self.register_buffer("weight", torch.zeros(self.rank, cond_dim))
+        self.register_buffer("basis", torch.zeros(self.rank, n_vox))
+
+    def forward(self, m: torch.Tensor | None) -> torch.Tensor:
+        n = 1 if m is None else m.shape[0]
+        p = self.intercept.expand(n, -1)
+        if self.rank and m is not None:
+            p = p + (m.to(self.weight.dtype) @ self.weight.T) @ self.basis
+        p = p.clamp(self.eps, 1.0 - self.eps)
+        return (torch.log(p) - torch.log1p(-p)).reshape(n, 1, *self.shape)
+
+    @torch.no_grad()
+    def fit(self, intercept: np.ndarray | torch.Tensor, coef: np.ndarray | torch.Tensor | None = None) -> None:
+        """Set ``p(m) = intercept + m·coef`` (``intercept [D, H, W]``, ``coef [cond_dim, D, H, W]``).
+
+        ``coef`` is stored as its best rank-``rank`` approximation (SVD), exact when ``rank`` is at least
+        its rank.
+        """
+        self.intercept.copy_(torch.as_tensor(np.asarray(intercept)).flatten().to(self.intercept))
+        if not self.rank or coef is None:
+            return
+        coef = torch.as_tensor(np.asarray(coef)).double().flatten(1)
+        a, s, vh = torch.linalg.svd(coef, full_matrices=False)
+        r = min(self.rank, len(s))
+        self.weight.zero_()
+        self.basis.zero_()
+        self.weight[:r] = (a[:, :r] * s[:r]).T.to(self.weight)
+        self.basis[:r] = vh[:r].to(self.basis)
+
+
+def fit_ridge(
+    x_train: np.ndarray,
+    y_train: Any,
+    x_val: Sequence[np.ndarray],
+    y_val: Any,
+    penalties: Sequence[np.ndarray],
+    chunk: int = 512,
+    voxel_step: int = 4,
+) -> tuple[np.ndarray, np.ndarray, int, list[float]]:
+    """Ridge regression of maps on conditions, the per-feature penalty chosen on validation.
+
+    Features are standardised (constant columns dropped), the intercept is not penalised. ``y_*`` are
+    callables ``rows -> [len(rows), V]`` float arrays, so the maps are read in chunks. Each candidate in
+    ``penalties`` is a vector of per-feature penalties; the one with the smallest validation mean squared
+    error, averaged over the condition sets ``x_val`` (each ``[n_val, n_features]`` for the same maps,
+    e.g. all conditions given and the task alone) on every ``voxel_step``-th voxel, wins.
+
+    Returns:
+        ``(intercept [V], coef [n_features, V], index of the chosen penalty, validation MSE per candidate)``.
+    """
+    n, d = x_train.shape
+    mu, sd = x_train.mean(0), x_train.std(0)
+    keep = sd > 1e-8
+
+    def standard(x: np.ndarray) -> np.ndarray:
+        out = np.zeros_like(x, dtype=np.float64)
+        out[:, keep] = (x[:, keep] - mu[keep]) / sd[keep]
+        return out
+
+    xs = standard(x_train)
+    gram = xs.T @ xs
+    xty, ysum = None, None
+    for start in range(0, n, chunk):
+        rows = np.arange(start, min(start + chunk, n))
+        y = np.asarray(y_train(rows), dtype=np.float64)
+        xty = xs[rows].T @ y if xty is None else xty + xs[rows].T @ y
+        ysum = y.sum(0) if ysum is None else ysum + y.sum(0)
+    ybar = ysum / n
+    yv = np.asarray(y_val(np.arange(len(x_val[0]))), dtype=np.float64)[:, ::voxel_step]
+    xvs = [standard(x) for x in x_val]
+    scores = []
+    for pen in penalties:
+        b = np.linalg.solve(gram + np.diag(np.asarray(pen, dtype=np.float64)) + 1e-9 * np.eye(d), xty[:, ::voxel_step])
+        scores.append(float(np.mean([((ybar[::voxel_step] + xv @ b - yv) ** 2).mean() for xv in xvs])))
+    best = int(np.argmin(scores))
+    b = np.linalg.solve(gram + np.diag(np.asarray(penalties[best], dtype=np.float64)) + 1e-9 * np.eye(d), xty)
+    coef = np.zeros_like(b)
+    coef[keep] = b[keep] / sd[keep, None]
+    return ybar - mu @ coef, coef, best, scores
+
+
+def initialise_from_data(network: nn.Module, dataset_dir: Any, seed: int = 0) -> nn.Module:
+    """Fit a network's conditional-mean path on the dataset's training split (see ``ConditionalMean``).
+
+    The intercept-only path (baseline, conditioning-off twin) gets the training mean map. Otherwise the
+    training rows enter twice, each condition group hidden with the network's condition-dropout
+    probability (the network's own view ``cond_mean_input``), and ``fit_ridge`` picks the penalty on
+    the validation split. The penalty has two strengths, one for the categorical groups (the task
+    one-hot) and one for the rest (year, ..., the 50 topic weights), chosen together on the validation
+    maps with every condition given and with the task alone (the app's two main queries), so neither
+    the topics' many weights nor the few maps of a small category set the other's shrinkage. A network
+    without the path is returned unchanged; a checkpoint loaded later overwrites the fit.
+    """
+    from cbvae_ext.data import load_dataset_info, normalise_maps
+    from cbvae_ext.networks import unwrap
+
+    model = unwrap(network)
+    path = getattr(model, "cond_mean", None)
+    if path is None:
+        return network
+    info = load_dataset_info(dataset_dir)
+    mask = info.mask.astype(bool)
+    train, val = info.rows("train"), info.rows("val")
+
+    def maps(rows: np.ndarray) -> np.ndarray:
+        return normalise_maps(np.asarray(info.maps[rows], dtype=np.float32)).numpy()[:, mask]
+
+    intercept = np.zeros(mask.shape, np.float32)
+    if not path.rank:
+        total = sum(maps(train[s : s + 512]).sum(0, dtype=np.float64) for s in range(0, len(train), 512))
+        intercept[mask] = total / len(train)
+        path.fit(intercept)
+        return network
+    gen = torch.Generator().manual_seed(seed)
+
+    def conditions(rows: np.ndarray, drop: bool, hidden: torch.Tensor | None = None) -> np.ndarray:
+        meta, meta_mask = (torch.from_numpy(a) for a in info.encode(rows))
+        if hidden is not None:
+            meta, meta_mask = drop_conditions(meta, meta_mask, model.groups, 0.0, hidden=hidden)
+        elif drop:
+            meta, meta_mask = drop_conditions(meta, meta_mask, model.groups, model.condition_dropout, gen)
+        with torch.no_grad():
+            m = model.cond_mean_input(torch.cat([meta, meta_mask], dim=1).to(path.intercept.device))
+        return m.double().cpu().numpy()
+
+    replicas = 2 if model.condition_dropout else 1
+    x_train = np.concatenate([conditions(train, replicas > 1) for _ in range(replicas)])
+    rows = np.concatenate([train] * replicas)
+    # the task one-hot and the observed flags take one strength, the fields and topic weights the other
+    categorical = np.zeros(model.encoder_keep.numel(), bool)
+    categorical[model.meta_dim :] = True
+    for _, kind, start, stop, _ in model.groups:
+        categorical[start:stop] = kind == "categorical"
+    categorical = np.tile(categorical, x_train.shape[1] // len(categorical))
+    candidates = [(a, c) for a in 10.0 ** np.arange(1, 7) for c in 10.0 ** np.arange(0, 6)]
+    penalties = [np.where(categorical, c, a) for a, c in candidates]
+    task_only = torch.tensor([g[0] != "task" for g in model.groups]).expand(len(val), -1)
+    b0, coef, best, _ = fit_ridge(
+        x_train,
+        lambda r: maps(rows[r]),
+        [conditions(val, False), conditions(val, False, task_only)],
+        lambda r: maps(val[r]),
+        penalties,
+    )
+    intercept[mask] = b0
+    full = np.zeros((coef.shape[0], *mask.shape), np.float32)
+    full[:, mask] = coef
+    path.fit(intercept, full)
+    path.alpha = candidates[best]
+    return network

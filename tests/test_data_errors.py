@@ -34,7 +34,8 @@ def small_source(tmp_path_factory: pytest.TempPathFactory, neurosynth_dir: Path)
     coords[coords["id"].isin(meta["id"])].to_csv(out / COORDS, sep="\t", index=False)
     features = scipy.sparse.load_npz(neurosynth_dir / NEUROSYNTH_FILES["features"])[:80]
     scipy.sparse.save_npz(out / NEUROSYNTH_FILES["features"], features)
-    shutil.copy(neurosynth_dir / NEUROSYNTH_FILES["vocabulary"], out / NEUROSYNTH_FILES["vocabulary"])
+    for kind in ("vocabulary", "keys"):
+        shutil.copy(neurosynth_dir / NEUROSYNTH_FILES[kind], out / NEUROSYNTH_FILES[kind])
     return out
 
 
@@ -77,6 +78,18 @@ NEUROSYNTH_CASES = {
     "duplicate id": (
         _edit_tsv(META, lambda d: d.assign(id=[d["id"].iloc[0]] * 2 + d["id"].iloc[2:].tolist())),
         rf"{META} has duplicate study id '\d+'",
+    ),
+    "empty vocabulary": (
+        lambda f: (f / NEUROSYNTH_FILES["vocabulary"]).write_text(""),
+        r"vocab-LDA50_vocabulary.txt lists 0 topic labels but LDA50 has 50; use an unmodified copy",
+    ),
+    "missing keys": (
+        lambda f: (f / NEUROSYNTH_FILES["keys"]).unlink(),
+        r"missing file .*vocab-LDA50_keys.tsv; pass --neurosynth-dir",
+    ),
+    "garbled keys": (
+        lambda f: (f / NEUROSYNTH_FILES["keys"]).write_text("no tabs here\n"),
+        r"cannot read topic keys .*keys.tsv",
     ),
     "nothing left": (_edit_tsv(COORDS, lambda d: d.assign(x=500.0)), "no study has a peak inside the brain mask"),
 }

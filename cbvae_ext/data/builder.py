@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cbvae_ext.schema import CONTINUOUS_FIELDS, MetadataSchema
+from cbvae_ext.schema import CONTINUOUS_FIELDS, TOPICS, MetadataSchema, plausible
 
 from .categories import CATEGORIES, category_table
 from .errors import DataError
@@ -39,13 +39,20 @@ from .sources import (
 )
 from .splits import provisional_year_bins, split_groups, strata, stratified_subset
 
-__all__ = ["DATASET_FILES", "DTYPES", "build_dataset", "package_version"]
+__all__ = ["DATASET_FILES", "DTYPES", "FORMAT_NAME", "build_dataset", "package_version", "topic_columns"]
 
 logger = logging.getLogger("cbvae_ext.data")
 
 DATASET_FILES = ("maps.npy", "metadata.parquet", "mask.nii.gz", "manifest.json")
 DTYPES = ("float16", "float32")
-FORMAT_VERSION = 1
+#: Format marker and version of a dataset folder's manifest (version 2 added the topic columns).
+FORMAT_NAME = "cbvae-dataset"
+FORMAT_VERSION = 2
+
+
+def topic_columns(n: int) -> list[str]:
+    """Metadata columns of the topic vector, in ``schema.topic_names`` order."""
+    return [f"topic_{i:02d}" for i in range(n)]
 
 
 def package_version() -> str:
@@ -109,6 +116,33 @@ def _prepare_output(out: Path) -> Path:
     return tmp
 
 
+def _drop_implausible(table: SourceTable) -> dict[str, int]:
+    """Set values outside a field's declared plausible range to missing; returns the count per field."""
+    dropped = {}
+    for name in CONTINUOUS_FIELDS:
+        if name not in table.rows:
+            continue
+        values = table.rows[name].to_numpy(np.float64)
+        bad = np.isfinite(values) & ~plausible(name, values)
+        if bad.any():
+            table.rows.loc[bad, name] = np.nan
+            dropped[name] = int(bad.sum())
+            logger.warning("%s: %d %s value(s) outside the plausible range set to missing", table.name, bad.sum(), name)
+    return dropped
+
+
+def _topics(tables: list[SourceTable]) -> tuple[np.ndarray, list[str], list[str]]:
+    """Topic weights of all rows (NaN rows where a source has none), with the topic names and keys."""
+    named = [t for t in tables if t.topics is not None]
+    if not named:
+        return np.zeros((sum(len(t.rows) for t in tables), 0)), [], []
+    names, keys = named[0].topic_names, named[0].topic_keys
+    if any(t.topic_names != names for t in named):
+        raise DataError("sources carry different topic vocabularies; build from one Neurosynth release")
+    parts = [t.topics if t.topics is not None else np.full((len(t.rows), len(names)), np.nan) for t in tables]
+    return np.concatenate(parts), list(names), list(keys)
+
+
 def _place_peaks(tables: list[SourceTable], grid: Grid) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Concatenate sources, voxelise peaks and drop those outside the mask; returns rows, peaks, counts."""
     rows, peaks, counts, offset = [], [], {}, 0
@@ -118,12 +152,13 @@ def _place_peaks(tables: list[SourceTable], grid: Grid) -> tuple[pd.DataFrame, p
         frame = pd.DataFrame(ijk[inside], columns=["i", "j", "k"])
         frame.insert(0, "row", table.peaks["row"].to_numpy()[inside] + offset)
         n_peaks = np.bincount(table.peaks["row"].to_numpy()[inside], minlength=len(table.rows))
-        part = table.rows.assign(n_peaks=n_peaks)
         counts[table.name] = {
             **table.counts,
             "peaks_outside_mask": int((~inside).sum()),
             "studies_without_peaks": int((n_peaks == 0).sum()),
+            "implausible_values_set_missing": _drop_implausible(table),
         }
+        part = table.rows.assign(n_peaks=n_peaks)
         rows.append(part)
         peaks.append(frame)
         offset += len(table.rows)
@@ -220,6 +255,7 @@ def build_dataset(
 
     tables = [read_neurosynth(d) if kind == "neurosynth" else read_neurostore(d) for kind, d in inputs]
     rows, peaks, counts = _place_peaks(tables, grid)
+    topics, topic_names, topic_keys = _topics(tables)
     keep = rows["n_peaks"].to_numpy() > 0
     if subset is not None and neurosynth:
         ns = np.flatnonzero(keep & (rows["source"] == "neurosynth").to_numpy())
@@ -240,6 +276,7 @@ def build_dataset(
     new_index = np.full(len(rows), -1)
     new_index[keep] = np.arange(int(keep.sum()))
     rows = rows[keep].reset_index(drop=True)
+    topics = topics[keep]
     peaks = peaks[keep[peaks["row"].to_numpy()]]
     row_of_peak = new_index[peaks["row"].to_numpy()]
     for name, c in counts.items():
@@ -266,14 +303,24 @@ def build_dataset(
             rows[name] = np.nan
         rows[name] = rows[name].astype(np.float64)
         rows[f"{name}_observed"] = np.isfinite(rows[name].to_numpy())
+    tcols = topic_columns(len(topic_names))
+    rows = pd.concat([rows, pd.DataFrame(topics.astype(np.float32), columns=tcols)], axis=1)
+    rows[f"{TOPICS.name}_observed"] = np.isfinite(topics).all(axis=1) if tcols else False
+    rows[tcols] = rows[tcols].fillna(0.0)  # missing topics: zeros with topics_observed False
     rows["category_observed"] = rows["category"].notna()
     train = rows[rows["split"] == "train"]
-    schema = MetadataSchema.fit(CATEGORIES, {f: train[f].to_numpy() for f in CONTINUOUS_FIELDS})
+    schema = MetadataSchema.fit(
+        CATEGORIES,
+        {f: train[f].to_numpy() for f in CONTINUOUS_FIELDS},
+        topic_names=topic_names,
+        topic_keys=topic_keys,
+    )
     rows["year_bin"] = schema.year_bin(rows["year"].to_numpy())
     rows["n_peaks"] = rows["n_peaks"].astype(np.int64)
     columns = ["id", "study_id", "source", "title"]
     for name in CONTINUOUS_FIELDS:
         columns += [name, f"{name}_observed"]
+    columns += [*tcols, f"{TOPICS.name}_observed"]
     rows = rows[[*columns, "category", "category_observed", "space", "n_peaks", "year_bin", "split"]]
 
     tmp = _prepare_output(out)
@@ -286,6 +333,7 @@ def build_dataset(
         rows.to_parquet(tmp / "metadata.parquet", index=False)
         nib.save(grid.mask_img(), tmp / "mask.nii.gz")
         manifest = {
+            "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "package_version": package_version(),
             "cache_key": key,

@@ -10,14 +10,17 @@ See ``bundle/docs/app.md``.
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 import streamlit.components.v1 as components
 
@@ -110,50 +113,63 @@ def dataset_topics(run_dir: str, stamp: float, dataset_dir: str) -> np.ndarray |
     return al.study_topics(info, data[1])
 
 
-Query = tuple  # (z, sorted condition items, allow_extrapolation, sorted imputed items): hashable for the caches
+@dataclass(frozen=True)
+class Query:
+    """What a map is decoded from; ``key`` (a digest) is what the caches hash, not the arrays."""
+
+    z: tuple[float, ...]
+    conditions: tuple
+    allow: bool
+    imputed: tuple
+    key: str
+
+    def conditions_dict(self, **changes: Any) -> dict[str, Any]:
+        conditions = {k: np.asarray(v) if isinstance(v, tuple) else v for k, v in self.conditions}
+        return {**conditions, **changes}
 
 
 def make_query(z: np.ndarray, conditions: dict[str, Any], allow: bool, imputed: dict[str, float]) -> Query:
-    items = tuple(sorted((k, tuple(np.round(v, 6)) if isinstance(v, np.ndarray) else v) for k, v in conditions.items()))
-    return (tuple(float(v) for v in z), items, bool(allow), tuple(sorted(imputed.items())))
+    items = tuple(
+        sorted((k, tuple(np.round(v, 6).tolist()) if isinstance(v, np.ndarray) else v) for k, v in conditions.items())
+    )
+    zt, imp = tuple(np.round(np.asarray(z, np.float64), 6).tolist()), tuple(sorted(imputed.items()))
+    key = hashlib.sha1(repr((zt, items, bool(allow), imp)).encode()).hexdigest()
+    return Query(zt, items, bool(allow), imp, key)
 
 
-def _conditions(query: Query, **changes: Any) -> dict[str, Any]:
-    conditions = {k: np.asarray(v) if isinstance(v, tuple) else v for k, v in query[1]}
-    return {**conditions, **changes}
-
-
+# arguments named with a leading underscore are not hashed by Streamlit: the query's digest stands for them
 @st.cache_resource(max_entries=32)
-def decode_cached(run_dir: str, stamp: float, query: Query, strength: float = 1.0) -> np.ndarray:
+def decode_cached(run_dir: str, stamp: float, qkey: str, _q: Query, strength: float = 1.0) -> np.ndarray:
     """The map of one query; with task or topics set, ``base + strength * (full - base)`` where ``base``
     decodes the same ``z`` and conditions with task and topics unknown (the condition contrast)."""
-    z, _, allow, imputed = query
     model = load_model(run_dir, stamp)
-    conditions = _conditions(query)
+    conditions = _q.conditions_dict()
     if strength == 1.0 or (conditions.get("task") is None and conditions.get("topics") is None):
-        return model.decode(np.asarray(z, np.float32), conditions, allow_extrapolation=allow, imputed=dict(imputed)).map
-    full, base = decode_pair(run_dir, stamp, query)
+        z = np.asarray(_q.z, np.float32)
+        return model.decode(z, conditions, allow_extrapolation=_q.allow, imputed=dict(_q.imputed)).map
+    full, base = decode_pair(run_dir, stamp, qkey, _q)
     return np.clip(base + strength * (full - base), 0.0, None).astype(np.float32)
 
 
 @st.cache_resource(max_entries=16)
-def decode_pair(run_dir: str, stamp: float, query: Query) -> tuple[np.ndarray, np.ndarray]:
+def decode_pair(run_dir: str, stamp: float, qkey: str, _q: Query) -> tuple[np.ndarray, np.ndarray]:
     """``decode(z, c)`` and ``decode(z, c with task and topics unknown)`` in one batch."""
-    z, _, allow, imputed = query
     model = load_model(run_dir, stamp)
-    conds = [_conditions(query), _conditions(query, task=None, topics=None)]
-    full, base = model.decode_many(np.asarray(z, np.float32), conds, allow_extrapolation=allow, imputed=dict(imputed))
+    conds = [_q.conditions_dict(), _q.conditions_dict(task=None, topics=None)]
+    z = np.asarray(_q.z, np.float32)
+    full, base = model.decode_many(z, conds, allow_extrapolation=_q.allow, imputed=dict(_q.imputed))
     return full.map, base.map
 
 
 @st.cache_resource(max_entries=16)
-def sweep_cached(run_dir: str, stamp: float, query: Query, name: str, values: tuple[float, ...]) -> list[np.ndarray]:
+def sweep_cached(
+    run_dir: str, stamp: float, qkey: str, _q: Query, name: str, values: tuple[float, ...]
+) -> list[np.ndarray]:
     """The query's maps over ``values`` of one continuous condition, decoded in one batch."""
-    z, _, _, imputed = query
-    conds = [_conditions(query, **{name: float(v)}) for v in values]
+    conds = [_q.conditions_dict(**{name: float(v)}) for v in values]
     model = load_model(run_dir, stamp)
-    results = model.decode_many(np.asarray(z, np.float32), conds, allow_extrapolation=True, imputed=dict(imputed))
-    return [r.map for r in results]
+    z = np.asarray(_q.z, np.float32)
+    return [r.map for r in model.decode_many(z, conds, allow_extrapolation=True, imputed=dict(_q.imputed))]
 
 
 @st.cache_resource(max_entries=64)
@@ -204,11 +220,13 @@ def mean_real_map(dataset_dir: str, ids: tuple[str, ...]) -> np.ndarray | None:
 
 
 @st.cache_resource(max_entries=8)
-def viewer_html(run_dir: str, stamp: float, query: Query, strength: float, threshold: float, vmax: float, cut: tuple) -> str:
+def viewer_html(
+    run_dir: str, stamp: float, qkey: str, _q: Query, strength: float, threshold: float, vmax: float, cut: tuple
+) -> str:
     """nilearn's brainsprite viewer of the map, standalone HTML (its scripts are inline: works offline)."""
     from nilearn.plotting import view_img
 
-    img = dl.generated_nifti(decode_cached(run_dir, stamp, query, strength), load_info(run_dir, stamp).affine)
+    img = dl.generated_nifti(decode_cached(run_dir, stamp, qkey, _q, strength), load_info(run_dir, stamp).affine)
     bg = load_renderer(run_dir, stamp).template_img  # already on the map grid: no 1 mm resampling
     doc = view_img(
         img, bg_img=bg, threshold=threshold, vmax=vmax, symmetric_cmap=False, cmap="hot",
@@ -248,14 +266,17 @@ def apply_start(
 
 
 def set_topics(info: al.RunInfo, weights: np.ndarray | None) -> None:
-    """Topic sliders on a mixture (None: topics unknown); the heaviest topics get the visible sliders."""
+    """Topic widgets on a mixture (None: topics unknown): the heaviest topics get the sliders, the others a
+    folded table; a new table key makes the table show the new weights."""
     state = st.session_state
     n = info.schema.n_topics
+    w = np.zeros(n) if weights is None else np.round(np.asarray(weights, dtype=np.float64), 2)
     state["topics_known"] = weights is not None
-    w = np.zeros(n) if weights is None else np.asarray(weights, dtype=np.float64)
-    for t in range(n):
-        state[f"topic_{t}"] = float(np.round(w[t], 2))
+    state["_topic_w"] = w.tolist()
     state["_topic_order"] = [int(t) for t in np.argsort(-w, kind="stable")]
+    state["_topic_version"] = state.get("_topic_version", 0) + 1
+    for t in state["_topic_order"][:N_TOPIC_SLIDERS]:
+        state[f"topic_{t}"] = float(w[t])
 
 
 def url_overrides(info: al.RunInfo, url: us.UrlState) -> dict[str, Any]:
@@ -276,14 +297,11 @@ def url_overrides(info: al.RunInfo, url: us.UrlState) -> dict[str, Any]:
     if url.query is not None:
         out["words"] = url.query
     if url.topics is not None:  # edited weights win over the words they came from
-        n = info.schema.n_topics
-        weights = np.zeros(n)
+        weights = np.zeros(info.schema.n_topics)
         for t, w in url.topics.items():
             weights[t] = w
-        out["topics_known"] = bool(url.topics)
-        out.update({f"topic_{t}": float(weights[t]) for t in range(n)})
-        out["_topic_order"] = [int(t) for t in np.argsort(-weights, kind="stable")]
-        out["_words_applied"] = url.query if url.query is not None else st.session_state.get("words", "")
+        out["_url_topics"] = weights if url.topics else None
+        out["_words_applied"] = url.query if url.query is not None else ""
     return out
 
 
@@ -391,21 +409,26 @@ def ask_in_words(info: al.RunInfo, vocab: Any) -> tuple[np.ndarray | None, str]:
     if match.truncated:
         st.caption(f"Only the first {vocab_max_words()} words were read ({match.truncated} more ignored).")
     known = st.checkbox("Condition on topics", key="topics_known", help="unticked: topics unknown (the model imputes)")
-    order = state.get("_topic_order") or list(range(info.schema.n_topics))
-    weights = np.zeros(info.schema.n_topics)
-
-    def slider(where: Any, t: int) -> None:
-        state.setdefault(f"topic_{t}", 0.0)
-        weights[t] = where.slider(
-            f"{t}: {vocab.label(t)}", 0.0, 1.0, step=0.01, key=f"topic_{t}", disabled=not known
-        )
-
-    cols = st.columns(N_TOPIC_SLIDERS)
-    for col, t in zip(cols, order[:N_TOPIC_SLIDERS], strict=False):
-        slider(col, t)
-    with st.expander(f"Other topics ({len(order) - N_TOPIC_SLIDERS})"):
-        for t in order[N_TOPIC_SLIDERS:]:
-            slider(st, t)
+    n = info.schema.n_topics
+    weights = np.asarray(state.get("_topic_w") or np.zeros(n), dtype=np.float64).copy()
+    order = state.get("_topic_order") or list(range(n))
+    for col, t in zip(st.columns(N_TOPIC_SLIDERS), order[:N_TOPIC_SLIDERS], strict=False):
+        state.setdefault(f"topic_{t}", float(weights[t]))
+        label = f"{t}: {vocab.label(t, 3)}"
+        weights[t] = col.slider(label, 0.0, 1.0, step=0.01, key=f"topic_{t}", disabled=not known)
+    rest = order[N_TOPIC_SLIDERS:]
+    with st.expander(f"Other topics ({len(rest)})"):
+        # one table instead of 45 sliders: every widget costs milliseconds on each rerun
+        base = pd.DataFrame({"topic": rest, "key words": [vocab.label(t, 6) for t in rest], "weight": weights[rest]})
+        table = st.data_editor(
+            base, key=f"topic_table_{state.get('_topic_version', 0)}", hide_index=True, disabled=["topic", "key words"],
+            column_config={"weight": st.column_config.NumberColumn(min_value=0.0, max_value=1.0, step=0.01)},
+        )  # fmt: skip
+        if not known:
+            st.caption("Tick *Condition on topics* for these weights to count.")
+    edited = pd.to_numeric(table["weight"], errors="coerce").fillna(0.0).clip(0.0, 1.0).to_numpy()
+    weights[rest] = edited
+    state["_topic_w"] = weights.tolist()
     if not known:
         return None, text
     if weights.sum() <= 0:
@@ -475,7 +498,9 @@ def difference_view(
     span = max(largest, 1e-9) if stretch else peak
     left, right = st.columns([3, 2])
     left.image(
-        renderer.ortho(diff, cut, cmap="RdBu_r", vmin=-span, vmax=span, threshold=threshold * span, title=GENERATED_LABEL),
+        renderer.ortho(
+            diff, cut, cmap="RdBu_r", vmin=-span, vmax=span, threshold=threshold * span, title=GENERATED_LABEL
+        ),
         caption="Generated difference (red: more than the reference) · colour scale "
         + ("stretched to the difference" if stretch else "± the generated map's peak"),
     )
@@ -492,7 +517,9 @@ def difference_view(
     elif largest > 1e-6:
         gained, lost = regions.summary(diff, n=3, floor=0.05 * largest)
         fmt = lambda cs: ", ".join(f"{c.name} ({c.mean_change:+.2g})" for c in cs) or "none"  # noqa: E731
-        st.caption(f"What changed (Harvard-Oxford cortical regions, mean change): gained {fmt(gained)}; lost {fmt(lost)}")
+        st.caption(
+            f"What changed (Harvard-Oxford cortical regions, mean change): gained {fmt(gained)}; lost {fmt(lost)}"
+        )
 
 
 def evidence_view(
@@ -512,7 +539,10 @@ def evidence_view(
     st.caption(f"Chosen by: {found.rule}.")
     cols = st.columns(2)
     listed = []
-    for col, name, table in ((cols[0], "Held-out studies", found.held_out), (cols[1], "Training studies", found.training)):
+    for col, name, table in (
+        (cols[0], "Held-out studies", found.held_out),
+        (cols[1], "Training studies", found.training),
+    ):
         col.markdown(f"**{name}** ({len(table)})")
         if len(table):
             col.dataframe(table, hide_index=True, width="stretch")
@@ -536,7 +566,9 @@ def evidence_view(
     left, right = st.columns(2)
     low, top = al.value_range([current], info.mask)
     left.image(
-        renderer.ortho(current, cut, vmin=low, vmax=top, threshold=low + threshold * (top - low), title=GENERATED_LABEL),
+        renderer.ortho(
+            current, cut, vmin=low, vmax=top, threshold=low + threshold * (top - low), title=GENERATED_LABEL
+        ),
         caption="Generated map",
     )
     right.image(
@@ -555,7 +587,7 @@ def sweep_view(
     name = st.selectbox("Sweep over", list(CONTINUOUS_FIELDS), format_func=al.field_label, key="sweep")
     values = al.sweep_values(info.schema, name)
     t0 = time.perf_counter()
-    maps = sweep_cached(key, stamp, query, name, tuple(values))
+    maps = sweep_cached(key, stamp, query.key, query, name, tuple(values))
     decode_ms = (time.perf_counter() - t0) * 1000
     lo, hi = al.value_range(maps, info.mask)
     tiles = [renderer.axial(m, cut[2], vmin=lo, vmax=hi, threshold=lo + threshold * (hi - lo)) for m in maps]
@@ -631,6 +663,8 @@ def main() -> None:
     if st.session_state.get("_start_key") != start.key:
         apply_start(info, start, imputed)
         st.session_state.update(overrides)
+        if "_url_topics" in overrides:
+            set_topics(info, st.session_state.pop("_url_topics"))
         st.session_state["_start_key"] = start.key
     z = latent_sliders(info, start, imputed)
 
@@ -639,6 +673,7 @@ def main() -> None:
     if info.schema.n_topics:
         conditions["topics"] = topics
     has_contrast = conditions.get("task") is not None or topics is not None
+    st.session_state.setdefault("strength", 1.0)
     strength = st.slider(
         "Condition strength (scales the task and topic contrast: 0 = unknown, 1 = as given)",
         *us.STRENGTH_RANGE, step=0.1, key="strength", disabled=not has_contrast,
@@ -650,11 +685,12 @@ def main() -> None:
     query = make_query(z, conditions, allow, imputed)
     t0 = time.perf_counter()
     try:
-        current = decode_cached(key, stamp, query, strength)
-        reference = decode_cached(key, stamp, make_query(start.z, start.conditions, True, imputed))
+        current = decode_cached(key, stamp, query.key, query, strength)
+        ref = make_query(start.z, start.conditions, True, imputed)
+        reference = decode_cached(key, stamp, ref.key, ref)
         others = {"the starting point": reference}
         if has_contrast:
-            others["task & topics unknown"] = decode_pair(key, stamp, query)[1]
+            others["task & topics unknown"] = decode_pair(key, stamp, query.key, query)[1]
     except SchemaError as err:
         st.error(f"These conditions are not valid for this decoder: {err}")
         return
@@ -695,7 +731,7 @@ def main() -> None:
         file_name="generated_counterfactual.nii.gz", mime="application/gzip", key="download",
     )  # fmt: skip
     if st.toggle("Interactive viewer (nilearn view_img, ~0.5 s per map)", key="viewer"):
-        html = viewer_html(key, stamp, query, strength, level, top, cut)
+        html = viewer_html(key, stamp, query.key, query, strength, level, top, cut)
         # st.iframe replaces components.v1.html in recent Streamlit; both embed brainsprite's inline scripts
         if hasattr(st, "iframe"):
             st.iframe(html, height=460)

@@ -98,7 +98,9 @@ class RegionLabeller:
         ]
         return sorted(out, key=lambda c: -c.mean_change)
 
-    def summary(self, diff: np.ndarray, n: int = 3, floor: float = 0.0) -> tuple[list[RegionChange], list[RegionChange]]:
+    def summary(
+        self, diff: np.ndarray, n: int = 3, floor: float = 0.0
+    ) -> tuple[list[RegionChange], list[RegionChange]]:
         """The ``n`` regions that gained most and the ``n`` that lost most (changes beyond ``floor`` only)."""
         changes = self.changes(diff)
         gained = [c for c in changes[:n] if c.mean_change > floor]

@@ -79,6 +79,12 @@ class SliceRenderer:
         )
         self.scale = max(1.0, panel_px / max(self.shape[2], self.shape[1]))
         self._font = _font(13)
+        # per-view constants, computed on first use: sampling coordinates, template slices, glass outlines
+        self._coords: dict[tuple[int, int], np.ndarray] = {}
+        self._bg: dict[tuple[int, int], np.ndarray] = {}
+        self._glass: dict[int, np.ndarray] = {}
+        self._luts: dict[str, np.ndarray] = {}
+        self._bars: dict[tuple, np.ndarray] = {}
 
     # ----- geometry -------------------------------------------------------------------------------
     def bounds_mm(self) -> list[tuple[float, float]]:
@@ -102,16 +108,31 @@ class SliceRenderer:
         volume = np.asarray(volume, dtype=np.float32)
         return np.where(self.map_mask, volume, 0.0) if self.map_mask is not None else volume
 
-    def slice_2mm(self, volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-        """One slice of the display grid (RAS, ``axis`` fixed at ``index``), trilinearly sampled from the map."""
+    def _plane(self, axis: int, index: int) -> np.ndarray:
+        """Map-voxel coordinates ``[3, n]`` of the display pixels of one slice (``index`` -1: the plane through
+        the grid origin, for projections)."""
+        key = (axis, index)
+        if key not in self._coords:
+            dims = [d for d in range(3) if d != axis]
+            grids = np.meshgrid(*(np.arange(self.shape[d]) for d in dims), indexing="ij")
+            ijk = np.zeros((4, grids[0].size))
+            ijk[axis] = max(index, 0)
+            ijk[dims[0]], ijk[dims[1]], ijk[3] = grids[0].ravel(), grids[1].ravel(), 1.0
+            self._coords[key] = (self._to_map @ ijk)[:3]
+        return self._coords[key]
+
+    def _plane_shape(self, axis: int) -> tuple[int, int]:
         dims = [d for d in range(3) if d != axis]
-        grids = np.meshgrid(*(np.arange(self.shape[d]) for d in dims), indexing="ij")
-        ijk = np.empty((4, grids[0].size))
-        ijk[axis] = index
-        ijk[dims[0]], ijk[dims[1]], ijk[3] = grids[0].ravel(), grids[1].ravel(), 1.0
-        coords = (self._to_map @ ijk)[:3]
-        values = ndimage.map_coordinates(self._masked(volume), coords, order=1, mode="constant", cval=0.0)
-        return values.reshape(grids[0].shape).astype(np.float32)
+        return self.shape[dims[0]], self.shape[dims[1]]
+
+    def slice_2mm(self, volume: np.ndarray, axis: int, index: int, masked: bool = False) -> np.ndarray:
+        """One slice of the display grid (RAS, ``axis`` fixed at ``index``), trilinearly sampled from the map.
+
+        ``masked``: ``volume`` is already zero outside the brain mask (skips masking it again).
+        """
+        vol = np.asarray(volume, dtype=np.float32) if masked else self._masked(volume)
+        values = ndimage.map_coordinates(vol, self._plane(axis, index), order=1, mode="constant", cval=0.0)
+        return values.reshape(self._plane_shape(axis)).astype(np.float32)
 
     def projection_2mm(self, volume: np.ndarray, axis: int, signed: bool = False) -> np.ndarray:
         """Maximum-intensity projection along a world axis (x, y or z), on the display grid.
@@ -126,19 +147,33 @@ class SliceRenderer:
             mip = np.where(-lo > hi, lo, hi)
         else:
             mip = vol.max(axis=map_axis)
-        dims = [d for d in range(3) if d != axis]
-        grids = np.meshgrid(*(np.arange(self.shape[d]) for d in dims), indexing="ij")
-        ijk = np.zeros((4, grids[0].size))
-        ijk[dims[0]], ijk[dims[1]], ijk[3] = grids[0].ravel(), grids[1].ravel(), 1.0
-        coords = (self._to_map @ ijk)[:3]
-        coords = np.delete(coords, map_axis, axis=0)
+        coords = np.delete(self._plane(axis, -1), map_axis, axis=0)
         values = ndimage.map_coordinates(mip, coords, order=1, mode="constant", cval=0.0)
-        return values.reshape(grids[0].shape).astype(np.float32)
+        return values.reshape(self._plane_shape(axis)).astype(np.float32)
 
     # ----- drawing --------------------------------------------------------------------------------
-    @staticmethod
-    def _lut(cmap: str) -> np.ndarray:
-        return colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3].astype(np.float32)
+    def _lut(self, cmap: str) -> np.ndarray:
+        if cmap not in self._luts:
+            self._luts[cmap] = colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3].astype(np.float32)
+        return self._luts[cmap]
+
+    def _background(self, axis: int, index: int) -> np.ndarray:
+        """The template's slice, rotated for display (cached: a handful of cuts are in use at a time)."""
+        key = (axis, index)
+        if key not in self._bg:
+            if len(self._bg) > 64:
+                self._bg.clear()
+            self._bg[key] = np.ascontiguousarray(np.rot90(np.take(self.background, index, axis=axis)))
+        return self._bg[key]
+
+    def _glass_background(self, axis: int) -> np.ndarray:
+        """Light brain silhouette with a darker outline, rotated for display."""
+        if axis not in self._glass:
+            sil = self._silhouettes[axis]
+            edge = sil & ~ndimage.binary_erosion(sil)
+            bg = np.where(edge, 0.55, np.where(sil, 0.93, 1.0)).astype(np.float32)
+            self._glass[axis] = np.ascontiguousarray(np.rot90(bg))
+        return self._glass[axis]
 
     @staticmethod
     def _colorize(bg: np.ndarray, val: np.ndarray, lut: np.ndarray, vmin: float, vmax: float, thr: float):
@@ -156,6 +191,14 @@ class SliceRenderer:
         return np.asarray(img, dtype=np.float32) / 255.0
 
     def _colorbar(self, height: int, cmap: str, vmin: float, vmax: float) -> np.ndarray:
+        key = (height, cmap, f"{vmin:.2g}", f"{vmax:.2g}")
+        if key not in self._bars:
+            if len(self._bars) > 64:
+                self._bars.clear()
+            self._bars[key] = self._draw_colorbar(height, cmap, vmin, vmax)
+        return self._bars[key]
+
+    def _draw_colorbar(self, height: int, cmap: str, vmin: float, vmax: float) -> np.ndarray:
         lut = colormaps[cmap](np.linspace(1.0, 0.0, max(height - 20, 2)))[:, :3].astype(np.float32)
         bar = np.ones((height, 76, 3), dtype=np.float32)
         bar[10 : 10 + len(lut), 4:16] = lut[:, None, :]
@@ -216,11 +259,11 @@ class SliceRenderer:
         ijk = self.voxel(cut_mm)
         vmax = float(np.max(volume)) if vmax is None else float(vmax)
         lut = self._lut(cmap)
+        vol = self._masked(volume)
         tiles = []
         for axis, cut in enumerate(cut_mm):
-            bg = np.take(self.background, ijk[axis], axis=axis)
-            val = self.slice_2mm(volume, axis, ijk[axis])
-            rgb = self._colorize(np.rot90(bg), np.rot90(val), lut, vmin, vmax, threshold)
+            val = self.slice_2mm(vol, axis, ijk[axis], masked=True)
+            rgb = self._colorize(self._background(axis, ijk[axis]), np.rot90(val), lut, vmin, vmax, threshold)
             tiles.append((self._upsample(rgb), f"{'xyz'[axis]}={cut:.0f}"))
         return self._compose(tiles, cmap, vmin, vmax, title)
 
@@ -243,12 +286,8 @@ class SliceRenderer:
         lut = self._lut(cmap)
         tiles = []
         for axis in range(3):
-            sil = self._silhouettes[axis]
-            edge = sil & ~ndimage.binary_erosion(sil)
-            bg = np.where(sil, 0.93, 1.0)
-            bg = np.where(edge, 0.55, bg).astype(np.float32)
             mip = self.projection_2mm(volume, axis, signed=signed)
-            rgb = self._colorize(np.rot90(bg), np.rot90(mip), lut, vmin, vmax, threshold)
+            rgb = self._colorize(self._glass_background(axis), np.rot90(mip), lut, vmin, vmax, threshold)
             tiles.append((self._upsample(rgb), ("x (side)", "y (front)", "z (top)")[axis]))
         return self._compose(tiles, cmap, vmin, vmax, title)
 
@@ -265,5 +304,5 @@ class SliceRenderer:
         k = self.voxel((0.0, 0.0, z_mm))[2]
         vmax = float(np.max(volume)) if vmax is None else float(vmax)
         val = self.slice_2mm(volume, 2, k)
-        rgb = self._colorize(np.rot90(self.background[:, :, k]), np.rot90(val), self._lut(cmap), vmin, vmax, threshold)
+        rgb = self._colorize(self._background(2, k), np.rot90(val), self._lut(cmap), vmin, vmax, threshold)
         return (self._upsample(rgb) * 255).astype(np.uint8)

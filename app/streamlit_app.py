@@ -357,7 +357,8 @@ def pick_start(info: al.RunInfo, dataset: Any) -> al.StartPoint:
             study = side.selectbox(f"Study ({len(table)} shown)", list(labels), format_func=labels.get, key="study")
             return al.study_start(info, study, dataset[1] if isinstance(dataset, tuple) else None)
         side.info("No study matches these filters; starting from a prior draw instead.")
-    seed = side.number_input("Prior seed", min_value=0, max_value=2**31 - 1, value=0, step=1, key="seed")
+    st.session_state.setdefault("seed", 0)
+    seed = side.number_input("Prior seed", min_value=0, max_value=2**31 - 1, step=1, key="seed")
     return al.prior_start(info, int(seed))
 
 

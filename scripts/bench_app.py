@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from cbvae_ext import inference
 from cbvae_ext.app import evidence as ev
 from cbvae_ext.app import session as al

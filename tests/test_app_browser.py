@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cbvae_ext.app_browser import VIEWS, HeadlessChromium, find_chromium, serve_app
 
 pytestmark = pytest.mark.browser

@@ -19,6 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
+
 from cbvae_ext.errors import CbvaeError
 from cbvae_ext.schema import CONTINUOUS_FIELDS, FIELDS, MetadataSchema, SchemaError
 

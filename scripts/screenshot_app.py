@@ -5,7 +5,7 @@ Usage::
     python scripts/screenshot_app.py --run_dir runs/cbvae --dataset_dir runs/data_1000 \\
         --query "q=working+memory&year=2018" --out bundle/docs/ask_in_words.png
 
-The page is served on 127.0.0.1 and driven through the DevTools protocol by ``tests/browser.py``.
+The page is served on 127.0.0.1 and driven through the DevTools protocol by ``tests/app_browser.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from browser import VIEWS, BrowserError, HeadlessChromium, serve_app  # noqa: E402
+from app_browser import VIEWS, BrowserError, HeadlessChromium, serve_app  # noqa: E402
 
 __all__: list[str] = []
 

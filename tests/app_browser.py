@@ -29,8 +29,8 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP = REPO_ROOT / "app" / "streamlit_app.py"
-#: Headings of the three views; the page is ready when all show and their images have loaded.
-VIEWS: tuple[str, ...] = ("Generated map", "Counterfactual difference", "Year sweep")
+#: Headings of the page's views; the page is ready when all show and their images have loaded.
+VIEWS: tuple[str, ...] = ("Ask in words", "Generated map", "Counterfactual difference", "Evidence", "Sweep")
 CHROMIUM_FLAGS: tuple[str, ...] = (
     "--headless",
     "--no-sandbox",
@@ -176,6 +176,29 @@ class HeadlessChromium:
                 time.sleep(0.5)  # let the last images paint
                 break
             time.sleep(1.0)
+        return state
+
+    def type_into(self, aria_label: str, text: str) -> None:
+        """Type ``text`` into the input with this ``aria-label`` (as a user would) and press Enter."""
+        found = self.evaluate(
+            f"(() => {{ const e = document.querySelector('input[aria-label=' + {json.dumps(json.dumps(aria_label))} + ']');"
+            " if (!e) return false; e.focus(); e.select(); return true; })()"
+        )
+        if not found:
+            raise BrowserError(f"no input labelled {aria_label!r} on the page")
+        self.call("Input.insertText", text=text)
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
+
+    def wait_for_text(self, text: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Poll until ``text`` shows on the page and no script run is pending; returns the page state."""
+        deadline, state = time.monotonic() + timeout, {}
+        while time.monotonic() < deadline:
+            state = json.loads(self.evaluate(_PAGE_STATE))
+            if text in state["text"] and not state["running"]:
+                time.sleep(0.5)
+                return json.loads(self.evaluate(_PAGE_STATE))
+            time.sleep(0.5)
         return state
 
     def screenshot(self) -> bytes:

@@ -27,7 +27,7 @@ COLUMNS = [
     "id", "study_id", "source", "title", "year", "year_observed", "sample_size", "sample_size_observed",
     "field_strength", "field_strength_observed", "fwhm", "fwhm_observed",
     *[f"topic_{i:02d}" for i in range(50)], "topics_observed", "category", "category_observed",
-    "space", "n_peaks", "year_bin", "split",
+    "space", "n_peaks", "year_bin", "split_group", "split",
 ]  # fmt: skip
 
 
@@ -77,6 +77,13 @@ def test_counts_splits_and_year_bins(tiny_dataset: Path) -> None:
     assert c["peaks_outside_mask"] > 0 and c["studies_without_peaks"] > 0
     assert m["split_counts"] == {"train": 96, "val": 12, "test": 12}
     assert meta.groupby("study_id")["split"].nunique().max() == 1
+    assert meta.groupby("split_group")["split"].nunique().max() == 1
+    dup = m["duplicate_maps"]
+    assert dup["n_groups"] == len(dup["groups"]) and dup["n_maps"] == sum(len(g) for g in dup["groups"])
+    for group in dup["groups"]:  # identical maps, one split
+        rows = meta.index[meta["id"].isin(group)].to_numpy()
+        assert len(set(meta["split"].iloc[rows])) == 1
+        assert all(np.array_equal(info.maps[rows[0]], info.maps[r]) for r in rows[1:])
     # year bins: 10 equal-frequency bins whose edges come from the training split only
     schema = MetadataSchema.from_dict(m["schema"])
     train_years = meta.loc[meta["split"] == "train", "year"].to_numpy()

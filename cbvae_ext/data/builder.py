@@ -37,7 +37,7 @@ from .sources import (
     read_neurosynth,
     source_files,
 )
-from .splits import provisional_year_bins, split_groups, strata, stratified_subset
+from .splits import duplicate_groups, merge_groups, provisional_year_bins, split_groups, strata, stratified_subset
 
 __all__ = ["DATASET_FILES", "DTYPES", "FORMAT_NAME", "build_dataset", "package_version", "topic_columns"]
 
@@ -48,6 +48,8 @@ DTYPES = ("float16", "float32")
 #: Format marker and version of a dataset folder's manifest (version 2 added the topic columns).
 FORMAT_NAME = "cbvae-dataset"
 FORMAT_VERSION = 2
+#: Fewest maps that fill every split (the splits take 8/1/1 of each block of 10 study groups).
+MIN_MAPS = 10
 
 
 def topic_columns(n: int) -> list[str]:
@@ -96,13 +98,64 @@ def _pid_alive(pid: str) -> bool:
     return True
 
 
+def _is_ours(out: Path) -> bool:
+    """Whether ``out`` is provably a dataset folder written by this builder (its manifest's format marker).
+
+    Format-1 folders predate the marker: their manifest is recognised by ``format_version`` 1 together with
+    the builder's ``cache_key``, ``grid`` and ``schema`` entries.
+    """
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict):
+        return False
+    if manifest.get("format") == FORMAT_NAME:
+        return True
+    return manifest.get("format_version") == 1 and {"cache_key", "grid", "schema"} <= manifest.keys()
+
+
+def _recover_interrupted(out: Path) -> None:
+    """Undo a build killed between its two renames: put the previous build back, or drop the orphan.
+
+    A build moves ``out`` aside to ``.out.old-<pid>`` and then renames the new folder to ``out``; killed
+    in between, ``out`` is missing while the complete previous build sits in the hidden folder.
+    """
+    for stale in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            continue  # another build is between its renames right now
+        if not out.exists() and _is_ours(stale):
+            stale.rename(out)
+            logger.warning("restored %s from %s, left by an interrupted build", out, stale.name)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse an ``out`` that is not missing, empty, or a dataset folder of ours holding only dataset files.
+
+    So no user file is ever deleted by a rebuild.
+    """
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"output {out} exists and is not a folder; choose another --out or remove it")
+        entries = sorted(p.name for p in out.iterdir())
+        if entries and not _is_ours(out):
+            raise DataError(
+                f"output {out} exists and is not a dataset folder (no cbvae dataset manifest); "
+                "choose another --out or remove it"
+            )
+        extra = [e for e in entries if e not in DATASET_FILES]
+        if entries and extra:
+            raise DataError(
+                f"output {out} holds files that are not part of the dataset ({', '.join(extra[:3])}); "
+                "move them away or choose another --out"
+            )
+
+
 def _prepare_output(out: Path) -> Path:
     """Check ``out`` can be (re)placed and return a fresh temporary sibling folder."""
-    if out.exists() and (
-        not out.is_dir()
-        or (any(out.iterdir()) and not (out / "manifest.json").exists() and not (out / "maps.npy").exists())
-    ):
-        raise DataError(f"output {out} exists and is not a dataset folder; choose another --out or remove it")
+    _check_replaceable(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         for stale in out.parent.glob(f".{out.name}.partial-*"):
@@ -226,8 +279,11 @@ def build_dataset(
     out = Path(out)
     if dtype not in DTYPES:
         raise DataError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    if subset is not None and (int(subset) != subset or subset < 1):
-        raise DataError(f"--subset {subset!r} must be a positive integer")
+    if subset is not None and (int(subset) != subset or subset < MIN_MAPS):
+        raise DataError(
+            f"--subset {subset!r} is too small; use at least {MIN_MAPS} (every block of 10 study groups gives "
+            "8 training, 1 validation and 1 test map)"
+        )
     spec = KernelSpec(kernel, float(fwhm), float(radius))
     grid = make_grid(int(resolution))
     if not neurosynth and not neurostore_dirs:
@@ -249,9 +305,11 @@ def build_dataset(
         "seed": seed,
     }
     key = _cache_key(inputs, options)
+    _recover_interrupted(out)
     if not force and _cached(out, key):
         logger.info("reusing %s (same inputs and options; pass --force to rebuild)", out)
         return out
+    _check_replaceable(out)  # fail before the slow part; checked again just before the rename
 
     tables = [read_neurosynth(d) if kind == "neurosynth" else read_neurostore(d) for kind, d in inputs]
     rows, peaks, counts = _place_peaks(tables, grid)
@@ -295,8 +353,12 @@ def build_dataset(
         )
 
     # splits: stratify on provisional bins over all rows, then fit the stored bin edges on train
+    # split groups: a study with all its analyses, joined with studies whose maps are identical
+    ijk = peaks[["i", "j", "k"]].to_numpy(np.int64)
+    duplicates = duplicate_groups(row_of_peak, np.ravel_multi_index(tuple(ijk.T), grid.shape), len(rows))
+    rows["split_group"] = merge_groups(rows["study_id"], duplicates)
     rows["split"] = split_groups(
-        rows["study_id"], strata(rows["category"], provisional_year_bins(rows["year"].to_numpy())), seed
+        rows["split_group"], strata(rows["category"], provisional_year_bins(rows["year"].to_numpy())), seed
     )
     for name in CONTINUOUS_FIELDS:
         if name not in rows:
@@ -308,6 +370,12 @@ def build_dataset(
     rows[f"{TOPICS.name}_observed"] = np.isfinite(topics).all(axis=1) if tcols else False
     rows[tcols] = rows[tcols].fillna(0.0)  # missing topics: zeros with topics_observed False
     rows["category_observed"] = rows["category"].notna()
+    empty = [s for s in ("train", "val", "test") if not (rows["split"] == s).any()]
+    if empty:
+        raise DataError(
+            f"the build has {len(rows)} maps in {rows['split_group'].nunique()} study groups, which leaves the "
+            f"{'/'.join(empty)} split empty; give at least {MIN_MAPS} studies (--subset or more sources)"
+        )
     train = rows[rows["split"] == "train"]
     schema = MetadataSchema.fit(
         CATEGORIES,
@@ -321,7 +389,7 @@ def build_dataset(
     for name in CONTINUOUS_FIELDS:
         columns += [name, f"{name}_observed"]
     columns += [*tcols, f"{TOPICS.name}_observed"]
-    rows = rows[[*columns, "category", "category_observed", "space", "n_peaks", "year_bin", "split"]]
+    rows = rows[[*columns, "category", "category_observed", "space", "n_peaks", "year_bin", "split_group", "split"]]
 
     tmp = _prepare_output(out)
     try:
@@ -355,6 +423,12 @@ def build_dataset(
             ],
             "counts": counts,
             "split_counts": {s: int((rows["split"] == s).sum()) for s in ("train", "val", "test")},
+            "duplicate_maps": {
+                "rule": "studies whose kept peaks fall on exactly the same voxels (identical maps) share a split",
+                "n_groups": len(duplicates),
+                "n_maps": int(sum(len(g) for g in duplicates)),
+                "groups": [[str(rows["id"].iloc[r]) for r in g] for g in duplicates],
+            },
             "category_counts": {str(k): int(v) for k, v in rows["category"].value_counts(dropna=False).items()},
             "category_table": category_table(),
             "space_rule": "TAL converted with nimare.utils.tal2mni; UNKNOWN/OTHER treated as MNI, kept as UNKNOWN",

@@ -172,6 +172,16 @@ def sweep_cached(
     return [r.map for r in model.decode_many(z, conds, allow_extrapolation=True, imputed=dict(_q.imputed))]
 
 
+@st.cache_resource(max_entries=16)
+def conditional_mean_cached(run_dir: str, stamp: float, qkey: str, _q: Query) -> np.ndarray | None:
+    """The model's estimate of the mean map of studies with these conditions (no latent code), or None
+    for a model without it."""
+    model = load_model(run_dir, stamp)
+    if not hasattr(model, "conditional_mean"):
+        return None
+    return model.conditional_mean(_q.conditions_dict(), allow_extrapolation=True).map
+
+
 @st.cache_resource(max_entries=64)
 def study_imputed(run_dir: str, stamp: float, dataset_dir: str, study_id: str) -> tuple[dict[str, float], str | None]:
     """The imputation head's values for a real study's missing fields (``encode`` of its real map), and a note
@@ -525,7 +535,7 @@ def difference_view(
 
 def evidence_view(
     info: al.RunInfo, renderer: SliceRenderer, dataset_dir: str | None, topics: np.ndarray | None,
-    conditions: dict[str, Any], current: np.ndarray, cut: tuple, threshold: float, key: str, stamp: float,
+    query: Query, current: np.ndarray, cut: tuple, threshold: float, key: str, stamp: float,
 ) -> None:  # fmt: skip
     """The real studies the conditions stand on and their mean map beside the generated one."""
     st.subheader("Evidence: real studies for these conditions")
@@ -533,7 +543,7 @@ def evidence_view(
         st.info("Pass `--dataset_dir DATA` (or `CBVAE_DATASET_DIR`) to see the real studies behind a prediction.")
         return
     study_topics = dataset_topics(key, stamp, dataset_dir)
-    found = ev.find_evidence(info.latents, study_topics, topics, conditions.get("task"))
+    found = ev.find_evidence(info.latents, study_topics, topics, query.conditions_dict().get("task"))
     if found is None:
         st.info("Set a task category or topics to see the real studies that match them.")
         return
@@ -564,15 +574,24 @@ def evidence_view(
     if mean is None:
         return
     r = ev.map_correlation(current, mean, info.mask)
-    left, right = st.columns(2)
+    cond_mean = conditional_mean_cached(key, stamp, query.key, query)
+    cols = st.columns(3 if cond_mean is not None else 2)
     low, top = al.value_range([current], info.mask)
-    left.image(
+    cols[0].image(
         renderer.ortho(
             current, cut, vmin=low, vmax=top, threshold=low + threshold * (top - low), title=GENERATED_LABEL
         ),
-        caption="Generated map",
+        caption=f"Generated map · r = {r:.2f} with the real mean",
     )
-    right.image(
+    if cond_mean is not None:
+        lo_c, hi_c = al.value_range([cond_mean], info.mask)
+        r_c = ev.map_correlation(cond_mean, mean, info.mask)
+        cols[1].image(
+            renderer.ortho(cond_mean, cut, vmin=lo_c, vmax=hi_c, threshold=lo_c + threshold * (hi_c - lo_c),
+                           title=GENERATED_LABEL),
+            caption=f"Model's conditional mean (conditions alone, no z) · r = {r_c:.2f} with the real mean",
+        )  # fmt: skip
+    cols[-1].image(
         renderer.ortho(mean, cut, vmax=float(mean.max()) or 1.0, threshold=threshold * float(mean.max())),
         caption=f"Mean real map of the {len(found.matching)} matching studies (data)",
     )
@@ -723,7 +742,7 @@ def main() -> None:
         st.info("Real map not shown: pass `--dataset_dir DATA` (or `CBVAE_DATASET_DIR`) to see the study's own map.")
 
     difference_view(info, renderer, load_regions(key, stamp), current, others, cut, threshold)
-    evidence_view(info, renderer, data_key, topics, conditions, current, cut, threshold, key, stamp)
+    evidence_view(info, renderer, data_key, topics, query, current, cut, threshold, key, stamp)
     sweep_ms = sweep_view(info, renderer, query, z, conditions, start, cut, threshold, key, stamp)
 
     st.download_button(

@@ -125,6 +125,8 @@ def test_filter_studies_and_study_start(tmp_path: Path) -> None:
     np.testing.assert_allclose(topics[[0, 2]], [[0.9, 0.1], [0.2, 0.8]])
     assert np.isnan(topics[1]).all()
     np.testing.assert_allclose(al.start_topics(info, topics, "a"), [0.9, 0.1])
+    meta.loc[1, "topic_00"] = 0.904
+    np.testing.assert_allclose(al.start_topics(info, al.study_topics(info, meta), "a"), [0.9, 0.1])  # slider grid
     assert al.start_topics(info, topics, "b") is None and al.start_topics(info, topics, "prior:1") is None
 
 

@@ -396,13 +396,14 @@ def study_topics(info: RunInfo, dataset_meta: pd.DataFrame) -> np.ndarray | None
 
 
 def start_topics(info: RunInfo, topics: np.ndarray | None, study_id: str) -> np.ndarray | None:
-    """A study's own topic mixture (None when unknown or for a prior draw)."""
+    """A study's own topic mixture on the topic sliders' 0.01 grid (None when unknown or for a prior draw),
+    so that the sliders reproduce the starting point exactly."""
     if topics is None or study_id.startswith("prior:"):
         return None
     rows = np.flatnonzero(info.latents["id"].to_numpy() == study_id)
     if not rows.size or not np.isfinite(topics[rows[0]]).all() or topics[rows[0]].sum() <= 0:
         return None
-    return topics[rows[0]].astype(np.float32)
+    return np.round(topics[rows[0]], 2).astype(np.float32)
 
 
 def value_range(maps: Sequence[np.ndarray], mask: np.ndarray | None = None) -> tuple[float, float]:

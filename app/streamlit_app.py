@@ -34,6 +34,7 @@ from cbvae_ext.app import evidence as ev  # noqa: E402
 from cbvae_ext.app import session as al  # noqa: E402
 from cbvae_ext.app import state as us  # noqa: E402
 from cbvae_ext.app.render import GENERATED_LABEL, SliceRenderer  # noqa: E402
+from cbvae_ext.app.words import MAX_WORDS, TopicVocabulary  # noqa: E402
 from cbvae_ext.errors import CbvaeError  # noqa: E402
 from cbvae_ext.schema import CONTINUOUS_FIELDS, SchemaError  # noqa: E402
 
@@ -88,9 +89,7 @@ def load_regions(run_dir: str, stamp: float) -> Any:
 
 
 @st.cache_resource(max_entries=4)
-def load_vocabulary(run_dir: str, stamp: float) -> Any:
-    from cbvae_ext.app.words import TopicVocabulary
-
+def load_vocabulary(run_dir: str, stamp: float) -> TopicVocabulary | None:
     schema = load_info(run_dir, stamp).schema
     return TopicVocabulary(schema.topic_keys, schema.topic_names) if schema.n_topics else None
 
@@ -418,7 +417,7 @@ def ask_in_words(info: al.RunInfo, vocab: Any) -> tuple[np.ndarray | None, str]:
         more = f" and {len(match.ignored) - 12} more" if len(match.ignored) > 12 else ""
         st.caption(f"Ignored: {shown}{more}")
     if match.truncated:
-        st.caption(f"Only the first {vocab_max_words()} words were read ({match.truncated} more ignored).")
+        st.caption(f"Only the first {MAX_WORDS} words were read ({match.truncated} more ignored).")
     known = st.checkbox("Condition on topics", key="topics_known", help="unticked: topics unknown (the model imputes)")
     n = info.schema.n_topics
     weights = np.asarray(state.get("_topic_w") or np.zeros(n), dtype=np.float64).copy()
@@ -446,12 +445,6 @@ def ask_in_words(info: al.RunInfo, vocab: Any) -> tuple[np.ndarray | None, str]:
         st.warning("All topic weights are 0: topics are treated as unknown.", icon="⚠️")
         return None, text
     return weights, text
-
-
-def vocab_max_words() -> int:
-    from cbvae_ext.app.words import MAX_WORDS
-
-    return MAX_WORDS
 
 
 def condition_widgets(info: al.RunInfo, imputed: dict[str, float]) -> tuple[dict[str, Any], list[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -47,7 +48,10 @@ def test_type_a_query_then_open_the_shared_link(app_url: str, tmp_path: Path) ->
         assert "Matched: working memory" in state["text"], state["text"][:800]
         assert "glass brain" in state["text"] and "GENERATED" in state["text"]
         assert state["exceptions"] == 0 and "Traceback" not in state["text"]
-        shared = browser.evaluate("location.href")
+        # the page writes its state into the address bar at the end of each rerun
+        deadline = time.monotonic() + 60
+        while "q=working" not in (shared := browser.evaluate("location.href")) and time.monotonic() < deadline:
+            time.sleep(0.5)
         shot = browser.screenshot()
     finally:
         browser.close()

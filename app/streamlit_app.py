@@ -752,19 +752,20 @@ def main() -> None:
             components.html(html, height=460)
 
     moved = not np.allclose(z, start.z, atol=1e-6)
-    st.query_params.from_dict(
-        us.state_params(
-            run=info.run_dir.name,
-            study=None if start.key.startswith("prior:") else start.key,
-            seed=int(start.key.split(":")[1]) if start.key.startswith("prior:") else None,
-            z=z if moved else None,
-            conditions=conditions,
-            query=words,
-            topics=None if topics is None else {t: float(w) for t, w in enumerate(topics)},
-            strength=strength,
-            sweep=st.session_state.get("sweep", "year"),
-        )
+    params = us.state_params(
+        run=info.run_dir.name,
+        study=None if start.key.startswith("prior:") else start.key,
+        seed=int(start.key.split(":")[1]) if start.key.startswith("prior:") else None,
+        z=z if moved else None,
+        conditions=conditions,
+        query=words,
+        topics=None if topics is None else {t: float(w) for t, w in enumerate(topics)},
+        strength=strength,
+        sweep=st.session_state.get("sweep", "year"),
     )
+    if not info.schema.n_topics:
+        params.pop("topics", None)
+    st.query_params.from_dict(params)
     total_ms = (time.perf_counter() - t_start) * 1000
     st.caption(
         f"this interaction: {total_ms:.0f} ms · decode {decode_ms:.0f} ms · sweep decode {sweep_ms:.0f} ms"

@@ -116,7 +116,9 @@ def bench_page(run_dir: Path, dataset_dir: Path | None, repeats: int) -> None:
     if info.schema.n_topics:
         words = ["working memory", "pain", "faces", "reward", "language", "motor", "attention", "fear"]
         steps["ask in words"] = lambda i: at.text_input(key="words").input(words[i % len(words)])
-        steps["topic slider"] = lambda i: at.slider(key="topic_9").set_value(round(0.1 + 0.08 * i, 2))
+        steps["topic slider"] = lambda i: next(w for w in at.slider if str(w.key).startswith("topic_")).set_value(
+            round(0.1 + 0.08 * i, 2)
+        )
     print("page reruns (AppTest, median; includes widget, image and message handling):")
     for name, change in steps.items():
         times = []

@@ -195,8 +195,7 @@ def study_imputed(run_dir: str, stamp: float, dataset_dir: str, study_id: str) -
     try:
         _, _, imputed = load_model(run_dir, stamp).encode(np.asarray(maps[int(rows[0])]), {}, return_imputed=True)
     except Exception as err:  # noqa: BLE001 - a damaged or hostile model.pt must not take the page down
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        return {}, f"per-study imputation unavailable: {first} (model.pt); the model's defaults are used"
+        return {}, f"per-study imputation unavailable: {al.one_line(err)} (model.pt); the model's defaults are used"
     return imputed, None
 
 
@@ -645,8 +644,7 @@ def main() -> None:
         st.error(f"The decoder in `{run_dir}` does not match this app: {err}")
         return
     except (CbvaeError, OSError, RuntimeError, ValueError, KeyError) as err:
-        first = (str(err).strip().splitlines() or [""])[0][:300]
-        st.error(f"Could not load the run `{run_dir}`: {type(err).__name__}: {first}")
+        st.error(f"Could not load the run `{run_dir}`: {type(err).__name__}: {al.one_line(err, 300)}")
         return
     dataset_dir = dataset_dir or info.dataset_dir
     dataset = load_dataset(str(dataset_dir)) if dataset_dir else None
@@ -779,8 +777,7 @@ def run() -> None:
         main()
     except Exception as err:  # noqa: BLE001 - the page must stay usable; the traceback goes to the log
         logger.exception("app error")
-        first = (str(err).strip().splitlines() or [""])[0][:300]
-        st.error(f"error: {type(err).__name__}: {first}")
+        st.error(f"error: {type(err).__name__}: {al.one_line(err, 300)}")
 
 
 run()

@@ -12,7 +12,6 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import tomllib
 
 from cbvae_ext.app import downloads as dl
 from cbvae_ext.app import evidence as ev
@@ -369,6 +368,7 @@ def test_downloads_say_they_are_generated() -> None:
 
 
 def test_streamlit_config_binds_localhost_only() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert config["server"]["address"] == "127.0.0.1"
 

@@ -37,6 +37,7 @@ __all__ = [
     "load_run_info",
     "md_escape",
     "no_run_message",
+    "one_line",
     "prior_start",
     "resolve_paths",
     "slider_spec",
@@ -219,6 +220,12 @@ def load_run_info(run_dir: Path) -> RunInfo:
     )
 
 
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error message (its type when empty), at most ``limit`` characters: what the page
+    shows instead of a traceback."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
 def load_dataset_rows(dataset_dir: Path) -> tuple[np.ndarray, pd.DataFrame] | None:
     """Memory-mapped ``maps.npy`` and ``metadata.parquet`` of a dataset folder, or None when absent.
 
@@ -233,8 +240,7 @@ def load_dataset_rows(dataset_dir: Path) -> tuple[np.ndarray, pd.DataFrame] | No
         maps = np.load(dataset_dir / "maps.npy", mmap_mode="r", allow_pickle=False)
         meta = pd.read_parquet(dataset_dir / "metadata.parquet")
     except Exception as err:  # noqa: BLE001 - numpy, pyarrow and the OS raise many types for a damaged file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise DatasetUnreadable(f"dataset {dataset_dir} is unreadable ({first}); {fix}") from None
+        raise DatasetUnreadable(f"dataset {dataset_dir} is unreadable ({one_line(err)}); {fix}") from None
     if maps.ndim != 4 or len(maps) != len(meta) or "id" not in meta.columns:
         raise DatasetUnreadable(
             f"dataset {dataset_dir}: maps.npy {tuple(maps.shape)} does not match metadata.parquet "

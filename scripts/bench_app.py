@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from cbvae_ext import inference
 from cbvae_ext.app import evidence as ev
 from cbvae_ext.app import session as al
@@ -95,6 +97,43 @@ def bench_parts(run_dir: Path, dataset_dir: Path | None, repeats: int) -> None:
     print(f"  {'sum of the work behind one interaction':55s} {total:8.1f} ms")
 
 
+def words_effect(run_dir: Path, dataset_dir: Path) -> None:
+    """Does asking in words move the map the right way? For a few queries: the correlation of the generated
+    map (``decode(0, topics)`` and the conditional mean) with the mean real map of the query's 25 nearest
+    studies, on the diagonal (same query) and off it (other queries)."""
+    from cbvae_ext.data import normalise_maps
+
+    info, model = al.load_run_info(run_dir), inference.load(run_dir)
+    data = al.load_dataset_rows(dataset_dir)
+    if not info.schema.n_topics or data is None:
+        return
+    maps, meta = data
+    topics = al.study_topics(info, meta)
+    vocab = TopicVocabulary(info.schema.topic_keys, info.schema.topic_names)
+    queries = ["working memory", "pain", "faces", "reward", "language", "motor"]
+    z = np.zeros(info.latent_size, np.float32)
+    generated: dict[str, list[np.ndarray]] = {"decode(z=0, topics)": [], "conditional_mean(topics)": []}
+    real = []
+    for q in queries:
+        w = vocab.match(q).weights
+        generated["decode(z=0, topics)"].append(model.decode(z, {"topics": w}, allow_extrapolation=True).map)
+        if hasattr(model, "conditional_mean"):
+            generated["conditional_mean(topics)"].append(model.conditional_mean({"topics": w}, True).map)
+        rows = np.flatnonzero(meta["id"].isin(ev.find_evidence(info.latents, topics, w, None).matching).to_numpy())
+        real.append(normalise_maps(np.asarray(maps[rows])).mean(0).numpy())
+    print(f"ask in words vs the real mean of the nearest 25 studies ({', '.join(queries)}):")
+    off = ~np.eye(len(queries), dtype=bool)
+    for name, maps_q in generated.items():
+        if not maps_q:
+            continue
+        corr = np.array([[ev.map_correlation(g, r, info.mask) for r in real] for g in maps_q])
+        hits = int((corr.argmax(axis=1) == np.arange(len(queries))).sum())
+        print(
+            f"  {name:28s} r same query {np.diag(corr).mean():.3f} · other queries {corr[off].mean():.3f} · "
+            f"closest to its own query {hits}/{len(queries)}"
+        )
+
+
 def bench_page(run_dir: Path, dataset_dir: Path | None, repeats: int) -> None:
     """Whole reruns of the page after one widget change each (what the user waits for, minus the network)."""
     from streamlit.testing.v1 import AppTest
@@ -143,6 +182,8 @@ def main() -> None:
     parser.add_argument("--no_page", action="store_true", help="skip the AppTest page reruns")
     args = parser.parse_args()
     bench_parts(args.run_dir, args.dataset_dir, args.repeats)
+    if args.dataset_dir is not None:
+        words_effect(args.run_dir, args.dataset_dir)
     if not args.no_page:
         bench_page(args.run_dir, args.dataset_dir, max(args.repeats // 2, 3))
 

@@ -1,21 +1,26 @@
-"""The Counterfactual Machine: explore a trained C-β-VAE decoder by moving latents and conditions.
+"""The Counterfactual Machine: hold a study fixed, change its conditions (in words or with sliders) and see
+what the decoder generates, what changed, and the real studies the prediction stands on.
 
 Run with ``streamlit run app/streamlit_app.py [-- --run_dir RUN --dataset_dir DATA]`` (or the environment
 variables ``CBVAE_RUN_DIR`` / ``CBVAE_DATASET_DIR``); the default run is ``runs/cbvae`` as written by
-``scripts/run_main.sh``. See ``bundle/docs/app.md``.
+``scripts/run_main.sh``. A run folder is code (``decoder.ts`` is TorchScript): open only runs you trust.
+See ``bundle/docs/app.md``.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 import streamlit.components.v1 as components
 
@@ -23,7 +28,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `streamlit run` without an installed package
     sys.path.insert(0, str(REPO_ROOT))
 
-from cbvae_ext import app_logic as al  # noqa: E402
+from cbvae_ext import __version__  # noqa: E402
+from cbvae_ext.app import downloads as dl  # noqa: E402
+from cbvae_ext.app import evidence as ev  # noqa: E402
+from cbvae_ext.app import session as al  # noqa: E402
+from cbvae_ext.app import state as us  # noqa: E402
+from cbvae_ext.app.render import GENERATED_LABEL, SliceRenderer  # noqa: E402
+from cbvae_ext.app.words import MAX_WORDS, TopicVocabulary  # noqa: E402
+from cbvae_ext.errors import CbvaeError  # noqa: E402
 from cbvae_ext.schema import CONTINUOUS_FIELDS, SchemaError  # noqa: E402
 
 __all__: list[str] = []
@@ -31,6 +43,7 @@ __all__: list[str] = []
 logger = logging.getLogger("cbvae.app")
 DEFAULT_CUT = (0.0, -18.0, 18.0)
 UNKNOWN = "unknown (model imputes)"
+N_TOPIC_SLIDERS = 5
 
 
 # ----- cached resources (one per run folder and file version) -------------------------------------
@@ -59,39 +72,113 @@ def load_model(run_dir: str, stamp: float) -> Any:
 
 
 @st.cache_resource(show_spinner="Resampling the MNI152 template…", max_entries=4)
-def load_renderer(run_dir: str, stamp: float) -> al.SliceRenderer:
+def load_renderer(run_dir: str, stamp: float) -> SliceRenderer:
     info = load_info(run_dir, stamp)
-    return al.SliceRenderer(info.affine, info.mask.shape, info.mask)
+    return SliceRenderer(info.affine, info.mask.shape, info.mask)
+
+
+@st.cache_resource(show_spinner="Reading the Harvard-Oxford atlas…", max_entries=4)
+def load_regions(run_dir: str, stamp: float) -> Any:
+    from cbvae_ext.app.regions import RegionLabeller
+
+    info = load_info(run_dir, stamp)
+    try:
+        return RegionLabeller(info.affine, info.mask.shape, info.mask)
+    except (OSError, ValueError) as err:  # no atlas: the "what changed" line says so
+        return str(err)
+
+
+@st.cache_resource(max_entries=4)
+def load_vocabulary(run_dir: str, stamp: float) -> TopicVocabulary | None:
+    schema = load_info(run_dir, stamp).schema
+    return TopicVocabulary(schema.topic_keys, schema.topic_names) if schema.n_topics else None
 
 
 @st.cache_resource(show_spinner="Opening the dataset…", max_entries=2)
 def load_dataset(dataset_dir: str) -> Any:
-    return al.load_dataset_rows(Path(dataset_dir))
+    """``(maps, metadata)`` or None when absent; a damaged dataset is a one-line message (a ``str``)."""
+    try:
+        return al.load_dataset_rows(Path(dataset_dir))
+    except al.DatasetUnreadable as err:
+        return str(err)
 
 
-Query = tuple  # (z, sorted condition items, allow_extrapolation, sorted imputed items): hashable for the caches
+@st.cache_resource(max_entries=4)
+def dataset_topics(run_dir: str, stamp: float, dataset_dir: str) -> np.ndarray | None:
+    """``[N, T]`` topic weights of the run's studies (rows of ``latents.parquet``; NaN: unknown)."""
+    info, data = load_info(run_dir, stamp), load_dataset(dataset_dir)
+    if not isinstance(data, tuple):
+        return None
+    return al.study_topics(info, data[1])
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a map is decoded from; ``key`` (a digest) is what the caches hash, not the arrays."""
+
+    z: tuple[float, ...]
+    conditions: tuple
+    allow: bool
+    imputed: tuple
+    key: str
+
+    def conditions_dict(self, **changes: Any) -> dict[str, Any]:
+        conditions = {k: np.asarray(v) if isinstance(v, tuple) else v for k, v in self.conditions}
+        return {**conditions, **changes}
 
 
 def make_query(z: np.ndarray, conditions: dict[str, Any], allow: bool, imputed: dict[str, float]) -> Query:
-    return (tuple(float(v) for v in z), tuple(sorted(conditions.items())), bool(allow), tuple(sorted(imputed.items())))
+    items = tuple(
+        sorted((k, tuple(np.round(v, 6).tolist()) if isinstance(v, np.ndarray) else v) for k, v in conditions.items())
+    )
+    zt, imp = tuple(np.round(np.asarray(z, np.float64), 6).tolist()), tuple(sorted(imputed.items()))
+    key = hashlib.sha1(repr((zt, items, bool(allow), imp)).encode()).hexdigest()
+    return Query(zt, items, bool(allow), imp, key)
 
 
+# arguments named with a leading underscore are not hashed by Streamlit: the query's digest stands for them
 @st.cache_resource(max_entries=32)
-def decode_cached(run_dir: str, stamp: float, query: Query) -> Any:
-    """``DecodeResult`` of one query; cached so that moving cuts or thresholds does not decode again."""
-    z, conditions, allow, imputed = query
+def decode_cached(run_dir: str, stamp: float, qkey: str, _q: Query, strength: float = 1.0) -> np.ndarray:
+    """The map of one query; with task or topics set, ``base + strength * (full - base)`` where ``base``
+    decodes the same ``z`` and conditions with task and topics unknown (the condition contrast)."""
     model = load_model(run_dir, stamp)
-    return model.decode(np.asarray(z, np.float32), dict(conditions), allow_extrapolation=allow, imputed=dict(imputed))
+    conditions = _q.conditions_dict()
+    if strength == 1.0 or (conditions.get("task") is None and conditions.get("topics") is None):
+        z = np.asarray(_q.z, np.float32)
+        return model.decode(z, conditions, allow_extrapolation=_q.allow, imputed=dict(_q.imputed)).map
+    full, base = decode_pair(run_dir, stamp, qkey, _q)
+    return np.clip(base + strength * (full - base), 0.0, None).astype(np.float32)
 
 
 @st.cache_resource(max_entries=16)
-def sweep_cached(run_dir: str, stamp: float, query: Query, years: tuple[int, ...]) -> list[np.ndarray]:
-    """The query's maps over ``years``, decoded in one batch."""
-    z, conditions, _, imputed = query
-    conds = [{**dict(conditions), "year": float(y)} for y in years]
+def decode_pair(run_dir: str, stamp: float, qkey: str, _q: Query) -> tuple[np.ndarray, np.ndarray]:
+    """``decode(z, c)`` and ``decode(z, c with task and topics unknown)`` in one batch."""
     model = load_model(run_dir, stamp)
-    results = model.decode_many(np.asarray(z, np.float32), conds, allow_extrapolation=True, imputed=dict(imputed))
-    return [r.map for r in results]
+    conds = [_q.conditions_dict(), _q.conditions_dict(task=None, topics=None)]
+    z = np.asarray(_q.z, np.float32)
+    full, base = model.decode_many(z, conds, allow_extrapolation=_q.allow, imputed=dict(_q.imputed))
+    return full.map, base.map
+
+
+@st.cache_resource(max_entries=16)
+def sweep_cached(
+    run_dir: str, stamp: float, qkey: str, _q: Query, name: str, values: tuple[float, ...]
+) -> list[np.ndarray]:
+    """The query's maps over ``values`` of one continuous condition, decoded in one batch."""
+    conds = [_q.conditions_dict(**{name: float(v)}) for v in values]
+    model = load_model(run_dir, stamp)
+    z = np.asarray(_q.z, np.float32)
+    return [r.map for r in model.decode_many(z, conds, allow_extrapolation=True, imputed=dict(_q.imputed))]
+
+
+@st.cache_resource(max_entries=16)
+def conditional_mean_cached(run_dir: str, stamp: float, qkey: str, _q: Query) -> np.ndarray | None:
+    """The model's estimate of the mean map of studies with these conditions (no latent code), or None
+    for a model without it."""
+    model = load_model(run_dir, stamp)
+    if not hasattr(model, "conditional_mean"):
+        return None
+    return model.conditional_mean(_q.conditions_dict(), allow_extrapolation=True).map
 
 
 @st.cache_resource(max_entries=64)
@@ -99,7 +186,7 @@ def study_imputed(run_dir: str, stamp: float, dataset_dir: str, study_id: str) -
     """The imputation head's values for a real study's missing fields (``encode`` of its real map), and a note
     when they cannot be computed (then the model's defaults are used)."""
     data = load_dataset(dataset_dir)
-    if data is None:
+    if not isinstance(data, tuple):
         return {}, None
     maps, meta = data
     rows = np.flatnonzero(meta["id"].to_numpy() == study_id)
@@ -107,21 +194,51 @@ def study_imputed(run_dir: str, stamp: float, dataset_dir: str, study_id: str) -
         return {}, f"study {study_id} is not in the dataset {dataset_dir}"
     try:
         _, _, imputed = load_model(run_dir, stamp).encode(np.asarray(maps[int(rows[0])]), {}, return_imputed=True)
-    except (ValueError, OSError, RuntimeError) as err:
-        return {}, f"per-study imputation unavailable ({err})"
+    except Exception as err:  # noqa: BLE001 - a damaged or hostile model.pt must not take the page down
+        return {}, f"per-study imputation unavailable: {al.one_line(err)} (model.pt); the model's defaults are used"
     return imputed, None
 
 
+@st.cache_resource(max_entries=16)
+def real_map(dataset_dir: str, study_id: str) -> np.ndarray | None:
+    """A study's real MA map scaled to its peak (the model's input scaling), or None."""
+    from cbvae_ext.data import normalise_maps
+
+    data = load_dataset(dataset_dir)
+    if not isinstance(data, tuple):
+        return None
+    maps, meta = data
+    rows = np.flatnonzero(meta["id"].to_numpy() == study_id)
+    return normalise_maps(np.asarray(maps[int(rows[0])])[None])[0].numpy() if rows.size else None
+
+
+@st.cache_resource(max_entries=16)
+def mean_real_map(dataset_dir: str, ids: tuple[str, ...]) -> np.ndarray | None:
+    """Mean of the studies' real maps, each scaled to its peak first."""
+    from cbvae_ext.data import normalise_maps
+
+    data = load_dataset(dataset_dir)
+    if not isinstance(data, tuple) or not ids:
+        return None
+    maps, meta = data
+    rows = np.flatnonzero(meta["id"].isin(ids).to_numpy())
+    if not rows.size:
+        return None
+    return normalise_maps(np.asarray(maps[np.sort(rows)])).mean(dim=0).numpy()
+
+
 @st.cache_resource(max_entries=8)
-def viewer_html(run_dir: str, stamp: float, query: Query, threshold: float, vmax: float, cut: tuple) -> str:
+def viewer_html(
+    run_dir: str, stamp: float, qkey: str, _q: Query, strength: float, threshold: float, vmax: float, cut: tuple
+) -> str:
     """nilearn's brainsprite viewer of the map, standalone HTML (its scripts are inline: works offline)."""
     from nilearn.plotting import view_img
 
-    img = decode_cached(run_dir, stamp, query).to_nifti()
+    img = dl.generated_nifti(decode_cached(run_dir, stamp, qkey, _q, strength), load_info(run_dir, stamp).affine)
     bg = load_renderer(run_dir, stamp).template_img  # already on the map grid: no 1 mm resampling
     doc = view_img(
         img, bg_img=bg, threshold=threshold, vmax=vmax, symmetric_cmap=False, cmap="hot",
-        cut_coords=cut, black_bg=False, resampling_interpolation="nearest", title="Generated map",
+        cut_coords=cut, black_bg=False, resampling_interpolation="nearest", title=GENERATED_LABEL,
     )  # fmt: skip
     return doc.get_standalone()
 
@@ -153,25 +270,70 @@ def apply_start(
             state[f"{name}_unknown"] = value is None
             fallback = imputed.get(name, info.imputed_defaults[name])
             state[f"{name}_value"] = al.slider_value(info.schema, name, fallback if value is None else value)
+        set_topics(info, start.conditions.get("topics"))
 
 
-def read_query_params(info: al.RunInfo) -> dict[str, Any]:
-    """Initial state from the URL (``?study=ID`` or ``?seed=N``, ``&task=NAME&year=YYYY``), once per session,
-    so that a view can be shared or reproduced (the documentation screenshot is made this way)."""
-    params, state = st.query_params, st.session_state
-    if "study" in params and params["study"] in set(info.latents["id"]):
-        state["study"] = params["study"]
-    elif "seed" in params and params["seed"].isdigit():
-        state["mode"], state["seed"] = "Prior sample", int(params["seed"])
-    overrides: dict[str, Any] = {}
-    if params.get("task") in info.schema.categories:
-        overrides["task"] = params["task"]
-    try:
-        overrides["year_value"] = al.slider_value(info.schema, "year", float(params["year"]))
-        overrides["year_unknown"] = False
-    except (KeyError, ValueError):
-        pass
-    return overrides
+def set_topics(info: al.RunInfo, weights: np.ndarray | None) -> None:
+    """Topic widgets on a mixture (None: topics unknown): the heaviest topics get the sliders, the others a
+    folded table; a new table key makes the table show the new weights."""
+    state = st.session_state
+    n = info.schema.n_topics
+    w = np.zeros(n) if weights is None else np.round(np.asarray(weights, dtype=np.float64), 2)
+    state["topics_known"] = weights is not None
+    state["_topic_w"] = w.tolist()
+    state["_topic_order"] = [int(t) for t in np.argsort(-w, kind="stable")]
+    state["_topic_version"] = state.get("_topic_version", 0) + 1
+    for t in state["_topic_order"][:N_TOPIC_SLIDERS]:
+        state[f"topic_{t}"] = float(w[t])
+
+
+def url_overrides(info: al.RunInfo, url: us.UrlState) -> dict[str, Any]:
+    """Widget values a shared link asks for (applied after the starting point)."""
+    out: dict[str, Any] = {}
+    if url.task is not None:
+        out["task"] = UNKNOWN if url.task == "unknown" else url.task
+    for name, value in url.values.items():
+        out[f"{name}_unknown"] = value is None
+        if value is not None:
+            out[f"{name}_value"] = al.slider_value(info.schema, name, value)
+    if url.z is not None:
+        out.update({f"z{d}": float(np.clip(v, *al.LATENT_RANGE)) for d, v in enumerate(url.z)})
+    if url.strength is not None:
+        out["strength"] = float(url.strength)
+    if url.sweep is not None:
+        out["sweep"] = url.sweep
+    if url.query is not None:
+        out["words"] = url.query
+    if url.topics is not None:  # edited weights win over the words they came from
+        weights = np.zeros(info.schema.n_topics)
+        for t, w in url.topics.items():
+            weights[t] = w
+        out["_url_topics"] = weights if url.topics else None
+        out["_words_applied"] = url.query if url.query is not None else ""
+    return out
+
+
+def read_url(info: al.RunInfo) -> tuple[dict[str, Any], us.UrlState]:
+    """Initial state from the URL, once per session: starting point now, widget values after it."""
+    params = {k: st.query_params[k] for k in st.query_params}
+    fields = {name: al.slider_spec(info.schema, name)[:2] for name in CONTINUOUS_FIELDS}
+    url, notes = us.parse_state(
+        params,
+        study_ids=set(info.latents["id"]),
+        categories=info.schema.categories,
+        fields=fields,
+        latent_size=info.latent_size,
+        n_topics=info.schema.n_topics,
+    )
+    if url.run is not None and url.run != info.run_dir.name:
+        notes.append(f"this link was made on the run `{al.md_escape(url.run)}`; it is shown on `{info.run_dir.name}`")
+    st.session_state["_url_notes"] = notes
+    state = st.session_state
+    if url.study is not None:
+        state["study"] = url.study
+    elif url.seed is not None or url.z is not None:
+        state["mode"], state["seed"] = "Prior sample", int(url.seed or 0)
+    return url_overrides(info, url), url
 
 
 def set_cut(cut: tuple[float, float, float]) -> None:
@@ -187,7 +349,7 @@ def pick_start(info: al.RunInfo, dataset: Any) -> al.StartPoint:
     side.header("Starting point")
     mode = side.radio("Start from", ["Real study", "Prior sample"], key="mode", horizontal=True)
     if mode == "Real study":
-        query = side.text_input("Search title", key="query")
+        query = side.text_input("Search title", key="query", max_chars=200)
         category = side.selectbox("Task category", ["any", *info.schema.categories], key="filter_category")
         split = side.selectbox("Split", ["any", "train", "val", "test"], key="filter_split")
         table = al.filter_studies(
@@ -198,10 +360,13 @@ def pick_start(info: al.RunInfo, dataset: Any) -> al.StartPoint:
                 row.id: f"{row.title or '(untitled)'} · {row.year if row.year == row.year else '?'}"
                 for row in table.itertuples()
             }
+            if st.session_state.get("study") not in labels:
+                st.session_state.pop("study", None)
             study = side.selectbox(f"Study ({len(table)} shown)", list(labels), format_func=labels.get, key="study")
-            return al.study_start(info, study, None if dataset is None else dataset[1])
+            return al.study_start(info, study, dataset[1] if isinstance(dataset, tuple) else None)
         side.info("No study matches these filters; starting from a prior draw instead.")
-    seed = side.number_input("Prior seed", min_value=0, max_value=2**31 - 1, value=0, step=1, key="seed")
+    st.session_state.setdefault("seed", 0)
+    seed = side.number_input("Prior seed", min_value=0, max_value=2**31 - 1, step=1, key="seed")
     return al.prior_start(info, int(seed))
 
 
@@ -215,12 +380,70 @@ def latent_sliders(info: al.RunInfo, start: al.StartPoint, imputed: dict[str, fl
     b2.button(
         "Reset conditions", on_click=apply_start, args=(info, start, imputed, False, True), key="reset_conditions"
     )
-    z = start.z.copy()
+    z = np.array([st.session_state.get(f"z{d}", start.z[d]) for d in range(n_max)], dtype=np.float32)
     for d in info.kl_order[:n]:
         key = f"z{d}"
         st.session_state.setdefault(key, float(start.z[d]))
         z[d] = side.slider(f"z{d} · KL {info.latent_kl[d]:.2f}", *al.LATENT_RANGE, step=0.05, key=key)
     return z
+
+
+def ask_in_words(info: al.RunInfo, vocab: Any) -> tuple[np.ndarray | None, str]:
+    """The text box, the matched topics and the topic sliders; returns the topic condition and the text."""
+    st.subheader("Ask in words")
+    if vocab is None:
+        st.info("This run was trained without topic conditioning (no Neurosynth topics in its schema).")
+        return None, ""
+    state = st.session_state
+    text = st.text_input(
+        "Terms (e.g. working memory, pain, faces)", key="words", max_chars=us.MAX_QUERY_CHARS,
+        help="Words are matched to the key words of Neurosynth's 50 LDA topics; see bundle/docs/app.md.",
+    )  # fmt: skip
+    match = vocab.match(text)
+    if text != state.get("_words_applied"):
+        state["_words_applied"] = text
+        if not match.empty:
+            set_topics(info, match.weights)
+    if not text.strip():
+        st.caption("Type terms to set the topic mixture from words, or move the topic sliders.")
+    elif match.empty:
+        st.warning("No topic matched these words; the topics are unchanged.", icon="⚠️")
+    else:
+        found = "; ".join(f"{al.md_escape(term)} → {len(ts)} topic{'s' * (len(ts) != 1)}" for term, ts in match.matched)
+        st.caption(f"Matched: {found}")
+    if match.ignored:
+        shown = ", ".join(f"{al.md_escape(w)} ({why})" for w, why in match.ignored[:12])
+        more = f" and {len(match.ignored) - 12} more" if len(match.ignored) > 12 else ""
+        st.caption(f"Ignored: {shown}{more}")
+    if match.truncated:
+        st.caption(f"Only the first {MAX_WORDS} words were read ({match.truncated} more ignored).")
+    known = st.checkbox("Condition on topics", key="topics_known", help="unticked: topics unknown (the model imputes)")
+    n = info.schema.n_topics
+    weights = np.asarray(state.get("_topic_w") or np.zeros(n), dtype=np.float64).copy()
+    order = state.get("_topic_order") or list(range(n))
+    for col, t in zip(st.columns(N_TOPIC_SLIDERS), order[:N_TOPIC_SLIDERS], strict=False):
+        state.setdefault(f"topic_{t}", float(weights[t]))
+        label = f"{t}: {vocab.label(t, 3)}"
+        weights[t] = col.slider(label, 0.0, 1.0, step=0.01, key=f"topic_{t}", disabled=not known)
+    rest = order[N_TOPIC_SLIDERS:]
+    with st.expander(f"Other topics ({len(rest)})"):
+        # one table instead of 45 sliders: every widget costs milliseconds on each rerun
+        base = pd.DataFrame({"topic": rest, "key words": [vocab.label(t, 6) for t in rest], "weight": weights[rest]})
+        table = st.data_editor(
+            base, key=f"topic_table_{state.get('_topic_version', 0)}", hide_index=True, disabled=["topic", "key words"],
+            column_config={"weight": st.column_config.NumberColumn(min_value=0.0, max_value=1.0, step=0.01)},
+        )  # fmt: skip
+        if not known:
+            st.caption("Tick *Condition on topics* for these weights to count.")
+    edited = pd.to_numeric(table["weight"], errors="coerce").fillna(0.0).clip(0.0, 1.0).to_numpy()
+    weights[rest] = edited
+    state["_topic_w"] = weights.tolist()
+    if not known:
+        return None, text
+    if weights.sum() <= 0:
+        st.warning("All topic weights are 0: topics are treated as unknown.", icon="⚠️")
+        return None, text
+    return weights, text
 
 
 def condition_widgets(info: al.RunInfo, imputed: dict[str, float]) -> tuple[dict[str, Any], list[str]]:
@@ -233,7 +456,7 @@ def condition_widgets(info: al.RunInfo, imputed: dict[str, float]) -> tuple[dict
     for col, name in zip(cols[1:], CONTINUOUS_FIELDS, strict=True):
         lo, hi, step = al.slider_spec(info.schema, name)
         unknown = col.checkbox("unknown", key=f"{name}_unknown", help="let the model impute this field")
-        value = col.slider(al.FIELD_LABELS[name], lo, hi, step=step, key=f"{name}_value", disabled=unknown)
+        value = col.slider(al.field_label(name), lo, hi, step=step, key=f"{name}_value", disabled=unknown)
         conditions[name] = None if unknown else float(value)
         if unknown:
             if name in imputed:
@@ -250,7 +473,7 @@ def condition_widgets(info: al.RunInfo, imputed: dict[str, float]) -> tuple[dict
     return conditions, notes
 
 
-def view_controls(renderer: al.SliceRenderer) -> tuple[tuple[float, float, float], float]:
+def view_controls(renderer: SliceRenderer) -> tuple[tuple[float, float, float], float]:
     bounds = renderer.bounds_mm()
     cols = st.columns(5)
     cut = []
@@ -263,7 +486,147 @@ def view_controls(renderer: al.SliceRenderer) -> tuple[tuple[float, float, float
     return (cut[0], cut[1], cut[2]), threshold
 
 
+def difference_view(
+    info: al.RunInfo, renderer: SliceRenderer, regions: Any, current: np.ndarray, others: dict[str, np.ndarray],
+    cut: tuple, threshold: float,
+) -> None:  # fmt: skip
+    """The difference to a reference, scaled against the map's own range unless asked otherwise."""
+    st.subheader("Counterfactual difference")
+    c1, c2 = st.columns([3, 2])
+    against = c1.radio("Compare the generated map with", list(others), key="compare", horizontal=True)
+    stretch = c2.checkbox("Stretch colours to the difference's own extremes", key="stretch")
+    diff = current - others[against]
+    peak = max(float(current[info.mask].max()) if info.mask.any() else 0.0, 1e-6)
+    largest = float(np.abs(diff[info.mask]).max()) if info.mask.any() else 0.0
+    span = max(largest, 1e-9) if stretch else peak
+    left, right = st.columns([3, 2])
+    left.image(
+        renderer.ortho(
+            diff, cut, cmap="RdBu_r", vmin=-span, vmax=span, threshold=threshold * span, title=GENERATED_LABEL
+        ),
+        caption="Generated difference (red: more than the reference) · colour scale "
+        + ("stretched to the difference" if stretch else "± the generated map's peak"),
+    )
+    right.image(
+        renderer.glass_brain(diff, cmap="RdBu_r", vmin=-span, vmax=span, threshold=threshold * span),
+        caption="Glass brain of the difference (largest change along each axis)",
+    )
+    st.markdown(
+        f"**Largest change: {largest:.2g}** = {100 * largest / peak:.1f} % of the generated map's peak ({peak:.2g})"
+        + (" · identical to the reference" if largest <= 1e-6 else "")
+    )
+    if isinstance(regions, str):
+        st.caption(f"What changed: no atlas ({regions})")
+    elif largest > 1e-6:
+        gained, lost = regions.summary(diff, n=3, floor=0.05 * largest)
+        fmt = lambda cs: ", ".join(f"{c.name} ({c.mean_change:+.2g})" for c in cs) or "none"  # noqa: E731
+        st.caption(
+            f"What changed (Harvard-Oxford cortical regions, mean change): gained {fmt(gained)}; lost {fmt(lost)}"
+        )
+
+
+def evidence_view(
+    info: al.RunInfo, renderer: SliceRenderer, dataset_dir: str | None, topics: np.ndarray | None,
+    query: Query, current: np.ndarray, cut: tuple, threshold: float, key: str, stamp: float,
+) -> None:  # fmt: skip
+    """The real studies the conditions stand on and their mean map beside the generated one."""
+    st.subheader("Evidence: real studies for these conditions")
+    if dataset_dir is None:
+        st.info("Pass `--dataset_dir DATA` (or `CBVAE_DATASET_DIR`) to see the real studies behind a prediction.")
+        return
+    study_topics = dataset_topics(key, stamp, dataset_dir)
+    found = ev.find_evidence(info.latents, study_topics, topics, query.conditions_dict().get("task"))
+    if found is None:
+        st.info("Set a task category or topics to see the real studies that match them.")
+        return
+    st.caption(f"Chosen by: {found.rule}.")
+    cols = st.columns(2)
+    listed = []
+    for col, name, table in (
+        (cols[0], "Held-out studies", found.held_out),
+        (cols[1], "Training studies", found.training),
+    ):
+        col.markdown(f"**{name}** ({len(table)})")
+        if len(table):
+            col.dataframe(table, hide_index=True, width="stretch")
+            listed += table["id"].tolist()
+    if not listed:
+        st.info("No study of the dataset matches these conditions.")
+        return
+    titles = info.latents.set_index("id")["title"].to_dict()
+    pick = st.selectbox(
+        "Show the real map of", ["(none)", *listed], key="evidence_study",
+        format_func=lambda i: i if i == "(none)" else f"{str(titles.get(i) or '(untitled)')[:90]} ({i})",
+    )  # fmt: skip
+    if pick != "(none)":
+        chosen = real_map(dataset_dir, pick)
+        if chosen is not None:
+            st.image(renderer.ortho(chosen, cut, vmax=1.0, threshold=threshold), caption=f"Real map of {pick} (data)")
+    mean = mean_real_map(dataset_dir, tuple(found.matching))
+    if mean is None:
+        return
+    r = ev.map_correlation(current, mean, info.mask)
+    cond_mean = conditional_mean_cached(key, stamp, query.key, query)
+    cols = st.columns(3 if cond_mean is not None else 2)
+    low, top = al.value_range([current], info.mask)
+    cols[0].image(
+        renderer.ortho(
+            current, cut, vmin=low, vmax=top, threshold=low + threshold * (top - low), title=GENERATED_LABEL
+        ),
+        caption=f"Generated map · r = {r:.2f} with the real mean",
+    )
+    if cond_mean is not None:
+        lo_c, hi_c = al.value_range([cond_mean], info.mask)
+        r_c = ev.map_correlation(cond_mean, mean, info.mask)
+        cols[1].image(
+            renderer.ortho(cond_mean, cut, vmin=lo_c, vmax=hi_c, threshold=lo_c + threshold * (hi_c - lo_c),
+                           title=GENERATED_LABEL),
+            caption=f"Model's conditional mean (conditions alone, no z) · r = {r_c:.2f} with the real mean",
+        )  # fmt: skip
+    cols[-1].image(
+        renderer.ortho(mean, cut, vmax=float(mean.max()) or 1.0, threshold=threshold * float(mean.max())),
+        caption=f"Mean real map of the {len(found.matching)} matching studies (data)",
+    )
+    st.markdown(f"**Correlation of the generated map with the mean real map: r = {r:.2f}** (inside the brain mask)")
+
+
+def sweep_view(
+    info: al.RunInfo, renderer: SliceRenderer, query: Query, z: np.ndarray, conditions: dict[str, Any],
+    start: al.StartPoint, cut: tuple, threshold: float, key: str, stamp: float,
+) -> float:  # fmt: skip
+    """Maps over one continuous condition, with a 4D NIfTI + JSON download; returns the decode time (ms)."""
+    st.subheader("Sweep")
+    name = st.selectbox("Sweep over", list(CONTINUOUS_FIELDS), format_func=al.field_label, key="sweep")
+    values = al.sweep_values(info.schema, name)
+    t0 = time.perf_counter()
+    maps = sweep_cached(key, stamp, query.key, query, name, tuple(values))
+    decode_ms = (time.perf_counter() - t0) * 1000
+    lo, hi = al.value_range(maps, info.mask)
+    tiles = [renderer.axial(m, cut[2], vmin=lo, vmax=hi, threshold=lo + threshold * (hi - lo)) for m in maps]
+    st.image(tiles, caption=[f"{v:g}" for v in values], width=150)
+    st.caption(
+        f"Generated maps: current latents and conditions, {al.field_label(name).lower()} varied; axial cut "
+        f"z={cut[2]:.0f} mm, shared colour scale."
+    )
+    common = {"run_dir": str(info.run_dir), "export_id": info.export_id, "field": name, "values": values}
+    c1, c2 = st.columns(2)
+    c1.download_button(
+        f"Download the sweep (4D NIfTI, {len(values)} volumes)",
+        data=lambda: dl.nifti_bytes(dl.generated_nifti(np.stack(maps), info.affine, intent=f"sweep {name}")),
+        file_name=f"generated_sweep_{name}.nii.gz", mime="application/gzip", key="download_sweep",
+    )  # fmt: skip
+    c2.download_button(
+        "Download its JSON sidecar",
+        data=lambda: dl.sweep_sidecar(
+            **common, conditions=conditions, z=z, start=start.key, version=__version__
+        ),
+        file_name=f"generated_sweep_{name}.json", mime="application/json", key="download_sidecar",
+    )  # fmt: skip
+    return decode_ms
+
+
 def main() -> None:
+    t_start = time.perf_counter()
     st.set_page_config(page_title="Counterfactual Machine", layout="wide")
     st.title("Counterfactual Machine")
     run_dir, dataset_dir = al.resolve_paths(sys.argv[1:], os.environ, REPO_ROOT)
@@ -280,109 +643,132 @@ def main() -> None:
     except SchemaError as err:
         st.error(f"The decoder in `{run_dir}` does not match this app: {err}")
         return
-    except (OSError, RuntimeError, ValueError, KeyError) as err:
-        st.error(f"Could not load the run `{run_dir}`: {type(err).__name__}: {err}")
+    except (CbvaeError, OSError, RuntimeError, ValueError, KeyError) as err:
+        st.error(f"Could not load the run `{run_dir}`: {type(err).__name__}: {al.one_line(err, 300)}")
         return
     dataset_dir = dataset_dir or info.dataset_dir
     dataset = load_dataset(str(dataset_dir)) if dataset_dir else None
+    if isinstance(dataset, str):
+        st.warning(f"Going on without the dataset: {dataset}", icon="⚠️")
+        dataset = None
+    data_key = str(dataset_dir) if dataset is not None else None
     st.caption(
-        f"Run `{run_dir}` · model `{info.model_kind}` · {info.latent_size} latents · "
-        f"{len(info.latents)} studies · dataset: {f'`{dataset_dir}`' if dataset is not None else 'not available'}"
+        f"Loaded run `{run_dir}` · {info.export_id} · model `{info.model_kind}` · {info.latent_size} latents · "
+        f"{len(info.latents)} studies · dataset: {f'`{dataset_dir}`' if dataset is not None else 'not available'} · "
+        "a run folder is code: open only runs you trust"
     )
 
-    overrides = read_query_params(info) if "_start_key" not in st.session_state else {}
+    first_run = "_start_key" not in st.session_state
+    overrides, _ = read_url(info) if first_run else ({}, None)
+    for note in st.session_state.get("_url_notes", []):
+        st.warning(note, icon="⚠️")
     start = pick_start(info, dataset)
     imputed: dict[str, float] = {}
-    if dataset is not None and not start.key.startswith("prior:"):
-        imputed, note = study_imputed(key, stamp, str(dataset_dir), start.key)
+    if data_key is not None and not start.key.startswith("prior:"):
+        imputed, note = study_imputed(key, stamp, data_key, start.key)
         if note:
             st.sidebar.caption(note)
+    if info.schema.n_topics:  # the study's own topic mixture (None: unknown, or no dataset to read it from)
+        study_topics = dataset_topics(key, stamp, data_key) if data_key is not None else None
+        start.conditions["topics"] = al.start_topics(info, study_topics, start.key)
     if st.session_state.get("_start_key") != start.key:
         apply_start(info, start, imputed)
         st.session_state.update(overrides)
+        if "_url_topics" in overrides:
+            set_topics(info, st.session_state.pop("_url_topics"))
         st.session_state["_start_key"] = start.key
     z = latent_sliders(info, start, imputed)
+
+    topics, words = ask_in_words(info, load_vocabulary(key, stamp))
     conditions, notes = condition_widgets(info, imputed)
+    if info.schema.n_topics:
+        conditions["topics"] = topics
+    has_contrast = conditions.get("task") is not None or topics is not None
+    st.session_state.setdefault("strength", 1.0)
+    strength = st.slider(
+        "Condition strength (scales the task and topic contrast: 0 = unknown, 1 = as given)",
+        *us.STRENGTH_RANGE, step=0.1, key="strength", disabled=not has_contrast,
+    )  # fmt: skip
+    strength = float(strength) if has_contrast else 1.0
     cut, threshold = view_controls(renderer)
 
     allow = bool(notes)
     query = make_query(z, conditions, allow, imputed)
     t0 = time.perf_counter()
     try:
-        result = decode_cached(key, stamp, query)
-        reference = decode_cached(key, stamp, make_query(start.z, start.conditions, True, imputed)).map
+        current = decode_cached(key, stamp, query.key, query, strength)
+        ref = make_query(start.z, start.conditions, True, imputed)
+        reference = decode_cached(key, stamp, ref.key, ref)
+        others = {"the starting point": reference}
+        if has_contrast:
+            others["task & topics unknown"] = decode_pair(key, stamp, query.key, query)[1]
     except SchemaError as err:
         st.error(f"These conditions are not valid for this decoder: {err}")
         return
     decode_ms = (time.perf_counter() - t0) * 1000
-    current = result.map
     st.session_state["_peak"] = renderer.peak_mm(current)
 
-    t0 = time.perf_counter()
     low, top = al.value_range([current], info.mask)
     level = low + threshold * (top - low)
     st.subheader("Generated map")
-    left, right = st.columns(2)
-    left.image(renderer.ortho(current, cut, vmin=low, vmax=top, threshold=level), caption=f"Generated · {start.label}")
-    real = None
-    if dataset is not None:
-        maps, meta = dataset
-        rows = np.flatnonzero(meta["id"].to_numpy() == start.key)
-        if rows.size and tuple(maps.shape[1:]) == info.mask.shape:
-            real = np.asarray(maps[int(rows[0])], dtype=np.float32)
-            real = real / max(float(real.max()), 1e-12)
+    st.caption(f"{GENERATED_LABEL} · start: {al.md_escape(start.label)}")
+    left, right = st.columns([3, 2])
+    left.image(
+        renderer.ortho(current, cut, vmin=low, vmax=top, threshold=level, title=GENERATED_LABEL),
+        caption="Generated · orthogonal slices on the 2 mm MNI152 template",
+    )
+    right.image(
+        renderer.glass_brain(current, vmin=low, vmax=top, threshold=level, title=GENERATED_LABEL),
+        caption="Generated · glass brain (maximum-intensity projections)",
+    )
+    real = real_map(data_key, start.key) if data_key is not None and not start.key.startswith("prior:") else None
     if real is not None:
-        right.image(
+        st.image(
             renderer.ortho(real, cut, vmax=1.0, threshold=threshold),
-            caption="Real map of the study (MA, scaled to its peak)",
+            caption="Real map of the starting study (data: MA map, scaled to its peak)",
         )
     elif start.key.startswith("prior:"):
-        right.info("A prior draw has no real map.")
+        st.info("A prior draw has no real map.")
     else:
-        right.info("Real map not shown: pass `--dataset_dir DATA` (or `CBVAE_DATASET_DIR`) to see the study's own map.")
+        st.info("Real map not shown: pass `--dataset_dir DATA` (or `CBVAE_DATASET_DIR`) to see the study's own map.")
 
-    st.subheader("Counterfactual difference")
-    diff = current - reference
-    span = max(float(np.abs(diff[info.mask]).max()) if info.mask.any() else 0.0, 1e-6)
-    st.image(
-        renderer.ortho(diff, cut, cmap="RdBu_r", vmin=-span, vmax=span, threshold=threshold * span),
-        caption="current − starting point (red: more activation than at the start)"
-        + (" · identical to the starting point" if span <= 1e-6 else ""),
-    )
-    render_ms = (time.perf_counter() - t0) * 1000
-
-    st.subheader("Year sweep")
-    years = al.sweep_years(info.schema)
-    t0 = time.perf_counter()
-    sweep = sweep_cached(key, stamp, query, tuple(years))
-    sweep_decode_ms = (time.perf_counter() - t0) * 1000
-    t0 = time.perf_counter()
-    lo, hi = al.value_range(sweep, info.mask)
-    tiles = [renderer.axial(m, cut[2], vmin=lo, vmax=hi, threshold=lo + threshold * (hi - lo)) for m in sweep]
-    st.image(tiles, caption=[f"{y}" for y in years], width=140)
-    st.caption(
-        f"Current latents and task, year varied over the training range; axial cut z={cut[2]:.0f} mm, shared colour scale."
-    )
-    render_ms += (time.perf_counter() - t0) * 1000
+    difference_view(info, renderer, load_regions(key, stamp), current, others, cut, threshold)
+    evidence_view(info, renderer, data_key, topics, query, current, cut, threshold, key, stamp)
+    sweep_ms = sweep_view(info, renderer, query, z, conditions, start, cut, threshold, key, stamp)
 
     st.download_button(
-        "Download the current map (NIfTI)",
-        data=lambda: al.nifti_bytes(result.to_nifti()),
-        file_name="counterfactual.nii.gz",
-        mime="application/gzip",
-        key="download",
-    )
-    st.caption(
-        f"decode {decode_ms:.0f} ms · year sweep decode {sweep_decode_ms:.0f} ms · render {render_ms:.0f} ms"
-        + (" · extrapolating" if allow else "")
-    )
+        "Download the generated map (NIfTI)",
+        data=lambda: dl.nifti_bytes(dl.generated_nifti(current, info.affine, intent="generated")),
+        file_name="generated_counterfactual.nii.gz", mime="application/gzip", key="download",
+    )  # fmt: skip
     if st.toggle("Interactive viewer (nilearn view_img, ~0.5 s per map)", key="viewer"):
-        html = viewer_html(key, stamp, query, level, top, cut)
+        html = viewer_html(key, stamp, query.key, query, strength, level, top, cut)
         # st.iframe replaces components.v1.html in recent Streamlit; both embed brainsprite's inline scripts
         if hasattr(st, "iframe"):
             st.iframe(html, height=460)
         else:
             components.html(html, height=460)
+
+    moved = not np.allclose(z, start.z, atol=1e-6)
+    params = us.state_params(
+        run=info.run_dir.name,
+        study=None if start.key.startswith("prior:") else start.key,
+        seed=int(start.key.split(":")[1]) if start.key.startswith("prior:") else None,
+        z=z if moved else None,
+        conditions=conditions,
+        query=words,
+        topics=None if topics is None else {t: float(w) for t, w in enumerate(topics)},
+        strength=strength,
+        sweep=st.session_state.get("sweep", "year"),
+    )
+    if not info.schema.n_topics:
+        params.pop("topics", None)
+    st.query_params.from_dict(params)
+    total_ms = (time.perf_counter() - t_start) * 1000
+    st.caption(
+        f"this interaction: {total_ms:.0f} ms · decode {decode_ms:.0f} ms · sweep decode {sweep_ms:.0f} ms"
+        + (" · extrapolating" if allow else "")
+    )
 
 
 def run() -> None:
@@ -391,7 +777,7 @@ def run() -> None:
         main()
     except Exception as err:  # noqa: BLE001 - the page must stay usable; the traceback goes to the log
         logger.exception("app error")
-        st.error(f"error: {type(err).__name__}: {err}")
+        st.error(f"error: {type(err).__name__}: {al.one_line(err, 300)}")
 
 
 run()

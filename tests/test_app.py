@@ -1,8 +1,10 @@
-"""The Counterfactual Machine app: its logic (paths, ranges, rendering) and the page itself via AppTest."""
+"""The Counterfactual Machine: its logic (paths, ranges, words, URL state, evidence, regions, rendering,
+downloads) and the page itself through Streamlit's AppTest on a tiny run trained by the bundle."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -11,10 +13,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cbvae_ext import app_logic as al
+from cbvae_ext.app import downloads as dl
+from cbvae_ext.app import evidence as ev
+from cbvae_ext.app import session as al
+from cbvae_ext.app import state as us
+from cbvae_ext.app.regions import RegionLabeller
+from cbvae_ext.app.render import SliceRenderer
+from cbvae_ext.app.words import MAX_WORDS, TopicVocabulary
 from cbvae_ext.schema import MetadataSchema, SchemaError
 
-APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "app" / "streamlit_app.py"
+MNI4 = np.array([[-4.0, 0, 0, 90], [0, 4, 0, -126], [0, 0, 4, -72], [0, 0, 0, 1]])
+SHAPE4 = (46, 55, 46)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +38,7 @@ def _schema() -> MetadataSchema:
     return MetadataSchema.fit(["other", "working_memory"], {"year": np.array([2000.0, 2004.0, 2012.0])})
 
 
-# ----- logic ----------------------------------------------------------------------------------------
+# ----- session logic ----------------------------------------------------------------------------------
 
 
 def test_resolve_paths_order_cli_env_default(tmp_path: Path) -> None:
@@ -49,7 +60,16 @@ def test_slider_ranges_and_extrapolation_flags() -> None:
     assert "never observed" in al.extrapolation_note(schema, "fwhm", 8.0)
     assert al.slider_spec(schema, "fwhm") == (0.0, 20.0, 0.5)
     assert al.slider_value(schema, "fwhm", 7.3) == 7.5 and al.slider_value(schema, "year", 1950) == 1990
-    assert al.sweep_years(schema) == [2000, 2002, 2005, 2007, 2010, 2012]
+    assert al.sweep_values(schema, "year") == [2000, 2002, 2005, 2007, 2010, 2012]
+    assert al.sweep_values(schema, "fwhm", 5) == [0.0, 5.0, 10.0, 15.0, 20.0]  # unobserved: the slider range
+    assert al.field_label("fwhm") == "Smoothing FWHM (mm)"  # declared once, in the schema
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), float("1e400")])
+def test_slider_value_refuses_non_finite_values(value: float) -> None:
+    # ?year=inf used to raise OverflowError inside round() and kill the session
+    with pytest.raises(SchemaError, match="year must be a finite number"):
+        al.slider_value(_schema(), "year", value)
 
 
 def test_filter_studies_and_study_start(tmp_path: Path) -> None:
@@ -81,12 +101,8 @@ def test_filter_studies_and_study_start(tmp_path: Path) -> None:
     )
     start = al.study_start(info, "a")
     assert start.conditions == {
-        "task": "working_memory",
-        "year": 2003.0,
-        "sample_size": None,
-        "field_strength": None,
-        "fwhm": None,
-    }
+        "task": "working_memory", "year": 2003.0, "sample_size": None, "field_strength": None, "fwhm": None,
+    }  # fmt: skip
     np.testing.assert_allclose(start.z, [0.5, -6.0])  # clipped into the slider range
     missing = al.study_start(info, "b")
     assert missing.conditions["task"] is None and missing.conditions["year"] is None
@@ -98,27 +114,19 @@ def test_filter_studies_and_study_start(tmp_path: Path) -> None:
     prior = al.prior_start(info, 3)
     np.testing.assert_allclose(prior.z, al.prior_start(info, 3).z)
     assert prior.key == "prior:3" and all(v is None for v in prior.conditions.values())
-
-
-def test_renderer_puts_a_blob_where_mni_says() -> None:
-    # 4 mm grid with the x axis flipped (as in FSL's templates): rendering must still be RAS/neurological
-    affine = np.array([[-4.0, 0, 0, 90], [0, 4, 0, -126], [0, 0, 4, -72], [0, 0, 0, 1]])
-    shape = (46, 55, 46)
-    renderer = al.SliceRenderer(affine, shape, panel_px=110)
-    volume = np.zeros(shape, np.float32)
-    ijk = np.rint(np.linalg.solve(affine, [42.0, 18.0, 32.0, 1.0])[:3]).astype(int)
-    volume[tuple(ijk)] = 1.0  # a right, anterior, superior voxel
-    assert renderer.peak_mm(volume) == (42.0, 18.0, 32.0)
-    tile = renderer.axial(volume, 32.0, cmap="autumn", vmax=1.0, threshold=0.5)  # yellow: no blue
-    assert tile.shape == (55 * 2, 46 * 2, 3)
-    hot = np.argwhere((tile[..., 0] > 200) & (tile[..., 2] < 50))
-    assert len(hot) == 4  # one voxel, upsampled 2x2
-    row, col = hot.mean(axis=0)
-    assert col > tile.shape[1] / 2  # right hemisphere on the right
-    assert row < tile.shape[0] / 2  # anterior at the top
-    ortho = renderer.ortho(volume, (42.0, 18.0, 32.0), vmax=1.0, threshold=0.5)
-    assert ortho.dtype == np.uint8 and ortho.shape[0] > 100
-    assert renderer.bounds_mm()[0] == (-90.0, 90.0)
+    # topic rows follow latents.parquet's order; unobserved rows are NaN
+    info.schema.topic_names, info.schema.topic_keys = ["t0", "t1"], ["a b", "c d"]
+    meta = pd.DataFrame(
+        {"id": ["c", "a", "b"], "topic_00": [0.2, 0.9, 0.0], "topic_01": [0.8, 0.1, 0.0],
+         "topics_observed": [True, True, False]}
+    )  # fmt: skip
+    topics = al.study_topics(info, meta)
+    np.testing.assert_allclose(topics[[0, 2]], [[0.9, 0.1], [0.2, 0.8]])
+    assert np.isnan(topics[1]).all()
+    np.testing.assert_allclose(al.start_topics(info, topics, "a"), [0.9, 0.1])
+    meta.loc[1, "topic_00"] = 0.904
+    np.testing.assert_allclose(al.start_topics(info, al.study_topics(info, meta), "a"), [0.9, 0.1])  # slider grid
+    assert al.start_topics(info, topics, "b") is None and al.start_topics(info, topics, "prior:1") is None
 
 
 def test_load_run_info_reports_mismatches(tmp_path: Path) -> None:
@@ -145,16 +153,230 @@ def test_load_run_info_reports_mismatches(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.uint8), np.eye(4)), run / "mask.nii.gz")
     spec["latent_kl"] = None  # not recorded: ranked by the posterior means' KL
     (run / "decoder_schema.json").write_text(json.dumps(spec))
+    (run / "decoder.ts").write_bytes(b"decoder bytes")
     info = al.load_run_info(run)
-    assert info.kl_order.tolist() == [1, 0] and info.imputed_defaults["year"] == pytest.approx(
-        np.mean([2000, 2004, 2012])
+    assert info.kl_order.tolist() == [1, 0]
+    assert info.imputed_defaults["year"] == pytest.approx(np.mean([2000, 2004, 2012]))
+    assert info.export_id.startswith("decoder.ts sha256 a8580e6f444f")  # which export the page says it loaded
+
+
+def test_damaged_dataset_is_one_line_error(tmp_path: Path) -> None:
+    assert al.load_dataset_rows(tmp_path) is None  # absent: no dataset, no error
+    np.save(tmp_path / "maps.npy", np.zeros((2, 2, 2, 2), np.float32))
+    (tmp_path / "metadata.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(al.DatasetUnreadable, match=r"metadata.parquet|is unreadable") as err:
+        al.load_dataset_rows(tmp_path)
+    assert "\n" not in str(err.value) and "without --dataset_dir" in str(err.value)
+    pd.DataFrame({"id": ["a", "b", "c"]}).to_parquet(tmp_path / "metadata.parquet")
+    with pytest.raises(al.DatasetUnreadable, match=r"maps.npy \(2, 2, 2, 2\) does not match metadata.parquet \(3 rows"):
+        al.load_dataset_rows(tmp_path)
+
+
+def test_markdown_escape_keeps_user_text_inert() -> None:
+    text = al.md_escape("<img src=x onerror=alert(1)> [link](javascript:x) **bold** `code`\nline")
+    assert re.search(r"(?<!\\)[<>\[\]()*`]", text) is None and "\n" not in text  # every markup character escaped
+    assert text.replace("\\", "") == "<img src=x onerror=alert(1)> [link](javascript:x) **bold** `code` line"
+
+
+# ----- ask in words -----------------------------------------------------------------------------------
+
+
+def _vocab() -> TopicVocabulary:
+    keys = [
+        "memory working wm load task",  # 0
+        "memory retrieval encoding hippocampus recognition",  # 1
+        "pain somatosensory stimulation painful touch",  # 2
+        "face faces facial expressions amygdala",  # 3
+        "cortex network task memory motor",  # 4
+    ]
+    return TopicVocabulary(keys, [f"{i}_{k.split()[0]}" for i, k in enumerate(keys)])
+
+
+def test_words_map_to_topics_by_the_documented_rule() -> None:
+    vocab = _vocab()
+    # a phrase whose two words share a topic goes to that topic only
+    wm = vocab.match("Working Memory")
+    assert wm.top(1) == [(0, pytest.approx(1.0))] and wm.matched == [("working memory", [0])]
+    # a single word is shared by rank: "memory" is top of topics 0 and 1 (1/1 each) and 4th of topic 4 (1/4)
+    memory = vocab.match("memory")
+    np.testing.assert_allclose(memory.weights, np.array([1, 1, 0, 0, 0.25]) / 2.25, rtol=1e-6)
+    # plural fallback, stop words and unknown words are reported, and the mixture sums to 1
+    mixed = vocab.match("pain, faces and the brain of xyzzy")
+    assert {t for t, _ in mixed.top(5)} == {2, 3} and mixed.weights.sum() == pytest.approx(1.0)
+    assert ("xyzzy", "not in the topics") in mixed.ignored and ("brain", "stop word") in mixed.ignored
+    assert vocab.match("painfuls").top(1)[0][0] == 2  # "painfuls" -> "painful"
+    n_back = vocab.match("n-back")
+    assert n_back.empty and ("n", "too short") in n_back.ignored
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "   ", "<script>alert(1)</script>", "記憶 痛み память", "x" * 10_000, "memory " * 2_000, "\x00\u202e"],
+)
+def test_words_never_fail_on_odd_text(text: str) -> None:
+    match = _vocab().match(text)
+    assert match.weights.shape == (5,) and np.isfinite(match.weights).all()
+    assert match.empty or match.weights.sum() == pytest.approx(1.0)
+    assert all(len(word) <= 41 for word, _ in match.ignored)  # a 10,000-character word is shortened
+    if text.startswith("memory "):
+        assert match.truncated == 2_000 - MAX_WORDS
+
+
+# ----- URL state --------------------------------------------------------------------------------------
+
+_FIELDS = {"year": (1990, 2026), "sample_size": (1, 2000), "field_strength": (0.5, 9.4), "fwhm": (0.0, 20.0)}
+
+
+def _parse(params: dict[str, str]) -> tuple[us.UrlState, list[str]]:
+    return us.parse_state(
+        params, study_ids={"ns:1", "ns:2"}, categories=["pain", "other"], fields=_FIELDS, latent_size=3, n_topics=5
     )
+
+
+def test_url_state_round_trips() -> None:
+    conditions = {"task": "pain", "year": 2005.0, "sample_size": None, "field_strength": 3.0, "fwhm": None}
+    params = us.state_params(
+        run="run1", study="ns:1", seed=None, z=np.array([0.5, -1.25, 2.0]), conditions=conditions,
+        query="working memory", topics={1: 0.25, 3: 0.75, 4: 0.0}, strength=1.5, sweep="fwhm",
+    )  # fmt: skip
+    state, notes = _parse(params)
+    assert notes == []
+    assert (state.run, state.study, state.seed, state.task) == ("run1", "ns:1", None, "pain")
+    np.testing.assert_allclose(state.z, [0.5, -1.25, 2.0])
+    assert state.values == {"year": 2005.0, "sample_size": None, "field_strength": 3.0, "fwhm": None}
+    assert (state.query, state.topics, state.strength, state.sweep) == (
+        "working memory",
+        {1: 0.25, 3: 0.75},
+        1.5,
+        "fwhm",
+    )
+    unknown = us.state_params(
+        run="r",
+        study=None,
+        seed=7,
+        z=None,
+        conditions={"task": None},
+        query="",
+        topics=None,
+        strength=1.0,
+        sweep="year",
+    )
+    state, notes = _parse(unknown)
+    assert notes == [] and state.seed == 7 and state.task == "unknown" and state.topics == {}
+
+
+@pytest.mark.parametrize(
+    ("params", "name"),
+    [
+        ({"year": "inf"}, "year"), ({"year": "1e400"}, "year"), ({"year": "nan"}, "year"), ({"year": "3000"}, "year"),
+        ({"sample_size": "-5"}, "sample_size"), ({"task": "<b>x</b>"}, "task"), ({"study": "nope"}, "study"),
+        ({"seed": "-1"}, "seed"), ({"seed": "٣"}, "seed"), ({"z": "1,2"}, "z"), ({"z": "1,inf,2"}, "z"),
+        ({"topics": "9:1"}, "topics"), ({"topics": "1:-0.5"}, "topics"), ({"topics": "a:b"}, "topics"),
+        ({"strength": "1e9"}, "strength"), ({"sweep": "iq"}, "sweep"),
+    ],
+)  # fmt: skip
+def test_invalid_url_parameters_give_a_message_and_the_default(params: dict[str, str], name: str) -> None:
+    state, notes = _parse(params)
+    assert len(notes) == 1 and notes[0].startswith(f"ignored `{name}=") and "\n" not in notes[0]
+    assert state == us.UrlState()  # every field at its default
+
+
+# ----- evidence, regions, downloads -------------------------------------------------------------------
+
+
+def test_evidence_ranks_studies_by_topic_similarity() -> None:
+    studies = pd.DataFrame(
+        {
+            "id": list("abcdef"),
+            "title": list("ABCDEF"),
+            "year": [2001, 2005, 2010, 2003, 2012, 2008],
+            "category": ["pain", "pain", "pain", "other", "other", "pain"],
+            "split": ["train", "test", "train", "train", "val", "val"],
+        }
+    )
+    topics = np.array([[1, 0, 0], [0.6, 0.4, 0], [0, 0, 1], [1, 0, 0], [0.9, 0.1, 0], [np.nan] * 3])
+    found = ev.find_evidence(studies, topics, np.array([1.0, 0, 0]), None, n_list=2, n_mean=3)
+    assert found.training["id"].tolist() == ["a", "d"] and found.held_out["id"].tolist() == ["e", "b"]
+    assert found.training["similarity"].tolist() == [1.0, 1.0] and found.matching == ["a", "d", "e"]
+    pain = ev.find_evidence(studies, topics, np.array([1.0, 0, 0]), "pain")
+    assert set(pain.training["category"]) | set(pain.held_out["category"]) == {"pain"}
+    assert "f" not in pain.matching  # unknown topics are not near anything
+    by_task = ev.find_evidence(studies, None, None, "pain")
+    assert by_task.training["id"].tolist() == ["c", "a"] and by_task.held_out["id"].tolist() == ["f", "b"]
+    assert ev.find_evidence(studies, topics, None, None) is None
+    a = np.arange(8.0).reshape(2, 2, 2)
+    assert ev.map_correlation(a, 2 * a + 1) == pytest.approx(1.0)
+    assert ev.map_correlation(a, -a) == pytest.approx(-1.0) and np.isnan(ev.map_correlation(a, np.ones_like(a)))
+
+
+def test_what_changed_names_the_atlas_regions() -> None:
+    mask = np.ones(SHAPE4, bool)
+    labeller = RegionLabeller(MNI4, SHAPE4, mask)
+    diff = np.zeros(SHAPE4, np.float32)
+
+    def blob(xyz: tuple[float, float, float], value: float) -> None:
+        ijk = np.rint(np.linalg.solve(MNI4, [*xyz, 1.0])[:3]).astype(int)
+        diff[tuple(slice(c - 1, c + 2) for c in ijk)] = value
+
+    blob((-46.0, -19.0, 7.0), 0.01)  # left Heschl's gyrus gains
+    blob((17.0, -96.0, 8.0), -0.02)  # right occipital pole loses
+    gained, lost = labeller.summary(diff, n=1)
+    assert gained[0].name == "left Heschl's Gyrus" and gained[0].mean_change > 0
+    assert lost[0].name == "right Occipital Pole" and lost[0].mean_change < 0
+
+
+def test_renderer_draws_on_the_2mm_template_where_mni_says() -> None:
+    # 4 mm grid with the x axis flipped (as in FSL's templates): the display must still be RAS/neurological
+    renderer = SliceRenderer(MNI4, SHAPE4, panel_px=110)
+    assert renderer.shape == (99, 117, 95)  # nilearn's 2 mm MNI152 template is the display grid
+    volume = np.zeros(SHAPE4, np.float32)
+    ijk = np.rint(np.linalg.solve(MNI4, [42.0, 18.0, 32.0, 1.0])[:3]).astype(int)
+    volume[tuple(ijk)] = 1.0  # a right, anterior, superior voxel
+    assert renderer.peak_mm(volume) == (42.0, 18.0, 32.0)
+    tile = renderer.axial(volume, 32.0, cmap="autumn", vmax=1.0, threshold=0.3)  # yellow: no blue
+    hot = np.argwhere((tile[..., 0] > 200) & (tile[..., 2] < 50))
+    # one 4 mm voxel spreads over ~2x2 display voxels (trilinear), each drawn as a block of pixels
+    assert 4 <= len(hot) <= 40
+    row, col = hot.mean(axis=0)
+    assert col > tile.shape[1] / 2  # right hemisphere on the right
+    assert row < tile.shape[0] / 2  # anterior at the top
+    glass = renderer.glass_brain(volume, vmax=1.0, threshold=0.3, title="GENERATED")
+    assert glass.dtype == np.uint8 and ((glass[..., 0] > 200) & (glass[..., 2] < 80)).sum() > 10
+    ortho = renderer.ortho(volume, (42.0, 18.0, 32.0), vmax=1.0, threshold=0.3)
+    assert ortho.dtype == np.uint8 and ortho.shape[0] > 100
+    assert renderer.bounds_mm()[0] == (-98.0, 98.0)
+
+
+def test_downloads_say_they_are_generated() -> None:
+    maps = np.random.default_rng(0).random((3, *SHAPE4)).astype(np.float32)
+    img = nib.Nifti1Image.from_bytes(
+        __import__("gzip").decompress(dl.nifti_bytes(dl.generated_nifti(maps, MNI4, intent="sweep year")))
+    )
+    assert img.shape == (*SHAPE4, 3) and np.allclose(img.get_fdata()[..., 2], maps[2])
+    assert img.header["descrip"].tobytes().rstrip(b"\0").decode() == dl.GENERATED_DESCRIPTION
+    np.testing.assert_allclose(img.affine, MNI4)
+    side = json.loads(
+        dl.sweep_sidecar(
+            run_dir="runs/x", export_id="decoder.ts sha256 abc", field="year", values=[2000, 2010],
+            conditions={"task": "pain", "year": 2005.0, "topics": np.array([0.5, 0.5])}, z=np.zeros(3),
+            start="ns:1", version="0.1.0",
+        )
+    )  # fmt: skip
+    assert side["generated"] is True and side["swept_condition"] == "year" and side["values"] == [2000.0, 2010.0]
+    assert side["conditions"] == {"task": "pain", "topics": [0.5, 0.5]} and side["z"] == [0.0, 0.0, 0.0]
+    assert side["cbvae_version"] == "0.1.0" and side["run_dir"] == "runs/x"
+
+
+def test_streamlit_config_binds_localhost_only() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "127.0.0.1"
 
 
 # ----- the page -------------------------------------------------------------------------------------
 
 
-def _app(monkeypatch: pytest.MonkeyPatch, run_dir: Path, dataset_dir: Path | None = None):
+def _app(monkeypatch: pytest.MonkeyPatch, run_dir: Path, dataset_dir: Path | None = None, params: dict | None = None):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("CBVAE_RUN_DIR", str(run_dir))
@@ -162,10 +384,16 @@ def _app(monkeypatch: pytest.MonkeyPatch, run_dir: Path, dataset_dir: Path | Non
         monkeypatch.setenv("CBVAE_DATASET_DIR", str(dataset_dir))
     else:
         monkeypatch.delenv("CBVAE_DATASET_DIR", raising=False)
-    at = AppTest.from_file(str(APP), default_timeout=180)
+    at = AppTest.from_file(str(APP), default_timeout=300)
+    for key, value in (params or {}).items():
+        at.query_params[key] = value
     at.run()
     assert not at.exception, at.exception
     return at
+
+
+def _texts(at, kind: str) -> list[str]:
+    return [e.value for e in getattr(at, kind)]
 
 
 def test_app_without_run_shows_the_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -187,40 +415,184 @@ def test_app_reports_schema_mismatch(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert "differ from" in at.error[0].value
 
 
+SECTIONS = ["Ask in words", "Conditions", "Generated map", "Counterfactual difference", "Evidence", "Sweep"]
+
+
 def test_app_counterfactuals(monkeypatch: pytest.MonkeyPatch, app_run: Path, tiny_dataset: Path) -> None:
     at = _app(monkeypatch, app_run, tiny_dataset)
-    assert not at.error, [e.value for e in at.error]
-    assert [h.value for h in at.subheader] == ["Conditions", "Generated map", "Counterfactual difference", "Year sweep"]
-    generated, real, difference, sweep = at.image
-    first_difference = difference.value
+    assert not at.error, _texts(at, "error")
+    assert [h.value.split(":")[0] for h in at.subheader] == SECTIONS
     info = al.load_run_info(app_run)
-    # the year sweep: six maps over the training years, one caption each
-    assert sweep.captions == [str(y) for y in al.sweep_years(info.schema)]
+    caption = at.caption[0].value  # which folder and which export the page loaded
+    assert str(app_run) in caption and info.export_id in caption and "open only runs you trust" in caption
+    generated, glass = at.image[0], at.image[1]
+    assert "orthogonal slices on the 2 mm MNI152" in generated.captions[0] and "glass brain" in glass.captions[0]
+    assert "Real map of the starting study" in at.image[2].captions[0]
+    sweep = next(i for i in at.image if len(i.value) > 1)
+    assert sweep.captions == [f"{v:g}" for v in al.sweep_values(info.schema, "year")]
     assert len(set(sweep.value)) >= 2  # the years do not all render the same picture
-    assert "decode" in at.caption[-1].value and "ms" in at.caption[-1].value
+    assert at.caption[-1].value.startswith("this interaction:")
 
-    # a different task changes the generated map and therefore both pictures
+    # a different task changes the generated map; the difference is scaled to the map and quantified
     categories = info.schema.categories
     at.selectbox(key="task").set_value(categories[0]).run()
-    before = (at.image[0].value, at.image[2].value)
+    before = at.image[0].value
     at.selectbox(key="task").set_value(categories[-1]).run()
     assert not at.exception and not at.error
-    assert at.image[0].value != before[0] and at.image[2].value != before[1]
+    assert at.image[0].value != before
+    largest = next(m.value for m in at.markdown if m.value.startswith("**Largest change"))
+    assert "% of the generated map's peak" in largest
+    assert any(c.value.startswith("What changed (Harvard-Oxford") for c in at.caption)
+
+    # condition strength 0 removes the task and topic contrast: the map equals "task & topics unknown"
+    at.radio(key="compare").set_value("task & topics unknown").run()
+    at.slider(key="strength").set_value(0.0).run()
+    assert "**Largest change: 0**" in next(m.value for m in at.markdown if m.value.startswith("**Largest"))
 
     # beyond the training range: flagged, still rendered
+    at.slider(key="strength").set_value(1.0).run()
     at.checkbox(key="year_unknown").uncheck().run()
     at.slider(key="year_value").set_value(al.slider_spec(info.schema, "year")[1]).run()
     assert any("extrapolation" in w.value for w in at.warning)
-    assert "extrapolating" in at.caption[-1].value and len(at.image) == 4
+    assert "extrapolating" in at.caption[-1].value
 
-    # latent reset returns to the starting point: the difference map is zero again
+    # latent reset returns to the starting point: no difference to it
+    at.radio(key="compare").set_value("the starting point").run()
     at.slider(key=f"z{int(info.kl_order[0])}").set_value(3.0).run()
-    moved = at.image[2].value
     at.button(key="reset_latents").click().run()
     at.button(key="reset_conditions").click().run()
-    assert at.image[2].value != moved and at.image[2].value == first_difference
+    assert "identical to the reference" in next(m.value for m in at.markdown if m.value.startswith("**Largest"))
 
     # a prior draw has no real map but renders every view
     at.radio(key="mode").set_value("Prior sample").run()
-    assert not at.exception and not at.error and len(at.image) == 3
+    assert not at.exception and not at.error
     assert any("prior draw has no real map" in i.value for i in at.info)
+
+
+def test_ask_in_words(monkeypatch: pytest.MonkeyPatch, app_run: Path, tiny_dataset: Path) -> None:
+    info = al.load_run_info(app_run)
+    assert info.schema.n_topics == 50  # the run carries Neurosynth's LDA50 keys
+    wm = next(t for t, keys in enumerate(info.schema.topic_keys) if keys.split()[:2] == ["memory", "working"])
+    at = _app(monkeypatch, app_run, tiny_dataset, {"seed": "1"})  # works without a starting study
+    before = at.image[0].value
+    at.text_input(key="words").input("working memory").run()
+    assert not at.exception and not at.error
+    assert at.checkbox(key="topics_known").value and at.slider(key=f"topic_{wm}").value == 1.0
+    assert any(c.value.startswith("Matched: working memory") for c in at.caption)
+    assert at.image[0].value != before  # the generated map follows the words
+    assert at.query_params["q"] == "working memory" and at.query_params["topics"] == f"{wm}:1"
+
+    at.text_input(key="words").input("").run()
+    assert any("Type terms" in c.value for c in at.caption)
+    at.text_input(key="words").input("xyzzy qwerty").run()
+    assert any("No topic matched" in w.value for w in at.warning)
+    assert any("Ignored: xyzzy (not in the topics)" in c.value for c in at.caption)
+    for text in ("<script>alert(1)</script> [x](javascript:y) pain", "痛み " * 500, "a" * 10_000):
+        at.text_input(key="words").input(text[: us.MAX_QUERY_CHARS]).run()
+        assert not at.exception and not at.error
+        shown = " ".join(_texts(at, "caption") + _texts(at, "warning") + _texts(at, "markdown"))
+        assert "<script>" not in shown and "[x](" not in shown  # markup reaches the page escaped
+
+
+def test_url_state_round_trips_through_the_page(
+    monkeypatch: pytest.MonkeyPatch, app_run: Path, tiny_dataset: Path
+) -> None:
+    info = al.load_run_info(app_run)
+    study = info.latents["id"].iloc[3]
+    task = info.schema.categories[1]
+    params = {
+        "run": app_run.name, "study": study, "task": task, "year": "2003", "fwhm": "6.5", "q": "pain",
+        "topics": "32:0.7,26:0.3", "strength": "1.5", "sweep": "fwhm",
+    }  # fmt: skip
+    at = _app(monkeypatch, app_run, tiny_dataset, params)
+    assert not at.warning or all("ignored" not in w.value for w in at.warning)
+    assert at.selectbox(key="study").value == study and at.selectbox(key="task").value == task
+    assert at.slider(key="year_value").value == 2003 and at.slider(key="fwhm_value").value == 6.5
+    assert at.text_input(key="words").value == "pain" and at.slider(key="topic_32").value == 0.7
+    assert at.slider(key="strength").value == 1.5 and at.selectbox(key="sweep").value == "fwhm"
+    out = {k: at.query_params[k] for k in at.query_params}
+    for key in ("run", "study", "task", "year", "fwhm", "q", "strength", "sweep"):
+        assert float(out[key]) == float(params[key]) if key in ("year", "fwhm", "strength") else out[key] == params[key]
+    assert out["topics"] == "26:0.3,32:0.7"
+
+
+@pytest.mark.parametrize("bad", ["inf", "1e400", "-inf", "nan"])
+def test_bad_url_values_keep_the_page(monkeypatch: pytest.MonkeyPatch, app_run: Path, bad: str) -> None:
+    # ?year=inf / 1e400 used to end the session with an OverflowError and no widgets
+    at = _app(monkeypatch, app_run, None, {"seed": "2", "year": bad, "task": "no such task", "z": "1,2"})
+    notes = [w.value for w in at.warning if w.value.startswith("ignored")]
+    assert len(notes) == 3 and any(f"`year={bad}`" in n for n in notes)
+    assert at.checkbox(key="year_unknown").value  # the default: a prior draw's year is unknown
+    assert len(at.image) >= 4 and not at.error
+
+
+def test_evidence_lists_real_studies_of_the_category(
+    monkeypatch: pytest.MonkeyPatch, app_run: Path, tiny_dataset: Path
+) -> None:
+    info = al.load_run_info(app_run)
+    at = _app(monkeypatch, app_run, tiny_dataset, {"seed": "0"})
+    counts = info.latents["category"].value_counts()
+    task = str(counts.index[0])
+    at.selectbox(key="task").set_value(task).run()
+    at.checkbox(key="topics_known").uncheck().run()
+    assert any(c.value == f"Chosen by: studies of the task category {task}, most recent first." for c in at.caption)
+    listed = pd.concat([d.value for d in at.dataframe[-2:]])
+    assert len(listed) >= 2 and set(listed["category"]) == {task}
+    assert set(listed["id"]) <= set(info.latents["id"])  # real studies of the run
+    r = next(m.value for m in at.markdown if "Correlation of the generated map" in m.value)
+    assert -1.0 <= float(r.split("r = ")[1].split("*")[0]) <= 1.0
+    assert any("Mean real map of the" in i.captions[0] for i in at.image)
+    study = listed["id"].iloc[0]
+    at.selectbox(key="evidence_study").set_value(study).run()
+    assert any(i.captions[0] == f"Real map of {study} (data)" for i in at.image)
+
+
+def test_damaged_dataset_and_model_keep_the_page(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, app_run: Path, tiny_dataset: Path
+) -> None:
+    # a damaged optional dataset used to replace the page with a raw pyarrow error
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    (data / "metadata.parquet").write_bytes(b"PAR1 damaged")
+    at = _app(monkeypatch, app_run, data)
+    assert not at.error and any(w.value.startswith("Going on without the dataset:") for w in at.warning)
+    assert len(at.image) >= 4
+    # a crafted model.pt (a pickle that would run code) used to end the page in an UnpicklingError
+    run = tmp_path / "run"
+    shutil.copytree(app_run, run)
+    (run / "model.pt").write_bytes(b"\x80\x04cos\nsystem\n(S'echo pwned'\ntR.")
+    at = _app(monkeypatch, run, tiny_dataset)
+    assert not at.error, _texts(at, "error")
+    note = next(c.value for c in at.sidebar.caption if "per-study imputation unavailable" in c.value)
+    assert "model.pt" in note and "\n" not in note
+    assert len(at.image) >= 4
+
+
+def test_random_widget_changes_never_break_the_page(
+    monkeypatch: pytest.MonkeyPatch, app_run: Path, tiny_dataset: Path
+) -> None:
+    """A seeded random walk over the widgets: every state renders, without a traceback or an error box."""
+    at = _app(monkeypatch, app_run, tiny_dataset)
+    rng = np.random.default_rng(0)
+    texts = ["", "pain", "<i>faces</i>", "默认 模式", "reward " * 300, "working memory"]
+    for step in range(16):
+        kind = ["slider", "selectbox", "checkbox", "text_input", "radio"][step % 5]
+        # (AppTest cannot set selectboxes that format their options, "study" and "evidence_study")
+        widgets = [
+            w for w in getattr(at, kind)
+            if not getattr(w.proto, "disabled", False) and w.key not in ("study", "evidence_study")
+        ]  # fmt: skip
+        widget = widgets[int(rng.integers(len(widgets)))]
+        if kind == "slider":
+            lo, hi = float(widget.min), float(widget.max)
+            widget.set_value(type(widget.value)(round(lo + rng.random() * (hi - lo) / widget.step) * widget.step))
+        elif kind == "selectbox":
+            widget.select_index(int(rng.integers(len(widget.options))))
+        elif kind == "radio":
+            widget.set_value(widget.options[int(rng.integers(len(widget.options)))])
+        elif kind == "checkbox":
+            widget.set_value(not widget.value)
+        else:
+            widget.input(texts[int(rng.integers(len(texts)))])
+        at.run()
+        assert not at.exception and not at.error, (step, widget.key, _texts(at, "error"))

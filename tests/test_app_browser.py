@@ -1,16 +1,21 @@
-"""The app in a real headless Chromium: the page must show the three views (DOM and pixels)."""
+"""The app in a real headless Chromium: type a query, see the views and the glass brain, open a shared link,
+and the server answers on 127.0.0.1 only."""
 
 from __future__ import annotations
 
 import io
+import socket
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from cbvae_ext.app_browser import VIEWS, HeadlessChromium, find_chromium, serve_app
+from app_browser import VIEWS, HeadlessChromium, find_chromium, serve_app
 
 pytestmark = pytest.mark.browser
+
+WORDS_LABEL = "Terms (e.g. working memory, pain, faces)"
 
 
 @pytest.fixture(scope="module")
@@ -22,38 +27,80 @@ def app_url(tiny_runs: dict[str, Path], tiny_dataset: Path):
         yield url
 
 
-def test_page_shows_the_three_views(app_url: str, tmp_path: Path) -> None:
-    browser = HeadlessChromium(tmp_path / "profile", width=1400, height=2200)
+def _hot_pixels(png: bytes) -> int:
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+    assert pixels.std() > 10.0  # not a blank page
+    # the hot colour map draws saturated red/yellow pixels that no Streamlit chrome uses
+    return int(((pixels[..., 0] > 180) & (pixels[..., 2] < 80) & (pixels[..., 0] - pixels[..., 2] > 120)).sum())
+
+
+def test_type_a_query_then_open_the_shared_link(app_url: str, tmp_path: Path) -> None:
+    browser = HeadlessChromium(tmp_path / "profile", width=1400, height=2600)
     try:
         # the first session loads torch, the decoder and the template: minutes on a busy CI machine
-        state = browser.open_app(app_url, min_images=9, timeout=300)
-        dom = browser.evaluate("document.documentElement.outerHTML")
+        state = browser.open_app(f"{app_url}/?seed=3", min_images=8, timeout=300)
+        for view in VIEWS:
+            assert view in state["text"], f"{view!r} not rendered; the page says: {state.get('text', '')[:800]}"
+        browser.type_into(WORDS_LABEL, "working memory")
+        state = browser.wait_for_text("Matched: working memory", timeout=120)
+        assert "Matched: working memory" in state["text"], state["text"][:800]
+        assert "glass brain" in state["text"] and "GENERATED" in state["text"]
+        assert state["exceptions"] == 0 and "Traceback" not in state["text"]
+        # the page writes its state into the address bar at the end of each rerun
+        deadline = time.monotonic() + 60
+        while "q=working" not in (shared := browser.evaluate("location.href")) and time.monotonic() < deadline:
+            time.sleep(0.5)
         shot = browser.screenshot()
     finally:
         browser.close()
-    for view in VIEWS:
-        assert view in state["text"], f"{view!r} not rendered; the page says: {state.get('text', '')[:800]}"
-    assert "Counterfactual Machine" in dom
-    # generated, real, difference and six year-sweep images
-    assert state["images"] >= 9
-    assert state["exceptions"] == 0 and "Traceback" not in state["text"]
-    assert "Real map of the study" in state["text"]
+    assert "q=working+memory" in shared or "q=working%20memory" in shared
+    assert "seed=3" in shared and "topics=" in shared
+    assert _hot_pixels(shot) > 500
 
-    from PIL import Image
-
-    pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"), dtype=np.float32)
-    assert pixels.shape[:2] == (2200, 1400)
-    assert pixels.std() > 10.0  # not a blank page
-    # the hot colour map draws saturated red/yellow pixels that no Streamlit chrome uses
-    hot = (pixels[..., 0] > 180) & (pixels[..., 2] < 80) & (pixels[..., 0] - pixels[..., 2] > 120)
-    assert hot.sum() > 500
+    # a second browser opens the shared link: the same words, topics and starting point come back
+    other = HeadlessChromium(tmp_path / "profile2", width=1400, height=2000)
+    try:
+        state = other.open_app(shared, min_images=8, timeout=300)
+        value = other.evaluate(f"document.querySelector('input[aria-label=\"{WORDS_LABEL}\"]').value")
+    finally:
+        other.close()
+    assert value == "working memory"
+    assert "prior draw, seed 3" in state["text"] and "Matched: working memory" in state["text"]
+    assert "in the link:" not in state["text"]  # every parameter of the shared link was valid
 
 
-def test_query_parameters_set_a_year_counterfactual(app_url: str, tmp_path: Path) -> None:
+def test_bad_link_shows_a_message_and_the_page(app_url: str, tmp_path: Path) -> None:
     browser = HeadlessChromium(tmp_path / "profile")
     try:
-        state = browser.open_app(f"{app_url}/?seed=3&year=2026", min_images=8, timeout=300)
+        state = browser.open_app(f"{app_url}/?seed=3&year=1e400&task=%3Cb%3Ex%3C/b%3E", min_images=8, timeout=300)
+        bold = browser.evaluate("document.querySelectorAll('b').length")
     finally:
         browser.close()
     assert all(view in state["text"] for view in VIEWS)
-    assert "prior draw, seed 3" in state["text"] and "extrapolation" in state["text"]
+    assert "ignored year=1e400 in the link" in state["text"] and "ignored task=<b>x</b> in the link" in state["text"]
+    assert bold == 0  # the markup in the link is shown as text, not rendered
+
+
+def _outside_address() -> str | None:
+    """This machine's address on its default route (not loopback), or None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent by a UDP connect
+            address = sock.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_server_answers_on_localhost_only(app_url: str) -> None:
+    port = app_url.rsplit(":", 1)[1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=10) as resp:
+        assert resp.status == 200
+    address = _outside_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address to test")
+    # before .streamlit/config.toml the server listened on all interfaces and answered here
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{address}:{port}/_stcore/health", timeout=5)

@@ -1,9 +1,6 @@
 """Drive the Counterfactual Machine in a real headless Chromium: serve it, load a page, read it, screenshot it.
 
-Used by ``tests/test_app_browser.py`` and to make the documentation screenshot::
-
-    python -m cbvae_ext.app_browser --run_dir runs/cbvae --dataset_dir runs/data_1000 \\
-        --query "year=2018" --out bundle/docs/counterfactual_year.png
+Used by ``tests/test_app_browser.py`` and by ``scripts/screenshot_app.py`` (the documentation screenshots).
 
 Streamlit renders client-side over a websocket after the page's load event, so instead of a fixed
 ``--virtual-time-budget`` the page is polled through the Chrome DevTools protocol until the views exist.
@@ -11,10 +8,8 @@ Streamlit renders client-side over a websocket after the page's load event, so i
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -28,11 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["APP", "CHROMIUM_FLAGS", "VIEWS", "BrowserError", "HeadlessChromium", "find_chromium", "serve_app"]
+__all__ = [
+    "APP", "CHROMIUM_FLAGS", "REPO_ROOT", "VIEWS", "BrowserError", "HeadlessChromium", "find_chromium", "serve_app",
+]  # fmt: skip
 
-APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
-#: Headings of the three views; the page is ready when all show and their images have loaded.
-VIEWS: tuple[str, ...] = ("Generated map", "Counterfactual difference", "Year sweep")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+APP = REPO_ROOT / "app" / "streamlit_app.py"
+#: Headings of the page's views; the page is ready when all show and their images have loaded.
+VIEWS: tuple[str, ...] = ("Ask in words", "Generated map", "Counterfactual difference", "Evidence", "Sweep")
 CHROMIUM_FLAGS: tuple[str, ...] = (
     "--headless",
     "--no-sandbox",
@@ -84,15 +82,16 @@ def serve_app(run_dir: Path, dataset_dir: Path | None = None, timeout: float = 1
         BrowserError: the server exited or did not answer ``/_stcore/health`` within ``timeout`` seconds.
     """
     port = _free_port()
+    # no --server.address: the repository's .streamlit/config.toml must keep the app on 127.0.0.1
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(APP),
-        "--server.headless", "true", "--server.address", "127.0.0.1", "--server.port", str(port),
+        "--server.headless", "true", "--server.port", str(port),
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
         "--", "--run_dir", str(run_dir), *(["--dataset_dir", str(dataset_dir)] if dataset_dir else []),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("CBVAE_RUN_DIR", "CBVAE_DATASET_DIR")}
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -179,6 +178,29 @@ class HeadlessChromium:
             time.sleep(1.0)
         return state
 
+    def type_into(self, aria_label: str, text: str) -> None:
+        """Type ``text`` into the input with this ``aria-label`` (as a user would) and press Enter."""
+        found = self.evaluate(
+            f"(() => {{ const e = document.querySelector('input[aria-label=' + {json.dumps(json.dumps(aria_label))} + ']');"
+            " if (!e) return false; e.focus(); e.select(); return true; })()"
+        )
+        if not found:
+            raise BrowserError(f"no input labelled {aria_label!r} on the page")
+        self.call("Input.insertText", text=text)
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
+
+    def wait_for_text(self, text: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Poll until ``text`` shows on the page and no script run is pending; returns the page state."""
+        deadline, state = time.monotonic() + timeout, {}
+        while time.monotonic() < deadline:
+            state = json.loads(self.evaluate(_PAGE_STATE))
+            if text in state["text"] and not state["running"]:
+                time.sleep(0.5)
+                return json.loads(self.evaluate(_PAGE_STATE))
+            time.sleep(0.5)
+        return state
+
     def screenshot(self) -> bytes:
         """PNG of the viewport."""
         return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
@@ -187,40 +209,3 @@ class HeadlessChromium:
         if self.ws is not None:
             self.ws.close()
         _stop(self.proc)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Screenshot the Counterfactual Machine on a run.")
-    parser.add_argument("--run_dir", required=True, type=Path)
-    parser.add_argument("--dataset_dir", type=Path)
-    parser.add_argument("--query", default="", help="URL query, e.g. 'study=neurosynth:123&year=2018'")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--crop", default="300,560,1400,1700", help="left,top,right,bottom in page pixels")
-    parser.add_argument("--width", type=int, default=900, help="width of the saved PNG")
-    args = parser.parse_args(argv)
-    from PIL import Image
-
-    try:
-        with serve_app(args.run_dir, args.dataset_dir) as url, tempfile.TemporaryDirectory() as tmp:
-            browser = HeadlessChromium(Path(tmp) / "profile")
-            try:
-                state = browser.open_app(f"{url}/?{args.query}" if args.query else url)
-                png = browser.screenshot()
-            finally:
-                browser.close()
-    except BrowserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not all(v in state.get("text", "") for v in VIEWS):
-        print(f"error: the page did not render its views: {state.get('text', '')[:300]}", file=sys.stderr)
-        return 2
-    img = Image.open(io.BytesIO(png)).convert("RGB").crop(tuple(int(v) for v in args.crop.split(",")))
-    img = img.resize((args.width, round(img.height * args.width / img.width)), Image.LANCZOS)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    img.quantize(colors=128).save(args.out, optimize=True)
-    print(f"{args.out}: {img.width}x{img.height}, {args.out.stat().st_size // 1024} KiB")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

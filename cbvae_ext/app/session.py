@@ -1,5 +1,5 @@
-"""Non-UI logic of the Counterfactual Machine app: locating and checking a run, starting points, slider
-ranges, extrapolation flags and fast slice rendering over the MNI152 template.
+"""Session logic of the Counterfactual Machine app: locating and checking a run, starting points, slider
+ranges and extrapolation flags.
 
 Everything here is plain Python/numpy so that it is testable without Streamlit; ``app/streamlit_app.py``
 only wires widgets to these functions and caches their results.
@@ -7,9 +7,10 @@ only wires widgets to these functions and caches their results.
 
 from __future__ import annotations
 
-import gzip
+import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,31 +19,33 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
-from matplotlib import colormaps
-from PIL import Image, ImageDraw, ImageFont
 
-from cbvae_ext.schema import CONTINUOUS_FIELDS, PRIORS, MetadataSchema, SchemaError
+from cbvae_ext.errors import CbvaeError
+from cbvae_ext.schema import CONTINUOUS_FIELDS, FIELDS, MetadataSchema, SchemaError
 
 __all__ = [
-    "FIELD_LABELS",
     "LATENT_RANGE",
     "RUN_FILES",
+    "DatasetUnreadable",
     "NoRunError",
     "RunInfo",
-    "SliceRenderer",
     "StartPoint",
     "extrapolation_note",
+    "field_label",
     "filter_studies",
     "load_dataset_rows",
     "load_run_info",
+    "md_escape",
     "no_run_message",
-    "nifti_bytes",
+    "one_line",
     "prior_start",
     "resolve_paths",
     "slider_spec",
     "slider_value",
+    "start_topics",
     "study_start",
-    "sweep_years",
+    "study_topics",
+    "sweep_values",
     "value_range",
 ]
 
@@ -52,16 +55,6 @@ RUN_FILES: tuple[str, ...] = ("decoder.ts", "decoder_schema.json", "latents.parq
 #: Latent sliders span this range; starting values are clipped into it so that every slider is valid.
 LATENT_RANGE: tuple[float, float] = (-6.0, 6.0)
 
-FIELD_LABELS: dict[str, str] = {
-    "year": "Publication year",
-    "sample_size": "Sample size (participants)",
-    "field_strength": "Field strength (T)",
-    "fwhm": "Smoothing FWHM (mm)",
-}
-
-# slider step per field; year and sample size are whole numbers
-_STEPS: dict[str, float] = {"year": 1.0, "sample_size": 1.0, "field_strength": 0.5, "fwhm": 0.5}
-
 _MAIN_JOB = "bash scripts/run_main.sh"
 _TRAIN_COMMAND = (
     "python -m monai.bundle run training --config_file bundle/configs/train.yaml "
@@ -69,8 +62,12 @@ _TRAIN_COMMAND = (
 )
 
 
-class NoRunError(FileNotFoundError):
+class NoRunError(CbvaeError, FileNotFoundError):
     """The run folder or one of its files is missing; the message says how to create one."""
+
+
+class DatasetUnreadable(CbvaeError, ValueError):
+    """The optional dataset folder exists but its files cannot be read (the app goes on without it)."""
 
 
 def no_run_message(run_dir: Path, missing: Sequence[str] = ()) -> str:
@@ -130,6 +127,8 @@ class RunInfo:
         affine: grid affine (MNI152 mm).
         model_kind: ``cbvae`` or ``baseline``.
         dataset_dir: dataset folder named in the run, if any.
+        export_id: what the app loaded, shown on the page: the first 12 hex digits of ``decoder.ts``'s
+            SHA-256 and its modification time.
     """
 
     run_dir: Path
@@ -144,6 +143,7 @@ class RunInfo:
     affine: np.ndarray
     model_kind: str = "cbvae"
     dataset_dir: Path | None = None
+    export_id: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -200,6 +200,9 @@ def load_run_info(run_dir: Path) -> RunInfo:
         zval = defaults_z.get(f.name, 0.0) if isinstance(defaults_z, Mapping) else 0.0
         imputed[f.name] = float(f.inverse(float(zval) if zval is not None else 0.0))
     dataset_dir = spec.get("dataset_dir")
+    decoder = run_dir / "decoder.ts"
+    digest = hashlib.sha256(decoder.read_bytes()).hexdigest()[:12]
+    stamp = pd.Timestamp(decoder.stat().st_mtime, unit="s").strftime("%Y-%m-%d %H:%M UTC")
     return RunInfo(
         run_dir=run_dir,
         schema=schema,
@@ -213,15 +216,37 @@ def load_run_info(run_dir: Path) -> RunInfo:
         affine=affine,
         model_kind=str(spec.get("model", "cbvae")),
         dataset_dir=Path(dataset_dir) if dataset_dir else None,
+        export_id=f"decoder.ts sha256 {digest}…, exported {stamp}",
     )
 
 
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error message (its type when empty), at most ``limit`` characters: what the page
+    shows instead of a traceback."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
 def load_dataset_rows(dataset_dir: Path) -> tuple[np.ndarray, pd.DataFrame] | None:
-    """Memory-mapped ``maps.npy`` and ``metadata.parquet`` of a dataset folder, or None when absent."""
+    """Memory-mapped ``maps.npy`` and ``metadata.parquet`` of a dataset folder, or None when absent.
+
+    Raises:
+        DatasetUnreadable: the files exist but are damaged or do not match each other.
+    """
     dataset_dir = Path(dataset_dir)
     if not ((dataset_dir / "maps.npy").is_file() and (dataset_dir / "metadata.parquet").is_file()):
         return None
-    return np.load(dataset_dir / "maps.npy", mmap_mode="r"), pd.read_parquet(dataset_dir / "metadata.parquet")
+    fix = "rebuild it with python -m cbvae_ext.data.build, or start the app without --dataset_dir"
+    try:
+        maps = np.load(dataset_dir / "maps.npy", mmap_mode="r", allow_pickle=False)
+        meta = pd.read_parquet(dataset_dir / "metadata.parquet")
+    except Exception as err:  # noqa: BLE001 - numpy, pyarrow and the OS raise many types for a damaged file
+        raise DatasetUnreadable(f"dataset {dataset_dir} is unreadable ({one_line(err)}); {fix}") from None
+    if maps.ndim != 4 or len(maps) != len(meta) or "id" not in meta.columns:
+        raise DatasetUnreadable(
+            f"dataset {dataset_dir}: maps.npy {tuple(maps.shape)} does not match metadata.parquet "
+            f"({len(meta)} rows{'' if 'id' in meta.columns else ', no id column'}); {fix}"
+        )
+    return maps, meta
 
 
 # ----- starting points and conditions -------------------------------------------------------------
@@ -285,20 +310,26 @@ def prior_start(info: RunInfo, seed: int) -> StartPoint:
 
 def slider_spec(schema: MetadataSchema, name: str) -> tuple[float, float, float]:
     """``(min, max, step)`` of a condition slider: the schema's range widened to the plausible range of
-    ``PRIORS`` so that extrapolation can be explored (and is flagged by ``extrapolation_note``).
+    the field's declaration (``schema.FIELDS``) so that extrapolation can be explored (and is flagged by ``extrapolation_note``).
 
     Whole-number fields (year, sample size) get ``int`` bounds and step, the others ``float``.
     """
     spec = schema.field(name)
-    lo, hi = PRIORS[name]["range"]
-    step = _STEPS[name]
+    decl = spec.decl
+    lo, hi, step = decl.low, decl.high, decl.step
     lo, hi = math.floor(min(lo, spec.low) / step) * step, math.ceil(max(hi, spec.high) / step) * step
     return (int(lo), int(hi), int(step)) if step == 1 else (float(lo), float(hi), float(step))
 
 
 def slider_value(schema: MetadataSchema, name: str, value: float) -> float:
-    """``value`` snapped onto its slider (clipped, rounded to the step, same type as the bounds)."""
+    """``value`` snapped onto its slider (clipped, rounded to the step, same type as the bounds).
+
+    Raises:
+        SchemaError: ``value`` is not a finite number (``inf``, ``1e400`` and NaN have no slider position).
+    """
     lo, hi, step = slider_spec(schema, name)
+    if not math.isfinite(float(value)):
+        raise SchemaError(f"{name} must be a finite number, got {value!r}")
     snapped = min(max(round(float(value) / step) * step, lo), hi)
     return type(lo)(snapped)
 
@@ -323,16 +354,62 @@ def extrapolation_note(schema: MetadataSchema, name: str, value: float | None) -
         return None
     spec = schema.field(name)
     if not spec.observed:
-        return f"extrapolation: {FIELD_LABELS[name].lower()} was never observed in training"
+        return f"extrapolation: {field_label(name).lower()} was never observed in training"
     if not spec.low <= value <= spec.high:
         return f"extrapolation: outside the training range [{spec.low:g}, {spec.high:g}]"
     return None
 
 
-def sweep_years(schema: MetadataSchema, n: int = 6) -> list[int]:
-    """``n`` whole years evenly spread over the schema's year range."""
-    spec = schema.field("year")
-    return [int(round(y)) for y in np.linspace(spec.low, spec.high, n)]
+def sweep_values(schema: MetadataSchema, name: str, n: int = 6) -> list[float]:
+    """``n`` values of a continuous field evenly spread over its training range (its slider range when
+    the field was never observed), snapped onto the slider; e.g. six years over the training years."""
+    spec = schema.field(name)
+    lo, hi, _ = slider_spec(schema, name)
+    low, high = (spec.low, spec.high) if spec.observed else (lo, hi)
+    return [float(slider_value(schema, name, v)) for v in np.linspace(low, high, n)]
+
+
+def field_label(name: str) -> str:
+    """The label of a continuous field, as declared in ``schema.FIELDS``."""
+    return next(d.label for d in FIELDS if d.name == name)
+
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$&])")
+
+
+def md_escape(text: str) -> str:
+    """Text shown inside Streamlit markdown as itself: markup characters escaped, so that a typed query
+    or a study title can neither format the page nor add a link or HTML."""
+    return _MARKDOWN.sub(r"\\\1", str(text)).replace("\n", " ")
+
+
+def study_topics(info: RunInfo, dataset_meta: pd.DataFrame) -> np.ndarray | None:
+    """``[N, T]`` topic weights of the run's studies (rows of ``latents.parquet``), NaN where unknown;
+    None when the dataset has no topic columns."""
+    from cbvae_ext.data.builder import topic_columns
+
+    n = info.schema.n_topics
+    columns = topic_columns(n)
+    if not n or not set(columns) <= set(dataset_meta.columns):
+        return None
+    table = dataset_meta.set_index("id")
+    rows = table.reindex(info.latents["id"])
+    topics = rows[columns].to_numpy(np.float64, copy=True)
+    observed = rows.get("topics_observed")
+    if observed is not None:
+        topics[~observed.fillna(False).to_numpy(bool)] = np.nan
+    return topics
+
+
+def start_topics(info: RunInfo, topics: np.ndarray | None, study_id: str) -> np.ndarray | None:
+    """A study's own topic mixture on the topic sliders' 0.01 grid (None when unknown or for a prior draw),
+    so that the sliders reproduce the starting point exactly."""
+    if topics is None or study_id.startswith("prior:"):
+        return None
+    rows = np.flatnonzero(info.latents["id"].to_numpy() == study_id)
+    if not rows.size or not np.isfinite(topics[rows[0]]).all() or topics[rows[0]].sum() <= 0:
+        return None
+    return np.round(topics[rows[0]], 2).astype(np.float32)
 
 
 def value_range(maps: Sequence[np.ndarray], mask: np.ndarray | None = None) -> tuple[float, float]:
@@ -342,181 +419,3 @@ def value_range(maps: Sequence[np.ndarray], mask: np.ndarray | None = None) -> t
     lo = min(float(v.min()) for v in values)
     hi = max(float(v.max()) for v in values)
     return lo, max(hi, lo + 1e-6)
-
-
-def nifti_bytes(img: nib.Nifti1Image) -> bytes:
-    """A NIfTI image as ``.nii.gz`` bytes (fast compression: the download is the bottleneck, not size)."""
-    return gzip.compress(img.to_bytes(), compresslevel=1)
-
-
-# ----- rendering ----------------------------------------------------------------------------------
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the bitmap font
-        return ImageFont.load_default()
-
-
-class SliceRenderer:
-    """Renders maps on one grid as orthogonal slices over the MNI152 template, as RGB arrays.
-
-    The template is resampled onto the map grid once (the constructor), and both are reoriented to RAS so
-    that slicing is plain indexing; colouring uses a precomputed lookup table. One ortho view costs a
-    few milliseconds, well inside the app's interaction budget.
-
-    Args:
-        affine: the map grid's affine (mm).
-        shape: the map grid's shape.
-        mask: optional brain mask on the grid; values outside it are not drawn.
-        template: background image; default nilearn's MNI152 template (2 mm).
-        panel_px: approximate height in pixels of one slice panel.
-    """
-
-    def __init__(
-        self,
-        affine: np.ndarray,
-        shape: Sequence[int],
-        mask: np.ndarray | None = None,
-        template: nib.Nifti1Image | None = None,
-        panel_px: int = 200,
-    ) -> None:
-        from nilearn.datasets import load_mni152_template
-        from nilearn.image import resample_to_img
-
-        shape = tuple(int(s) for s in shape)
-        affine = np.asarray(affine, dtype=np.float64)
-        self._ornt = nib.orientations.ornt_transform(
-            nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt("RAS")
-        )
-        self.affine = affine @ nib.orientations.inv_ornt_aff(self._ornt, shape)
-        ref = nib.Nifti1Image(np.zeros(shape, dtype=np.float32), affine)
-        template = template if template is not None else load_mni152_template(resolution=2)
-        bg = resample_to_img(template, ref, interpolation="continuous", force_resample=True, copy_header=True)
-        self.template_img = bg  # on the map grid: a cheap background for nilearn's view_img
-        bg = self.canonical(np.asarray(bg.dataobj, dtype=np.float32))
-        top = float(np.percentile(bg[bg > 0], 99.5)) if (bg > 0).any() else 1.0
-        self.background = np.clip(bg / top, 0.0, 1.0)
-        self.mask = self.canonical(mask.astype(bool)) if mask is not None else None
-        self.shape = self.background.shape
-        self.scale = max(1, round(panel_px / max(self.shape[2], self.shape[1])))
-        self._font = _font(13)
-
-    def canonical(self, volume: np.ndarray) -> np.ndarray:
-        """A volume on the map grid reoriented to RAS (a view when possible)."""
-        return nib.orientations.apply_orientation(np.asarray(volume), self._ornt)
-
-    def bounds_mm(self) -> list[tuple[float, float]]:
-        """World (mm) extent of the grid along x, y, z."""
-        lo = self.affine @ np.array([0, 0, 0, 1.0])
-        hi = self.affine @ np.array([*(s - 1 for s in self.shape), 1.0])
-        return [(float(min(a, b)), float(max(a, b))) for a, b in zip(lo[:3], hi[:3], strict=True)]
-
-    def voxel(self, cut_mm: Sequence[float]) -> tuple[int, int, int]:
-        """Nearest voxel (RAS grid) of a world coordinate, clipped into the grid."""
-        ijk = np.linalg.solve(self.affine, np.array([*cut_mm, 1.0]))[:3]
-        return tuple(int(np.clip(round(v), 0, s - 1)) for v, s in zip(ijk, self.shape, strict=True))  # type: ignore[return-value]
-
-    def peak_mm(self, volume: np.ndarray) -> tuple[float, float, float]:
-        """World coordinate of a volume's maximum inside the mask (for 'cut at peak')."""
-        vol = self.canonical(volume)
-        vol = np.where(self.mask, vol, -np.inf) if self.mask is not None else vol
-        ijk = np.unravel_index(int(np.argmax(vol)), vol.shape)
-        return tuple(float(v) for v in (self.affine @ np.array([*ijk, 1.0]))[:3])  # type: ignore[return-value]
-
-    def _colorize(self, bg: np.ndarray, val: np.ndarray, lut: np.ndarray, vmin: float, vmax: float, thr: float):
-        rgb = np.repeat(bg[..., None], 3, axis=-1)
-        span = vmax - vmin if vmax > vmin else 1.0
-        idx = np.clip(((val - vmin) / span * (len(lut) - 1)).astype(np.int64), 0, len(lut) - 1)
-        show = np.abs(val) > thr
-        rgb[show] = lut[idx[show]]
-        return rgb
-
-    def _panels(self, volume: np.ndarray, ijk: tuple[int, int, int]) -> list[tuple[np.ndarray, np.ndarray, str]]:
-        # rot90 puts the second array axis upwards: superior (sagittal, coronal) and anterior (axial) at the top
-        i, j, k = ijk
-        vol = self.canonical(volume)
-        vol = np.where(self.mask, vol, 0.0) if self.mask is not None else vol
-        bg = self.background
-        return [
-            (np.rot90(bg[i]), np.rot90(vol[i]), "x"),
-            (np.rot90(bg[:, j]), np.rot90(vol[:, j]), "y"),
-            (np.rot90(bg[:, :, k]), np.rot90(vol[:, :, k]), "z"),
-        ]
-
-    def _upsample(self, rgb: np.ndarray) -> np.ndarray:
-        s = self.scale
-        return np.repeat(np.repeat(rgb, s, axis=0), s, axis=1) if s > 1 else rgb
-
-    def _colorbar(self, height: int, cmap: str, vmin: float, vmax: float) -> np.ndarray:
-        lut = colormaps[cmap](np.linspace(1.0, 0.0, max(height - 20, 2)))[:, :3].astype(np.float32)
-        bar = np.ones((height, 76, 3), dtype=np.float32)
-        bar[10 : 10 + len(lut), 4:16] = lut[:, None, :]
-        img = Image.fromarray((bar * 255).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        for frac, value in ((0.0, vmax), (0.5, (vmin + vmax) / 2), (1.0, vmin)):
-            y = int(10 + frac * (len(lut) - 1)) - 7
-            draw.text((19, max(0, min(height - 14, y))), f"{value:.2g}", fill=(0, 0, 0), font=self._font)
-        return np.asarray(img, dtype=np.float32) / 255.0
-
-    def ortho(
-        self,
-        volume: np.ndarray,
-        cut_mm: Sequence[float],
-        cmap: str = "hot",
-        vmin: float = 0.0,
-        vmax: float | None = None,
-        threshold: float = 0.0,
-    ) -> np.ndarray:
-        """Sagittal, coronal and axial slices through ``cut_mm`` with a colour bar, as ``uint8 [H, W, 3]``.
-
-        Args:
-            volume: map on the grid given to the constructor.
-            cut_mm: world coordinates (x, y, z) of the cuts.
-            cmap: matplotlib colour map name (use a diverging one, e.g. ``RdBu_r``, with ``vmin = -vmax``).
-            vmin: value at the bottom of the colour map.
-            vmax: value at the top (default: the volume's maximum).
-            threshold: voxels with ``|value| < threshold`` show only the template.
-        """
-        ijk = self.voxel(cut_mm)
-        vmax = float(np.max(volume)) if vmax is None else float(vmax)
-        lut = colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3].astype(np.float32)
-        tiles = []
-        for (bg, val, axis), cut in zip(self._panels(volume, ijk), cut_mm, strict=True):
-            tiles.append((self._upsample(self._colorize(bg, val, lut, vmin, vmax, threshold)), f"{axis}={cut:.0f}"))
-        height = max(t.shape[0] for t, _ in tiles) + 18
-        parts = []
-        for tile, _ in tiles:
-            pad = np.ones((height, tile.shape[1] + 6, 3), dtype=np.float32)
-            pad[18 : 18 + tile.shape[0], 3 : 3 + tile.shape[1]] = tile
-            parts.append(pad)
-        parts.append(self._colorbar(height, cmap, vmin, vmax))
-        img = Image.fromarray((np.concatenate(parts, axis=1) * 255).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        x = 3
-        for n, (tile, label) in enumerate(tiles):
-            draw.text((x, 1), label, fill=(0, 0, 0), font=self._font)
-            if n:  # coronal and axial panels: neurological convention, left on the left
-                draw.text((x + tile.shape[1] - 10, 1), "R", fill=(0, 0, 0), font=self._font)
-                draw.text((x + 30 + 8 * len(label), 1), "L", fill=(0, 0, 0), font=self._font)
-            x += tile.shape[1] + 6
-        return np.asarray(img)
-
-    def axial(
-        self,
-        volume: np.ndarray,
-        z_mm: float,
-        cmap: str = "hot",
-        vmin: float = 0.0,
-        vmax: float | None = None,
-        threshold: float = 0.0,
-    ) -> np.ndarray:
-        """One axial slice at ``z_mm`` (no colour bar), as ``uint8 [H, W, 3]``; for small multiples."""
-        k = self.voxel((0.0, 0.0, z_mm))[2]
-        vol = self.canonical(volume)
-        vol = np.where(self.mask, vol, 0.0) if self.mask is not None else vol
-        vmax = float(np.max(volume)) if vmax is None else float(vmax)
-        lut = colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3].astype(np.float32)
-        rgb = self._colorize(np.rot90(self.background[:, :, k]), np.rot90(vol[:, :, k]), lut, vmin, vmax, threshold)
-        return (self._upsample(rgb) * 255).astype(np.uint8)

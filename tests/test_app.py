@@ -20,6 +20,7 @@ from cbvae_ext.app import state as us
 from cbvae_ext.app.regions import RegionLabeller
 from cbvae_ext.app.render import SliceRenderer
 from cbvae_ext.app.words import MAX_WORDS, TopicVocabulary
+from cbvae_ext.run_folder import RunFolderError
 from cbvae_ext.schema import MetadataSchema, SchemaError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +131,7 @@ def test_filter_studies_and_study_start(tmp_path: Path) -> None:
 
 
 def test_load_run_info_reports_mismatches(tmp_path: Path) -> None:
+    """The app opens runs with RunFolder: the same checks and one-line messages as inference and evaluation."""
     with pytest.raises(al.NoRunError, match="python -m monai.bundle run training"):
         al.load_run_info(tmp_path / "nothing")
     run = tmp_path / "run"
@@ -137,22 +139,28 @@ def test_load_run_info_reports_mismatches(tmp_path: Path) -> None:
     for name in al.RUN_FILES:
         (run / name).write_text("")
     (run / "decoder_schema.json").write_text(json.dumps({"latent_size": 2}))
-    with pytest.raises(SchemaError, match="lacks field 'meta_schema'"):
+    with pytest.raises(RunFolderError, match="decoder_schema.json lacks model, meta_schema, grid"):
         al.load_run_info(run)
-    spec = {"latent_size": 2, "meta_schema": _schema().to_dict(), "grid": {"shape": [2, 2, 2]}, "latent_kl": [1.0]}
+    spec = {
+        "latent_size": 2,
+        "model": "cbvae",
+        "meta_schema": _schema().to_dict(),
+        "grid": {"shape": [2, 2, 2], "affine": np.eye(4).tolist()},
+        "latent_kl": [1.0],
+    }
     (run / "decoder_schema.json").write_text(json.dumps(spec))
-    with pytest.raises(SchemaError, match="latents.parquet is unreadable"):
+    with pytest.raises(RunFolderError, match="latent_kl has 1 entries but latent_size is 2"):
+        al.load_run_info(run)
+    spec["latent_kl"] = None  # not recorded: ranked by the posterior means' KL
+    (run / "decoder_schema.json").write_text(json.dumps(spec))
+    with pytest.raises(RunFolderError, match="latents.parquet is unreadable"):
         al.load_run_info(run)
     latents = {"id": ["a"], "title": ["t"], "year": [2001.0], "category": ["other"], "split": ["train"]}
     pd.DataFrame({**latents, "mu": [[0.1, 0.2, 0.3]]}).to_parquet(run / "latents.parquet")
-    with pytest.raises(SchemaError, match="mu has 3 entries per study but latent_size is 2"):
+    with pytest.raises(RunFolderError, match="mu has 3 entries per study but latent_size is 2"):
         al.load_run_info(run)
     pd.DataFrame({**latents, "mu": [[0.1, -2.0]]}).to_parquet(run / "latents.parquet")
-    with pytest.raises(SchemaError, match="latent_kl has 1 entries but latent_size is 2"):
-        al.load_run_info(run)
     nib.save(nib.Nifti1Image(np.ones((2, 2, 2), np.uint8), np.eye(4)), run / "mask.nii.gz")
-    spec["latent_kl"] = None  # not recorded: ranked by the posterior means' KL
-    (run / "decoder_schema.json").write_text(json.dumps(spec))
     (run / "decoder.ts").write_bytes(b"decoder bytes")
     info = al.load_run_info(run)
     assert info.kl_order.tolist() == [1, 0]

@@ -8,7 +8,6 @@ only wires widgets to these functions and caches their results.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -16,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from cbvae_ext.errors import CbvaeError
+from cbvae_ext.run_folder import APP_FILES, DECODER, RunFolder, RunFolderError
 from cbvae_ext.schema import CONTINUOUS_FIELDS, FIELDS, MetadataSchema, SchemaError
 
 __all__ = [
@@ -50,7 +49,7 @@ __all__ = [
 ]
 
 #: Files of a run folder the app reads (formats.md, "Run folder").
-RUN_FILES: tuple[str, ...] = ("decoder.ts", "decoder_schema.json", "latents.parquet", "mask.nii.gz")
+RUN_FILES: tuple[str, ...] = APP_FILES
 
 #: Latent sliders span this range; starting values are clipped into it so that every slider is valid.
 LATENT_RANGE: tuple[float, float] = (-6.0, 6.0)
@@ -148,75 +147,41 @@ class RunInfo:
 
 
 def load_run_info(run_dir: Path) -> RunInfo:
-    """Read and cross-check ``decoder_schema.json``, ``latents.parquet`` and ``mask.nii.gz``.
+    """Open the run with ``RunFolder`` (the same checks as inference and evaluation) and gather what the app shows.
 
     Raises:
-        NoRunError: the folder or a required file is missing.
-        SchemaError: the files do not match what the app expects (names the file, field and fix).
+        NoRunError: the folder or a required file is missing (the message says how to make one).
+        RunFolderError: the files are damaged or do not match each other (names the file and the fix).
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise NoRunError(no_run_message(run_dir))
-    missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
-    if missing:
-        raise NoRunError(no_run_message(run_dir, missing))
-    fix = "re-export the run with this version of cbvae_ext (python -m monai.bundle run training ...)"
     try:
-        spec = json.loads((run_dir / "decoder_schema.json").read_text())
-    except json.JSONDecodeError as err:
-        raise SchemaError(f"{run_dir / 'decoder_schema.json'} is not valid JSON ({err}); {fix}") from None
-    for key in ("latent_size", "meta_schema", "grid", "latent_kl"):
-        if key not in spec:
-            raise SchemaError(f"{run_dir / 'decoder_schema.json'} lacks field {key!r}; {fix}")
-    schema = MetadataSchema.from_dict(spec["meta_schema"])
-    latent_size = int(spec["latent_size"])
-    try:
-        latents = pd.read_parquet(run_dir / "latents.parquet")
-    except (OSError, ValueError) as err:  # pyarrow's errors derive from these
-        raise SchemaError(f"{run_dir / 'latents.parquet'} is unreadable ({err}); {fix}") from None
-    need = {"id", "title", "year", "category", "split", "mu"}
-    if not need <= set(latents.columns):
-        raise SchemaError(f"latents.parquet lacks columns {sorted(need - set(latents.columns))}; {fix}")
-    mu = np.array(latents["mu"].tolist(), dtype=np.float32).reshape(len(latents), -1)
-    if len(latents) and mu.shape[1] != latent_size:
-        raise SchemaError(f"latents.parquet: mu has {mu.shape[1]} entries per study but latent_size is {latent_size}")
-    if spec["latent_kl"] is None:
+        run = RunFolder.open(run_dir, require=APP_FILES)
+    except RunFolderError as err:
+        if err.missing:
+            raise NoRunError(no_run_message(run_dir, [] if not run_dir.is_dir() else err.missing)) from None
+        raise
+    latents, mu = run.latents()
+    latent_kl = run.latent_kl
+    if latent_kl is None:
         # not recorded: rank by the KL of the posterior means alone (0.5 * E[mu^2]), its dominant term
-        latent_kl = 0.5 * (mu.astype(np.float64) ** 2).mean(axis=0) if len(mu) else np.zeros(latent_size)
-    else:
-        latent_kl = np.asarray(spec["latent_kl"], dtype=np.float64).ravel()
-    if latent_kl.size != latent_size:
-        raise SchemaError(
-            f"decoder_schema.json: latent_kl has {latent_kl.size} entries but latent_size is {latent_size}; {fix}"
-        )
-    mask_img = nib.load(run_dir / spec.get("mask_file", "mask.nii.gz"))
-    shape = tuple(int(s) for s in spec["grid"].get("shape", mask_img.shape))
-    if tuple(mask_img.shape[:3]) != shape:
-        raise SchemaError(f"mask.nii.gz has shape {mask_img.shape} but decoder_schema.json grid is {shape}; {fix}")
-    affine = np.asarray(spec["grid"].get("affine", mask_img.affine), dtype=np.float64)
-    defaults_z = spec.get("imputed_defaults") or {}
-    imputed = {}
-    for f in schema.fields:
-        zval = defaults_z.get(f.name, 0.0) if isinstance(defaults_z, Mapping) else 0.0
-        imputed[f.name] = float(f.inverse(float(zval) if zval is not None else 0.0))
-    dataset_dir = spec.get("dataset_dir")
-    decoder = run_dir / "decoder.ts"
+        latent_kl = 0.5 * (mu.astype(np.float64) ** 2).mean(axis=0) if len(mu) else np.zeros(run.latent_size)
+    decoder = run.file(DECODER)
     digest = hashlib.sha256(decoder.read_bytes()).hexdigest()[:12]
     stamp = pd.Timestamp(decoder.stat().st_mtime, unit="s").strftime("%Y-%m-%d %H:%M UTC")
     return RunInfo(
         run_dir=run_dir,
-        schema=schema,
-        latent_size=latent_size,
+        schema=run.schema,
+        latent_size=run.latent_size,
         kl_order=np.argsort(-latent_kl, kind="stable"),
         latent_kl=latent_kl,
-        imputed_defaults=imputed,
-        latents=latents.drop(columns=["mu"]),
+        imputed_defaults={f.name: float(f.inverse(run.imputed_defaults[f.name])) for f in run.schema.fields},
+        latents=latents,
         mu_array=mu,
-        mask=np.asarray(mask_img.dataobj) > 0,
-        affine=affine,
-        model_kind=str(spec.get("model", "cbvae")),
-        dataset_dir=Path(dataset_dir) if dataset_dir else None,
-        export_id=f"decoder.ts sha256 {digest}…, exported {stamp}",
+        mask=run.mask(),
+        affine=run.affine,
+        model_kind=run.model_kind,
+        dataset_dir=run.dataset_dir,
+        export_id=f"{DECODER} sha256 {digest}…, exported {stamp}",
     )
 
 

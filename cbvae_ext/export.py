@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from cbvae_ext.data import normalise_maps
 from cbvae_ext.errors import CbvaeError
 from cbvae_ext.networks import MODELS, unwrap
 from cbvae_ext.run_folder import COND_MEAN, DECODER, LATENTS, MASK, SCHEMA, replace_atomically, write_json_atomically
@@ -31,7 +32,6 @@ __all__ = [
     "ExportError",
     "export_decoder",
     "latent_kl",
-    "normalise_maps",
     "trace_conditional_mean",
     "trace_decoder",
     "write_latents",
@@ -70,16 +70,6 @@ def trace_conditional_mean(model: nn.Module, cond_dim: int) -> torch.jit.ScriptM
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.jit.freeze(torch.jit.trace(wrapper, (torch.zeros(1, cond_dim),)))
-
-
-def normalise_maps(maps: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``[B, D, H, W]`` raw or already scaled maps to float32 ``[B, 1, D, H, W]`` divided by each map's peak.
-
-    Matches the dataset's ``image`` (MA map over its maximum), so raw and normalised inputs agree.
-    """
-    x = torch.as_tensor(np.asarray(maps, dtype=np.float32) if not torch.is_tensor(maps) else maps).float()
-    peak = x.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    return (x / peak.view(-1, *([1] * (x.ndim - 1)))).unsqueeze(1)
 
 
 def _model_name(model: nn.Module) -> str:
@@ -202,7 +192,7 @@ def write_latents(
         with torch.no_grad():
             for start in range(0, len(frame), batch_size):
                 stop = min(start + batch_size, len(frame))
-                x = normalise_maps(dataset_info.maps[start:stop]).to(device)
+                x = normalise_maps(dataset_info.maps[start:stop]).unsqueeze(1).to(device)
                 mu, logvar = model.encode(
                     x, torch.from_numpy(meta[start:stop]).to(device), torch.from_numpy(meta_mask[start:stop]).to(device)
                 )

@@ -21,8 +21,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from cbvae_ext.data import normalise_maps
 from cbvae_ext.errors import CbvaeError
-from cbvae_ext.export import normalise_maps
 from cbvae_ext.run_folder import (
     COND_MEAN,
     EVALUATION_FILES,
@@ -259,7 +259,7 @@ class CounterfactualModel:
         conditions = {k: v for k, v in (conditions or {}).items() if v is not None}
         meta, mask = self.schema.encode_conditions(conditions, allow_extrapolation)
         net = self.network()
-        x = normalise_maps(image[None])
+        x = normalise_maps(image[None]).unsqueeze(1)
         with torch.no_grad():
             mu, logvar = net.encode(x, torch.from_numpy(meta[None]), torch.from_numpy(mask[None]))
             imp = net.impute(x)[0][0].numpy() if hasattr(net, "impute") else None

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from cbvae_ext.data import DatasetInfo
-from cbvae_ext.export import DecoderModule, export_decoder, latent_kl, normalise_maps, write_latents
+from cbvae_ext.data import DatasetInfo, normalise_maps
+from cbvae_ext.export import DecoderModule, export_decoder, latent_kl, write_latents
 from cbvae_ext.inference import InferenceError, RunFolderError, load
 from cbvae_ext.networks import FiLMGenerator, build_network, preset_config
 from cbvae_ext.run_folder import APP_FILES, EVALUATION_FILES, RunFolder
@@ -156,7 +156,7 @@ def test_encode_matches_network(run: tuple[Path, torch.nn.Module], schema: Metad
     meta, mask = schema.encode_conditions({"task": "emotion", "year": 2003})
     with torch.no_grad():
         ref_mu, ref_logvar = net.encode(
-            normalise_maps(raw[None]), torch.from_numpy(meta[None]), torch.from_numpy(mask[None])
+            normalise_maps(raw[None]).unsqueeze(1), torch.from_numpy(meta[None]), torch.from_numpy(mask[None])
         )
     np.testing.assert_allclose(mu, ref_mu[0].numpy(), atol=1e-5)
     np.testing.assert_allclose(logvar, ref_logvar[0].numpy(), atol=1e-5)
@@ -225,7 +225,9 @@ def test_write_latents(run: tuple[Path, torch.nn.Module], schema: MetadataSchema
     meta, mask = info.encode(np.arange(n))
     net.eval()
     with torch.no_grad():
-        ref_mu, ref_logvar = net.encode(normalise_maps(maps), torch.from_numpy(meta), torch.from_numpy(mask))
+        ref_mu, ref_logvar = net.encode(
+            normalise_maps(maps).unsqueeze(1), torch.from_numpy(meta), torch.from_numpy(mask)
+        )
     np.testing.assert_allclose(mu, ref_mu.numpy(), atol=1e-5)
     train = [0, 1, 4]
     np.testing.assert_allclose(kl, latent_kl(ref_mu.numpy()[train], ref_logvar.numpy()[train]), rtol=1e-4)

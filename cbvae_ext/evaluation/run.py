@@ -24,9 +24,9 @@ import torch
 
 from cbvae_ext.data.errors import DataError
 from cbvae_ext.data.sources import file_sha256
+from cbvae_ext.engine.bundle_glue import make_loader
 from cbvae_ext.engine.history import plot_schedules
 from cbvae_ext.engine.losses import CBVAELoss
-from cbvae_ext.engine.bundle_glue import make_loader
 from cbvae_ext.evaluation.baselines import CategoryMeanBaseline, MeanMapBaseline, PCABaseline
 from cbvae_ext.evaluation.figures import plot_per_category_r, plot_probes, plot_recon_examples
 from cbvae_ext.evaluation.imputation import imputation_scores

@@ -52,8 +52,10 @@ while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --no-setup) setup=0; shift; continue ;;
+    --out|--data-dir|--subset|--epochs|--preset|--resolution|--kernel|--kernel-fwhm|--fwhm|--neurosynth-dir)
+      [ $# -ge 2 ] || bad "$1 needs a value (see --help)" ;;
+    *) bad "unknown option $1 (see --help)" ;;
   esac
-  [ $# -ge 2 ] || bad "$1 needs a value (see --help)"
   case "$1" in
     --out) out="$2" ;;
     --data-dir) data_dir="$2" ;;
@@ -64,7 +66,6 @@ while [ $# -gt 0 ]; do
     --kernel) kernel="$2" ;;
     --kernel-fwhm|--fwhm) kernel_fwhm="$2" ;;
     --neurosynth-dir) ns_dir="$2" ;;
-    *) bad "unknown option $1 (see --help)" ;;
   esac
   shift 2
 done

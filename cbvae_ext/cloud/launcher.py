@@ -317,13 +317,19 @@ class PodLauncher:
         self._api_failures = 0
         self._create_cut_off = False
         self._lookup_s = 0.0
+        self._signal: str | None = None
+        self._saying = False
 
     # ----- output -------------------------------------------------------------------------
     def say(self, message: str) -> None:
         """Print and log one redacted progress line."""
         message = self.secrets.redact(message)
-        print(message, file=self.stream or sys.stdout, flush=True)
-        log.info(message)
+        self._saying = True  # a signal now is raised at the next check, not inside logging (which would swallow it)
+        try:
+            print(message, file=self.stream or sys.stdout, flush=True)
+            log.info(message)
+        finally:
+            self._saying = False
 
     # ----- plan ---------------------------------------------------------------------------
     def pod_env(self, deadline: float | None = None) -> dict[str, str]:
@@ -402,6 +408,7 @@ class PodLauncher:
                 endpoint = self._wait_running(rp)
                 self.result.status = self._follow(rp, endpoint)
                 if cfg.download:
+                    self._check_signal()
                     self._download(endpoint, partial=False)
             failed = False
         finally:
@@ -484,7 +491,12 @@ class PodLauncher:
     def _cost(self) -> float:
         return self._elapsed() / 3600 * (self.result.price_per_hour or 0.0)
 
+    def _check_signal(self) -> None:
+        if self._signal is not None:
+            raise LaunchInterrupted(f"received {self._signal}")
+
     def _check_caps(self) -> None:
+        self._check_signal()
         cfg, hours, cost = self.config, self._elapsed() / 3600, self._cost()
         self.result.hours = hours
         # tolerance: the last pause ends exactly at a cap, where float rounding could leave it a hair short
@@ -632,7 +644,11 @@ class PodLauncher:
         ``finally`` terminates the pod (their default action would end the launcher with the pod running)."""
 
         def handler(signum: int, frame: Any) -> None:
-            raise LaunchInterrupted(f"received {signal.Signals(signum).name}")
+            # remembered too: a raise that lands inside an ``except Exception`` (logging, an API call) is swallowed,
+            # so every poll checks it again
+            self._signal = signal.Signals(signum).name
+            if not self._saying:
+                raise LaunchInterrupted(f"received {self._signal}")
 
         with _handlers({s: handler for s in _catchable(*_ENDING_SIGNALS)}):
             yield

@@ -119,23 +119,24 @@ def test_finished_job_is_not_rerun_when_the_container_restarts(repo_root: Path, 
 
 def test_the_builder_always_runs_with_the_build_options(repo_root: Path, tmp_path: Path):
     """A dataset already on the volume is never reused blindly: the builder (and its cache key) decides."""
-    stale = tmp_path / "dataset"
-    stale.mkdir()
-    (stale / "manifest.json").write_text("{}")
+    for name in ("dataset", "dataset_50_2mm"):  # the dataset folder, by today's name and by the old one
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
     empty = tmp_path / "ns copy"  # a space: sent base64-encoded by the launcher, decoded by the entry script
     empty.mkdir()
     env = {
         "CBVAE_B64_CBVAE_NEUROSYNTH_DIR": base64.b64encode(str(empty).encode()).decode(),
         "CBVAE_KERNEL_FWHM": "12",
+        "CBVAE_RESOLUTION": "2",
     }
-    proc = run_entry(repo_root, ["--root", str(tmp_path), "--resolution", "2", "--subset", "50"], env)
+    proc = run_entry(repo_root, ["--root", str(tmp_path), "--subset", "50"], env)
     out = tmp_path / "output"
     assert proc.returncode != 0 and (out / "FAILED").exists() and not (out / "DONE").exists()
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "failed" and status["step"] == "dataset", status
     assert "see logs/dataset.log" in status["message"]
     assert "missing file" in (out / "logs" / "dataset.log").read_text()
-    dataset_line = next(line for line in proc.stdout.splitlines() if line.startswith("[main] dataset:"))
+    dataset_line = next((line for line in proc.stdout.splitlines() if line.startswith("[main] dataset:")), "")
     for option in ("--resolution 2", "--kernel ale", "--fwhm 12", f"--neurosynth-dir {empty}", "--subset 50"):
         assert option in dataset_line, dataset_line
     assert "reusing" not in proc.stdout and not (out / "cbvae").exists()  # stopped at the first failure

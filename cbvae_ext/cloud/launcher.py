@@ -161,7 +161,8 @@ class LaunchConfig:
         if not self.name:
             self.name = f"cbvae-{datetime.now():%Y%m%d-%H%M%S}-{_random.token_hex(2)}"
 
-    def _check_extra_env(self, secrets: Secrets | None = None) -> None:
+    def check_env(self, secrets: Secrets | None = None) -> None:
+        """Refuse ``extra_env`` names the launcher or RunPod set, and (given ``secrets``) values holding a key."""
         for name in sorted(self.extra_env):
             if name in (RUNPOD_KEY_VAR, WANDB_KEY_VAR):
                 raise LaunchConfigError(f"--env {name}: keys go in .env or the environment, never in arguments")
@@ -201,7 +202,7 @@ class LaunchConfig:
                 raise LaunchConfigError(f"{option} must be >= 1, got {value}")
         if self.preset not in (None, "gpu", "cpu"):
             raise LaunchConfigError(f"--preset must be gpu or cpu, got {self.preset!r}")
-        self._check_extra_env()
+        self.check_env()
         if self.ssh_key is not None and not Path(self.ssh_key).is_file():
             raise LaunchConfigError(f"--ssh-key {self.ssh_key} does not exist; give the private key of a key pair")
         for option, value in (
@@ -386,7 +387,7 @@ class PodLauncher:
     # ----- lifecycle ----------------------------------------------------------------------
     def _validate(self) -> None:
         self.config.validate()
-        self.config._check_extra_env(self.secrets)
+        self.config.check_env(self.secrets)
 
     def run(self) -> LaunchResult:
         """Launch, follow, download, terminate. Raises ``LaunchError`` (pod terminated) or ``KeyboardInterrupt``."""

@@ -3,7 +3,8 @@
 
 Keys come from the environment or an ignored ``.env`` (see ``.env.example``): ``RUNPOD_API_KEY`` (required)
 and ``WANDB_API_KEY`` (optional; without it the pod logs W&B offline). They are never printed, logged,
-written to disk or accepted as arguments.
+written to disk or accepted as arguments. The pod also removes itself at the cap (``--max-hours`` /
+``--max-cost``), so even ``kill -9`` of this launcher cannot leave it running past the cap.
 
 Examples::
 

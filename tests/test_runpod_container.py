@@ -195,14 +195,15 @@ def test_pod_removes_itself_at_the_deadline_while_the_job_still_runs(repo_root: 
 def test_pod_removes_itself_after_the_job_and_the_linger(repo_root: Path, tmp_path: Path, pod, outcome):
     stub, pod_env = pod
     out = tmp_path / "output"
-    args = ["--root", str(tmp_path), "--keep-alive", "--linger", "1"]
+    args = ["--root", str(tmp_path), "--keep-alive"]
     if outcome == "done":
         out.mkdir()
         (out / "DONE").touch()
     else:
         args += ["--neurosynth-dir", str(tmp_path)]  # no Neurosynth files there: the dataset step fails
     started = time.time()
-    proc = run_entry(repo_root, args, {**pod_env, "CBVAE_DEADLINE": str(int(started) + 3600)}, timeout=120)
+    env = {**pod_env, "CBVAE_DEADLINE": str(int(started) + 3600), "CBVAE_LINGER_S": "1"}
+    proc = run_entry(repo_root, args, env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr  # it exits once its pod is gone
     assert stub.alive() == [] and [r.pod_scoped for r in stub.ops("podTerminate")] == [True]
     assert f"job ended (exit {0 if outcome == 'done' else 2})" in proc.stdout

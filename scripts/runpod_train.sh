@@ -66,19 +66,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 [[ -z $deadline || $deadline =~ ^[1-9][0-9]*$ ]] || { echo "error: --deadline must be a Unix time in seconds, got '$deadline'" >&2; exit 2; }
-[[ $linger =~ ^[0-9]+$ ]] || { echo "error: --linger must be whole seconds, got '$linger'" >&2; exit 2; }
-
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 py="${PYTHON:-python}"
-if [ -z "$root" ]; then
-  if [ -d /workspace ] && [ -w /workspace ]; then root=/workspace/cbvae; else root="$repo_root/runs/cloud"; fi
-fi
-out="$root/output"
-mkdir -p "$out"
-export NIMARE_DATA="${NIMARE_DATA:-$root/nimare_data}"
 
-# the pod's own limit, from container start: it holds even when the launcher is gone (kill -9, lost network)
+# the pod's own limit, first of all (an exit below restarts the container, which starts it again with the
+# same absolute deadline): it holds whatever the job or the launcher does (kill -9, lost network)
 can_remove=0
 if [ -n "${RUNPOD_POD_ID:-}" ] && [ -n "${RUNPOD_API_KEY:-}" ]; then can_remove=1; fi
 watchdog=""
@@ -91,6 +84,13 @@ if [ -n "$deadline" ]; then
     echo "[cbvae] warning: a deadline without RUNPOD_POD_ID and RUNPOD_API_KEY: this machine cannot remove itself" >&2
   fi
 fi
+[[ $linger =~ ^[0-9]+$ ]] || { echo "error: --linger must be whole seconds, got '$linger'" >&2; exit 2; }
+if [ -z "$root" ]; then
+  if [ -d /workspace ] && [ -w /workspace ]; then root=/workspace/cbvae; else root="$repo_root/runs/cloud"; fi
+fi
+out="$root/output"
+mkdir -p "$out"
+export NIMARE_DATA="${NIMARE_DATA:-$root/nimare_data}"
 
 # finish CODE: without --keep-alive exit; else stay up for the download, then remove the pod
 finish() {

@@ -42,8 +42,8 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 def test_full_launch_downloads_results_and_never_leaks_keys(repo_root: Path, tmp_path: Path, cli_env):
     pod_root = tmp_path / "pod" / "cbvae"
-    (pod_root / "output" / "runs" / "cbvae").mkdir(parents=True)
-    (pod_root / "output" / "runs" / "cbvae" / "decoder.ts").write_bytes(b"ts")
+    (pod_root / "output" / "cbvae").mkdir(parents=True)
+    (pod_root / "output" / "cbvae" / "decoder.ts").write_bytes(b"ts")
     (pod_root / "output" / "status.json").write_text(json.dumps({"state": "done", "step": "evaluate"}))
     ssh = tmp_path / "fake_ssh"
     ssh.write_text(FAKE_SSH)
@@ -57,7 +57,7 @@ def test_full_launch_downloads_results_and_never_leaks_keys(repo_root: Path, tmp
         args += ["--ssh-program", str(ssh), "--epochs", "3", "--env", f"NOTE={INJECTION}"]
         proc = run_cli(repo_root, args, cli_env, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "runs" / "cbvae" / "decoder.ts").read_bytes() == b"ts"
+    assert (out / "cbvae" / "decoder.ts").read_bytes() == b"ts"
     assert json.loads((out / "status.json").read_text())["state"] == "done"
     assert [r.operation for r in stub.requests].count("podTerminate") == 1 and stub.alive() == []
     assert "final cost about $" in proc.stdout and f"done: outputs in {out}" in proc.stdout

@@ -91,8 +91,8 @@ def make(tmp_path: Path, states=DONE, transfer=None, status_reader=None, **optio
     options = {"poll_s": 60, "start_timeout_s": 600, "retry_s": 1, **options}
     config = LaunchConfig(image="ghcr.io/test/cbvae:1", local_dir=tmp_path / "download", **options)
     pod = PodFiles(tmp_path / "pod", config.remote_output, states)
-    (pod.output / "runs" / "cbvae").mkdir(parents=True)
-    (pod.output / "runs" / "cbvae" / "decoder.ts").write_bytes(b"decoder")
+    (pod.output / "cbvae").mkdir(parents=True)
+    (pod.output / "cbvae" / "decoder.ts").write_bytes(b"decoder")
     launcher = PodLauncher(
         config,
         Secrets(runpod_api_key=RUNPOD_KEY, wandb_api_key=WANDB_KEY),
@@ -113,7 +113,7 @@ def test_happy_path_creates_follows_downloads_and_terminates_once(stub: RunPodSt
     assert ops.count("podFindAndDeployOnDemand") == 1 and ops.count("podTerminate") == 1
     assert stub.alive() == []
     assert result.terminated and result.pod_id == "stubpod1" and result.status == {"state": "done"}
-    assert (tmp_path / "download" / "runs" / "cbvae" / "decoder.ts").read_bytes() == b"decoder"
+    assert (tmp_path / "download" / "cbvae" / "decoder.ts").read_bytes() == b"decoder"
     # SSH port shown at the 3rd pod poll (2 pauses), then one pause per unfinished job state (2)
     assert clock.sleeps == [60.0] * 4
     assert result.price_per_hour == 0.69 and result.hours == pytest.approx(240 / 3600)

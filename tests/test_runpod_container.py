@@ -209,6 +209,7 @@ def test_pod_removes_itself_after_the_job_and_the_linger(repo_root: Path, tmp_pa
     assert f"job ended (exit {0 if outcome == 'done' else 2})" in proc.stdout
     assert (out / ("DONE" if outcome == "done" else "FAILED")).exists()
     assert "rpa_ACCOUNTKEY" not in proc.stdout + proc.stderr and "pod-scoped" not in proc.stdout + proc.stderr
+    assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

@@ -2,13 +2,13 @@
 
 The launcher (``scripts/train_runpod.py``) is a thin CLI over :class:`~cbvae_ext.cloud.launcher.PodLauncher`;
 the pod runs ``scripts/runpod_train.sh`` (the pipeline ``scripts/run_main.sh`` plus the pod's own deadline,
-:mod:`~cbvae_ext.cloud.pod_deadline`), which also runs on any bare Linux GPU machine.
+:mod:`~cbvae_ext.cloud.pod_deadline`), which also runs on any bare Linux GPU machine. ``pod_deadline`` and
+``job_status`` are run as ``python -m`` by the scripts, so this package does not import them.
 """
 
 from __future__ import annotations
 
 from cbvae_ext.cloud.graphql_safety import GraphQLValueError, check_value, encode_env
-from cbvae_ext.cloud.job_status import write_status
 from cbvae_ext.cloud.launcher import (
     CostCapReached,
     LaunchConfig,
@@ -20,7 +20,6 @@ from cbvae_ext.cloud.launcher import (
     PodStartTimeout,
     TrainingFailed,
 )
-from cbvae_ext.cloud.pod_deadline import SelfRemovalError, remove_this_pod
 from cbvae_ext.cloud.secrets import RedactingFilter, Secrets, SecretsError, load_secrets
 from cbvae_ext.cloud.transfer import SSHEndpoint, TransferError, download_outputs, endpoint_from_pod, read_status
 
@@ -38,7 +37,6 @@ __all__ = [
     "SSHEndpoint",
     "Secrets",
     "SecretsError",
-    "SelfRemovalError",
     "TrainingFailed",
     "TransferError",
     "check_value",
@@ -47,6 +45,4 @@ __all__ = [
     "endpoint_from_pod",
     "load_secrets",
     "read_status",
-    "remove_this_pod",
-    "write_status",
 ]

@@ -29,13 +29,13 @@ from types import ModuleType
 from typing import Any, TextIO
 
 from cbvae_ext.cloud.graphql_safety import B64_PREFIX, check_value, decode_env, encode_env
-from cbvae_ext.cloud.pod_deadline import DEADLINE_VAR
 from cbvae_ext.cloud.secrets import RUNPOD_KEY_VAR, WANDB_KEY_VAR, Secrets
 from cbvae_ext.cloud.transfer import SSHEndpoint, download_outputs, endpoint_from_pod, read_status
 from cbvae_ext.errors import CbvaeError
 
 __all__ = [
     "CLOUDS",
+    "DEADLINE_VAR",
     "MIN_POLL_S",
     "CostCapReached",
     "LaunchConfig",
@@ -53,6 +53,8 @@ __all__ = [
 
 CLOUDS = ("SECURE", "COMMUNITY", "ALL")
 _STOPPED = ("EXITED", "TERMINATED")
+#: the pod's own deadline (Unix time), enforced on the pod by ``python -m cbvae_ext.cloud.pod_deadline``
+DEADLINE_VAR = "CBVAE_DEADLINE"
 #: shortest pause between status polls (each poll is one API query and one SSH login)
 MIN_POLL_S = 1.0
 #: pod variables the launcher sets itself, and the option that sets each (``--env`` may not override them)

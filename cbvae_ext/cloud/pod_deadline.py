@@ -28,9 +28,8 @@ from cbvae_ext.cloud.graphql_safety import check_value
 from cbvae_ext.cloud.secrets import redact
 from cbvae_ext.errors import CbvaeError
 
-__all__ = ["DEADLINE_VAR", "POD_ID_VAR", "POD_KEY_VAR", "SelfRemovalError", "main", "remove_this_pod", "wait_until"]
+__all__ = ["POD_ID_VAR", "POD_KEY_VAR", "SelfRemovalError", "main", "remove_this_pod", "wait_until"]
 
-DEADLINE_VAR = "CBVAE_DEADLINE"
 POD_ID_VAR = "RUNPOD_POD_ID"
 POD_KEY_VAR = "RUNPOD_API_KEY"
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -20,17 +19,14 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from cbvae_ext.errors import CbvaeError
 from cbvae_ext.networks import MODELS, unwrap
+from cbvae_ext.run_folder import DECODER, LATENTS, MASK, SCHEMA, replace_atomically, write_json_atomically
 from cbvae_ext.schema import MetadataSchema
 
 __all__ = [
-    "CONFIG_FILE",
-    "DECODER_FILE",
-    "LATENTS_FILE",
-    "MASK_FILE",
-    "MODEL_FILE",
-    "SCHEMA_FILE",
     "DecoderModule",
+    "ExportError",
     "export_decoder",
     "latent_kl",
     "normalise_maps",
@@ -38,12 +34,9 @@ __all__ = [
     "write_latents",
 ]
 
-DECODER_FILE = "decoder.ts"
-SCHEMA_FILE = "decoder_schema.json"
-MASK_FILE = "mask.nii.gz"
-LATENTS_FILE = "latents.parquet"
-MODEL_FILE = "model.pt"
-CONFIG_FILE = "network_config.json"
+
+class ExportError(CbvaeError, ValueError):
+    """A model that does not fit the grid or schema it is exported with."""
 
 
 class DecoderModule(nn.Module):
@@ -71,7 +64,7 @@ def _model_name(model: nn.Module) -> str:
     for name, cls in MODELS.items():
         if isinstance(model, cls):
             return name
-    raise TypeError(
+    raise ExportError(
         f"cannot export {type(model).__name__}; expected one of {', '.join(c.__name__ for c in MODELS.values())}"
     )
 
@@ -116,7 +109,7 @@ def export_decoder(
         Path of ``decoder.ts``.
 
     Raises:
-        ValueError: the grid or the schema does not match the model.
+        ExportError: the grid or the schema does not match the model.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,17 +117,16 @@ def export_decoder(
     name = _model_name(model)
     grid = [int(s) for s in grid_shape]
     if list(model.decoder.out_shape) != grid:
-        raise ValueError(f"grid_shape {grid} differs from the decoder's output grid {list(model.decoder.out_shape)}")
+        raise ExportError(f"grid_shape {grid} differs from the decoder's output grid {list(model.decoder.out_shape)}")
     film = model.decoder.film
     cond_dim = schema.meta_dim + schema.mask_dim
     if film is not None and film.mlp[0].in_features != cond_dim:
-        raise ValueError(
+        raise ExportError(
             f"schema gives a conditioning vector of {cond_dim} values but the decoder takes "
             f"{film.mlp[0].in_features}; export with the schema of the dataset the model was trained on"
         )
     decoder = trace_decoder(model, cond_dim)
-    path = run_dir / DECODER_FILE
-    torch.jit.save(decoder, str(path))
+    path = replace_atomically(run_dir / DECODER, lambda tmp: torch.jit.save(decoder, tmp))
     meta = schema.to_dict()
     info: dict[str, Any] = {
         "latent_size": int(model.latent_size),
@@ -142,16 +134,16 @@ def export_decoder(
         "meta_schema": meta,
         "decoder_input_layout": meta["meta_layout"] + meta["mask_layout"],
         "grid": {"shape": grid, "affine": np.asarray(affine, dtype=float).tolist()},
-        "mask_file": MASK_FILE,
+        "mask_file": MASK,
         "latent_kl": None if latent_kl is None else [float(v) for v in latent_kl],
         # a missing field enters the decoder as normalised 0 (the training mean) with mask 0
         "imputed_defaults": {spec.name: 0.0 for spec in schema.fields},
         "dataset_dir": None if dataset_dir is None else str(Path(dataset_dir).resolve()),
     }
-    (run_dir / SCHEMA_FILE).write_text(json.dumps(info, indent=2))
-    target = run_dir / MASK_FILE
+    write_json_atomically(run_dir / SCHEMA, info)
+    target = run_dir / MASK
     if Path(mask_path).resolve() != target.resolve():
-        shutil.copyfile(mask_path, target)
+        replace_atomically(target, lambda tmp: shutil.copyfile(mask_path, tmp))
     return path
 
 
@@ -207,6 +199,6 @@ def write_latents(
     )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(run_dir / LATENTS_FILE, index=False)
+    replace_atomically(run_dir / LATENTS, lambda tmp: table.to_parquet(tmp, index=False))
     train = frame["split"].to_numpy() == "train"
     return latent_kl(mu[train], logvar[train]) if train.any() else np.zeros(model.latent_size)

@@ -1,7 +1,8 @@
 """Counterfactual decoding from a run folder: ``load(RUN).decode(z, {"task": ..., "year": ...})``.
 
 ``load`` needs ``decoder.ts``, ``decoder_schema.json`` and ``mask.nii.gz``; ``encode`` also needs
-``network_config.json`` and ``model.pt`` (read on first use). Conditions are named raw values
+``network_config.json`` and ``model.pt`` (read on first use). The folder is opened and checked by
+``cbvae_ext.run_folder.RunFolder``; every problem with it is a ``RunFolderError``. Conditions are named raw values
 (``{"task": "working memory", "year": 2005, "sample_size": 20}``) validated by the run's
 ``MetadataSchema``. A condition left out is filled like a missing value in training: with the value the
 imputation head predicted for a real map when ``imputed`` is given (see ``encode``), else with the schema
@@ -10,7 +11,6 @@ default (normalised 0, the training mean); its mask entry is 0 either way, and t
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,20 +21,16 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from cbvae_ext.export import CONFIG_FILE, DECODER_FILE, MASK_FILE, MODEL_FILE, SCHEMA_FILE, normalise_maps
-from cbvae_ext.networks import build_network
+from cbvae_ext.errors import CbvaeError
+from cbvae_ext.export import normalise_maps
+from cbvae_ext.run_folder import EVALUATION_FILES, INFERENCE_FILES, TRAIN_COMMAND, RunFolder, RunFolderError
 from cbvae_ext.schema import MetadataSchema
 
-__all__ = ["TRAIN_COMMAND", "CounterfactualModel", "DecodeResult", "RunFolderError", "load"]
-
-#: How a run folder is made (named in the errors for missing files).
-TRAIN_COMMAND = (
-    "python -m monai.bundle run training --config_file bundle/configs/train.yaml --dataset_dir DATA --output_dir RUN"
-)
+__all__ = ["TRAIN_COMMAND", "CounterfactualModel", "InferenceError", "DecodeResult", "RunFolderError", "load"]
 
 
-class RunFolderError(ValueError):
-    """A run folder is missing a file or its files do not match each other."""
+class InferenceError(CbvaeError, ValueError):
+    """A latent vector, map or conditions the run's networks cannot turn into a finite result."""
 
 
 @dataclass
@@ -121,12 +117,16 @@ class CounterfactualModel:
         """``z`` as float32 ``[n, L]``: one latent vector is repeated, else one row per condition set."""
         z = torch.as_tensor(np.asarray(z, dtype=np.float32) if not torch.is_tensor(z) else z).float()
         if z.numel() % self.latent_size:
-            raise ValueError(f"z has {z.numel()} values; the run's latent size is {self.latent_size}")
+            raise InferenceError(f"z has {z.numel()} values; the run's latent size is {self.latent_size}")
+        if not torch.isfinite(z).all():
+            raise InferenceError(
+                "z holds NaN or infinite values; pass a finite latent vector (e.g. a row of latents.parquet)"
+            )
         z = z.reshape(-1, self.latent_size)
         if len(z) == 1:
             return z.expand(n, -1)
         if len(z) != n:
-            raise ValueError(f"z has {len(z)} rows for {n} condition sets; pass one z or one per condition set")
+            raise InferenceError(f"z has {len(z)} rows for {n} condition sets; pass one z or one per condition set")
         return z
 
     # ----- decoding -------------------------------------------------------------------------
@@ -160,6 +160,14 @@ class CounterfactualModel:
         latents = self._latents(z, len(rows))
         with torch.no_grad():
             maps = self.decoder(latents, m)[:, 0].numpy() if rows else np.zeros((0, *self.grid_shape), np.float32)
+        bad = [i for i in range(len(maps)) if not np.isfinite(maps[i][self.mask]).all()]
+        if bad:
+            # far extrapolated conditions (or an extreme z) overflow the network: say so instead of a NaN map
+            raise InferenceError(
+                f"decoding gave NaN/infinite values for conditions {dict(conditions[bad[0]])} (|z| max "
+                f"{float(latents[bad[0]].abs().max()):.3g}); use conditions nearer the training range and a z "
+                f"within a few units of 0"
+            )
         maps = np.where(self.mask, maps, 0.0).astype(np.float32)
         return [
             DecodeResult(maps[i], self.affine, dict(c), filled, defaulted)
@@ -170,7 +178,7 @@ class CounterfactualModel:
     def network(self) -> torch.nn.Module:
         """The full network from ``network_config.json`` + ``model.pt`` (loaded once, eval mode, CPU)."""
         if self._network is None:
-            self._network = _load_network(self.run_dir, self.info)
+            self._network = RunFolder.open(self.run_dir, require=EVALUATION_FILES).load_network()
         return self._network
 
     def encode(
@@ -190,15 +198,16 @@ class CounterfactualModel:
                 units; empty for the baseline), to pass as ``decode(..., imputed=...)``.
 
         Raises:
-            ValueError: the map's shape differs from the grid, or it is not finite or all zero.
+            InferenceError: the map's shape differs from the grid, or it is not finite or all zero.
+            RunFolderError: ``network_config.json`` or ``model.pt`` is missing or does not fit.
         """
         image = np.asarray(image, dtype=np.float32)
         if image.shape != self.grid_shape:
-            raise ValueError(
+            raise InferenceError(
                 f"map shape {image.shape} differs from the run's grid {self.grid_shape}; resample it first"
             )
         if not np.isfinite(image).all() or image.max() <= 0:
-            raise ValueError("map must be finite with a positive maximum (a modeled-activation map)")
+            raise InferenceError("map must be finite with a positive maximum (a modeled-activation map)")
         conditions = {k: v for k, v in (conditions or {}).items() if v is not None}
         meta, mask = self.schema.encode_conditions(conditions, allow_extrapolation)
         net = self.network()
@@ -213,51 +222,17 @@ class CounterfactualModel:
         return (*out, imputed)
 
 
-def _require(run_dir: Path, name: str) -> Path:
-    path = run_dir / name
-    if not path.is_file():
-        raise RunFolderError(f"run folder {run_dir} has no {name}; train and export a run with: {TRAIN_COMMAND}")
-    return path
-
-
-def _load_network(run_dir: Path, info: Mapping[str, Any]) -> torch.nn.Module:
-    config = json.loads(_require(run_dir, CONFIG_FILE).read_text())
-    state = torch.load(_require(run_dir, MODEL_FILE), map_location="cpu", weights_only=True)
-    if int(config.get("latent_size", -1)) != int(info["latent_size"]) or config.get("model") != info.get("model"):
-        raise RunFolderError(
-            f"{run_dir / CONFIG_FILE} ({config.get('model')}, latent {config.get('latent_size')}) does not match "
-            f"{run_dir / SCHEMA_FILE} ({info.get('model')}, latent {info['latent_size']}); re-export the run"
-        )
-    try:
-        net = build_network(config)
-        net.load_state_dict(state)
-    except (RuntimeError, ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise RunFolderError(f"{run_dir / MODEL_FILE} does not fit {run_dir / CONFIG_FILE}: {first}") from None
-    return net.eval()
-
-
 def load(run_dir: str | Path) -> CounterfactualModel:
     """Open a run folder for decoding (and encoding).
 
+    A run folder from someone else must be trusted like code: ``decoder.ts`` is a TorchScript program
+    and runs with your permissions (a crafted one can read your files). ``model.pt`` is loaded with
+    ``weights_only=True``.
+
     Raises:
-        RunFolderError: a required file is missing or unreadable.
+        RunFolderError: a required file is missing, unreadable or inconsistent with the others.
     """
-    run_dir = Path(run_dir)
-    decoder_path = _require(run_dir, DECODER_FILE)
-    try:
-        info = json.loads(_require(run_dir, SCHEMA_FILE).read_text())
-        info["latent_size"], info["grid"]["shape"], info["meta_schema"]  # noqa: B018 - presence check
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise RunFolderError(f"{run_dir / SCHEMA_FILE} is malformed ({err}); re-export the run") from None
-    mask_img = nib.load(_require(run_dir, info.get("mask_file", MASK_FILE)))
-    mask = np.asarray(mask_img.dataobj) > 0
-    if mask.shape != tuple(info["grid"]["shape"]):
-        raise RunFolderError(f"{run_dir / MASK_FILE} has shape {mask.shape}, not the grid {info['grid']['shape']}")
-    try:
-        decoder = torch.jit.load(str(decoder_path), map_location="cpu").eval()
-    except RuntimeError as err:
-        raise RunFolderError(
-            f"{decoder_path} is not a TorchScript file ({str(err).splitlines()[0]}); re-export the run"
-        ) from None
-    return CounterfactualModel(run_dir, decoder, info, mask)
+    run = RunFolder.open(run_dir, require=INFERENCE_FILES)
+    mask = run.mask()
+    decoder = run.load_decoder()
+    return CounterfactualModel(run.path, decoder, run.decoder_schema or {}, mask)

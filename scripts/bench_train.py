@@ -21,9 +21,9 @@ import torch
 
 from cbvae_ext.engine.losses import CBVAELoss
 from cbvae_ext.engine.step import TrainStep
-from cbvae_ext.engine.workflow import training_preset
 from cbvae_ext.export import trace_decoder
 from cbvae_ext.networks import build_network, count_parameters, preset_config
+from cbvae_ext.presets import training_preset
 from cbvae_ext.schema import MetadataSchema
 
 __all__ = ["main"]

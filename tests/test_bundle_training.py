@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import conftest
 import pandas as pd
 import pytest
 import torch
@@ -120,3 +122,57 @@ def test_ddp_two_processes_gloo(tiny_dataset, repo_root, tmp_path):
     hist = _assert_run_folder(out, 1)
     assert hist["grl_lambda"].iloc[0] > 0
     assert "Saved checkpoint at epoch: 1" in proc.stdout + proc.stderr
+
+
+def _bundle(args: list[str]) -> subprocess.CompletedProcess:
+    """A bundle command that may fail (``run_bundle`` fails the test on a non-zero status)."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=conftest.REPO_ROOT, env=BUNDLE_ENV, capture_output=True, text=True, timeout=900
+    )
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_rejected_commands_leave_a_finished_run_untouched(tiny_runs, tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["cbvae"], run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    # another build of the dataset (its manifest, hence its checksum and splits, differ)
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(tiny_dataset, rebuilt)
+    manifest = json.loads((rebuilt / "manifest.json").read_text())
+    (rebuilt / "manifest.json").write_text(json.dumps({**manifest, "rebuilt": True}))
+
+    # was: resumed silently, then recorded the new build's checksum so evaluation's check passed
+    err = _one_line_error(_bundle(training_command(rebuilt, run, 2, *OFF)))
+    assert err.startswith("error: cannot resume from ") and "dataset_manifest_sha256" in err
+    err = _one_line_error(_bundle(training_command(tiny_dataset, run, 2, *OFF, "--latent_size", "16")))
+    assert "latent_size 32 -> 16" in err
+    # was: network_config.json rewritten, then a 60-line MONAI traceback
+    err = _one_line_error(_bundle(training_command(tiny_dataset, run, 2, *OFF, "--lr", "nan")))
+    assert err == "error: --lr must be a number > 0, got 'nan'"
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_resume_skips_a_damaged_checkpoint_and_keeps_the_best_model(tiny_runs, tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["cbvae"], run)
+    best = (run / "model.pt").read_bytes()
+    (run / "checkpoints" / "checkpoint_epoch=2.pt").write_bytes(b"")  # a kill during the old in-place write
+    # a large learning rate makes epoch 2 worse on validation than epoch 1
+    proc = run_bundle(training_command(tiny_dataset, run, 2, *OFF, "--lr", "1.0"))
+    text = proc.stdout + proc.stderr
+    assert re.search(r"skipping damaged checkpoint .*checkpoint_epoch=2.pt \(EOFError\)", text)  # was EOFError crash
+    assert re.search(r"Restored all variables from .*checkpoint_epoch=1.pt", text)
+    hist = _assert_run_folder(run, 2)
+    assert hist["val_loss"].iloc[1] > hist["val_loss"].iloc[0]
+    assert (run / "model.pt").read_bytes() == best  # was replaced by the first validation after the resume
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint_epoch=2.pt"]
+    state = torch.load(run / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=True)
+    assert state["best_model"]["best_metric"] == pytest.approx(hist["val_loss"].iloc[0], rel=1e-6)

@@ -1,9 +1,10 @@
-"""Handlers on a tiny ignite Engine: KL controller, GRL λ ramp, epoch means, history, checkpoint lookup."""
+"""Handlers on a tiny ignite Engine: KL controller, GRL λ ramp, epoch means, history, checkpoints and resume."""
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,7 +14,13 @@ from ignite.engine import Engine, Events
 from cbvae_ext.engine import GRLSchedule, History, KLController, MeanTerms, dann_lambda
 from cbvae_ext.engine.loaders import ResidentBatches
 from cbvae_ext.engine.losses import CBVAELoss
-from cbvae_ext.engine.resume import last_checkpoint
+from cbvae_ext.engine.resume import (
+    AtomicCheckpointSaver,
+    ResumeError,
+    RunFingerprint,
+    last_checkpoint,
+    resume_checkpoint,
+)
 from cbvae_ext.networks.heads import GradientReversal
 
 
@@ -155,3 +162,121 @@ def test_resident_batches_cover_every_row_once_per_epoch_and_shard():
     assert [len(r) for r in rows] == [5, 5] and set(rows[0] + rows[1]) == set(range(9))
     with pytest.raises(ValueError, match="one length"):
         ResidentBatches({"a": torch.zeros(2), "b": torch.zeros(3)}, batch_size=1)
+
+
+def test_grl_schedule_logs_through_the_engine_logger(caplog):
+    # the multi-GPU overlay mutes ranks > 0 by setting the engines' logger levels
+    engine = Engine(lambda e, _: None)
+    engine.logger = logging.getLogger("muted-trainer")
+    engine.logger.setLevel(logging.WARNING)
+    GRLSchedule(torch.nn.Linear(1, 1), log_every=1).attach(engine)
+    with caplog.at_level(logging.INFO):
+        engine.run([0, 1], max_epochs=1)
+    assert not [r for r in caplog.records if "GRL lambda" in r.getMessage()]  # was logged by its own module logger
+    engine.logger.setLevel(logging.INFO)
+    with caplog.at_level(logging.INFO):
+        engine.run([0, 1], max_epochs=2)
+    assert [r.name for r in caplog.records if "GRL lambda" in r.getMessage()] == ["muted-trainer"] * 2
+
+
+class _Exploding:
+    """A save_dict entry whose state cannot be pickled: ``torch.save`` fails part-way, like a kill mid-write."""
+
+    def __init__(self) -> None:
+        self.explode = False
+
+    def state_dict(self) -> dict:
+        return {"x": (lambda: None) if self.explode else 1.0}
+
+
+def _epoch_engine() -> Engine:
+    return Engine(lambda e, _: None)
+
+
+def test_atomic_saver_keeps_the_last_good_checkpoint_when_a_write_fails(tmp_path):
+    part = _Exploding()
+    engine = _epoch_engine()
+    saver = AtomicCheckpointSaver(
+        str(tmp_path), {"model": torch.nn.Linear(2, 2), "part": part}, save_interval=1, n_saved=1
+    )
+    saver.attach(engine)
+    engine.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda _: setattr(part, "explode", True))  # after saving 2
+    with pytest.raises(Exception, match="pickle|Can't"):
+        engine.run([0], max_epochs=3)
+    # MONAI's saver deleted checkpoint_epoch=2.pt, then left a partial checkpoint_epoch=3.pt: nothing loadable
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=2.pt"]
+    assert torch.load(tmp_path / "checkpoint_epoch=2.pt", weights_only=True)["part"] == {"x": 1.0}
+
+
+def test_atomic_saver_rotates_to_n_saved_across_a_resume(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    engine = _epoch_engine()
+    AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_interval=1, n_saved=1).attach(engine)
+    engine.run([0], max_epochs=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["model_epoch=2.pt"]
+    resumed = _epoch_engine()  # a new process: its saver adopts the checkpoint it resumed from
+    AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_interval=1, n_saved=1).attach(resumed)
+    resumed.state.epoch, resumed.state.max_epochs = 2, 4  # as the CheckpointLoader leaves it
+    resumed.run([0], max_epochs=4)
+    assert [p.name for p in tmp_path.iterdir()] == ["model_epoch=4.pt"]  # epoch 2 was left behind by MONAI's saver
+
+
+def test_best_model_ranking_survives_a_resume(tmp_path):
+    """A resumed run keeps model.pt until validation beats the best value from before the interruption."""
+    losses = iter([5.0, 7.0])
+    evaluator = Engine(lambda e, _: None)
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_loss=next(losses)))
+    net = torch.nn.Linear(2, 2)
+    kwargs = {"save_key_metric": True, "key_metric_name": "val_loss", "key_metric_negative_sign": True,
+              "key_metric_filename": "model.pt"}  # fmt: skip
+    saver = AtomicCheckpointSaver(str(tmp_path), {"model": net}, **kwargs)
+    saver.attach(evaluator)
+    evaluator.run([0], max_epochs=1)  # val_loss 5.0 -> model.pt
+    state = saver.state_dict()
+    assert [priority for priority, _ in state["_saved"]] == [-5.0]
+    before = (tmp_path / "model.pt").read_bytes()
+
+    torch.nn.init.constant_(net.weight, 3.0)  # training went on, then the process was killed
+    resumed_evaluator = Engine(lambda e, _: None)
+    resumed_evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_loss=next(losses)))
+    resumed = AtomicCheckpointSaver(str(tmp_path), {"model": net}, **kwargs)
+    resumed.attach(resumed_evaluator)
+    resumed.load_state_dict(state)
+    resumed_evaluator.run([0], max_epochs=1)  # val_loss 7.0 is worse than 5.0
+    assert (tmp_path / "model.pt").read_bytes() == before  # was replaced by the first post-resume validation
+
+
+def _fingerprinted(path: Path, config: dict) -> None:
+    torch.save({"model": {}, "run_fingerprint": RunFingerprint(config).state_dict()}, path)
+
+
+def test_resume_refuses_another_dataset_build_model_or_architecture(tmp_path, capsys):
+    config = {"model": "cbvae", "latent_size": 32, "channels": [4, 8], "dataset_manifest_sha256": "a" * 64}
+    _fingerprinted(tmp_path / "checkpoint_epoch=3.pt", config)
+    assert resume_checkpoint(tmp_path, "true", config).endswith("checkpoint_epoch=3.pt")
+    assert resume_checkpoint(tmp_path, "false", config) is None
+    for change, shown in (
+        ({"dataset_manifest_sha256": "b" * 64}, "dataset_manifest_sha256 'aaaaaaaaaaaa…' -> 'bbbbbbbbbbbb…'"),
+        ({"latent_size": 16}, "latent_size 32 -> 16"),
+        ({"model": "baseline"}, "model 'cbvae' -> 'baseline'"),
+        ({"channels": [4, 8, 16]}, "channels [4, 8] -> [4, 8, 16]"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            resume_checkpoint(tmp_path, True, {**config, **change})
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: cannot resume from ") and shown in err, err
+    with pytest.raises(ResumeError, match="another dataset, model or architecture"):
+        RunFingerprint({**config, "latent_size": 8}).load_state_dict(RunFingerprint(config).state_dict())
+
+
+def test_resume_skips_a_damaged_checkpoint_and_refuses_one_without_fingerprint(tmp_path, capsys):
+    config = {"model": "cbvae", "latent_size": 32}
+    _fingerprinted(tmp_path / "checkpoint_epoch=2.pt", config)
+    (tmp_path / "checkpoint_epoch=3.pt").write_bytes(b"")  # a kill during the old, non-atomic write
+    with pytest.warns(UserWarning, match=r"skipping damaged checkpoint .*checkpoint_epoch=3.pt \(EOFError\)"):
+        assert resume_checkpoint(tmp_path, True, config).endswith("checkpoint_epoch=2.pt")
+    torch.save({"model": {}}, tmp_path / "checkpoint_epoch=4.pt")
+    with pytest.raises(SystemExit):
+        resume_checkpoint(tmp_path, True, config)
+    assert "records no dataset/architecture fingerprint" in capsys.readouterr().err

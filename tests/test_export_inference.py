@@ -15,8 +15,9 @@ import torch
 
 from cbvae_ext.data import DatasetInfo
 from cbvae_ext.export import DecoderModule, export_decoder, latent_kl, normalise_maps, write_latents
-from cbvae_ext.inference import RunFolderError, load
+from cbvae_ext.inference import InferenceError, RunFolderError, load
 from cbvae_ext.networks import FiLMGenerator, build_network, preset_config
+from cbvae_ext.run_folder import APP_FILES, EVALUATION_FILES, RunFolder
 from cbvae_ext.schema import MetadataSchema, SchemaError
 
 matplotlib.use("Agg")
@@ -178,7 +179,7 @@ def test_baseline_decoder_ignores_conditions(tmp_path: Path, schema: MetadataSch
 
 
 def test_missing_and_mismatched_run_files(run: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
-    with pytest.raises(RunFolderError, match=r"has no decoder.ts; train and export a run with: python -m monai.bundle"):
+    with pytest.raises(RunFolderError, match=r"has no decoder.ts, decoder_schema.json, mask.nii.gz; train and export"):
         load(tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(run[0], copy)
@@ -192,7 +193,7 @@ def test_missing_and_mismatched_run_files(run: tuple[Path, torch.nn.Module], tmp
     with pytest.raises(RunFolderError, match="model.pt does not fit .*network_config.json"):
         load(copy).encode(np.ones(GRID))
     (copy / "decoder_schema.json").write_text("{}")
-    with pytest.raises(RunFolderError, match="decoder_schema.json is malformed"):
+    with pytest.raises(RunFolderError, match="decoder_schema.json lacks latent_size, model, meta_schema, grid"):
         load(copy)
 
 
@@ -229,3 +230,89 @@ def test_write_latents(run: tuple[Path, torch.nn.Module], schema: MetadataSchema
     train = [0, 1, 4]
     np.testing.assert_allclose(kl, latent_kl(ref_mu.numpy()[train], ref_logvar.numpy()[train]), rtol=1e-4)
     assert kl.shape == (32,) and (kl >= 0).all()
+
+
+def _copy_run(run: tuple[Path, torch.nn.Module], dest: Path) -> Path:
+    shutil.copytree(run[0], dest)
+    shutil.copy(run[0].parent / "mask.nii.gz", dest / "mask.nii.gz")
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("mask.nii.gz", b"not a nifti", r"mask.nii.gz is not a readable NIfTI mask"),  # was nibabel's ImageFileError
+        ("decoder.ts", b"", r"decoder.ts is not a TorchScript file"),
+        ("decoder_schema.json", b"[1, 2]", r"decoder_schema.json holds a list, not a JSON object"),  # was TypeError
+        ("decoder_schema.json", b"\xff\xfe", r"decoder_schema.json is not readable JSON"),  # was UnicodeDecodeError
+    ],
+)
+def test_load_damaged_file_is_a_run_folder_error(run, tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    copy = _copy_run(run, tmp_path / "copy")
+    (copy / name).write_bytes(content)
+    with pytest.raises(RunFolderError, match=message) as err:
+        load(copy)
+    assert "\n" not in str(err.value)
+
+
+def test_encode_with_damaged_checkpoint_is_a_run_folder_error(run, tmp_path: Path) -> None:
+    copy = _copy_run(run, tmp_path / "copy")
+    (copy / "model.pt").write_bytes(b"\x80\x02garbage")  # was _pickle.UnpicklingError
+    with pytest.raises(RunFolderError, match=r"model.pt cannot be loaded with weights_only=True"):
+        load(copy).encode(np.ones(GRID))
+
+
+def test_load_refuses_config_that_disagrees_with_decoder_schema(run, tmp_path: Path) -> None:
+    copy = _copy_run(run, tmp_path / "copy")
+    config = json.loads((copy / "network_config.json").read_text())
+    (copy / "network_config.json").write_text(json.dumps({**config, "latent_size": 16}))
+    with pytest.raises(
+        RunFolderError,
+        match=r"latent size mismatch: .*decoder_schema.json has latent_size 32 but network_config.json has 16",
+    ):
+        load(copy)
+
+
+def test_decode_refuses_non_finite_latents_and_overflowing_conditions(run) -> None:
+    model = load(run[0])
+    z = np.zeros(32)
+    z[3] = np.nan
+    with pytest.raises(InferenceError, match="z holds NaN or infinite values"):  # was an all-NaN map
+        model.decode(z, {"task": "emotion"})
+    with pytest.raises(InferenceError, match="decoding gave NaN/infinite values"):
+        model.decode(np.zeros(32), {"task": "emotion", "year": 1e300}, allow_extrapolation=True)
+    assert np.isfinite(
+        model.decode(np.zeros(32), {"task": "emotion", "year": 2030}, allow_extrapolation=True).map
+    ).all()
+
+
+def test_run_folder_offers_what_evaluation_and_the_app_read(run, schema: MetadataSchema, tmp_path: Path) -> None:
+    path, net = run
+    folder = RunFolder.open(path, require=EVALUATION_FILES)
+    assert folder.latent_size == 32 and folder.model_kind == "cbvae" and folder.grid_shape == tuple(GRID)
+    assert folder.trained_on == "0" * 64 and folder.schema.categories == CATS
+    assert folder.imputed_defaults == {f.name: 0.0 for f in schema.fields}
+    np.testing.assert_array_equal(folder.latent_kl, np.arange(32.0))
+    loaded = folder.load_network()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values(), strict=True))
+    folder.check_dataset(schema, GRID, "0" * 64)
+    with pytest.raises(RunFolderError, match=r"dataset mismatch: .* manifest.json has sha256 000000000000…"):
+        folder.check_dataset(schema, GRID, "1" * 64)
+    with pytest.raises(RunFolderError, match=r"grid mismatch: .* has grid \[24, 28, 24\] but the dataset has"):
+        folder.check_dataset(schema, [24, 28, 20])
+    other = MetadataSchema.fit(["motor", "emotion", "other"], {"year": np.arange(1995.0, 2015.0)})
+    with pytest.raises(RunFolderError, match="schema mismatch"):
+        folder.check_dataset(other, GRID)
+
+    # the app needs latents.parquet too; `missing` lets it show how to make the run
+    copy = _copy_run(run, tmp_path / "copy")
+    with pytest.raises(RunFolderError, match="has no latents.parquet") as err:
+        RunFolder.open(copy, require=APP_FILES)
+    assert err.value.missing == ("latents.parquet",)
+    frame = pd.DataFrame({"id": ["a"], "title": ["t"], "year": [2000.0], "category": ["other"], "split": ["train"]})
+    frame.assign(mu=[[0.0] * 31]).to_parquet(copy / "latents.parquet")
+    with pytest.raises(RunFolderError, match="mu has 31 entries per study but latent_size is 32"):
+        RunFolder.open(copy, require=APP_FILES).latents()
+    frame.assign(mu=[[0.5] * 32]).to_parquet(copy / "latents.parquet")
+    table, mu = RunFolder.open(copy, require=APP_FILES).latents()
+    assert "mu" not in table and mu.shape == (1, 32) and mu.dtype == np.float32

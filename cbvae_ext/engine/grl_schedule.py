@@ -10,8 +10,13 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from cbvae_ext.engine.step import unwrap
+from cbvae_ext.errors import CbvaeError
 
-__all__ = ["GRLSchedule", "dann_lambda"]
+__all__ = ["GRLSchedule", "GRLScheduleError", "dann_lambda"]
+
+
+class GRLScheduleError(CbvaeError, ValueError):
+    """A ramp parameter the schedule cannot use."""
 
 
 def dann_lambda(progress: float, gamma: float = 10.0, lambda_max: float = 1.0) -> float:
@@ -31,19 +36,36 @@ class GRLSchedule:
         gamma: steepness γ of the ramp.
         lambda_max: the plateau λ.
         log_every: log λ at INFO every this many iterations (0 = never).
+        name: logger name; ``None`` (default) logs through the engine's logger, as MONAI handlers do, so
+            the multi-GPU overlay's rank muting (``trainer.logger.setLevel``) reaches it.
+
+    Raises:
+        GRLScheduleError: a negative ``gamma`` or ``lambda_max`` (or not finite).
     """
 
-    def __init__(self, network: nn.Module, gamma: float = 10.0, lambda_max: float = 1.0, log_every: int = 0) -> None:
-        if gamma < 0 or lambda_max < 0:
-            raise ValueError(f"GRLSchedule needs gamma >= 0 and lambda_max >= 0, got {gamma}, {lambda_max}")
+    def __init__(
+        self,
+        network: nn.Module,
+        gamma: float = 10.0,
+        lambda_max: float = 1.0,
+        log_every: int = 0,
+        name: str | None = None,
+    ) -> None:
+        if not (math.isfinite(gamma) and math.isfinite(lambda_max) and gamma >= 0 and lambda_max >= 0):
+            raise GRLScheduleError(
+                f"grl_gamma and grl_lambda_max must be finite and >= 0, got {gamma}, {lambda_max}; fix the override"
+            )
         self.network = network
         self.gamma = gamma
         self.lambda_max = lambda_max
         self.log_every = log_every
         self.lambda_ = 0.0
-        self.logger = logging.getLogger(__name__)
+        self._name = name
+        self.logger = logging.getLogger(name)
 
     def attach(self, engine: Engine) -> None:
+        if self._name is None:
+            self.logger = engine.logger
         engine.add_event_handler(Events.ITERATION_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -11,6 +10,8 @@ from typing import Any
 
 import pandas as pd
 from ignite.engine import Engine, Events
+
+from cbvae_ext.run_folder import replace_atomically, write_json_atomically
 
 __all__ = ["History", "plot_schedules"]
 
@@ -49,6 +50,7 @@ class History:
         evaluator: engine whose ``state.metrics`` hold the ``val_*`` values (run before this handler).
         train_prefix: prefix of the trainer's metrics, stripped in the columns.
         plot: also save the β/λ PNG.
+        name: logger name; ``None`` logs through the engine's logger (muted on ranks > 0 by the overlay).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class History:
         evaluator: Engine | None = None,
         train_prefix: str = "train_",
         plot: bool = True,
+        name: str | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.evaluator = evaluator
@@ -64,13 +67,16 @@ class History:
         self.plot = plot
         self.rows: list[dict[str, float]] = []
         self._first = True
-        self.logger = logging.getLogger(__name__)
+        self._name = name
+        self.logger = logging.getLogger(name)
 
     @property
     def csv_path(self) -> Path:
         return self.output_dir / "history.csv"
 
     def attach(self, engine: Engine) -> None:
+        if self._name is None:
+            self.logger = engine.logger
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.EPOCH_STARTED, self.first_epoch_started)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
@@ -103,9 +109,12 @@ class History:
     def write(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         frame = pd.DataFrame(self.rows)
-        frame.to_csv(self.csv_path, index=False)
-        records = [{k: (None if _is_nan(v) else v) for k, v in r.items()} for r in self.rows]
-        (self.output_dir / "history.json").write_text(json.dumps(records, indent=1))
+        # atomic: a kill mid-write must not leave a truncated history for the resumed run to read
+        replace_atomically(self.csv_path, lambda tmp: frame.to_csv(tmp, index=False))
+        write_json_atomically(
+            self.output_dir / "history.json",
+            [{k: (None if _is_nan(v) else v) for k, v in r.items()} for r in self.rows],
+        )
         if self.plot and {"beta", "grl_lambda"} <= set(frame.columns):
             plot_schedules(frame, self.output_dir / "history.png")
 

@@ -6,7 +6,13 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-__all__ = ["ResidentBatches"]
+from cbvae_ext.errors import CbvaeError
+
+__all__ = ["LoaderError", "ResidentBatches"]
+
+
+class LoaderError(CbvaeError, ValueError):
+    """A split or batch size the loader cannot serve."""
 
 
 class ResidentBatches:
@@ -40,9 +46,9 @@ class ResidentBatches:
     ) -> None:
         lengths = {k: len(v) for k, v in tensors.items()}
         if not lengths or len(set(lengths.values())) != 1 or 0 in lengths.values():
-            raise ValueError(f"ResidentBatches needs non-empty tensors of one length, got lengths {lengths}")
+            raise LoaderError(f"ResidentBatches needs non-empty tensors of one length, got lengths {lengths}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise LoaderError(f"batch_size must be >= 1, got {batch_size}")
         self.tensors = dict(tensors)
         self.n = next(iter(lengths.values()))
         self.batch_size = batch_size

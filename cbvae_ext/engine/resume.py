@@ -1,24 +1,237 @@
-"""Find the checkpoint a resumed run starts from."""
+"""Checkpoints a killed run can resume from, and the checks before it resumes.
+
+- ``AtomicCheckpointSaver``: MONAI's ``CheckpointSaver`` whose files are written through a temporary
+  file and renamed, and whose superseded files are deleted only after the new one is complete, so a kill
+  at any moment leaves the last good checkpoint (MONAI writes in place, after deleting the old one). It
+  also carries the best key-metric value in its state, so a resumed run keeps the best ``model.pt``.
+- ``RunFingerprint``: the run's ``network_config`` (architecture, model, dataset checksum) saved with
+  every checkpoint.
+- ``resume_checkpoint``: the newest readable checkpoint (a damaged one is skipped with a warning),
+  refused with a one-line error when it was made for another dataset build, model or architecture.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["last_checkpoint"]
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointSaver
+
+from cbvae_ext.engine.bundle_glue import exit_on_error, flag
+from cbvae_ext.errors import CbvaeError
+
+__all__ = [
+    "AtomicCheckpointSaver",
+    "ResumeError",
+    "RunFingerprint",
+    "checkpoints",
+    "last_checkpoint",
+    "resume_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
 
 _EPOCH = re.compile(r"_epoch=(\d+)\.pt$")
 
+#: ``network_config`` keys that may differ on resume (none today: every key describes the model or its data).
+_FREE_KEYS: frozenset[str] = frozenset()
+
+
+class ResumeError(CbvaeError, ValueError):
+    """A checkpoint that cannot be resumed by this command."""
+
+
+def checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """The ``*_epoch=N.pt`` files of a folder (MONAI/ignite interval names), newest epoch first."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.glob("*.pt") if (m := _EPOCH.search(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
 
 def last_checkpoint(checkpoint_dir: str | Path, enabled: bool = True) -> str | None:
-    """Path of the newest ``*_epoch=N.pt`` (MONAI ``CheckpointSaver`` interval file), or ``None``.
+    """Path of the newest ``*_epoch=N.pt`` by name (not opened), or ``None``.
 
     Args:
         checkpoint_dir: the run's ``checkpoints/`` folder (may not exist yet).
         enabled: ``False`` (resume switched off) always gives ``None``.
     """
-    folder = Path(checkpoint_dir)
-    if not enabled or not folder.is_dir():
+    found = checkpoints(checkpoint_dir) if enabled else []
+    return str(found[0]) if found else None
+
+
+def _canonical(config: Mapping[str, Any]) -> dict[str, Any]:
+    # JSON round trip: tuples become lists, numpy scalars fail loudly here rather than at comparison
+    return {k: v for k, v in json.loads(json.dumps(dict(config), sort_keys=True)).items() if k not in _FREE_KEYS}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text[:13] + "…'" if isinstance(value, str) and len(value) > 24 else text[:80]
+
+
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{k} {_short(saved.get(k, '(unset)'))} -> {_short(current.get(k, '(unset)'))}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
+
+
+class RunFingerprint:
+    """What a checkpoint was trained for: the run's ``network_config`` (model, architecture, dataset checksum).
+
+    Saved in every checkpoint (``state_dict``); ``load_state_dict`` refuses a different one, the last
+    guard if a checkpoint reaches the trainer without ``resume_checkpoint``.
+
+    Args:
+        network_config: the run's ``network_config`` (``bundle_glue.network_config``).
+    """
+
+    def __init__(self, network_config: Mapping[str, Any]) -> None:
+        self.config = _canonical(network_config)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"network_config": json.dumps(self.config, sort_keys=True)}
+
+    def check(self, state: Mapping[str, Any], source: str | Path) -> None:
+        """Raise ``ResumeError`` unless ``state`` (a saved ``state_dict``) describes this run."""
+        saved = _canonical(json.loads(state["network_config"]))
+        diff = _differences(saved, self.config)
+        if diff:
+            shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+            raise ResumeError(
+                f"cannot resume from {source}: it was trained with another dataset, model or architecture ({shown}); "
+                "use a new --output_dir, or pass --resume false to start this run afresh"
+            )
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.check(state, "the checkpoint")
+
+
+def _readable(path: Path) -> dict[str, Any] | None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated (EOFError), corrupt zip (RuntimeError), pickle errors
+        warnings.warn(f"skipping damaged checkpoint {path} ({type(err).__name__}); trying an older one", stacklevel=2)
         return None
-    found = [(int(m.group(1)), p) for p in folder.glob("*.pt") if (m := _EPOCH.search(p.name))]
-    return str(max(found)[1]) if found else None
+    return state if isinstance(state, dict) else None
+
+
+@exit_on_error
+def resume_checkpoint(
+    checkpoint_dir: str | Path, enabled: Any = True, network_config: Mapping[str, Any] | None = None
+) -> str | None:
+    """The checkpoint a run resumes from: the newest one that loads, after checking what it was trained for.
+
+    Args:
+        checkpoint_dir: the run's ``checkpoints/`` folder.
+        enabled: the ``resume`` switch (a bool or CLI text).
+        network_config: this command's ``network_config``; compared with the checkpoint's fingerprint.
+
+    Returns:
+        The path, or ``None`` (resume off, no checkpoint, or none readable: training starts afresh).
+
+    Raises:
+        ResumeError: (printed as one ``error:`` line, exit status 2) the checkpoint has no fingerprint or
+            another dataset build, model or architecture.
+    """
+    if not flag(enabled, "resume"):
+        return None
+    for path in checkpoints(checkpoint_dir):
+        state = _readable(path)
+        if state is None:
+            continue
+        if network_config is not None:
+            if "run_fingerprint" not in state:
+                raise ResumeError(
+                    f"cannot resume from {path}: it records no dataset/architecture fingerprint (made by an older "
+                    "version); use a new --output_dir, or pass --resume false to start this run afresh"
+                )
+            RunFingerprint(network_config).check(state["run_fingerprint"], path)
+        logger.info(f"resuming from {path}")
+        return str(path)
+    return None
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """``DiskSaver`` with an optional fixed file name, atomic writes, and deletion deferred past the next save."""
+
+    def __init__(self, dirname: str | Path, filename: str | None = None) -> None:
+        super().__init__(dirname=str(dirname), require_empty=False, atomic=True)
+        self.filename = filename
+        self._superseded: list[str] = []
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        filename = self.filename or filename
+        super().__call__(checkpoint, filename, metadata)
+        for old in self._superseded:  # only now that the new file is complete
+            if old != filename and (self.dirname / old).is_file():
+                super().remove(old)
+        self._superseded = []
+
+    def remove(self, filename: str) -> None:
+        # ignite's Checkpoint removes the old file *before* writing the new one
+        self._superseded.append(self.filename or filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI ``CheckpointSaver`` that never leaves a run without a loadable checkpoint.
+
+    Same arguments as ``monai.handlers.CheckpointSaver``. Differences: files are written atomically; a
+    superseded file is deleted after its successor is complete (so ``n_saved=1`` briefly holds two);
+    interval checkpoints already in ``save_dir`` up to the resumed epoch are adopted, so they are rotated
+    out instead of left behind; ``state_dict``/``load_state_dict`` carry the key-metric ranking (put
+    the saver in the trainer's checkpoint to keep the best ``model.pt`` across a resume).
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
+        super().__init__(save_dir, save_dict, **kwargs)
+        self._engine: Engine | None = None
+        fixed = {"_final_checkpoint": self._final_filename, "_key_metric_checkpoint": kwargs.get("key_metric_filename")}
+        for attr in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
+            checkpoint: Checkpoint | None = getattr(self, attr)
+            if checkpoint is not None:
+                checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, fixed.get(attr))
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        self._engine = engine
+        if self._interval_checkpoint is not None:
+            engine.add_event_handler(Events.STARTED, self._adopt_existing)
+
+    def _adopt_existing(self, engine: Engine) -> None:
+        # runs after the CheckpointLoader (attached first), so state.epoch is the resumed epoch
+        checkpoint = self._interval_checkpoint
+        if checkpoint is None or checkpoint._saved:
+            return
+        mine = [p for p in checkpoints(self.save_dir) if int(_EPOCH.search(p.name).group(1)) <= engine.state.epoch]
+        keep = mine[: checkpoint.n_saved] if checkpoint.n_saved else mine
+        checkpoint._saved = [Checkpoint.Item(int(_EPOCH.search(p.name).group(1)), p.name) for p in reversed(keep)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The key-metric ranking (ignite's ``{"_saved": [(priority, filename)]}``) and the attached engine's
+        ``best_metric`` / ``best_metric_epoch`` (what MONAI logs as "best value")."""
+        saved = [] if self._key_metric_checkpoint is None else self._key_metric_checkpoint._saved
+        state: dict[str, Any] = {"_saved": [(float(p), str(f)) for p, f in saved]}
+        if self._engine is not None:
+            state["best_metric"] = float(getattr(self._engine.state, "best_metric", -1))
+            state["best_metric_epoch"] = int(getattr(self._engine.state, "best_metric_epoch", -1))
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self._key_metric_checkpoint is not None and state_dict.get("_saved"):
+            super().load_state_dict({"_saved": state_dict["_saved"]})
+        if self._engine is not None and "best_metric" in state_dict:
+            self._engine.state.best_metric = state_dict["best_metric"]
+            self._engine.state.best_metric_epoch = state_dict["best_metric_epoch"]

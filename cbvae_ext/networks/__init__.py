@@ -25,11 +25,11 @@ from cbvae_ext.networks.cbvae import ConditionalBetaVAE, complete_metadata
 from cbvae_ext.networks.dense3d import DenseDecoder, DenseEncoder, DilatedDenseBlock, encoder_shapes
 from cbvae_ext.networks.film import FiLMGenerator, FiLMNormAct, film
 from cbvae_ext.networks.heads import GradientReversal, ImputationHead, YearAdversary, grad_reverse, sample_latent
+from cbvae_ext.presets import architecture_preset
 from cbvae_ext.schema import MetadataSchema
 
 __all__ = [
     "MODELS",
-    "PRESETS",
     "BaselineVAE",
     "ConditionalBetaVAE",
     "DenseDecoder",
@@ -53,36 +53,8 @@ __all__ = [
 
 MODELS: dict[str, type[nn.Module]] = {"cbvae": ConditionalBetaVAE, "baseline": BaselineVAE}
 
-#: Architecture of each preset. ``cpu``: ~1000 maps of 48x56x48 for a few epochs in minutes on 2 cores;
-#: ``gpu``: one more level, wider, for bf16 autocast on a GPU.
-PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {
-        "latent_size": 32,
-        "channels": [8, 16, 32],
-        "block_layers": [0, 2],
-        "growth_rate": 8,
-        "bn_size": 2,
-        "bottleneck_channels": 16,
-        "film_hidden": 64,
-        "imputation_channels": 8,
-        "adversary_hidden": 64,
-        "resnet_widen": 0.125,
-        "resnet_conv1_size": 3,
-    },
-    "gpu": {
-        "latent_size": 32,
-        "channels": [16, 32, 64, 128],
-        "block_layers": [2, 3, 4],
-        "growth_rate": 16,
-        "bn_size": 4,
-        "bottleneck_channels": 64,
-        "film_hidden": 128,
-        "imputation_channels": 16,
-        "adversary_hidden": 128,
-        "resnet_widen": 0.5,
-        "resnet_conv1_size": 7,
-    },
-}
+# The preset architectures live in the bundle configs (train.yaml: cpu; preset_gpu.yaml: gpu), read by
+# cbvae_ext.presets: one source for the bundle and for Python callers of preset_config.
 
 
 def _covering_dilations(grid: Sequence[int]) -> list[int]:
@@ -106,10 +78,8 @@ def preset_config(
         overrides: keys replacing the preset's values.
 
     Raises:
-        ValueError: unknown preset or model.
+        ValueError: unknown preset (``PresetError``) or model.
     """
-    if name not in PRESETS:
-        raise ValueError(f"unknown network preset {name!r}; valid presets: {', '.join(PRESETS)}")
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; valid models: {', '.join(MODELS)}")
     config: dict[str, Any] = {
@@ -121,7 +91,7 @@ def preset_config(
         "n_year_bins": schema.n_year_bins or 10,
         "norm": "batch",
         "act": "leakyrelu",
-        **PRESETS[name],
+        **architecture_preset(name),
     }
     config.update(overrides)
     if "dilations" not in config:

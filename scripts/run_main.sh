@@ -23,7 +23,8 @@ Options override the environment variables in brackets:
   --data-dir DIR        dataset folder (default DIR/data_<subset>)
   --subset N|all        [SUBSET] number of studies (default: all with a GPU, else 1000)
   --epochs N            [EPOCHS] training epochs (default: 100 with a GPU, else 10)
-  --preset gpu|cpu      training preset (default: gpu when torch sees CUDA, else cpu)
+  --preset gpu|cpu      training preset (default: gpu when torch sees CUDA, else cpu); gpu adds the
+                        overlay bundle/configs/preset_gpu.yaml
   --resolution 2|4      voxel size in mm of the dataset (default 4)
   --kernel ale|mkda     kernel that turns peaks into maps (default ale)
   --kernel-fwhm MM      ALE kernel FWHM in mm (default: the builder's); --fwhm is an alias
@@ -88,7 +89,7 @@ fi
 if [ -z "$ns_dir" ] && [ -f "$repo_root/../shared/data/neurosynth/data-neurosynth_version-7_coordinates.tsv.gz" ]; then
   ns_dir="$repo_root/../shared/data/neurosynth"
 fi
-if [ -z "$preset" ] && [ -z "$subset" -o -z "$epochs" ]; then
+if [ -z "$preset" ]; then
   preset=$("$py" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
 fi
 [ -n "$subset" ] || subset=$([ "$preset" = gpu ] && echo all || echo 1000)
@@ -113,26 +114,25 @@ step() {
   fi
 }
 
-echo "[main] out=$out data=$data_dir subset=$subset epochs=$epochs preset=${preset:-auto}" \
+echo "[main] out=$out data=$data_dir subset=$subset epochs=$epochs preset=$preset" \
   "resolution=${resolution}mm kernel=$kernel${kernel_fwhm:+ fwhm=${kernel_fwhm}mm}"
 build=("$py" -m cbvae_ext.data build --out "$data_dir" --resolution "$resolution" --kernel "$kernel")
-# --fwhm: the builder's name before --kernel-fwhm, still accepted as its alias
-[ -n "$kernel_fwhm" ] && build+=(--fwhm "$kernel_fwhm")
+[ -n "$kernel_fwhm" ] && build+=(--kernel-fwhm "$kernel_fwhm")
 [ -n "$ns_dir" ] && build+=(--neurosynth-dir "$ns_dir")
 [ "$subset" != all ] && build+=(--subset "$subset")
 step dataset "${build[@]}"
 
 read -ra extra_train <<< "${CBVAE_TRAIN_ARGS:-}"
 read -ra extra_eval <<< "${CBVAE_EVAL_ARGS:-}"
-train_args=(--dataset_dir "$data_dir" --epochs "$epochs")
-[ -n "$preset" ] && train_args+=(--preset "$preset")
-train_args+=("${extra_train[@]}")
+train_args=(--dataset_dir "$data_dir" --epochs "$epochs" "${extra_train[@]}")
+presets="'bundle/configs/train.yaml'"  # the CPU preset; the GPU one is an overlay
+[ "$preset" = gpu ] && presets+=",'bundle/configs/preset_gpu.yaml'"
 runs=()
-# train NAME [OVERLAY]: the run folder OUT/NAME from train.yaml (+ bundle/configs/OVERLAY); evaluated below
+# train NAME [OVERLAY]: the run folder OUT/NAME from train.yaml, the preset (+ bundle/configs/OVERLAY); evaluated below
 train() {
-  local name="$1" config=bundle/configs/train.yaml
-  [ $# -gt 1 ] && config="['bundle/configs/train.yaml','bundle/configs/$2']"
-  step "train_$name" "$py" -m monai.bundle run training --config_file "$config" --output_dir "$out/$name" "${train_args[@]}"
+  local name="$1" configs="$presets"
+  [ $# -gt 1 ] && configs+=",'bundle/configs/$2'"
+  step "train_$name" "$py" -m monai.bundle run training --config_file "[$configs]" --output_dir "$out/$name" "${train_args[@]}"
   runs+=("$name")
 }
 train cbvae

@@ -135,9 +135,9 @@ def test_the_builder_always_runs_with_the_build_options(repo_root: Path, tmp_pat
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "failed" and status["step"] == "dataset", status
     assert "see logs/dataset.log" in status["message"]
-    assert "missing file" in (out / "logs" / "dataset.log").read_text()
+    assert (out / "logs" / "dataset.log").read_text().startswith("error: ")  # the builder judged the stale folder
     dataset_line = next((line for line in proc.stdout.splitlines() if line.startswith("[main] dataset:")), "")
-    for option in ("--resolution 2", "--kernel ale", "--fwhm 12", f"--neurosynth-dir {empty}", "--subset 50"):
+    for option in ("--resolution 2", "--kernel ale", "--kernel-fwhm 12", f"--neurosynth-dir {empty}", "--subset 50"):
         assert option in dataset_line, dataset_line
     assert "reusing" not in proc.stdout and not (out / "cbvae").exists()  # stopped at the first failure
 

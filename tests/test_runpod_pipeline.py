@@ -39,12 +39,25 @@ def run_pipeline(repo_root: Path, tmp_path: Path, *args: str) -> tuple[subproces
 
 
 def test_pipeline_builds_trains_every_run_and_evaluates_them_all(repo_root: Path, tmp_path: Path):
-    args = ["--subset", "30", "--epochs", "2", "--resolution", "2", "--kernel", "mkda", "--fwhm", "9"]
+    args = [
+        "--subset",
+        "30",
+        "--epochs",
+        "2",
+        "--resolution",
+        "2",
+        "--kernel",
+        "mkda",
+        "--fwhm",
+        "9",
+        "--preset",
+        "gpu",
+    ]
     proc, commands = run_pipeline(repo_root, tmp_path, *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out, data = tmp_path / "out", tmp_path / "out" / "data_30"
     build, *trainings, evaluate = commands
-    assert build.startswith(f"-m cbvae_ext.data build --out {data} --resolution 2 --kernel mkda --fwhm 9")
+    assert build.startswith(f"-m cbvae_ext.data build --out {data} --resolution 2 --kernel mkda --kernel-fwhm 9")
     assert build.endswith("--subset 30")
     # the twins are trained exactly when their overlays exist (bundle/configs/train_uncond.yaml, ...)
     twins = [n for n in ("uncond", "nolambda") if (repo_root / "bundle" / "configs" / f"train_{n}.yaml").is_file()]
@@ -53,8 +66,9 @@ def test_pipeline_builds_trains_every_run_and_evaluates_them_all(repo_root: Path
     for name, command in zip(names, trainings, strict=True):
         assert "run training" in command and f"--output_dir {out / name} " in command
         assert f"--dataset_dir {data} --epochs 2" in command and command.endswith("--lr 0.001")
-        overlay = "bundle/configs/train.yaml" if name == "cbvae" else f"'bundle/configs/train_{name}.yaml'"
-        assert overlay in command
+        configs = "'bundle/configs/train.yaml','bundle/configs/preset_gpu.yaml'"  # the GPU preset is an overlay
+        configs += "" if name == "cbvae" else f",'bundle/configs/train_{name}.yaml'"
+        assert f"--config_file [{configs}] " in command and "--preset" not in command
     assert evaluate.startswith("-m monai.bundle run evaluate --config_file bundle/configs/evaluate.yaml")
     assert f"--run_dir {out / 'cbvae'}" in evaluate and f"--output_dir {out / 'eval'}" in evaluate
     for name in names[1:]:

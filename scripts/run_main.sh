@@ -1,42 +1,154 @@
 #!/usr/bin/env bash
-# The main job: set up ./.venv, build the dataset, train the C-β-VAE and the baseline VAE with the
-# MONAI bundle, evaluate both on the held-out test split. The decoder is exported by training.
-#
-# Environment (all optional):
-#   CBVAE_NEUROSYNTH_DIR  local Neurosynth v7 copy; unset -> ../shared/data/neurosynth if present,
-#                         else NiMARE's fetcher downloads it into ~/.nimare
-#   SUBSET                number of studies (default 1000 on CPU, the full database on a GPU; "all" = full)
-#   EPOCHS                training epochs (default 10 on CPU, 100 on GPU)
-#   OUT_ROOT              where data/, runs/ and eval/ go (default ./runs)
+# The one pipeline: build the dataset -> train the C-β-VAE, the baseline VAE (and the model's twins once
+# their overlays exist) -> evaluate them on the held-out test split. Training exports the decoder.
+# Run locally (`bash scripts/run_main.sh`); a cloud pod runs it through scripts/runpod_train.sh.
 set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+usage: scripts/run_main.sh [--out DIR] [--data-dir DIR] [--subset N|all] [--epochs N] [--preset gpu|cpu]
+                           [--resolution 2|4] [--kernel ale|mkda] [--kernel-fwhm MM] [--neurosynth-dir DIR]
+                           [--no-setup] [--help]
+
+Always calls the dataset builder: it reuses DATA only when inputs, options and version match its cache
+key, and rebuilds otherwise (a changed kernel or subset never trains on old maps).
+Options override the environment variables in brackets:
+
+  --out DIR             [OUT_ROOT] everything the job writes (default ./runs):
+                          DIR/status.json        {"state","step","message","updated"} (a cloud launcher polls it)
+                          DIR/DONE | DIR/FAILED  end markers
+                          DIR/logs/<step>.log    output of each step
+                          DIR/cbvae, DIR/baseline (DIR/uncond, DIR/nolambda)  run folders
+                          DIR/eval/              test_results.json and figures
+  --data-dir DIR        dataset folder (default DIR/data_<subset>)
+  --subset N|all        [SUBSET] number of studies (default: all with a GPU, else 1000)
+  --epochs N            [EPOCHS] training epochs (default: 100 with a GPU, else 10)
+  --preset gpu|cpu      training preset (default: gpu when torch sees CUDA, else cpu); gpu adds the
+                        overlay bundle/configs/preset_gpu.yaml
+  --resolution 2|4      voxel size in mm of the dataset (default 4)
+  --kernel ale|mkda     kernel that turns peaks into maps (default ale)
+  --kernel-fwhm MM      ALE kernel FWHM in mm (default: the builder's); --fwhm is an alias
+  --neurosynth-dir DIR  [CBVAE_NEUROSYNTH_DIR] local Neurosynth v7 (default ../shared/data/neurosynth
+                        when present, else NiMARE's fetcher downloads it)
+  --no-setup            use $PYTHON (default python) as it is; default: create ./.venv and install
+
+Extra bundle overrides: CBVAE_TRAIN_ARGS (every training) and CBVAE_EVAL_ARGS (the evaluation), split
+on spaces, e.g. CBVAE_TRAIN_ARGS="--lr 0.0005".
+USAGE
+}
+
+bad() { echo "error: $*" >&2; exit 2; }
+
+out="${OUT_ROOT:-}"
+data_dir=""
+subset="${SUBSET:-}"
+epochs="${EPOCHS:-}"
+preset=""
+resolution=4
+kernel=ale
+kernel_fwhm=""
+ns_dir="${CBVAE_NEUROSYNTH_DIR:-}"
+setup=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --no-setup) setup=0; shift; continue ;;
+    --out|--data-dir|--subset|--epochs|--preset|--resolution|--kernel|--kernel-fwhm|--fwhm|--neurosynth-dir)
+      [ $# -ge 2 ] || bad "$1 needs a value (see --help)" ;;
+    *) bad "unknown option $1 (see --help)" ;;
+  esac
+  case "$1" in
+    --out) out="$2" ;;
+    --data-dir) data_dir="$2" ;;
+    --subset) subset="$2" ;;
+    --epochs) epochs="$2" ;;
+    --preset) preset="$2" ;;
+    --resolution) resolution="$2" ;;
+    --kernel) kernel="$2" ;;
+    --kernel-fwhm|--fwhm) kernel_fwhm="$2" ;;
+    --neurosynth-dir) ns_dir="$2" ;;
+  esac
+  shift 2
+done
+[[ -z $epochs || $epochs =~ ^[1-9][0-9]*$ ]] || bad "--epochs must be a positive integer, got '$epochs'"
+[[ -z $subset || $subset == all || $subset =~ ^[1-9][0-9]*$ ]] || bad "--subset must be a positive integer or all, got '$subset'"
+[[ -z $preset || $preset == gpu || $preset == cpu ]] || bad "--preset must be gpu or cpu, got '$preset'"
+[[ $resolution == 2 || $resolution == 4 ]] || bad "--resolution must be 2 or 4, got '$resolution'"
+[[ $kernel == ale || $kernel == mkda ]] || bad "--kernel must be ale or mkda, got '$kernel'"
+[[ -z $kernel_fwhm || $kernel_fwhm =~ ^[0-9]+([.][0-9]+)?$ ]] || bad "--kernel-fwhm must be a number of mm, got '$kernel_fwhm'"
+[[ -z $ns_dir || -d $ns_dir ]] || bad "--neurosynth-dir $ns_dir does not exist; omit it to download Neurosynth"
+
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
-source scripts/setup_env.sh
-
-out_root="${OUT_ROOT:-$repo_root/runs}"
-has_gpu=$(python -c "import torch; print(int(torch.cuda.is_available()))")
-subset="${SUBSET:-$([ "$has_gpu" = 1 ] && echo all || echo 1000)}"
-epochs="${EPOCHS:-$([ "$has_gpu" = 1 ] && echo 100 || echo 10)}"
-ns_dir="${CBVAE_NEUROSYNTH_DIR:-}"
+if [ "$setup" = 1 ]; then
+  source scripts/setup_env.sh
+  py=python
+else
+  py="${PYTHON:-python}"
+fi
 if [ -z "$ns_dir" ] && [ -f "$repo_root/../shared/data/neurosynth/data-neurosynth_version-7_coordinates.tsv.gz" ]; then
   ns_dir="$repo_root/../shared/data/neurosynth"
 fi
+if [ -z "$preset" ]; then
+  preset=$("$py" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
+fi
+[ -n "$subset" ] || subset=$([ "$preset" = gpu ] && echo all || echo 1000)
+[ -n "$epochs" ] || epochs=$([ "$preset" = gpu ] && echo 100 || echo 10)
+out="${out:-$repo_root/runs}"
+data_dir="${data_dir:-$out/data_$subset}"
+mkdir -p "$out/logs"
+rm -f "$out/DONE" "$out/FAILED"
 
-data_dir="$out_root/data_$subset"
-build=(python -m cbvae_ext.data build --out "$data_dir")
+# run one step: output to the console and logs/<name>.log, progress in status.json; a failure ends the job
+step() {
+  local name="$1"; shift
+  echo "[main] $name: $*"
+  "$py" -m cbvae_ext.cloud.job_status "$out" running "$name" "$*"
+  local rc=0
+  "$@" 2>&1 | tee "$out/logs/$name.log" || rc=${PIPESTATUS[0]}
+  if [ "$rc" != 0 ]; then
+    "$py" -m cbvae_ext.cloud.job_status "$out" failed "$name" "exit code $rc; see logs/$name.log"
+    touch "$out/FAILED"
+    echo "[main] $name failed with exit code $rc; log: $out/logs/$name.log" >&2
+    exit "$rc"
+  fi
+}
+
+echo "[main] out=$out data=$data_dir subset=$subset epochs=$epochs preset=$preset" \
+  "resolution=${resolution}mm kernel=$kernel${kernel_fwhm:+ fwhm=${kernel_fwhm}mm}"
+build=("$py" -m cbvae_ext.data build --out "$data_dir" --resolution "$resolution" --kernel "$kernel")
+[ -n "$kernel_fwhm" ] && build+=(--kernel-fwhm "$kernel_fwhm")
 [ -n "$ns_dir" ] && build+=(--neurosynth-dir "$ns_dir")
 [ "$subset" != all ] && build+=(--subset "$subset")
-echo "[main] 1/4 dataset -> $data_dir"
-"${build[@]}"
+step dataset "${build[@]}"
 
-echo "[main] 2/4 C-β-VAE -> $out_root/cbvae"
-python -m monai.bundle run training --config_file bundle/configs/train.yaml \
-  --dataset_dir "$data_dir" --output_dir "$out_root/cbvae" --epochs "$epochs"
-echo "[main] 3/4 baseline VAE -> $out_root/baseline"
-python -m monai.bundle run training --config_file "['bundle/configs/train.yaml','bundle/configs/train_baseline.yaml']" \
-  --dataset_dir "$data_dir" --output_dir "$out_root/baseline" --epochs "$epochs"
-echo "[main] 4/4 evaluation -> $out_root/eval"
-python -m monai.bundle run evaluate --config_file bundle/configs/evaluate.yaml \
-  --dataset_dir "$data_dir" --run_dir "$out_root/cbvae" --baseline_run_dir "$out_root/baseline" \
-  --output_dir "$out_root/eval"
-echo "[main] done: results in $out_root/eval/test_results.json; demo: streamlit run app/streamlit_app.py -- --run_dir $out_root/cbvae"
+read -ra extra_train <<< "${CBVAE_TRAIN_ARGS:-}"
+read -ra extra_eval <<< "${CBVAE_EVAL_ARGS:-}"
+train_args=(--dataset_dir "$data_dir" --epochs "$epochs" "${extra_train[@]}")
+presets="'bundle/configs/train.yaml'"  # the CPU preset; the GPU one is an overlay
+[ "$preset" = gpu ] && presets+=",'bundle/configs/preset_gpu.yaml'"
+runs=()
+# train NAME [OVERLAY]: the run folder OUT/NAME from train.yaml, the preset (+ bundle/configs/OVERLAY); evaluated below
+train() {
+  local name="$1" configs="$presets"
+  [ $# -gt 1 ] && configs+=",'bundle/configs/$2'"
+  step "train_$name" "$py" -m monai.bundle run training --config_file "[$configs]" --output_dir "$out/$name" "${train_args[@]}"
+  runs+=("$name")
+}
+train cbvae
+train baseline train_baseline.yaml
+# the twins (conditioning off; λ = 0) are trained once their overlays exist
+if [ -f bundle/configs/train_uncond.yaml ]; then train uncond train_uncond.yaml; fi
+if [ -f bundle/configs/train_nolambda.yaml ]; then train nolambda train_nolambda.yaml; fi
+# training exports the decoder; a missing file means the export step silently did nothing
+step check_decoder test -s "$out/cbvae/decoder.ts" -a -s "$out/cbvae/decoder_schema.json"
+
+eval_args=(--dataset_dir "$data_dir" --output_dir "$out/eval")
+for name in "${runs[@]}"; do  # cbvae -> --run_dir, any other run NAME -> --NAME_run_dir
+  if [ "$name" = cbvae ]; then eval_args+=(--run_dir "$out/cbvae"); else eval_args+=("--${name}_run_dir" "$out/$name"); fi
+done
+step evaluate "$py" -m monai.bundle run evaluate --config_file bundle/configs/evaluate.yaml "${eval_args[@]}" "${extra_eval[@]}"
+
+"$py" -m cbvae_ext.cloud.job_status "$out" done evaluate "outputs in $out"
+touch "$out/DONE"
+echo "[main] done: results in $out/eval/test_results.json; demo: streamlit run app/streamlit_app.py -- --run_dir $out/cbvae --dataset_dir $data_dir"

@@ -1,43 +1,39 @@
 #!/usr/bin/env bash
-# The cloud training job: dataset -> C-β-VAE -> baseline VAE -> evaluation, every output in one folder.
-# The Docker image's entrypoint, and runs unchanged on any Linux machine with the repo checked out and
-# the project installed (no Docker needed). See bundle/docs/cloud.md.
+# The cloud job: the pipeline of scripts/run_main.sh on a RunPod pod that bounds its own life.
+# The Docker image's entrypoint; runs unchanged on any Linux machine with the project installed
+# (no Docker needed). See bundle/docs/cloud.md.
 set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-usage: scripts/runpod_train.sh [--root DIR] [--epochs N] [--subset N|all] [--preset gpu|cpu]
-                               [--neurosynth-dir DIR] [--keep-alive] [--help]
+usage: scripts/runpod_train.sh [--root DIR] [--keep-alive] [--deadline UNIX_TIME] [--linger S]
+                               [PIPELINE OPTIONS] [--help]
 
-Builds (or reuses) the dataset, trains the C-β-VAE and the baseline with
-`python -m monai.bundle run training`, evaluates both on the test split; training exports
-the decoder (decoder.ts). Options override the environment variables in brackets:
+Runs scripts/run_main.sh --no-setup --out DIR/output --data-dir DIR/dataset with the pipeline options
+(below), then, with --keep-alive, keeps the pod up for the download and removes it. Options override
+the environment variables in brackets:
 
   --root DIR            [CBVAE_ROOT] working folder; default /workspace/cbvae when /workspace is
-                        writable (RunPod volume), else ./runs/cloud. Layout:
-                          DIR/dataset_<subset>_<res>mm/  the dataset (reused when its manifest.json exists)
-                          DIR/output/             EVERYTHING the job produces:
-                            status.json           {"state","step","message","updated"} polled by the launcher
-                            DONE | FAILED         end markers
-                            runs/cbvae, runs/baseline  run folders (model.pt, decoder.ts, history.csv, wandb/, ...)
-                            eval/                 evaluation results
-                            logs/<step>.log       output of each step
-  --epochs N            [CBVAE_EPOCHS] training epochs (default: the preset's)
-  --subset N|all        [CBVAE_SUBSET] number of studies (default: all)
-  --preset gpu|cpu      [CBVAE_PRESET] training preset (default: gpu when nvidia-smi sees a GPU, else cpu)
-  --resolution 2|4      [CBVAE_RESOLUTION] voxel size in mm of the dataset (default: the builder's, 4)
-  --neurosynth-dir DIR  [CBVAE_NEUROSYNTH_DIR] local Neurosynth v7; default: NiMARE downloads it
-                        into DIR/nimare_data (NIMARE_DATA) once
-  --keep-alive          [CBVAE_KEEP_ALIVE=1] sleep after finishing, so the pod stays up for the download
-                        (a RunPod container that exits is restarted); the launcher terminates the pod
+                        writable (RunPod volume), else ./runs/cloud. DIR/dataset is the dataset (the
+                        builder reuses it only for the same inputs and options); DIR/output holds
+                        EVERYTHING the job produces (status.json, DONE|FAILED, logs/, run folders, eval/)
+  --keep-alive          [CBVAE_KEEP_ALIVE=1] after the job, stay up for the download (a RunPod container
+                        that exits is restarted), then remove the pod after --linger seconds
+  --deadline UNIX_TIME  [CBVAE_DEADLINE] the pod removes itself at this time whatever happens to the
+                        launcher (set by scripts/train_runpod.py from --max-hours/--max-cost)
+  --linger S            [CBVAE_LINGER_S] seconds the pod stays up after the job (default 1800; never
+                        past the deadline); the launcher usually terminates it sooner
 
-Other environment: WANDB_API_KEY (online W&B logging to the project of local runs, the bundle's
-experiment_name "cbvae"; without it runs are logged offline: `wandb sync runs/<name>/wandb/offline-run-*`
-later), PUBLIC_KEY (SSH key installed for
-root when sshd exists, as RunPod does), PYTHON (default python), CBVAE_TRAIN_ARGS / CBVAE_EVAL_ARGS
-(extra bundle overrides for both trainings / the evaluation, split on spaces, e.g. "--lr 0.0005"),
+Removing the pod needs RUNPOD_POD_ID and the pod-scoped RUNPOD_API_KEY, which RunPod sets in every pod;
+without them (any other machine) --keep-alive sleeps forever and --deadline only warns.
+The pipeline options may also come from the pod environment: CBVAE_EPOCHS, CBVAE_SUBSET, CBVAE_PRESET,
+CBVAE_RESOLUTION, CBVAE_KERNEL, CBVAE_KERNEL_FWHM, CBVAE_NEUROSYNTH_DIR. Other environment:
+WANDB_API_KEY (online W&B logging; without it runs are logged offline: `wandb sync` them later),
+PUBLIC_KEY (SSH key installed for root when sshd exists, as RunPod does), PYTHON (default python),
 CBVAE_B64_<NAME> (base64 of a value the launcher could not pass verbatim; decoded into NAME).
+
 USAGE
+  "$(dirname "${BASH_SOURCE[0]}")/run_main.sh" --help | sed -e 's/^usage: /pipeline options: /'
 }
 
 # values the launcher had to encode for the RunPod GraphQL API (cbvae_ext.cloud.graphql_safety)
@@ -49,63 +45,65 @@ for var in $(compgen -e); do
 done
 
 root="${CBVAE_ROOT:-}"
-epochs="${CBVAE_EPOCHS:-}"
-subset="${CBVAE_SUBSET:-all}"
-preset="${CBVAE_PRESET:-}"
-resolution="${CBVAE_RESOLUTION:-4}"
-ns_dir="${CBVAE_NEUROSYNTH_DIR:-}"
 keep_alive="${CBVAE_KEEP_ALIVE:-0}"
+deadline="${CBVAE_DEADLINE:-}"
+linger="${CBVAE_LINGER_S:-1800}"
+pipeline=()
+for pair in EPOCHS:--epochs SUBSET:--subset PRESET:--preset RESOLUTION:--resolution KERNEL:--kernel \
+  KERNEL_FWHM:--kernel-fwhm NEUROSYNTH_DIR:--neurosynth-dir; do
+  var="CBVAE_${pair%%:*}"
+  if [ -n "${!var:-}" ]; then pipeline+=("${pair#*:}" "${!var}"); fi
+done
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
-    --root) root="$2"; shift 2 ;;
-    --epochs) epochs="$2"; shift 2 ;;
-    --subset) subset="$2"; shift 2 ;;
-    --preset) preset="$2"; shift 2 ;;
-    --resolution) resolution="$2"; shift 2 ;;
-    --neurosynth-dir) ns_dir="$2"; shift 2 ;;
     --keep-alive) keep_alive=1; shift ;;
-    *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+    --root|--deadline|--linger)
+      [ $# -ge 2 ] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
+      case "$1" in --root) root="$2" ;; --deadline) deadline="$2" ;; --linger) linger="$2" ;; esac
+      shift 2 ;;
+    *) pipeline+=("$1"); shift ;;
   esac
 done
-[[ -z $epochs || $epochs =~ ^[1-9][0-9]*$ ]] || { echo "error: --epochs must be a positive integer, got '$epochs'" >&2; exit 2; }
-[[ $subset == all || $subset =~ ^[1-9][0-9]*$ ]] || { echo "error: --subset must be a positive integer or all, got '$subset'" >&2; exit 2; }
-[[ -z $preset || $preset == gpu || $preset == cpu ]] || { echo "error: --preset must be gpu or cpu, got '$preset'" >&2; exit 2; }
-[[ $resolution == 2 || $resolution == 4 ]] || { echo "error: --resolution must be 2 or 4, got '$resolution'" >&2; exit 2; }
-[[ -z $ns_dir || -d $ns_dir ]] || { echo "error: --neurosynth-dir $ns_dir does not exist; omit it to download Neurosynth" >&2; exit 2; }
-
+[[ -z $deadline || $deadline =~ ^[1-9][0-9]*$ ]] || { echo "error: --deadline must be a Unix time in seconds, got '$deadline'" >&2; exit 2; }
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 py="${PYTHON:-python}"
+
+# the pod's own limit, first of all (an exit below restarts the container, which starts it again with the
+# same absolute deadline): it holds whatever the job or the launcher does (kill -9, lost network)
+can_remove=0
+if [ -n "${RUNPOD_POD_ID:-}" ] && [ -n "${RUNPOD_API_KEY:-}" ]; then can_remove=1; fi
+watchdog=""
+if [ -n "$deadline" ]; then
+  if [ "$can_remove" = 1 ]; then
+    echo "[cbvae] this pod removes itself at $(date -u -d "@$deadline" '+%F %T') UTC (deadline)"
+    "$py" -m cbvae_ext.cloud.pod_deadline watch --until "$deadline" --reason "deadline reached" &
+    watchdog=$!
+  else
+    echo "[cbvae] warning: a deadline without RUNPOD_POD_ID and RUNPOD_API_KEY: this machine cannot remove itself" >&2
+  fi
+fi
+[[ $linger =~ ^[0-9]+$ ]] || { echo "error: --linger must be whole seconds, got '$linger'" >&2; exit 2; }
 if [ -z "$root" ]; then
   if [ -d /workspace ] && [ -w /workspace ]; then root=/workspace/cbvae; else root="$repo_root/runs/cloud"; fi
 fi
-if [ -z "$preset" ]; then
-  if nvidia-smi -L >/dev/null 2>&1; then preset=gpu; else preset=cpu; fi
-fi
 out="$root/output"
-data_dir="$root/dataset_${subset}_${resolution}mm"
-mkdir -p "$out/logs" "$out/runs"
+mkdir -p "$out"
 export NIMARE_DATA="${NIMARE_DATA:-$root/nimare_data}"
-# W&B project = the bundle's experiment_name (cbvae), as in local runs; files under runs/<name>/wandb
-if [ -n "${WANDB_API_KEY:-}" ]; then export WANDB_MODE=online; else export WANDB_MODE=offline; fi
 
-# status.json is what the launcher polls over SSH: write it atomically (JSON-escaped by python)
-status() {
-  "$py" - "$out/status.json" "$@" <<'PY'
-import json, os, sys, time
-path, state, step, message = sys.argv[1], sys.argv[2], sys.argv[3], " ".join(sys.argv[4:])
-with open(path + ".tmp", "w") as f:
-    json.dump({"state": state, "step": step, "message": message, "updated": time.time()}, f)
-os.replace(path + ".tmp", path)
-PY
-}
-
-stay_up() {
-  if [ "$keep_alive" = 1 ]; then
-    echo "[cbvae] keeping the container alive for the download (the launcher terminates the pod)"
+# finish CODE: without --keep-alive exit; else stay up for the download, then remove the pod
+finish() {
+  [ "$keep_alive" = 1 ] || exit "$1"
+  if [ "$can_remove" = 0 ]; then
+    echo "[cbvae] keeping the container alive for the download (nothing to remove: not a RunPod pod)"
     exec sleep infinity
   fi
+  local until=$(($(date +%s) + linger))
+  if [ -n "$deadline" ] && [ "$deadline" -lt "$until" ]; then until=$deadline; fi
+  if [ -n "$watchdog" ]; then kill "$watchdog" 2>/dev/null || true; fi
+  echo "[cbvae] keeping the pod up for the download until $(date -u -d "@$until" '+%F %T') UTC, then removing it"
+  exec "$py" -m cbvae_ext.cloud.pod_deadline watch --until "$until" --reason "job ended (exit $1)"
 }
 
 # RunPod passes the account's SSH key as PUBLIC_KEY; images based on pytorch/pytorch have no sshd running
@@ -120,57 +118,16 @@ start_sshd() {
   fi
 }
 
-# run one step, its output to the console and logs/<name>.log; a failure marks the job failed
-step() {
-  local name="$1"; shift
-  echo "[cbvae] $name: $*"
-  status running "$name" "$*"
-  local rc=0
-  "$@" 2>&1 | tee "$out/logs/$name.log" || rc=${PIPESTATUS[0]}
-  if [ "$rc" != 0 ]; then
-    status failed "$name" "exit code $rc; see logs/$name.log"
-    touch "$out/FAILED"
-    echo "[cbvae] $name failed with exit code $rc; log: $out/logs/$name.log" >&2
-    stay_up
-    exit "$rc"
-  fi
-}
-
 start_sshd
 if [ -f "$out/DONE" ]; then
   echo "[cbvae] $out/DONE exists: nothing to do (delete it to train again)"
-  stay_up
-  exit 0
+  finish 0
 fi
 rm -f "$out/FAILED"
-echo "[cbvae] root=$root preset=$preset subset=$subset resolution=${resolution}mm epochs=${epochs:-default}" \
-  "wandb=$WANDB_MODE"
-
-read -ra extra_train <<< "${CBVAE_TRAIN_ARGS:-}"
-read -ra extra_eval <<< "${CBVAE_EVAL_ARGS:-}"
-train_args=(--dataset_dir "$data_dir" --preset "$preset" --use_wandb true)
-[ -n "$epochs" ] && train_args+=(--epochs "$epochs")
-train_args+=("${extra_train[@]}")
-
-if [ -f "$data_dir/manifest.json" ]; then
-  echo "[cbvae] reusing dataset $data_dir"
-else
-  build=("$py" -m cbvae_ext.data build --out "$data_dir" --resolution "$resolution")
-  [ -n "$ns_dir" ] && build+=(--neurosynth-dir "$ns_dir")
-  [ "$subset" != all ] && build+=(--subset "$subset")
-  step dataset "${build[@]}"
+rc=0
+"$repo_root/scripts/run_main.sh" --no-setup --out "$out" --data-dir "$root/dataset" "${pipeline[@]}" || rc=$?
+if [ "$rc" != 0 ] && [ ! -f "$out/FAILED" ]; then  # refused before its first step (bad option)
+  "$py" -m cbvae_ext.cloud.job_status "$out" failed options "exit code $rc; see the pod's log"
+  touch "$out/FAILED"
 fi
-step train_cbvae "$py" -m monai.bundle run training --config_file bundle/configs/train.yaml \
-  --output_dir "$out/runs/cbvae" "${train_args[@]}"
-step train_baseline "$py" -m monai.bundle run training \
-  --config_file "['bundle/configs/train.yaml','bundle/configs/train_baseline.yaml']" \
-  --output_dir "$out/runs/baseline" "${train_args[@]}"
-step evaluate "$py" -m monai.bundle run evaluate --config_file bundle/configs/evaluate.yaml \
-  --dataset_dir "$data_dir" --run_dir "$out/runs/cbvae" --baseline_run_dir "$out/runs/baseline" --output_dir "$out/eval" "${extra_eval[@]}"
-# training exports the decoder; a missing file means the export step silently did nothing
-step check_decoder test -s "$out/runs/cbvae/decoder.ts" -a -s "$out/runs/cbvae/decoder_schema.json"
-
-status done evaluate "outputs in $out"
-touch "$out/DONE"
-echo "[cbvae] done: outputs in $out"
-stay_up
+finish "$rc"

@@ -3,7 +3,8 @@
 
 Keys come from the environment or an ignored ``.env`` (see ``.env.example``): ``RUNPOD_API_KEY`` (required)
 and ``WANDB_API_KEY`` (optional; without it the pod logs W&B offline). They are never printed, logged,
-written to disk or accepted as arguments.
+written to disk or accepted as arguments. The pod also removes itself at the cap (``--max-hours`` /
+``--max-cost``), so even ``kill -9`` of this launcher cannot leave it running past the cap.
 
 Examples::
 
@@ -30,13 +31,14 @@ from dotenv import dotenv_values
 from cbvae_ext.cloud.graphql_safety import GraphQLValueError
 from cbvae_ext.cloud.launcher import (
     CLOUDS,
+    MIN_POLL_S,
     LaunchConfig,
     LaunchConfigError,
     PodLauncher,
     describe_pod,
     terminate_pod_by_id,
 )
-from cbvae_ext.cloud.secrets import RedactingFilter, Secrets, SecretsError, load_secrets
+from cbvae_ext.cloud.secrets import RedactingFilter, Secrets, SecretsError, env_file_warning, load_secrets
 
 __all__ = ["main", "parse_args"]
 
@@ -62,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--volume-gb", type=int, default=60, help="pod volume at /workspace (default: %(default)s)")
     parser.add_argument("--container-disk-gb", type=int, default=40, help="container disk (default: %(default)s)")
     parser.add_argument("--network-volume-id", default=None, help="mount this network volume (outputs outlive the pod)")
-    parser.add_argument("--max-hours", type=float, default=6.0, help="terminate after this long (default: %(default)s)")
+    parser.add_argument(
+        "--max-hours", type=float, default=6.0, help="terminate after this long; the pod too (default: %(default)s)"
+    )
     parser.add_argument("--max-cost", type=float, default=15.0, help="terminate at this many $ (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the pod's GPU default)")
     parser.add_argument("--subset", type=int, default=None, help="number of studies (default: all)")
@@ -76,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--env", type=_env_pair, action="append", default=[], metavar="NAME=VALUE", help="extra pod env"
     )
     parser.add_argument("--name", default="", help="pod name (default: cbvae-<time>-<random>)")
-    parser.add_argument("--poll-s", type=float, default=30.0, help="seconds between polls (default: %(default)s)")
+    parser.add_argument(
+        "--poll-s", type=float, default=30.0, help=f"seconds between polls, >= {MIN_POLL_S:g} (default: %(default)s)"
+    )
     parser.add_argument("--start-timeout", type=float, default=1200.0, help="seconds for the pod to start")
     parser.add_argument("--env-file", type=Path, default=Path(".env"), help="dotenv file with keys (default: .env)")
     return parser.parse_args(argv)
@@ -97,7 +103,11 @@ def _setup_log(path: Path, secrets: Secrets) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     secrets = Secrets()
+    launcher: PodLauncher | None = None
     try:
+        warning = env_file_warning(args.env_file)
+        if warning:
+            print(warning, file=sys.stderr)
         secrets = load_secrets(args.env_file)
         if args.status:
             print(json.dumps(describe_pod(args.status, secrets), indent=2))
@@ -142,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {secrets.redact(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted (any pod was terminated)", file=sys.stderr)
+        print(
+            f"error: interrupted; {launcher.result.leftover() if launcher else 'no pod was created'}", file=sys.stderr
+        )
         return 130
     except Exception as err:  # one line, never a traceback (it could hold the SDK's query text)
         print(f"error: {type(err).__name__}: {secrets.redact(str(err))}", file=sys.stderr)

@@ -8,7 +8,11 @@ Point the SDK at it with ``RUNPOD_API_BASE_URL=stub.url``. The stub parses every
 Failure modes (``faults``): ``create_error`` (GraphQL error, no pod made), ``create_lost`` (pod made, the
 connection drops before the reply), ``pod_error`` (every ``pod`` query errors), ``pod_lost`` (every ``pod``
 query drops the connection), ``never_running`` (the pod never gets a runtime/SSH port), and
-``terminate_errors=N`` (the first N ``podTerminate`` calls error).
+``terminate_errors=N`` (the first N ``podTerminate`` calls error), ``create_delay=S`` (the create request
+takes S seconds before the pod exists and the reply is sent).
+
+Like RunPod, every pod gets ``RUNPOD_POD_ID`` and a pod-scoped ``RUNPOD_API_KEY`` (``platform_env``): that
+key is accepted only for ``pod`` and ``podTerminate`` of its own pod (401 for anything else).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import itertools
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -41,6 +46,7 @@ class RecordedRequest:
     operation: str | None = None
     arguments: dict[str, Any] = field(default_factory=dict)
     syntax_error: str | None = None
+    pod_scoped: bool = False
 
 
 class RunPodStub:
@@ -101,6 +107,14 @@ class RunPodStub:
         with self._lock:
             return [r for r in self.requests if name is None or r.operation == name]
 
+    def platform_env(self, pod_id: str) -> dict[str, str]:
+        """What RunPod itself sets in the pod: its id and a key scoped to it."""
+        return {"RUNPOD_POD_ID": pod_id, "RUNPOD_API_KEY": f"pod-scoped-{pod_id}-key"}
+
+    def _pod_of_key(self, key: str) -> str | None:
+        with self._lock:
+            return next((pid for pid in self.pods if self.platform_env(pid)["RUNPOD_API_KEY"] == key), None)
+
     def alive(self) -> list[str]:
         """Ids of pods not terminated."""
         with self._lock:
@@ -112,7 +126,9 @@ class RunPodStub:
         record = RecordedRequest(handler.path, dict(handler.headers.items()), body)
         with self._lock:
             self.requests.append(record)
-        if handler.headers.get("Authorization") != f"Bearer {self.api_key}":
+        auth = handler.headers.get("Authorization", "")
+        scoped_pod = self._pod_of_key(auth.removeprefix("Bearer "))
+        if auth != f"Bearer {self.api_key}" and scoped_pod is None:
             return self._reply(handler, 401, {"errors": [{"message": "Unauthorized"}]})
         try:
             query = json.loads(body)["query"]
@@ -124,6 +140,11 @@ class RunPodStub:
         top = operation.selection_set.selections[0]
         record.operation = top.name.value
         record.arguments = {a.name.value: value_from_ast_untyped(a.value) for a in top.arguments or []}
+        record.pod_scoped = scoped_pod is not None
+        if scoped_pod is not None:  # a pod's own key: only its own pod
+            target = (record.arguments.get("input") or {}).get("podId")
+            if record.operation not in ("pod", "podTerminate") or target != scoped_pod:
+                return self._reply(handler, 401, {"errors": [{"message": "Unauthorized (pod-scoped key)"}]})
         answer = getattr(self, f"_op_{record.operation}", None)
         if answer is None:
             return self._reply(handler, 400, {"errors": [{"message": f"stub: unknown operation {record.operation}"}]})
@@ -140,11 +161,14 @@ class RunPodStub:
     @staticmethod
     def _reply(handler: BaseHTTPRequestHandler, code: int, payload: dict[str, Any]) -> None:
         data = json.dumps(payload).encode()
-        handler.send_response(code)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
+        try:
+            handler.send_response(code)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up waiting (an interrupted create): the pod exists all the same
 
     # ----- operations: return data, an error message (str) or "drop" -------------------------
     def _op_gpuTypes(self, args: dict[str, Any], operation: Any) -> Any:  # noqa: N802 (GraphQL name)
@@ -165,6 +189,7 @@ class RunPodStub:
     def _op_podFindAndDeployOnDemand(self, args: dict[str, Any], operation: Any) -> Any:  # noqa: N802
         if self.faults.get("create_error"):
             return "There are no longer any instances available with the requested specifications."
+        time.sleep(self.faults.get("create_delay", 0))
         pod_id = f"stubpod{next(self._ids)}"
         env = {item["key"]: item["value"] for item in args.get("env") or []}
         with self._lock:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,8 +42,8 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 def test_full_launch_downloads_results_and_never_leaks_keys(repo_root: Path, tmp_path: Path, cli_env):
     pod_root = tmp_path / "pod" / "cbvae"
-    (pod_root / "output" / "runs" / "cbvae").mkdir(parents=True)
-    (pod_root / "output" / "runs" / "cbvae" / "decoder.ts").write_bytes(b"ts")
+    (pod_root / "output" / "cbvae").mkdir(parents=True)
+    (pod_root / "output" / "cbvae" / "decoder.ts").write_bytes(b"ts")
     (pod_root / "output" / "status.json").write_text(json.dumps({"state": "done", "step": "evaluate"}))
     ssh = tmp_path / "fake_ssh"
     ssh.write_text(FAKE_SSH)
@@ -51,11 +53,11 @@ def test_full_launch_downloads_results_and_never_leaks_keys(repo_root: Path, tmp
     out = tmp_path / "results"
     with RunPodStub(RUNPOD_KEY, start_polls=1) as stub:
         cli_env["RUNPOD_API_BASE_URL"] = stub.url
-        args = ["--image", "ghcr.io/t/cbvae:1", "--remote-root", str(pod_root), "--out", str(out), "--poll-s", "0.05"]
+        args = ["--image", "ghcr.io/t/cbvae:1", "--remote-root", str(pod_root), "--out", str(out), "--poll-s", "1"]
         args += ["--ssh-program", str(ssh), "--epochs", "3", "--env", f"NOTE={INJECTION}"]
         proc = run_cli(repo_root, args, cli_env, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "runs" / "cbvae" / "decoder.ts").read_bytes() == b"ts"
+    assert (out / "cbvae" / "decoder.ts").read_bytes() == b"ts"
     assert json.loads((out / "status.json").read_text())["state"] == "done"
     assert [r.operation for r in stub.requests].count("podTerminate") == 1 and stub.alive() == []
     assert "final cost about $" in proc.stdout and f"done: outputs in {out}" in proc.stdout
@@ -100,9 +102,18 @@ def test_dry_run_prints_the_plan_without_any_request(repo_root: Path, tmp_path: 
     [
         (["--image", 'ghcr.io/t/cbvae:1" dockerArgs: "sh'], "error: --image contains '\"'"),
         (["--image", "img", "--gpu", "A100\\"], "error: --gpu contains '\\\\'"),
-        (["--image", "img", "--max-cost", "0"], "error: --max-cost must be > 0"),
+        (["--image", "img", "--max-cost", "0"], "error: --max-cost must be a finite number > 0"),
         (["--max-cost", "3"], "error: --image is required"),
         (["--image", "img", "--env", "WANDB_API_KEY=abc"], "error: --env WANDB_API_KEY: keys go in .env"),
+        (["--image", "img", "--poll-s", "0"], "error: --poll-s must be >= 1"),
+        (["--image", "img", "--max-hours", "inf", "--max-cost", "inf"], "error: --max-hours must be a finite number"),
+        (["--image", "img", "--max-cost", "inf"], "error: --max-cost must be a finite number"),
+        (
+            ["--image", "img", "--env", "CBVAE_ROOT=/tmp/x"],
+            "error: --env CBVAE_ROOT: the launcher sets it; use --remote",
+        ),
+        (["--image", "img", "--env", "RUNPOD_API_BASE_URL=http://x"], "error: --env RUNPOD_API_BASE_URL: RunPod sets"),
+        (["--image", "img", "--env", f"NOTE=key {RUNPOD_KEY}"], "error: --env NOTE: its value holds an API key"),
     ],
 )
 def test_bad_input_is_one_line_and_no_request(repo_root: Path, tmp_path: Path, cli_env, args, message):
@@ -112,6 +123,84 @@ def test_bad_input_is_one_line_and_no_request(repo_root: Path, tmp_path: Path, c
         proc = run_cli(repo_root, args, cli_env, tmp_path)
     assert proc.returncode == 2 and stub.requests == []
     assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert RUNPOD_KEY not in proc.stderr
+
+
+def test_dry_run_shows_env_values_decoded_with_keys_hidden(repo_root: Path, tmp_path: Path, cli_env):
+    cli_env.update(RUNPOD_API_KEY=RUNPOD_KEY)
+    args = ["--image", "img", "--dry-run", "--env", "HF_TOKEN=hf_abcdefSECRET123", "--env", 'NOTE=a "quoted" note']
+    proc = run_cli(repo_root, args, cli_env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "HF_TOKEN=<redacted>" in proc.stdout and "hf_abcdefSECRET123" not in proc.stdout
+    assert 'NOTE=a "quoted" note' in proc.stdout and "CBVAE_B64_" not in proc.stdout  # what the pod gets
+    assert "removes itself" in proc.stdout
+
+
+def test_env_file_readable_by_others_gets_a_warning(repo_root: Path, tmp_path: Path, cli_env):
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"RUNPOD_API_KEY={RUNPOD_KEY}\n")
+    for mode, warned in ((0o644, True), (0o600, False)):
+        env_file.chmod(mode)
+        proc = run_cli(repo_root, ["--image", "img", "--dry-run"], cli_env, tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert ("readable by other users (mode 644); run: chmod 600" in proc.stderr) is warned
+        assert RUNPOD_KEY not in proc.stdout + proc.stderr
+
+
+def launch_in_background(repo_root: Path, tmp_path: Path, cli_env, stub: RunPodStub, *extra: str) -> subprocess.Popen:
+    """The launcher following a job that never ends, started once the stub serves; returns at pod creation."""
+    pod_root = tmp_path / "pod"
+    (pod_root / "output").mkdir(parents=True)
+    (pod_root / "output" / "status.json").write_text(json.dumps({"state": "running", "step": "train_cbvae"}))
+    ssh = tmp_path / "fake_ssh"
+    ssh.write_text(FAKE_SSH)
+    ssh.chmod(0o755)
+    cli_env.update(RUNPOD_API_KEY=RUNPOD_KEY, RUNPOD_API_BASE_URL=stub.url)
+    args = ["--image", "img", "--remote-root", str(pod_root), "--out", str(tmp_path / "o"), "--poll-s", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, str(repo_root / "scripts" / "train_runpod.py"), *args, "--ssh-program", str(ssh), *extra],
+        cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    end = time.monotonic() + 60
+    while not stub.ops("pod") and time.monotonic() < end:  # created, and being followed
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGQUIT, signal.SIGUSR1, signal.SIGINT], ids=["sigquit", "sigusr1", "ctrl_c"]
+)
+def test_quit_and_user_signals_terminate_the_pod(repo_root: Path, tmp_path: Path, cli_env, signum):
+    with RunPodStub(RUNPOD_KEY, start_polls=0) as stub:
+        proc = launch_in_background(repo_root, tmp_path, cli_env, stub)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    assert len(stub.pods) == 1 and stub.alive() == [], out + err
+    assert "pod stubpod1 terminated" in out
+    if signum == signal.SIGINT:  # the exit line says what is left, not "any pod was terminated"
+        assert proc.returncode == 130 and err.strip().endswith("error: interrupted; pod stubpod1 terminated")
+    else:
+        assert proc.returncode == 1 and f"received {signum.name}" in err
+
+
+def test_a_killed_launcher_leaves_a_pod_that_removes_itself(repo_root: Path, tmp_path: Path, cli_env):
+    """kill -9 of the launcher: nothing on this side can act, so the pod ends itself at its deadline."""
+    with RunPodStub(RUNPOD_KEY, start_polls=0) as stub:
+        proc = launch_in_background(repo_root, tmp_path, cli_env, stub, "--max-hours", "0.002")  # 7.2 s
+        proc.kill()
+        proc.wait(timeout=10)
+        assert stub.alive() == ["stubpod1"] and stub.ops("podTerminate") == []
+        # the pod runs the entry script with the environment the launcher gave it, plus RunPod's own
+        env = {**stub.pods["stubpod1"]["env"], **stub.platform_env("stubpod1")}
+        deadline = int(env["CBVAE_DEADLINE"])
+        assert 0 < deadline - time.time() <= 7.2
+        (Path(env["CBVAE_ROOT"]) / "output" / "DONE").touch()  # job over; waiting for a download that never comes
+        env.update(PATH=cli_env["PATH"], PYTHON=sys.executable, RUNPOD_API_BASE_URL=stub.url, HOME=cli_env["HOME"])
+        pod = subprocess.run([str(repo_root / "scripts" / "runpod_train.sh")], env=env, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert pod.returncode == 0, pod.stdout + pod.stderr
+    assert stub.alive() == [] and [r.pod_scoped for r in stub.ops("podTerminate")] == [True]
+    assert time.time() >= deadline and "removing this pod" in pod.stdout
 
 
 def test_missing_key_and_api_errors_are_one_line(repo_root: Path, tmp_path: Path, cli_env):

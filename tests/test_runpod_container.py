@@ -7,11 +7,14 @@ import fnmatch
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from runpod_stub import RunPodStub
 
 KNOWN = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER", "WORKDIR",
          "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}  # fmt: skip
@@ -79,23 +82,32 @@ def run_entry(
     repo_root: Path, args: list[str], env: dict[str, str], timeout: float = 600
 ) -> subprocess.CompletedProcess:
     full = {**os.environ, "PYTHON": sys.executable, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **env}
-    full.pop("WANDB_API_KEY", None)
+    for name in ("WANDB_API_KEY", "RUNPOD_API_KEY", "RUNPOD_POD_ID", "CBVAE_NEUROSYNTH_DIR"):
+        if name not in env:
+            full.pop(name, None)
     script = repo_root / "scripts" / "runpod_train.sh"
     return subprocess.run([str(script), *args], env=full, capture_output=True, text=True, timeout=timeout)
 
 
-def test_entry_script_help_and_bad_arguments(repo_root: Path):
-    assert subprocess.run(["bash", "-n", str(repo_root / "scripts" / "runpod_train.sh")]).returncode == 0
+def test_entry_script_help_and_bad_arguments(repo_root: Path, tmp_path: Path):
+    for script in ("runpod_train.sh", "run_main.sh"):
+        assert subprocess.run(["bash", "-n", str(repo_root / "scripts" / script)]).returncode == 0
+        assert os.access(repo_root / "scripts" / script, os.X_OK)
     help_ = run_entry(repo_root, ["--help"], {})
     assert help_.returncode == 0 and "status.json" in help_.stdout and "--subset" in help_.stdout
+    assert "--deadline" in help_.stdout and "--kernel-fwhm" in help_.stdout
     for args, message in [
         (["--epochs", "0"], "error: --epochs must be a positive integer, got '0'"),
         (["--subset", "ten"], "error: --subset must be a positive integer or all"),
+        (["--kernel-fwhm", "wide"], "error: --kernel-fwhm must be a number of mm, got 'wide'"),
         (["--neurosynth-dir", "/no/such/dir"], "error: --neurosynth-dir /no/such/dir does not exist"),
+        (["--deadline", "soon"], "error: --deadline must be a Unix time in seconds, got 'soon'"),
         (["--bogus"], "error: unknown option --bogus"),
     ]:
-        proc = run_entry(repo_root, args, {})
-        assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1
+        proc = run_entry(repo_root, ["--root", str(tmp_path), *args], {})
+        assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+    # a refused option still tells the launcher: the job failed
+    assert json.loads((tmp_path / "output" / "status.json").read_text())["state"] == "failed"
 
 
 def test_finished_job_is_not_rerun_when_the_container_restarts(repo_root: Path, tmp_path: Path):
@@ -105,37 +117,117 @@ def test_finished_job_is_not_rerun_when_the_container_restarts(repo_root: Path, 
     assert proc.returncode == 0 and "DONE exists: nothing to do" in proc.stdout
 
 
-def test_failed_step_marks_the_job_failed_with_its_log(repo_root: Path, tmp_path: Path):
-    # a dataset folder whose manifest is broken: reused, then training fails for real
-    data = tmp_path / "dataset_all_4mm"
-    data.mkdir()
-    (data / "manifest.json").write_text("{}")
-    # extra train args arrive base64-encoded, as the launcher sends values it cannot pass verbatim
-    encoded = base64.b64encode(b"--use_mlflow false").decode()
-    proc = run_entry(repo_root, ["--root", str(tmp_path), "--preset", "cpu"], {"CBVAE_B64_CBVAE_TRAIN_ARGS": encoded})
+def test_the_builder_always_runs_with_the_build_options(repo_root: Path, tmp_path: Path):
+    """A dataset already on the volume is never reused blindly: the builder (and its cache key) decides."""
+    for name in ("dataset", "dataset_50_2mm"):  # the dataset folder, by today's name and by the old one
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
+    empty = tmp_path / "ns copy"  # a space: sent base64-encoded by the launcher, decoded by the entry script
+    empty.mkdir()
+    env = {
+        "CBVAE_B64_CBVAE_NEUROSYNTH_DIR": base64.b64encode(str(empty).encode()).decode(),
+        "CBVAE_KERNEL_FWHM": "12",
+        "CBVAE_RESOLUTION": "2",
+    }
+    proc = run_entry(repo_root, ["--root", str(tmp_path), "--subset", "50"], env)
     out = tmp_path / "output"
     assert proc.returncode != 0 and (out / "FAILED").exists() and not (out / "DONE").exists()
     status = json.loads((out / "status.json").read_text())
-    assert status["state"] == "failed" and status["step"] == "train_cbvae"
-    assert "see logs/train_cbvae.log" in status["message"]
-    assert (out / "logs" / "train_cbvae.log").stat().st_size > 0
-    assert "reusing dataset" in proc.stdout and "--use_mlflow false" in proc.stdout
-    assert not (out / "runs" / "baseline").exists()  # stopped at the first failure
+    assert status["state"] == "failed" and status["step"] == "dataset", status
+    assert "see logs/dataset.log" in status["message"]
+    assert (out / "logs" / "dataset.log").read_text().startswith("error: ")  # the builder judged the stale folder
+    dataset_line = next((line for line in proc.stdout.splitlines() if line.startswith("[main] dataset:")), "")
+    for option in ("--resolution 2", "--kernel ale", "--kernel-fwhm 12", f"--neurosynth-dir {empty}", "--subset 50"):
+        assert option in dataset_line, dataset_line
+    assert "reusing" not in proc.stdout and not (out / "cbvae").exists()  # stopped at the first failure
+
+
+SLOW_DATASET = """#!/bin/sh
+# the real interpreter, except that the dataset build takes a minute
+case " $* " in *" cbvae_ext.data "*) sleep 60 ;; esac
+exec {python} "$@"
+"""
+
+
+@pytest.fixture
+def pod(monkeypatch: pytest.MonkeyPatch):
+    """A stub RunPod API holding one running pod, and the environment RunPod gives that pod."""
+    with RunPodStub("rpa_ACCOUNTKEY0123456789") as stub:
+        stub.pods["stubpod1"] = {"input": {"name": "cbvae-x"}, "desiredStatus": "RUNNING", "polls": 0, "env": {}}
+        yield stub, {**stub.platform_env("stubpod1"), "RUNPOD_API_BASE_URL": stub.url}
+
+
+def wait_for(condition, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def test_pod_removes_itself_at_the_deadline_while_the_job_still_runs(repo_root: Path, tmp_path: Path, pod):
+    stub, pod_env = pod
+    slow = tmp_path / "python"
+    slow.write_text(SLOW_DATASET.format(python=sys.executable))
+    slow.chmod(0o755)
+    deadline = int(time.time()) + 5
+    env = {**os.environ, **pod_env, "PYTHON": str(slow), "CBVAE_DEADLINE": str(deadline), "CBVAE_KEEP_ALIVE": "1"}
+    script = repo_root / "scripts" / "runpod_train.sh"
+    with subprocess.Popen(
+        [str(script), "--root", str(tmp_path / "root"), "--subset", "50", "--epochs", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    ) as proc:  # fmt: skip
+        try:
+            removed = wait_for(lambda: stub.alive() == [], timeout=40)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the container goes with its pod
+        log = proc.stdout.read()
+    assert removed, log
+    terminate = stub.ops("podTerminate")
+    assert len(terminate) == 1 and terminate[0].arguments["input"] == {"podId": "stubpod1"}
+    assert terminate[0].pod_scoped  # with the pod's own key, not the account's
+    assert not (tmp_path / "root" / "output" / "DONE").exists()  # removed mid-job
+    assert time.time() >= deadline and "removing this pod: deadline reached" in log
+
+
+@pytest.mark.parametrize("outcome", ["done", "failed"])
+def test_pod_removes_itself_after_the_job_and_the_linger(repo_root: Path, tmp_path: Path, pod, outcome):
+    stub, pod_env = pod
+    out = tmp_path / "output"
+    args = ["--root", str(tmp_path), "--keep-alive"]
+    if outcome == "done":
+        out.mkdir()
+        (out / "DONE").touch()
+    else:
+        args += ["--neurosynth-dir", str(tmp_path)]  # no Neurosynth files there: the dataset step fails
+    started = time.time()
+    env = {**pod_env, "CBVAE_DEADLINE": str(int(started) + 3600), "CBVAE_LINGER_S": "1"}
+    proc = run_entry(repo_root, args, env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # it exits once its pod is gone
+    assert stub.alive() == [] and [r.pod_scoped for r in stub.ops("podTerminate")] == [True]
+    assert f"job ended (exit {0 if outcome == 'done' else 2})" in proc.stdout
+    assert (out / ("DONE" if outcome == "done" else "FAILED")).exists()
+    assert "rpa_ACCOUNTKEY" not in proc.stdout + proc.stderr and "pod-scoped" not in proc.stdout + proc.stderr
+    assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
-def test_entry_script_end_to_end_on_cpu(repo_root: Path, tmp_path: Path, tiny_dataset: Path):
-    (tmp_path / "dataset_120_4mm").symlink_to(tiny_dataset, target_is_directory=True)
+def test_entry_script_end_to_end_on_cpu(repo_root: Path, tmp_path: Path, tiny_dataset: Path, neurosynth_dir: Path):
+    # the tiny dataset's own build options: the builder finds the same cache key and reuses it
+    (tmp_path / "dataset").symlink_to(tiny_dataset, target_is_directory=True)
     train_args = "--use_mlflow false --epoch_length 2 --val_epoch_length 1 --batch_size 4 --progress false"
     env = {"CBVAE_TRAIN_ARGS": train_args, "CBVAE_EVAL_ARGS": "--n_bootstrap 20 --n_permutations 5"}
-    proc = run_entry(repo_root, ["--root", str(tmp_path), "--subset", "120", "--epochs", "1"], env, timeout=1500)
+    args = ["--root", str(tmp_path), "--subset", "120", "--epochs", "1", "--neurosynth-dir", str(neurosynth_dir)]
+    proc = run_entry(repo_root, args, env, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = tmp_path / "output"
     assert (out / "DONE").exists() and json.loads((out / "status.json").read_text())["state"] == "done"
+    assert "reusing" in (out / "logs" / "dataset.log").read_text()
     for name in ("cbvae", "baseline"):
-        assert (out / "runs" / name / "decoder.ts").stat().st_size > 0
-        assert (out / "runs" / name / "model.pt").stat().st_size > 0
+        assert (out / name / "decoder.ts").stat().st_size > 0
+        assert (out / name / "model.pt").stat().st_size > 0
     results = json.loads((out / "eval" / "test_results.json").read_text())
     assert results["split"] == "test" and results["n_test"] > 0 and {"cbvae", "baseline"} <= set(results["models"])
-    assert [p.name for p in sorted((out / "logs").iterdir())] == [
-        "check_decoder.log", "evaluate.log", "train_baseline.log", "train_cbvae.log"]  # fmt: skip
+    steps = {p.stem for p in (out / "logs").iterdir()}
+    assert {"dataset", "train_cbvae", "train_baseline", "check_decoder", "evaluate"} <= steps

@@ -7,8 +7,11 @@ the "pod" file system is a local folder that the status reader and the transfer 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,15 +19,20 @@ from runpod_stub import RunPodStub
 
 from cbvae_ext.cloud import (
     CostCapReached,
+    GraphQLValueError,
     LaunchConfig,
     LaunchError,
     LaunchInterrupted,
     PodLauncher,
     PodStartTimeout,
     Secrets,
+    SecretsError,
     TrainingFailed,
     TransferError,
 )
+from cbvae_ext.cloud.launcher import LaunchConfigError
+from cbvae_ext.cloud.pod_deadline import SelfRemovalError
+from cbvae_ext.errors import CbvaeError
 
 RUNPOD_KEY = "rpa_TESTKEY0123456789abcdefSECRET"
 WANDB_KEY = "0123456789abcdef0123456789abcdefWANDBKEY"
@@ -80,17 +88,11 @@ def stub(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
 
 def make(tmp_path: Path, states=DONE, transfer=None, status_reader=None, **options):
     clock = FakeClock()
-    config = LaunchConfig(
-        image="ghcr.io/test/cbvae:1",
-        local_dir=tmp_path / "download",
-        poll_s=60,
-        start_timeout_s=600,
-        retry_s=1,
-        **options,
-    )
+    options = {"poll_s": 60, "start_timeout_s": 600, "retry_s": 1, **options}
+    config = LaunchConfig(image="ghcr.io/test/cbvae:1", local_dir=tmp_path / "download", **options)
     pod = PodFiles(tmp_path / "pod", config.remote_output, states)
-    (pod.output / "runs" / "cbvae").mkdir(parents=True)
-    (pod.output / "runs" / "cbvae" / "decoder.ts").write_bytes(b"decoder")
+    (pod.output / "cbvae").mkdir(parents=True)
+    (pod.output / "cbvae" / "decoder.ts").write_bytes(b"decoder")
     launcher = PodLauncher(
         config,
         Secrets(runpod_api_key=RUNPOD_KEY, wandb_api_key=WANDB_KEY),
@@ -111,7 +113,7 @@ def test_happy_path_creates_follows_downloads_and_terminates_once(stub: RunPodSt
     assert ops.count("podFindAndDeployOnDemand") == 1 and ops.count("podTerminate") == 1
     assert stub.alive() == []
     assert result.terminated and result.pod_id == "stubpod1" and result.status == {"state": "done"}
-    assert (tmp_path / "download" / "runs" / "cbvae" / "decoder.ts").read_bytes() == b"decoder"
+    assert (tmp_path / "download" / "cbvae" / "decoder.ts").read_bytes() == b"decoder"
     # SSH port shown at the 3rd pod poll (2 pauses), then one pause per unfinished job state (2)
     assert clock.sleeps == [60.0] * 4
     assert result.price_per_hour == 0.69 and result.hours == pytest.approx(240 / 3600)
@@ -240,3 +242,99 @@ def test_unknown_gpu_fails_before_creating_a_pod(stub: RunPodStub, tmp_path: Pat
     with pytest.raises(ValueError, match="No GPU found"):
         launcher.run()
     assert stub.pods == {} and [r.operation for r in stub.requests] == ["gpuTypes"]
+
+
+def test_pod_env_carries_the_deadline_of_the_tighter_cap(stub: RunPodStub, tmp_path: Path):
+    # $0.69/h: --max-cost 0.69 is one hour, tighter than --max-hours 6
+    launcher, _, _ = make(tmp_path, max_cost=0.69)
+    launcher.wall_clock = lambda: 1_700_000_000.0
+    launcher.run()
+    env = {e["key"]: e["value"] for e in stub.ops("podFindAndDeployOnDemand")[0].arguments["input"]["env"]}
+    assert env["CBVAE_DEADLINE"] == str(1_700_000_000 + 3600) and launcher.result.deadline == 1_700_003_600.0
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP], ids=["sigquit", "sigusr1", "sighup"]
+)
+def test_ending_signals_terminate_the_pod(stub: RunPodStub, tmp_path: Path, signum: signal.Signals):
+    previous = signal.getsignal(signum)
+
+    def status_reader(endpoint, remote_dir):
+        signal.raise_signal(signum)
+
+    launcher, _, _ = make(tmp_path, status_reader=status_reader)
+    with pytest.raises(LaunchInterrupted, match=signum.name):
+        launcher.run()
+    assert len(stub.ops("podTerminate")) == 1 and stub.alive() == [] and launcher.result.terminated
+    assert signal.getsignal(signum) is previous
+
+
+def test_second_ctrl_c_during_a_slow_create_still_finds_and_terminates_the_pod(monkeypatch, tmp_path: Path, capsys):
+    # the API takes 1.5 s to create the pod; Ctrl-C 0.2 s into the request cuts it, a second one hits the lookup
+    with RunPodStub(RUNPOD_KEY, faults={"create_delay": 1.5}) as stub:
+        monkeypatch.setenv("RUNPOD_API_BASE_URL", stub.url)
+        config = LaunchConfig(image="img", local_dir=tmp_path / "d", retry_s=0.2, lookup_s=10, poll_s=60)
+        launcher = PodLauncher(config, Secrets(runpod_api_key=RUNPOD_KEY))
+
+        def two_ctrl_c() -> None:
+            while not stub.ops("podFindAndDeployOnDemand"):
+                time.sleep(0.02)
+            for pause in (0.2, 0.5):
+                time.sleep(pause)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # as Ctrl-C reaches it
+
+        presser = threading.Thread(target=two_ctrl_c)
+        presser.start()
+        with pytest.raises(KeyboardInterrupt):
+            launcher.run()
+        presser.join()
+        time.sleep(2.0)  # a pod created after a premature give-up would show up by now
+        alive = stub.alive()
+    assert len(stub.pods) == 1 and alive == []
+    assert [r.arguments["input"]["podId"] for r in stub.ops("podTerminate")] == ["stubpod1"]
+    assert launcher.result.leftover() == "pod stubpod1 terminated"
+    assert "SIGINT ignored: terminating the pod first" in capsys.readouterr().out
+
+
+def test_a_pod_that_removed_itself_counts_as_terminated(monkeypatch, tmp_path: Path, capsys):
+    # the pod reached its own deadline first; its terminate then fails, but nothing is left running
+    with RunPodStub(RUNPOD_KEY, start_polls=0, faults={"terminate_errors": 99}) as stub:
+        monkeypatch.setenv("RUNPOD_API_BASE_URL", stub.url)
+
+        def self_removed(endpoint, remote_dir):
+            stub.pods["stubpod1"]["desiredStatus"] = "TERMINATED"
+
+        launcher, _, _ = make(tmp_path, status_reader=self_removed)
+        with pytest.raises(LaunchError, match="no longer exists"):
+            launcher.run()
+    assert launcher.result.terminated and "is gone (it removed itself" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "error", [LaunchError, LaunchConfigError, SecretsError, GraphQLValueError, TransferError, SelfRemovalError]
+)
+def test_cloud_errors_are_cbvae_errors_and_keep_their_builtin_base(error):
+    assert issubclass(error, CbvaeError)
+    assert issubclass(error, ValueError) or issubclass(error, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"max_hours": float("inf")}, "--max-hours must be a finite number > 0"),
+        ({"max_cost": float("inf")}, "--max-cost must be a finite number > 0"),
+        ({"poll_s": 0}, "--poll-s must be >= 1"),
+        ({"extra_env": {"CBVAE_ROOT": "/elsewhere"}}, "--env CBVAE_ROOT: the launcher sets it; use --remote-root"),
+        ({"extra_env": {"CBVAE_DEADLINE": "9999999999"}}, "--env CBVAE_DEADLINE: the launcher sets it"),
+        ({"extra_env": {"RUNPOD_POD_ID": "someone-else"}}, "--env RUNPOD_POD_ID: RunPod sets RUNPOD_"),
+        ({"extra_env": {"CBVAE_B64_CBVAE_ROOT": "L3g="}}, "--env CBVAE_B64_CBVAE_ROOT: CBVAE_B64_"),
+        ({"extra_env": {"NOTE": f"use {WANDB_KEY} here"}}, "--env NOTE: its value holds an API key"),
+    ],
+)
+def test_bad_launch_options_are_refused_before_any_request(stub: RunPodStub, tmp_path: Path, option, message):
+    launcher, _, _ = make(tmp_path, **option)
+    with pytest.raises(LaunchConfigError, match=re.escape(message)) as info:
+        launcher.run()
+    assert WANDB_KEY not in str(info.value) and stub.requests == []
+    with pytest.raises(LaunchConfigError):
+        launcher.plan()

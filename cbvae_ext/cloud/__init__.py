@@ -1,7 +1,9 @@
 """Cloud training on RunPod: secrets, GraphQL-safe pod parameters, pod lifecycle and result transfer.
 
 The launcher (``scripts/train_runpod.py``) is a thin CLI over :class:`~cbvae_ext.cloud.launcher.PodLauncher`;
-the pod runs ``scripts/runpod_train.sh`` (the same script runs on any bare Linux GPU machine).
+the pod runs ``scripts/runpod_train.sh`` (the pipeline ``scripts/run_main.sh`` plus the pod's own deadline,
+:mod:`~cbvae_ext.cloud.pod_deadline`), which also runs on any bare Linux GPU machine. ``pod_deadline`` and
+``job_status`` are run as ``python -m`` by the scripts, so this package does not import them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from cbvae_ext.cloud.graphql_safety import GraphQLValueError, check_value, encod
 from cbvae_ext.cloud.launcher import (
     CostCapReached,
     LaunchConfig,
+    LaunchConfigError,
     LaunchError,
     LaunchInterrupted,
     LaunchResult,
@@ -24,6 +27,7 @@ __all__ = [
     "CostCapReached",
     "GraphQLValueError",
     "LaunchConfig",
+    "LaunchConfigError",
     "LaunchError",
     "LaunchInterrupted",
     "LaunchResult",

@@ -14,6 +14,8 @@ import base64
 import re
 from collections.abc import Mapping
 
+from cbvae_ext.errors import CbvaeError
+
 __all__ = ["B64_PREFIX", "SAFE_CHARS", "GraphQLValueError", "check_value", "decode_env", "encode_env"]
 
 #: characters that can never end or escape a GraphQL string literal (described in error messages)
@@ -24,7 +26,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 B64_PREFIX = "CBVAE_B64_"
 
 
-class GraphQLValueError(ValueError):
+class GraphQLValueError(CbvaeError, ValueError):
     """A value would break (or inject into) the SDK's GraphQL query."""
 
 

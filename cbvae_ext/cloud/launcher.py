@@ -1,8 +1,11 @@
 """Pod lifecycle: create a RunPod GPU pod, follow training, download the outputs, and always terminate it.
 
 Every exit path (success, API error, pod never starting, failed training or transfer, cost or time cap,
-Ctrl-C, SIGTERM/SIGHUP, lost connection) leaves through one ``finally`` that sends ``podTerminate``
-exactly once (retried only if that call itself fails), with Ctrl-C/SIGTERM deferred while it runs.
+Ctrl-C, SIGTERM/SIGHUP/SIGQUIT/SIGUSR1, lost connection) leaves through one ``finally`` that finds a pod
+whose create reply was lost and sends ``podTerminate`` exactly once (retried only if that call itself
+fails), with further signals deferred while it runs. What no handler can catch (``kill -9``, a dead
+machine) is bounded by the pod itself: it removes itself at ``CBVAE_DEADLINE``
+(:mod:`cbvae_ext.cloud.pod_deadline`), the same cap the launcher enforces.
 All API calls go through the RunPod Python SDK (``runpod.create_pod``, ``get_pod``, ``terminate_pod``,
 ``get_gpu``), which honours ``RUNPOD_API_BASE_URL``; every value it pastes into GraphQL is checked by
 :mod:`cbvae_ext.cloud.graphql_safety` first.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import secrets as _random
 import signal
 import sys
@@ -24,12 +28,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
-from cbvae_ext.cloud.graphql_safety import check_value, encode_env
+from cbvae_ext.cloud.graphql_safety import B64_PREFIX, check_value, decode_env, encode_env
 from cbvae_ext.cloud.secrets import RUNPOD_KEY_VAR, WANDB_KEY_VAR, Secrets
 from cbvae_ext.cloud.transfer import SSHEndpoint, download_outputs, endpoint_from_pod, read_status
+from cbvae_ext.errors import CbvaeError
 
 __all__ = [
     "CLOUDS",
+    "DEADLINE_VAR",
+    "MIN_POLL_S",
     "CostCapReached",
     "LaunchConfig",
     "LaunchConfigError",
@@ -46,6 +53,22 @@ __all__ = [
 
 CLOUDS = ("SECURE", "COMMUNITY", "ALL")
 _STOPPED = ("EXITED", "TERMINATED")
+#: the pod's own deadline (Unix time), enforced on the pod by ``python -m cbvae_ext.cloud.pod_deadline``
+DEADLINE_VAR = "CBVAE_DEADLINE"
+#: shortest pause between status polls (each poll is one API query and one SSH login)
+MIN_POLL_S = 1.0
+#: pod variables the launcher sets itself, and the option that sets each (``--env`` may not override them)
+_OWN_ENV = {
+    "CBVAE_ROOT": "--remote-root",
+    "CBVAE_EPOCHS": "--epochs",
+    "CBVAE_SUBSET": "--subset",
+    "CBVAE_PRESET": "--preset",
+    "CBVAE_KEEP_ALIVE": "nothing (always 1: the pod stays up for the download)",
+    DEADLINE_VAR: "--max-hours/--max-cost",
+    "PUBLIC_KEY": "--ssh-key",
+}
+#: a value whose variable name holds one of these is shown as <redacted> in the plan
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 
 log = logging.getLogger("cbvae.cloud")
 
@@ -53,11 +76,11 @@ Transfer = Callable[[SSHEndpoint, str, Path], Any]
 StatusReader = Callable[[SSHEndpoint, str], "dict[str, Any] | None"]
 
 
-class LaunchError(RuntimeError):
+class LaunchError(CbvaeError, RuntimeError):
     """The launch failed; the pod (if any) has been terminated."""
 
 
-class LaunchConfigError(ValueError):
+class LaunchConfigError(CbvaeError, ValueError):
     """An option of the launch is invalid."""
 
 
@@ -74,7 +97,7 @@ class TrainingFailed(LaunchError):
 
 
 class LaunchInterrupted(LaunchError):
-    """SIGTERM or SIGHUP arrived (Ctrl-C stays a ``KeyboardInterrupt``)."""
+    """SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 or SIGUSR2 arrived (Ctrl-C stays a ``KeyboardInterrupt``)."""
 
 
 @dataclass
@@ -87,8 +110,8 @@ class LaunchConfig:
         cloud: ``SECURE``, ``COMMUNITY`` or ``ALL``.
         volume_gb: pod volume (mounted at ``volume_mount_path``) holding dataset and outputs.
         container_disk_gb: container disk.
-        max_hours: terminate the pod after this many hours.
-        max_cost: terminate the pod once hours x $/h reaches this many dollars.
+        max_hours: terminate the pod after this many hours (finite); the pod also removes itself then.
+        max_cost: terminate the pod once hours x $/h reaches this many dollars (finite).
         epochs: training epochs (``None``: the entry script's GPU default).
         subset: number of studies, or ``None`` for the full database.
         preset: training preset (``gpu``/``cpu``), ``None`` to let the pod choose.
@@ -98,14 +121,15 @@ class LaunchConfig:
         network_volume_id: RunPod network volume to mount instead of a pod volume.
         volume_mount_path: mount point of the volume.
         name: pod name; default ``cbvae-<time>-<random>`` (unique, used to find a pod whose create reply was lost).
-        poll_s: seconds between status polls.
+        poll_s: seconds between status polls (at least ``MIN_POLL_S``).
         start_timeout_s: seconds allowed until the pod runs with a public SSH port.
         max_api_failures: consecutive failed API polls tolerated before giving up (lost connection).
         terminate_retries: attempts at ``podTerminate`` when it fails.
         retry_s: first back-off between terminate attempts (doubles).
+        lookup_s: how long to look for a pod whose create request was cut off (it may appear later).
         ssh_key: private key for SSH; its ``.pub`` is passed as ``PUBLIC_KEY`` so the pod accepts it.
         ssh_program: ssh executable.
-        extra_env: more non-secret pod environment variables.
+        extra_env: more non-secret pod environment variables (not the launcher's own, not ``RUNPOD_*``).
     """
 
     image: str
@@ -129,6 +153,7 @@ class LaunchConfig:
     max_api_failures: int = 5
     terminate_retries: int = 3
     retry_s: float = 2.0
+    lookup_s: float = 60.0
     ssh_key: Path | None = None
     ssh_program: str = "ssh"
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -138,6 +163,23 @@ class LaunchConfig:
         if not self.name:
             self.name = f"cbvae-{datetime.now():%Y%m%d-%H%M%S}-{_random.token_hex(2)}"
 
+    def check_env(self, secrets: Secrets | None = None) -> None:
+        """Refuse ``extra_env`` names the launcher or RunPod set, and (given ``secrets``) values holding a key."""
+        for name in sorted(self.extra_env):
+            if name in (RUNPOD_KEY_VAR, WANDB_KEY_VAR):
+                raise LaunchConfigError(f"--env {name}: keys go in .env or the environment, never in arguments")
+            if name in _OWN_ENV:
+                raise LaunchConfigError(f"--env {name}: the launcher sets it; use {_OWN_ENV[name]} instead")
+            if name.startswith("RUNPOD_"):
+                raise LaunchConfigError(f"--env {name}: RunPod sets RUNPOD_* in the pod; choose another name")
+            if name.startswith(B64_PREFIX):
+                raise LaunchConfigError(f"--env {name}: {B64_PREFIX}* is for encoded values; pass NAME=VALUE as it is")
+        for name, value in sorted(self.extra_env.items()):
+            if secrets is not None and secrets.redact(value) != value:  # never echo the value
+                raise LaunchConfigError(
+                    f"--env {name}: its value holds an API key; keys go in .env, never in arguments"
+                )
+
     @property
     def remote_output(self) -> str:
         return self.remote_root.rstrip("/") + "/output"
@@ -146,19 +188,23 @@ class LaunchConfig:
         """Raise ``LaunchConfigError``/``GraphQLValueError`` naming the bad option."""
         if self.cloud not in CLOUDS:
             raise LaunchConfigError(f"--cloud must be one of {', '.join(CLOUDS)}, got {self.cloud!r}")
-        for option, value in (("--max-hours", self.max_hours), ("--max-cost", self.max_cost)):
-            if not value > 0:
-                raise LaunchConfigError(f"{option} must be > 0, got {value}")
+        for option, value in (
+            ("--max-hours", self.max_hours),
+            ("--max-cost", self.max_cost),
+            ("--start-timeout", self.start_timeout_s),
+        ):
+            if not (value > 0 and math.isfinite(value)):  # inf would switch the cap off
+                raise LaunchConfigError(f"{option} must be a finite number > 0, got {value}")
+        if not self.poll_s >= MIN_POLL_S:
+            raise LaunchConfigError(
+                f"--poll-s must be >= {MIN_POLL_S:g} s (each poll queries the API), got {self.poll_s}"
+            )
         for option, value in (("--volume-gb", self.volume_gb), ("--container-disk-gb", self.container_disk_gb)):
             if int(value) < 1:
                 raise LaunchConfigError(f"{option} must be >= 1, got {value}")
         if self.preset not in (None, "gpu", "cpu"):
             raise LaunchConfigError(f"--preset must be gpu or cpu, got {self.preset!r}")
-        secret_names = {RUNPOD_KEY_VAR, WANDB_KEY_VAR} & set(self.extra_env)
-        if secret_names:
-            raise LaunchConfigError(
-                f"--env {sorted(secret_names)[0]}: keys go in .env or the environment, never in arguments"
-            )
+        self.check_env()
         if self.ssh_key is not None and not Path(self.ssh_key).is_file():
             raise LaunchConfigError(f"--ssh-key {self.ssh_key} does not exist; give the private key of a key pair")
         for option, value in (
@@ -183,6 +229,20 @@ class LaunchResult:
     terminated: bool = False
     status: dict[str, Any] | None = None
     local_dir: Path | None = None
+    unknown_pod: bool = False
+    deadline: float | None = None
+
+    def leftover(self) -> str:
+        """One line on what is left running: said on every exit, true on every path."""
+        if self.unknown_pod:
+            return "a pod may have been created: check the RunPod console"
+        if self.pod_id is None:
+            return "no pod was created"
+        if self.terminated:
+            return f"pod {self.pod_id} terminated"
+        return f"pod {self.pod_id} may still be running: python scripts/train_runpod.py --terminate {self.pod_id}" + (
+            f" (it removes itself at {datetime.fromtimestamp(self.deadline):%Y-%m-%d %H:%M})" if self.deadline else ""
+        )
 
     @property
     def cost(self) -> float | None:
@@ -232,6 +292,7 @@ class PodLauncher:
         stream: where progress goes (default stdout); every line is redacted and logged.
         sleep: sleep function between polls.
         clock: monotonic clock in seconds (elapsed time, hence cost).
+        wall_clock: Unix time in seconds (the pod's deadline ``CBVAE_DEADLINE``).
     """
 
     def __init__(
@@ -244,6 +305,7 @@ class PodLauncher:
         stream: TextIO | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.secrets = secrets
@@ -252,22 +314,37 @@ class PodLauncher:
         self.stream = stream
         self.sleep = sleep
         self.clock = clock
+        self.wall_clock = wall_clock
         self.result = LaunchResult(local_dir=config.local_dir)
         self._started: float | None = None
         self._api_failures = 0
+        self._create_cut_off = False
+        self._lookup_s = 0.0
+        self._signal: str | None = None
+        self._saying = False
 
     # ----- output -------------------------------------------------------------------------
     def say(self, message: str) -> None:
         """Print and log one redacted progress line."""
         message = self.secrets.redact(message)
-        print(message, file=self.stream or sys.stdout, flush=True)
-        log.info(message)
+        self._saying = True  # a signal now is raised at the next check, not inside logging (which would swallow it)
+        try:
+            print(message, file=self.stream or sys.stdout, flush=True)
+            log.info(message)
+        finally:
+            self._saying = False
 
     # ----- plan ---------------------------------------------------------------------------
-    def pod_env(self) -> dict[str, str]:
-        """The pod's environment, GraphQL-safe (unsafe values base64-encoded as ``CBVAE_B64_<NAME>``)."""
+    def pod_env(self, deadline: float | None = None) -> dict[str, str]:
+        """The pod's environment, GraphQL-safe (unsafe values base64-encoded as ``CBVAE_B64_<NAME>``).
+
+        Args:
+            deadline: Unix time at which the pod removes itself (``CBVAE_DEADLINE``).
+        """
         cfg = self.config
         env: dict[str, Any] = {"CBVAE_ROOT": cfg.remote_root, "CBVAE_KEEP_ALIVE": "1"}
+        if deadline is not None:
+            env[DEADLINE_VAR] = int(deadline)
         for name, value in (("CBVAE_EPOCHS", cfg.epochs), ("CBVAE_SUBSET", cfg.subset), ("CBVAE_PRESET", cfg.preset)):
             if value is not None:
                 env[name] = value
@@ -281,11 +358,14 @@ class PodLauncher:
     def plan(self) -> list[str]:
         """The launch plan as lines, secrets shown only by name; makes no API call."""
         cfg = self.config
-        cfg.validate()
-        env = self.pod_env()
+        self._validate()
+        # decoded, as the pod sees them; values of key-like names hidden, and any known key inside any value
+        env = decode_env(self.pod_env())
         shown = {
-            k: ("<redacted>" if v in self.secrets.values() or k.endswith(WANDB_KEY_VAR) else v) for k, v in env.items()
+            k: "<redacted>" if any(w in k.upper() for w in _SECRET_WORDS) else self.secrets.redact(v)
+            for k, v in env.items()
         }
+        shown[DEADLINE_VAR] = "<launch time + the caps below>"
         return [
             f"pod:        {cfg.name}  image={cfg.image}",
             f"gpu:        1 x {cfg.gpu} on {cfg.cloud} cloud (on-demand $/h queried at launch)",
@@ -302,44 +382,59 @@ class PodLauncher:
             f"job:        scripts/runpod_train.sh -> {cfg.remote_output} (status.json polled every {cfg.poll_s:g} s)",
             f"download:   {'rsync/tar over SSH to ' + str(cfg.local_dir) if cfg.download else 'off (outputs stay on the volume)'}",
             f"caps:       terminate after {cfg.max_hours:g} h or ${cfg.max_cost:.2f}; pod start timeout {cfg.start_timeout_s:g} s",
+            "self-limit: the pod removes itself at the same cap (CBVAE_DEADLINE), even if this launcher dies",
             f"estimate:   at most ${cfg.max_cost:.2f} (min of --max-cost and --max-hours x $/h)",
         ]
 
     # ----- lifecycle ----------------------------------------------------------------------
+    def _validate(self) -> None:
+        self.config.validate()
+        self.config.check_env(self.secrets)
+
     def run(self) -> LaunchResult:
         """Launch, follow, download, terminate. Raises ``LaunchError`` (pod terminated) or ``KeyboardInterrupt``."""
         cfg = self.config
-        cfg.validate()
-        env = self.pod_env()
+        self._validate()
+        self.pod_env()  # fails on a bad variable before any API call
         rp = _sdk(self.secrets.require_runpod())
         gpu = rp.get_gpu(cfg.gpu)
         price = self.result.price_per_hour = gpu_price(gpu, cfg.cloud)
-        bound = price * min(cfg.max_hours, cfg.max_cost / price)
+        hours = min(cfg.max_hours, cfg.max_cost / price)
         self.say(
             f"GPU {gpu.get('displayName', cfg.gpu)} on {cfg.cloud}: ${price:.3f}/h; "
-            f"estimated cost at most ${bound:.2f} (caps {cfg.max_hours:g} h, ${cfg.max_cost:.2f})"
+            f"estimated cost at most ${price * hours:.2f} (caps {cfg.max_hours:g} h, ${cfg.max_cost:.2f})"
         )
         failed = True
         try:
             with self._signals_raise():
-                self._create(rp, env)
+                self._create(rp, hours)
                 endpoint = self._wait_running(rp)
                 self.result.status = self._follow(rp, endpoint)
                 if cfg.download:
+                    self._check_signal()
                     self._download(endpoint, partial=False)
             failed = False
         finally:
+            # a second Ctrl-C (or any signal) must not cut the lookup of a half-created pod or its termination
             with self._signals_deferred():
+                if self._create_cut_off:
+                    self._find_pod_by_name(rp)
                 self.result.terminated = self._terminate(rp)
                 self._report_cost()
         if not self.result.terminated and not failed:
             raise LaunchError(f"pod {self.result.pod_id} could not be terminated; terminate it in the RunPod console")
         return self.result
 
-    def _create(self, rp: ModuleType, env: dict[str, str]) -> None:
+    def _create(self, rp: ModuleType, hours: float) -> None:
         cfg = self.config
         self._started = self.clock()  # billing starts with the request
-        self.say(f"creating pod {cfg.name} ({cfg.gpu}, {cfg.cloud}, image {cfg.image})")
+        # the pod's own limit: the same cap as ours, counted from the same moment
+        deadline = self.result.deadline = self.wall_clock() + hours * 3600
+        env = self.pod_env(deadline)
+        self.say(
+            f"creating pod {cfg.name} ({cfg.gpu}, {cfg.cloud}, image {cfg.image}); "
+            f"it removes itself at {datetime.fromtimestamp(deadline):%Y-%m-%d %H:%M} whatever happens here"
+        )
         try:
             pod = rp.create_pod(
                 name=cfg.name,
@@ -355,27 +450,43 @@ class PodLauncher:
                 env=env,
                 network_volume_id=cfg.network_volume_id,
             )
+        except rp.error.QueryError:
+            # the API answered with an error: nothing was created, but check once by the unique name
+            self._create_cut_off, self._lookup_s = True, 0.0
+            raise
         except BaseException:
-            # the request may have created the pod even though its answer was lost: find it by its unique name
-            self.result.pod_id = self._find_pod_by_name(rp)
+            # cut off (Ctrl-C, a signal, a lost connection): the pod may exist, or appear a little later
+            self._create_cut_off, self._lookup_s = True, cfg.lookup_s
             raise
         self.result.pod_id = pod["id"]
         self.say(f"pod {pod['id']} created")
 
-    def _find_pod_by_name(self, rp: ModuleType) -> str | None:
-        """Id of the pod named like ours, retried while the API is unreachable; None if there is none."""
-        cfg, delay = self.config, self.config.retry_s
-        for attempt in range(1, cfg.terminate_retries + 1):
+    def _find_pod_by_name(self, rp: ModuleType) -> None:
+        """Set ``result.pod_id`` to the pod named like ours; keep looking for ``lookup_s`` (it may still be in
+        creation) and retry an unreachable API ``terminate_retries`` times; unsure -> ``result.unknown_pod``."""
+        cfg, delay, start = self.config, self.config.retry_s, self.clock()
+        self.say(f"looking for pod {cfg.name} (its create request did not complete)")
+        answered, attempts = False, 0
+        while True:
+            attempts += 1
             try:
                 pods = rp.get_pods() or []
-            except Exception:
-                if attempt < cfg.terminate_retries:
-                    self.sleep(delay)
-                    delay *= 2
-                continue
-            return next((str(p["id"]) for p in pods if p.get("name") == cfg.name), None)
-        self.say(f"warning: could not check whether pod {cfg.name} was created; look for it in the RunPod console")
-        return None
+            except Exception as err:
+                self.say(f"warning: listing pods failed: {err}")
+            else:
+                answered = True
+                pod_id = next((str(p["id"]) for p in pods if p.get("name") == cfg.name), None)
+                if pod_id is not None:
+                    self.result.pod_id = pod_id
+                    self.say(f"pod {pod_id} was created")
+                    return
+            if self.clock() - start + delay > self._lookup_s and (answered or attempts >= cfg.terminate_retries):
+                break
+            self.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        if not answered:
+            self.result.unknown_pod = True
+            self.say(f"warning: could not check whether pod {cfg.name} was created; look for it in the RunPod console")
 
     def _elapsed(self) -> float:
         return 0.0 if self._started is None else self.clock() - self._started
@@ -383,7 +494,12 @@ class PodLauncher:
     def _cost(self) -> float:
         return self._elapsed() / 3600 * (self.result.price_per_hour or 0.0)
 
+    def _check_signal(self) -> None:
+        if self._signal is not None:
+            raise LaunchInterrupted(f"received {self._signal}")
+
     def _check_caps(self) -> None:
+        self._check_signal()
         cfg, hours, cost = self.config, self._elapsed() / 3600, self._cost()
         self.result.hours = hours
         # tolerance: the last pause ends exactly at a cap, where float rounding could leave it a hair short
@@ -500,11 +616,22 @@ class PodLauncher:
                 continue
             self.say(f"pod {pod_id} terminated")
             return True
+        if self._pod_gone(rp, pod_id):
+            self.say(f"pod {pod_id} is gone (it removed itself at its deadline)")
+            return True
         self.say(
             f"error: pod {pod_id} may still be running and billing; terminate it in the RunPod console "
             f"or with: python scripts/train_runpod.py --terminate {pod_id}"
         )
         return False
+
+    @staticmethod
+    def _pod_gone(rp: ModuleType, pod_id: str) -> bool:
+        try:
+            pod = rp.get_pod(pod_id)
+        except Exception:
+            return False
+        return pod is None or pod.get("desiredStatus") == "TERMINATED"
 
     def _report_cost(self) -> None:
         result = self.result
@@ -516,23 +643,32 @@ class PodLauncher:
     # ----- signals ------------------------------------------------------------------------
     @contextlib.contextmanager
     def _signals_raise(self) -> Iterator[None]:
-        """SIGTERM/SIGHUP (killed job, closed terminal) raise ``LaunchInterrupted`` so ``finally`` terminates the pod."""
+        """SIGTERM/SIGHUP/SIGQUIT/SIGUSR1 (killed job, closed terminal, Ctrl-\\) raise ``LaunchInterrupted`` so
+        ``finally`` terminates the pod (their default action would end the launcher with the pod running)."""
 
         def handler(signum: int, frame: Any) -> None:
-            raise LaunchInterrupted(f"received {signal.Signals(signum).name}")
+            # remembered too: a raise that lands inside an ``except Exception`` (logging, an API call) is swallowed,
+            # so every poll checks it again
+            self._signal = signal.Signals(signum).name
+            if not self._saying:
+                raise LaunchInterrupted(f"received {self._signal}")
 
-        with _handlers({s: handler for s in _catchable(signal.SIGTERM, "SIGHUP")}):
+        with _handlers({s: handler for s in _catchable(*_ENDING_SIGNALS)}):
             yield
 
     @contextlib.contextmanager
     def _signals_deferred(self) -> Iterator[None]:
-        """While terminating, a second Ctrl-C or SIGTERM must not abort the terminate call."""
+        """While finding and terminating the pod, a second Ctrl-C or any ending signal must not abort it."""
 
         def handler(signum: int, frame: Any) -> None:
             self.say(f"{signal.Signals(signum).name} ignored: terminating the pod first")
 
-        with _handlers({s: handler for s in _catchable(signal.SIGINT, signal.SIGTERM, "SIGHUP")}):
+        with _handlers({s: handler for s in _catchable(signal.SIGINT, *_ENDING_SIGNALS)}):
             yield
+
+
+#: signals whose default action ends the launcher (SIGINT stays a KeyboardInterrupt)
+_ENDING_SIGNALS = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 
 
 def _catchable(*signals: signal.Signals | str) -> list[signal.Signals]:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotenv import dotenv_values
+
+from cbvae_ext.errors import CbvaeError
 
 __all__ = [
     "REDACTED",
@@ -22,6 +25,7 @@ __all__ = [
     "RedactingFilter",
     "Secrets",
     "SecretsError",
+    "env_file_warning",
     "load_secrets",
     "redact",
 ]
@@ -34,7 +38,7 @@ REDACTED = "***"
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-.:=+/]{8,512}$")
 
 
-class SecretsError(ValueError):
+class SecretsError(CbvaeError, ValueError):
     """A key is missing or malformed."""
 
 
@@ -70,6 +74,16 @@ class Secrets:
         if not self.runpod_api_key:
             raise SecretsError(f"{RUNPOD_KEY_VAR} is not set; export it or add it to .env (see .env.example)")
         return self.runpod_api_key
+
+
+def env_file_warning(env_file: str | Path | None) -> str | None:
+    """A one-line warning when ``env_file`` (holding keys) is readable by other users, else ``None``."""
+    if env_file is None or not Path(env_file).is_file():
+        return None
+    mode = stat.S_IMODE(Path(env_file).stat().st_mode)
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        return f"warning: {env_file} holds API keys and is readable by other users (mode {mode:o}); run: chmod 600 {env_file}"
+    return None
 
 
 def load_secrets(env_file: str | Path | None = ".env", environ: Mapping[str, str] | None = None) -> Secrets:

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cbvae_ext.errors import CbvaeError
+
 __all__ = ["SSHEndpoint", "TransferError", "download_outputs", "endpoint_from_pod", "read_status", "run_remote"]
 
 
-class TransferError(RuntimeError):
+class TransferError(CbvaeError, RuntimeError):
     """Downloading or reading files from the pod failed."""
 
 

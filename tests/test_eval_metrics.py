@@ -10,14 +10,13 @@ from cbvae_ext.evaluation.imputation import imputation_scores
 from cbvae_ext.evaluation.metrics import (
     SSIM_PARAMS,
     masked_vectors,
-    pearson_r,
     peak_auc,
+    pearson_r,
     ssim_masked,
     to_volumes,
     topk_dice,
 )
 from cbvae_ext.evaluation.probes import adversary_balanced_accuracy, year_probes, year_r2
-from cbvae_ext.evaluation.stats import bootstrap_summary
 
 
 @pytest.fixture

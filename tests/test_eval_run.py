@@ -1,4 +1,4 @@
-"""Loading runs for evaluation: every checkpoint/dataset mismatch is a one-line ``EvaluationError``."""
+"""Loading runs and checking options for evaluation: every bad input is a one-line ``EvaluationError``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cbvae_ext.evaluation.run import EvaluationError, load_run
+from cbvae_ext.errors import CbvaeError
+from cbvae_ext.evaluation.run import Evaluation, EvaluationError, load_run
 from cbvae_ext.networks import build_network, preset_config
 from cbvae_ext.schema import MetadataSchema
 
@@ -98,3 +99,36 @@ def test_run_trained_on_another_dataset_build_is_refused(tmp_path):
     assert load_run(run_dir, schema, GRID, manifest_sha256="a" * 64).kind == "cbvae"
     with pytest.raises(EvaluationError, match=r"dataset mismatch: .* was trained on .*aaaaaaaaaaaa.*bbbbbbbbbbbb"):
         load_run(run_dir, schema, GRID, manifest_sha256="b" * 64)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("n_bootstrap", 0, "--n_bootstrap 0 is invalid; give an integer >= 1"),
+        ("n_permutations", -1, "--n_permutations -1 is invalid; give an integer >= 0"),
+        ("batch_size", 0, "--batch_size 0 is invalid; give an integer >= 1"),
+        ("iwae_k", 0, "--iwae_k 0 is invalid; give an integer >= 1"),
+        ("n_prior_samples", 2.5, "--n_prior_samples 2.5 is invalid; give an integer >= 1"),
+    ],
+)
+def test_bad_numeric_options_are_one_line_errors(tmp_path, capsys, option, value, message):
+    # before the fix these ran into the pipeline and ended in tracebacks (issue 9, evaluation/run.py:239)
+    evaluation = Evaluation(tmp_path / "data", tmp_path / "run", tmp_path / "eval", **{option: value})
+    with pytest.raises(SystemExit) as exc:
+        evaluation.run_cli()
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+
+
+def test_output_dir_on_a_file_is_a_one_line_error(tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    with pytest.raises(SystemExit):
+        Evaluation(tmp_path / "data", tmp_path / "run", target).run_cli()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output_dir {target} is a file; give a folder (it is created if missing)"]
+    assert target.read_text() == "keep me"
+
+
+def test_evaluation_error_is_a_cbvae_error():
+    assert issubclass(EvaluationError, CbvaeError) and issubclass(EvaluationError, ValueError)

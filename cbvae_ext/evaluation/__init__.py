@@ -17,8 +17,8 @@ from cbvae_ext.evaluation.likelihood import bernoulli_nll, entropy_floor, import
 from cbvae_ext.evaluation.metrics import (
     SSIM_PARAMS,
     masked_vectors,
-    pearson_r,
     peak_auc,
+    pearson_r,
     score_maps,
     ssim_masked,
     to_volumes,

@@ -33,10 +33,13 @@ def entropy_floor(maps: np.ndarray) -> np.ndarray:
     return h.sum(axis=1)
 
 
-def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Soft-target Bernoulli NLL summed over in-mask voxels, ``[B]`` (``CBVAELoss.reconstruction``'s formula)."""
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
-    return (bce * mask).flatten(1).sum(1)
+def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft-target Bernoulli NLL of ``[B, V]`` in-mask logits against ``[B, V]`` targets, summed per map, ``[B]``.
+
+    The same formula as ``CBVAELoss.reconstruction`` (which masks full volumes); on in-mask vectors it costs
+    a quarter of the work.
+    """
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").sum(1)
 
 
 def latent_free_nll(prob: np.ndarray, maps: np.ndarray) -> np.ndarray:

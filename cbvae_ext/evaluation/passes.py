@@ -7,6 +7,7 @@ written and every criterion recomputed from it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -118,7 +119,7 @@ class PassOptions:
 
 
 def _volumes(maps: np.ndarray, mask: np.ndarray, device: str | torch.device) -> torch.Tensor:
-    return torch.from_numpy(to_volumes(maps, mask))[:, None].to(device)
+    return torch.from_numpy(to_volumes(maps, mask))[:, None].to(device).contiguous(memory_format=torch.channels_last_3d)
 
 
 def _batches(n: int, batch_size: int) -> list[slice]:
@@ -157,12 +158,15 @@ def score_network(
         ``columns``: per-map arrays keyed ``recon/<metric>``, ``cond/<metric>``, ``hidden_<group>/<metric>``,
         ``loglik_iwae``, ``loglik_elbo``, ``log_px_z`` (NaN beyond ``iwae_rows``); ``mu``, ``imp_mu`` (raw units per
         continuous field, or None), ``year_logits`` (or None), ``cond_source`` and ``examples`` (the first
-        ``n_examples`` reconstructions as ``[n, V]``).
+        ``n_examples`` reconstructions as ``[n, V]``) and ``seconds`` (total, and spent on the bound, the
+        conditional maps and the hidden-condition passes).
     """
-    mask_t = torch.as_tensor(mask, dtype=torch.float32, device=device)
+    inside = torch.as_tensor(np.flatnonzero(np.asarray(mask).ravel()), device=device)
     cols: dict[str, list[np.ndarray]] = {}
     mus, imps, years, examples = [], [], [], []
     cond_source = None
+    seconds = dict.fromkeys(("total", "iwae", "conditional", "hidden"), 0.0)
+    started = time.perf_counter()
     limit = data.n if options.iwae_rows is None else min(options.iwae_rows, data.n)
 
     def add(key: str, value: np.ndarray) -> None:
@@ -193,13 +197,14 @@ def score_network(
         imp0 = options.imputed_defaults
         imp0 = None if imp0 is None else imp0.to(device).expand(len(x), -1)
         m0 = model.decoder_input(meta, meta_mask, imp0)
+        tic = time.perf_counter()
         if options.iwae_k:
             n_in = max(0, min(sl.stop, limit) - sl.start)
             bound = {k: np.full(len(x), np.nan) for k in ("iwae", "elbo", "log_px_z")}
             if n_in:
-                xi, mi = x[:n_in], m0[:n_in]
+                xi, mi = torch.from_numpy(target[:n_in]).to(device), m0[:n_in]
                 res = importance_weighted_bound(
-                    lambda z, xi=xi, mi=mi: -bernoulli_nll(model.decode(z, mi), xi, mask_t),
+                    lambda z, xi=xi, mi=mi: -bernoulli_nll(model.decode(z, mi).flatten(1)[:, inside], xi),
                     out["mu"][:n_in],
                     out["logvar"][:n_in],
                     options.iwae_k,
@@ -210,9 +215,13 @@ def score_network(
             add("loglik_iwae", bound["iwae"])
             add("loglik_elbo", bound["elbo"])
             add("log_px_z", bound["log_px_z"])
+        seconds["iwae"] += time.perf_counter() - tic
+        tic = time.perf_counter()
         if options.conditional:
             probs, cond_source = conditional_mean_probs(model, m0, options.n_prior_samples, generator)
             add_scores("cond", masked_vectors(probs.cpu().numpy(), mask), target, peaks_b, False)
+        seconds["conditional"] += time.perf_counter() - tic
+        tic = time.perf_counter()
         if options.hidden:
             variants = [(g.name, [g]) for g in options.hidden] + [("all", list(options.hidden))]
             for name, groups in variants:
@@ -220,9 +229,12 @@ def score_network(
                 o = model(x, torch.from_numpy(hm).to(device), torch.from_numpy(hmask).to(device))
                 hp = masked_vectors(torch.sigmoid(o["recon"].float()).cpu().numpy(), mask)
                 add_scores(f"hidden_{name}", hp, target, None, False)
+        seconds["hidden"] += time.perf_counter() - tic
         if progress is not None:
             progress(len(x))
+    seconds["total"] = time.perf_counter() - started
     return {
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "columns": {k: np.concatenate(v) for k, v in cols.items()},
         "mu": np.concatenate(mus),
         "imp_mu": np.concatenate(imps) if imps else None,

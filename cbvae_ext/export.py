@@ -1,7 +1,8 @@
 """Export a trained network for the demo: TorchScript decoder, its schema, and the latent table.
 
 ``export_decoder`` writes ``RUN/decoder.ts`` (``forward(z [B, L], m [B, meta_dim + mask_dim]) -> maps
-[B, 1, D, H, W]`` in [0, 1]), ``RUN/decoder_schema.json`` and a copy of the mask; ``write_latents`` writes
+[B, 1, D, H, W]`` in [0, 1]), ``RUN/conditional_mean.ts`` (``forward(m) -> maps``: the model's estimate
+of the mean map given the conditions alone), ``RUN/decoder_schema.json`` and a copy of the mask; ``write_latents`` writes
 ``RUN/latents.parquet`` with every study's posterior mean. ``cbvae_ext.inference`` reads them back.
 """
 
@@ -24,21 +25,25 @@ from cbvae_ext.networks import MODELS, unwrap
 from cbvae_ext.schema import MetadataSchema
 
 __all__ = [
+    "COND_MEAN_FILE",
     "CONFIG_FILE",
     "DECODER_FILE",
     "LATENTS_FILE",
     "MASK_FILE",
     "MODEL_FILE",
     "SCHEMA_FILE",
+    "ConditionalMeanModule",
     "DecoderModule",
     "export_decoder",
     "latent_kl",
     "normalise_maps",
+    "trace_conditional_mean",
     "trace_decoder",
     "write_latents",
 ]
 
 DECODER_FILE = "decoder.ts"
+COND_MEAN_FILE = "conditional_mean.ts"
 SCHEMA_FILE = "decoder_schema.json"
 MASK_FILE = "mask.nii.gz"
 LATENTS_FILE = "latents.parquet"
@@ -55,6 +60,25 @@ class DecoderModule(nn.Module):
 
     def forward(self, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.model.decode(z, m))
+
+
+class ConditionalMeanModule(nn.Module):
+    """``forward(m) -> sigmoid(model.conditional_mean(m))``: the conditional mean map in [0, 1], no latent."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model.conditional_mean(m))
+
+
+def trace_conditional_mean(model: nn.Module, cond_dim: int) -> torch.jit.ScriptModule:
+    """Trace and freeze ``ConditionalMeanModule(model)`` on CPU in eval mode (as ``trace_decoder``)."""
+    wrapper = ConditionalMeanModule(copy.deepcopy(model).float().cpu().eval()).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.freeze(torch.jit.trace(wrapper, (torch.zeros(1, cond_dim),)))
 
 
 def normalise_maps(maps: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -135,6 +159,7 @@ def export_decoder(
     decoder = trace_decoder(model, cond_dim)
     path = run_dir / DECODER_FILE
     torch.jit.save(decoder, str(path))
+    torch.jit.save(trace_conditional_mean(model, cond_dim), str(run_dir / COND_MEAN_FILE))
     meta = schema.to_dict()
     info: dict[str, Any] = {
         "latent_size": int(model.latent_size),
@@ -143,6 +168,7 @@ def export_decoder(
         "decoder_input_layout": meta["meta_layout"] + meta["mask_layout"],
         "grid": {"shape": grid, "affine": np.asarray(affine, dtype=float).tolist()},
         "mask_file": MASK_FILE,
+        "conditional_mean_file": COND_MEAN_FILE,
         "latent_kl": None if latent_kl is None else [float(v) for v in latent_kl],
         # a missing field enters the decoder as normalised 0 (the training mean) with mask 0
         "imputed_defaults": {spec.name: 0.0 for spec in schema.fields},

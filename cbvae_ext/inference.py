@@ -21,7 +21,15 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from cbvae_ext.export import CONFIG_FILE, DECODER_FILE, MASK_FILE, MODEL_FILE, SCHEMA_FILE, normalise_maps
+from cbvae_ext.export import (
+    COND_MEAN_FILE,
+    CONFIG_FILE,
+    DECODER_FILE,
+    MASK_FILE,
+    MODEL_FILE,
+    SCHEMA_FILE,
+    normalise_maps,
+)
 from cbvae_ext.networks import build_network
 from cbvae_ext.schema import MetadataSchema
 
@@ -81,6 +89,8 @@ class CounterfactualModel:
         self.grid_shape = tuple(int(s) for s in info["grid"]["shape"])
         self.latent_kl = info.get("latent_kl")
         self._network: torch.nn.Module | None = None
+        self._cond_mean: torch.jit.ScriptModule | None = None
+        self._cond_mean_read = False
 
     @property
     def categories(self) -> list[str]:
@@ -165,6 +175,45 @@ class CounterfactualModel:
             DecodeResult(maps[i], self.affine, dict(c), filled, defaulted)
             for i, (c, (_, filled, defaulted)) in enumerate(zip(conditions, rows, strict=True))
         ]
+
+    # ----- conditions alone -------------------------------------------------------------------
+    def conditional_mean(
+        self, conditions: Mapping[str, Any] | None = None, allow_extrapolation: bool = False
+    ) -> DecodeResult:
+        """The model's estimate of the mean map of studies with these conditions (no latent code).
+
+        Read from ``conditional_mean.ts`` (the conditional-mean path); a run exported without it uses
+        ``decode(0, conditions)``. Conditions left out are unknown, as in ``decode``.
+        """
+        if not self._cond_mean_read:
+            path = self.run_dir / self.info.get("conditional_mean_file", COND_MEAN_FILE)
+            self._cond_mean = torch.jit.load(str(path), map_location="cpu").eval() if path.is_file() else None
+            self._cond_mean_read = True
+        if self._cond_mean is None:
+            return self.decode(np.zeros(self.latent_size, np.float32), conditions, allow_extrapolation)
+        m, filled, defaulted = self.conditioning(conditions, allow_extrapolation)
+        with torch.no_grad():
+            out = self._cond_mean(torch.from_numpy(m[None]))[0, 0].numpy()
+        return DecodeResult(
+            np.where(self.mask, out, 0.0).astype(np.float32), self.affine, dict(conditions or {}), filled, defaulted
+        )
+
+    def contrast(
+        self,
+        z: np.ndarray | Sequence[float] | torch.Tensor,
+        conditions: Mapping[str, Any],
+        hidden: Sequence[str] = ("task",),
+        strength: float = 1.0,
+        allow_extrapolation: bool = False,
+    ) -> np.ndarray:
+        """``strength * (decode(z, conditions) - decode(z, conditions without hidden))``, ``[D, H, W]``.
+
+        With the conditions in ``hidden`` unknown (mask 0, the learned "unknown" token) the difference is
+        what those conditions add to the map of ``z``, e.g. a task contrast the app can scale.
+        """
+        without = {k: v for k, v in conditions.items() if k not in hidden}
+        given, base = self.decode_many(z, [dict(conditions), without], allow_extrapolation)
+        return (float(strength) * (given.map - base.map)).astype(np.float32)
 
     # ----- encoding -------------------------------------------------------------------------
     def network(self) -> torch.nn.Module:

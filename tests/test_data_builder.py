@@ -20,13 +20,14 @@ from cbvae_ext.data import (
     make_dataset,
 )
 from cbvae_ext.data.grid import make_grid
-from cbvae_ext.data.sources import read_neurosynth
+from cbvae_ext.data.sources import NEUROSYNTH_FILES, read_neurosynth
 from cbvae_ext.schema import MetadataSchema
 
 COLUMNS = [
     "id", "study_id", "source", "title", "year", "year_observed", "sample_size", "sample_size_observed",
-    "field_strength", "field_strength_observed", "fwhm", "fwhm_observed", "category", "category_observed",
-    "space", "n_peaks", "year_bin", "split",
+    "field_strength", "field_strength_observed", "fwhm", "fwhm_observed",
+    *[f"topic_{i:02d}" for i in range(50)], "topics_observed", "category", "category_observed",
+    "space", "n_peaks", "year_bin", "split_group", "split",
 ]  # fmt: skip
 
 
@@ -76,6 +77,13 @@ def test_counts_splits_and_year_bins(tiny_dataset: Path) -> None:
     assert c["peaks_outside_mask"] > 0 and c["studies_without_peaks"] > 0
     assert m["split_counts"] == {"train": 96, "val": 12, "test": 12}
     assert meta.groupby("study_id")["split"].nunique().max() == 1
+    assert meta.groupby("split_group")["split"].nunique().max() == 1
+    dup = m["duplicate_maps"]
+    assert dup["n_groups"] == len(dup["groups"]) and dup["n_maps"] == sum(len(g) for g in dup["groups"])
+    for group in dup["groups"]:  # identical maps, one split
+        rows = meta.index[meta["id"].isin(group)].to_numpy()
+        assert len(set(meta["split"].iloc[rows])) == 1
+        assert all(np.array_equal(info.maps[rows[0]], info.maps[r]) for r in rows[1:])
     # year bins: 10 equal-frequency bins whose edges come from the training split only
     schema = MetadataSchema.from_dict(m["schema"])
     train_years = meta.loc[meta["split"] == "train", "year"].to_numpy()
@@ -83,7 +91,34 @@ def test_counts_splits_and_year_bins(tiny_dataset: Path) -> None:
     assert m["year_bin_edges"] == schema.year_bin_edges
     assert (meta["year_bin"].to_numpy() == schema.year_bin(meta["year"].to_numpy())).all()
     assert schema.categories == CATEGORIES and m["kernel"]["name"] == "ale" and m["kernel"]["fwhm_mm"] == 10.0
-    assert len(m["sources"][0]["files"]) == 4 and "package_version" in m and m["cache_key"]
+    assert len(m["sources"][0]["files"]) == 5 and "package_version" in m and m["cache_key"]
+    assert m["format"] == "cbvae-dataset" and m["format_version"] == 2
+
+
+def test_topics_are_the_studies_lda50_weights(tiny_dataset: Path, neurosynth_dir: Path) -> None:
+    """Each row carries its own study's 50 LDA weights (rows of the npz follow the metadata file order)."""
+    import scipy.sparse
+
+    info = load_dataset_info(tiny_dataset)
+    schema = info.schema
+    vocab = (neurosynth_dir / NEUROSYNTH_FILES["vocabulary"]).read_text().split()
+    assert schema.topic_names == vocab and len(schema.topic_keys) == 50
+    assert schema.topic_keys[9].startswith("memory working wm")
+    assert schema.meta_dim == 4 + 50 + 15 and schema.mask_dim == 6
+    ns_ids = pd.read_csv(neurosynth_dir / NEUROSYNTH_FILES["metadata"], sep="\t", dtype={"id": str})["id"]
+    weights = scipy.sparse.load_npz(neurosynth_dir / NEUROSYNTH_FILES["features"]).toarray()
+    source_row = pd.Series(np.arange(len(ns_ids)), index="neurosynth:" + ns_ids)
+    rows = np.arange(len(info.metadata))
+    expected = weights[source_row[info.metadata["id"]].to_numpy()]
+    meta, mask = info.encode(rows)
+    topics = schema.group("topics")
+    assert topics.kind == "vector" and topics.mask_index == 4
+    np.testing.assert_allclose(meta[:, topics.meta_slice], expected, rtol=1e-6, atol=1e-7)
+    assert (mask[:, topics.mask_index] == 1).all() and info.metadata["topics_observed"].all()
+    # the derived task category is the same as before the topics were stored
+    from cbvae_ext.data.categories import topic_categories
+
+    assert list(info.metadata["category"]) == list(topic_categories(expected))
 
 
 def test_manifest_checksums_match_inputs(tiny_dataset: Path, neurosynth_dir: Path) -> None:
@@ -135,7 +170,7 @@ def test_monai_dataset_items(tiny_dataset: Path) -> None:
     assert torch.equal(item["meta"], torch.from_numpy(meta[0])) and torch.equal(
         item["meta_mask"], torch.from_numpy(meta_mask[0])
     )
-    assert item["meta"].shape == (info.schema.meta_dim,) and item["meta_mask"].tolist() == [1, 0, 0, 0, 1]
+    assert item["meta"].shape == (info.schema.meta_dim,) and item["meta_mask"].tolist() == [1, 0, 0, 0, 1, 1]
     assert item["category"] == CATEGORIES.index(info.metadata["category"].iloc[row])
     assert item["year_bin"] == info.metadata["year_bin"].iloc[row]
     cached = make_dataset(tiny_dataset, "val", cache=True)
@@ -190,3 +225,17 @@ def test_interrupted_build_leaves_nothing_that_loads(neurosynth_dir: Path, tmp_p
         load_dataset_info(out)
     build_dataset(neurosynth_dir=neurosynth_dir, out=out, subset=20)
     assert len(load_dataset_info(out).metadata) == 20 and not list(tmp_path.glob(".ds.partial-*"))
+
+
+def test_normalise_maps_divides_each_map_by_its_maximum() -> None:
+    from cbvae_ext.data import normalise_maps
+
+    maps = np.zeros((3, 2, 2), dtype=np.float16)
+    maps[0, 0, 0], maps[0, 1, 1] = 0.5, 0.25
+    maps[1, 1, 0] = 4.0
+    out = normalise_maps(maps)
+    assert out.dtype == torch.float32 and out.shape == (3, 2, 2)
+    assert out[0].tolist() == [[1.0, 0.0], [0.0, 0.5]] and out[1, 1, 0] == 1.0
+    assert not out[2].any()  # an all-zero map stays zero, no NaN
+    assert torch.equal(normalise_maps(out), out)  # already scaled: unchanged
+    assert torch.equal(normalise_maps(torch.from_numpy(maps)), out)

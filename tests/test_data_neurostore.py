@@ -71,3 +71,12 @@ def test_combines_with_neurosynth(neurosynth_dir: Path, neurostore_only: Path, t
     assert np.array_equal(np.asarray(info.maps[rows[:50]]), np.asarray(alone.maps[:50]))
     assert info.schema.field("year").observed and info.schema.n_year_bins == 10
     assert info.metadata.loc[rows, "year_bin"].eq(-1).all()
+    # topics: observed (a mixture) for Neurosynth rows, missing (zeros, mask 0) for NeuroStore rows
+    topics = info.schema.group("topics")
+    meta, mask = info.encode(np.arange(len(info.metadata)))
+    ns = np.setdiff1d(np.arange(len(info.metadata)), rows)
+    assert (mask[rows, topics.mask_index] == 0).all() and (meta[rows, topics.meta_slice] == 0).all()
+    assert (mask[ns, topics.mask_index] == 1).all()
+    np.testing.assert_allclose(meta[ns, topics.meta_slice].sum(axis=1), 1.0, atol=1e-4)
+    # a NeuroStore-only build has no topic vocabulary, so no topics group
+    assert alone.schema.n_topics == 0 and [g.name for g in alone.schema.groups][-1] == "task"

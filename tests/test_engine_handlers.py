@@ -35,11 +35,11 @@ def test_kl_controller_raises_beta_when_kl_is_suppressed(caplog):
     loss = CBVAELoss(beta=1.0)
     # KL artificially suppressed: 1% of the loss every epoch
     engine = _engine(lambda e: {"loss": 100.0, "kl": 1.0, "adv_acc": 0.1})
-    controller = KLController(loss, threshold=0.05, patience=3, factor=2.0, cap=3.0)
+    controller = KLController(loss, threshold=0.05, patience=3, factor=2.0, cap=3.0, scale="total")
     controller.attach(engine)
     betas = []
     engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: betas.append(loss.beta))
-    with caplog.at_level(logging.INFO, logger="cbvae_ext.engine.kl_controller"):
+    with caplog.at_level(logging.INFO, logger=engine.logger.name):
         engine.run([0, 1], max_epochs=7)
     assert betas == [1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0]  # x2 after 3 low epochs, then capped at 3
     assert [c["epoch"] for c in controller.changes] == [3, 6]
@@ -53,7 +53,7 @@ def test_kl_controller_raises_beta_when_kl_is_suppressed(caplog):
 def test_kl_controller_keeps_beta_when_kl_is_healthy():
     loss = CBVAELoss(beta=1.0)
     engine = _engine(lambda e: {"loss": 100.0, "kl": 30.0 if e.state.epoch % 3 else 1.0, "adv_acc": 0.1})
-    KLController(loss, patience=3).attach(engine)
+    KLController(loss, patience=3, scale="total").attach(engine)
     engine.run([0], max_epochs=9)  # low epochs never 3 in a row
     assert loss.beta == 1.0
 

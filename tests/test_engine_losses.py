@@ -1,4 +1,5 @@
-"""The C-β-VAE loss: per-term values against hand computation, masking, missing metadata, seeding."""
+"""The C-β-VAE loss: per-term values against hand computation, entropy floor, conditional-mean term, masking,
+missing metadata, seeding; the KL controller's ratio scale."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from ignite.engine import Engine, Events
 
+from cbvae_ext.engine import KLController, MeanTerms
+from cbvae_ext.engine.kl_controller import kl_ratio
 from cbvae_ext.engine.losses import CBVAELoss, LossError
 from cbvae_ext.engine.step import EvalStep, TrainStep
 from cbvae_ext.networks import build_network, preset_config
@@ -68,12 +72,49 @@ def test_terms_match_hand_computation():
     adv = F.cross_entropy(out["year_logits"][1:], batch["year_bin"][1:])
     acc = (out["year_logits"][1:].argmax(1) == batch["year_bin"][1:]).float().mean()
 
-    for key, want in {"recon": recon, "kl": kl, "imp": imp, "adv": adv, "adv_acc": acc}.items():
+    x = batch["image"]
+    floor = (-(x * x.log() + (1 - x) * (1 - x).log()) * mask).flatten(1).sum(1).mean()
+
+    for key, want in {"recon": recon, "kl": kl, "imp": imp, "adv": adv, "adv_acc": acc, "floor": floor}.items():
         assert terms[key].item() == pytest.approx(want.item(), rel=1e-5), key
+    assert terms["cm"].item() == 0.0  # no conditional-mean path in this output
     assert terms["loss"].item() == pytest.approx((recon + 2 * kl + 0.5 * imp + 0.3 * adv).item(), rel=1e-5)
     # validation objective: beta 1, no adversary
     val = loss(out, batch, beta=1.0, adversary=False)
     assert val["loss"].item() == pytest.approx((recon + kl + 0.5 * imp).item(), rel=1e-5)
+
+
+def test_conditional_mean_term_is_its_own_cross_entropy():
+    batch, out = _batch(), _out()
+    out["cond_mean"] = torch.randn_like(out["recon"])
+    loss = CBVAELoss(beta=1.0, cond_mean_weight=0.5, imputation_weight=0.0, adversary_weight=0.0)
+    terms = loss(out, batch)
+    cm = F.binary_cross_entropy_with_logits(out["cond_mean"], batch["image"], reduction="none").flatten(1).sum(1).mean()
+    assert terms["cm"].item() == pytest.approx(cm.item(), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx((terms["recon"] + terms["kl"] + 0.5 * cm).item(), rel=1e-5)
+
+
+def test_free_bits_charge_only_kl_above_the_allowance():
+    batch, out = _batch(), _out()
+    plain = CBVAELoss(imputation_weight=0.0, adversary_weight=0.0)
+    free = CBVAELoss(imputation_weight=0.0, adversary_weight=0.0, free_bits=5.0)  # 1 nat for each of 5 dims
+    kl_dims = CBVAELoss.kl(out["mu"], out["logvar"], per_dim=True).mean(0)
+    terms = free(out, batch)
+    assert terms["kl"].item() == pytest.approx(kl_dims.sum().item(), rel=1e-6)  # reported: the true KL
+    want = terms["recon"] + kl_dims.clamp_min(1.0).sum()
+    assert terms["loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert free(out, batch, beta=1.0)["loss"].item() == pytest.approx(plain(out, batch)["loss"].item())  # validation
+
+
+def test_floor_is_the_minimum_of_the_reconstruction():
+    batch = _batch()
+    x = batch["image"].clamp(1e-3, 1 - 1e-3)
+    loss = CBVAELoss()
+    at_target = loss.reconstruction(torch.logit(x), x)
+    torch.testing.assert_close(at_target, loss.floor(x), rtol=1e-5, atol=1e-3)
+    assert (loss.reconstruction(torch.logit(x) + 0.3, x) > loss.floor(x)).all()
+    # hard 0/1 targets have no entropy: the floor is 0
+    assert loss.floor(torch.tensor([[0.0, 1.0, 0.0]])).item() == 0.0
 
 
 def test_recon_ignores_voxels_outside_the_mask_and_is_minimal_at_the_target():
@@ -134,7 +175,10 @@ def _two_steps(seed: int) -> list[dict[str, float]]:
 def test_train_step_is_deterministic_and_reports_every_term():
     a, b = _two_steps(7), _two_steps(7)
     assert a == b  # exactly equal on CPU with the same seed
-    assert set(a[0]) == {"loss", "recon", "kl", "imp", "adv", "adv_acc", "grad_norm", "beta", "grl_lambda", "lr"}
+    assert set(a[0]) == {
+        *("loss", "recon", "floor", "kl", "cm", "imp", "adv", "adv_acc"),
+        *("grad_norm", "beta", "grl_lambda", "lr"),
+    }
     assert a[0]["grl_lambda"] == 0.25 and a[0]["beta"] == 1.0
     assert a[1]["loss"] != a[0]["loss"]
     c = _two_steps(8)
@@ -145,5 +189,43 @@ def test_eval_step_uses_beta_one_and_no_grad():
     net = build_network(preset_config("cpu", _schema(), SHAPE, channels=[4, 8], block_layers=[1], growth_rate=4))
     engine = _Engine(net)
     out = EvalStep(loss=CBVAELoss(beta=5.0, adversary_weight=1.0))(engine, _batch())
-    assert out["loss"] == pytest.approx(out["recon"] + out["kl"] + out["imp"], rel=1e-5)
+    assert out["loss"] == pytest.approx(out["recon"] + out["kl"] + out["cm"] + out["imp"], rel=1e-5)
+    assert out["cm"] > out["floor"] > 0  # the conditional-mean path's own likelihood, above the floor
     assert not net.training
+
+
+# ---- KL controller: the scale of its ratio --------------------------------------------------------------
+
+
+def test_kl_ratio_scales():
+    # a 1k-split epoch: recon 1900 nats/map, entropy floor 941, KL 60, loss 1965
+    assert kl_ratio(60.0, 1900.0, 941.0, 1965.0, "excess") == pytest.approx(60.0 / (959.0 + 60.0))
+    assert kl_ratio(60.0, 1900.0, 941.0, 1965.0, "total") == pytest.approx(60.0 / 1965.0)
+    assert kl_ratio(1.0, 941.0, 941.0, 942.0, "excess") == 1.0  # at the floor, KL is all that is left
+    with pytest.raises(ValueError, match="scale"):
+        KLController(CBVAELoss(), scale="voxel")
+
+
+def _epochs(kl: float, recon: float, floor: float, controller: KLController, n: int) -> list[float]:
+    engine = Engine(lambda e, _: {"loss": recon + kl, "recon": recon, "floor": floor, "kl": kl})
+    MeanTerms(keys=("loss", "recon", "floor", "kl"), prefix="train_").attach(engine, "terms")
+    controller.attach(engine)
+    betas: list[float] = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: betas.append(controller.loss.beta))
+    engine.run([0], max_epochs=n)
+    return betas
+
+
+def test_kl_controller_reads_the_share_above_the_floor(caplog):
+    """With KL 6% of the excess NLL the latent is in use: the total-loss scale (3%) raises β anyway."""
+    excess = KLController(CBVAELoss(beta=1.0), threshold=0.05, patience=3, factor=2.0, cap=8.0)
+    assert _epochs(60.0, 1900.0, 941.0, excess, 6) == [1.0] * 6
+    assert excess.ratios[0] == pytest.approx(60.0 / 1019.0)
+    total = KLController(CBVAELoss(beta=1.0), threshold=0.05, patience=3, factor=2.0, cap=8.0, scale="total")
+    with caplog.at_level("INFO"):
+        assert _epochs(60.0, 1900.0, 941.0, total, 6) == [1.0, 1.0, 2.0, 2.0, 2.0, 4.0]
+    assert "beta 1 -> 2" in caplog.text  # logged through engine.logger
+    # a collapsing latent (KL 2% of the excess) raises β on the excess scale too; disabled keeps it
+    assert _epochs(20.0, 1900.0, 941.0, KLController(CBVAELoss(), patience=3, factor=2.0), 3)[-1] == 2.0
+    off = KLController(CBVAELoss(), patience=3, factor=2.0, enabled=False)
+    assert _epochs(20.0, 1900.0, 941.0, off, 3) == [1.0] * 3 and len(off.ratios) == 3

@@ -1,4 +1,5 @@
-"""Networks: FiLM, gradient reversal, imputation masking, receptive field, baseline, sizes of both presets."""
+"""Networks: FiLM, conditioning path (conditional mean, unknown tokens, condition dropout), gradient reversal,
+imputation masking, receptive field, baseline, twins, sizes of both presets."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ import torch
 
 from cbvae_ext.data import CATEGORIES
 from cbvae_ext.networks import (
+    ConditionalMean,
     DilatedDenseBlock,
     FiLMGenerator,
     build_network,
     count_parameters,
+    drop_conditions,
     encoder_shapes,
     grad_reverse,
+    groups_config,
     preset_config,
 )
+from cbvae_ext.networks.conditioning import logit
 from cbvae_ext.schema import MetadataSchema
 
 SHAPE = [21, 26, 21]  # odd sizes exercise the padding/cropping path; small for speed
@@ -41,16 +46,45 @@ def _batch(schema: MetadataSchema, n: int = 3, seed: int = 0) -> tuple[torch.Ten
     return x, meta, mask
 
 
-def _model(schema: MetadataSchema, model: str = "cbvae", seed: int = 0) -> torch.nn.Module:
+def _model(schema: MetadataSchema, model: str = "cbvae", seed: int = 0, **overrides) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_network(preset_config("cpu", schema, SHAPE, model))
+    return build_network(preset_config("cpu", schema, SHAPE, model, **overrides))
 
 
 def _randomise_film(net: torch.nn.Module) -> None:
-    """Move FiLM generators off their identity initialisation, as training would."""
+    """Move FiLM generators, the decoder's output layer and the unknown tokens off their initialisation."""
     for module in net.modules():
         if isinstance(module, FiLMGenerator):
             torch.nn.init.normal_(module.mlp[-1].weight, std=0.5)
+    decoder = getattr(net, "decoder", None)
+    if decoder is not None:
+        torch.nn.init.normal_(decoder.head.pixelshuffle.conv_block.conv.weight, std=0.5)
+    if getattr(net, "tokens", None) is not None:
+        torch.nn.init.normal_(net.tokens.token)
+
+
+def _category_means(schema: MetadataSchema, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    cat_means = rng.uniform(0.01, 0.5, (schema.n_categories, *SHAPE)).astype(np.float32)
+    return cat_means.mean(0), cat_means
+
+
+def _fit(net: torch.nn.Module, schema: MetadataSchema) -> np.ndarray:
+    """Initialise the conditional-mean path as ``initialise_from_data`` does; returns the category means."""
+    mean, cat_means = _category_means(schema)
+    task = range(schema.n_continuous, schema.meta_dim)
+    net.cond_mean.fit(mean, cat_means, task)
+    return cat_means
+
+
+def _task_condition(schema: MetadataSchema, n: int, task: int | None) -> torch.Tensor:
+    """Decoder input with only the task given (``None``: nothing given)."""
+    meta, mask = torch.zeros(n, schema.meta_dim), torch.zeros(n, schema.mask_dim)
+    group = schema.group("task")
+    if task is not None:
+        meta[:, group.meta_slice.start + task] = 1.0
+        mask[:, group.mask_index] = 1.0
+    return torch.cat([meta, mask], dim=1)
 
 
 @pytest.mark.parametrize("model", ["cbvae", "baseline"])
@@ -83,7 +117,7 @@ def test_film_generator_starts_at_identity() -> None:
 
 
 def test_film_conditions_encoder_and_decoder(schema: MetadataSchema) -> None:
-    net = _model(schema).eval()
+    net = _model(schema, decoder_cond_input=False, cond_mean=False).eval()
     x, meta, mask = _batch(schema)
     z = torch.randn(3, 32)
     m1 = net.decoder_input(meta, mask, None)
@@ -99,8 +133,10 @@ def test_film_conditions_encoder_and_decoder(schema: MetadataSchema) -> None:
         assert (net.encode(x, meta, mask)[0] - net.encode(x, meta2, mask)[0]).abs().max() > 1e-4
 
 
-def test_baseline_has_no_conditioning(schema: MetadataSchema) -> None:
-    net = _model(schema, "baseline").eval()
+@pytest.mark.parametrize(("model", "overrides"), [("baseline", {}), ("cbvae", {"conditioning": False})])
+def test_unconditional_models_ignore_conditions(schema: MetadataSchema, model: str, overrides: dict) -> None:
+    """The baseline and the conditioning-off twin: no FiLM, outputs independent of the metadata."""
+    net = _model(schema, model, **overrides).eval()
     _randomise_film(net)
     assert not any(isinstance(m, FiLMGenerator) for m in net.modules())
     x, meta, mask = _batch(schema)
@@ -109,6 +145,154 @@ def test_baseline_has_no_conditioning(schema: MetadataSchema) -> None:
         m = net.decoder_input(meta, mask, None)
         assert torch.equal(net.decode(z, m), net.decode(z, torch.randn_like(m)))
         assert torch.equal(net(x, meta, mask)["mu"], net(x, torch.randn_like(meta), 1 - mask)["mu"])
+
+
+@pytest.mark.parametrize(("model", "overrides"), [("baseline", {}), ("cbvae", {"conditioning": False})])
+def test_unconditional_models_add_the_mean_map_logits(schema: MetadataSchema, model: str, overrides: dict) -> None:
+    """Output bias = logit of the training mean map: training starts near the mean-map model, not below it."""
+    net = _model(schema, model, **overrides).eval()
+    z, m = torch.randn(2, 32), torch.zeros(2, schema.meta_dim + schema.mask_dim)
+    with torch.no_grad():
+        before = net.decode(z, m)
+        mean, _ = _category_means(schema)
+        net.cond_mean.fit(mean)
+        torch.testing.assert_close(net.decode(z, m) - before, logit(mean).float().expand(2, 1, *SHAPE))
+
+
+def test_conditional_mean_starts_at_the_category_mean_logits(schema: MetadataSchema) -> None:
+    net = _model(schema).eval()
+    cat_means = _fit(net, schema)
+    k = schema.n_categories
+    with torch.no_grad():
+        m = torch.cat([_task_condition(schema, 1, task) for task in range(k)])
+        want = logit(cat_means).float()[:, None]
+        torch.testing.assert_close(net.conditional_mean(m), want, atol=2e-4, rtol=1e-4)
+        # task unknown (token at 0): the overall mean
+        torch.testing.assert_close(
+            net.conditional_mean(_task_condition(schema, 1, None))[0, 0], logit(cat_means.mean(0)).float()
+        )
+    # below the number of categories: the best low-rank fit, no longer exact
+    low = ConditionalMean(schema.meta_dim + schema.mask_dim, SHAPE, rank=3)
+    mean, cat_means = _category_means(schema)
+    low.fit(mean, cat_means, range(schema.n_continuous, schema.meta_dim))
+    with torch.no_grad():
+        err = (low(_task_condition(schema, 1, 0)) - logit(cat_means[:1]).float()).abs().max()
+    assert err > 0.1
+
+
+def test_decode_of_the_prior_differs_between_categories(schema: MetadataSchema) -> None:
+    net = _model(schema).eval()
+    _fit(net, schema)
+    _randomise_film(net)
+    z = torch.zeros(schema.n_categories, 32)
+    with torch.no_grad():
+        maps = torch.sigmoid(net.decode(z, torch.cat([_task_condition(schema, 1, t) for t in range(len(z))])))
+    flat = maps.flatten(1)
+    corr = torch.corrcoef(flat)
+    assert (flat.std(0).mean() > 0.05) and (corr[~torch.eye(len(z), dtype=torch.bool)] < 0.99).all()
+    # without conditioning (the twin) every category decodes to the same map
+    twin = _model(schema, conditioning=False).eval()
+    _randomise_film(twin)
+    with torch.no_grad():
+        maps = twin.decode(z, torch.cat([_task_condition(schema, 1, t) for t in range(len(z))]))
+    assert torch.equal(maps, maps[:1].expand_as(maps))
+
+
+def test_unknown_token_makes_output_independent_of_a_hidden_group(schema: MetadataSchema) -> None:
+    net = _model(schema).eval()
+    _fit(net, schema)
+    _randomise_film(net)
+    z = torch.randn(4, 32)
+    c = schema.n_continuous
+    with torch.no_grad():
+        given = torch.cat([_task_condition(schema, 1, t) for t in (0, 1, 2, 3)])
+        given[:, 0] = 0.7  # a year, observed
+        given[:, schema.meta_dim] = 1.0
+        hidden = given.clone()
+        hidden[:, schema.meta_dim + c] = 0.0  # task mask 0, one-hot left in place
+        out_given, out_hidden = net.decode(z[:1].expand(4, -1), given), net.decode(z[:1].expand(4, -1), hidden)
+        assert (out_given[0] - out_given[1]).abs().max() > 1e-2  # the task matters when given
+        torch.testing.assert_close(out_hidden, out_hidden[:1].expand_as(out_hidden), atol=0, rtol=0)
+        zeroed = hidden.clone()
+        zeroed[:, c : schema.meta_dim] = 0.0  # what the data loader stores for a missing task
+        assert torch.equal(net.decode(z, hidden), net.decode(z, zeroed))
+        # a hidden continuous field keeps its (imputed) value: the year still acts
+        year = hidden.clone()
+        year[:, schema.meta_dim] = 0.0
+        year2 = year.clone()
+        year2[:, 0] = -1.5
+        assert (net.decode(z, year) - net.decode(z, year2)).abs().max() > 1e-3
+
+
+def test_topics_are_one_more_condition_group() -> None:
+    """With the LDA topic vector in the schema: its own group, scaled to O(1) entries, hidden behind its token."""
+    rng = np.random.default_rng(0)
+    topics = MetadataSchema.fit(CATEGORIES, {"year": rng.uniform(1995, 2015, 50)}, topic_names=[f"t{i}" for i in range(6)])
+    groups = groups_config(topics)
+    assert [g[:2] for g in groups][4:] == [["topics", "vector"], ["task", "categorical"]]
+    net = _model(topics).eval()
+    _randomise_film(net)
+    group = topics.group("topics")
+    assert (net.cond_scale[group.meta_slice] == 6.0).all() and net.cond_scale[: group.meta_slice.start].eq(1).all()
+    m = torch.zeros(2, topics.meta_dim + topics.mask_dim)
+    m[:, group.meta_slice] = torch.from_numpy(rng.dirichlet(np.ones(6), 2)).float()
+    m[:, topics.meta_dim + group.mask_index] = 1.0
+    z = torch.zeros(2, 32)
+    with torch.no_grad():
+        assert (net.decode(z, m)[0] - net.decode(z, m)[1]).abs().max() > 1e-3  # the mixture matters
+        m[:, topics.meta_dim + group.mask_index] = 0.0
+        out = net.decode(z, m)
+        assert torch.equal(out[0], out[1])  # hidden: only the token is seen
+
+
+def test_condition_dropout_hides_exactly_the_chosen_groups(schema: MetadataSchema) -> None:
+    groups = groups_config(schema)
+    assert [g[0] for g in groups] == ["year", "sample_size", "field_strength", "fwhm", "task"]
+    _, meta, mask = _batch(schema, n=3)
+    hidden = torch.tensor([[True, False, False, False, False], [False] * 5, [False, True, False, False, True]])
+    m2, k2 = drop_conditions(meta, mask, groups, 0.0, hidden=hidden)
+    c = schema.n_continuous
+    assert (
+        m2[0, 0] == 0 and k2[0, 0] == 0 and torch.equal(m2[0, 1:], meta[0, 1:]) and torch.equal(k2[0, 1:], mask[0, 1:])
+    )
+    assert torch.equal(m2[1], meta[1]) and torch.equal(k2[1], mask[1])
+    assert (m2[2, [1, *range(c, schema.meta_dim)]] == 0).all() and (k2[2, [1, c]] == 0).all()
+    assert torch.equal(m2[2, [0, 2, 3]], meta[2, [0, 2, 3]]) and k2[2, 0] == 1
+    # random: each group hidden with its own probability, values and mask together
+    n = 4000
+    meta = torch.rand(n, schema.meta_dim) + 0.1
+    mask = torch.ones(n, schema.mask_dim)
+    m3, k3 = drop_conditions(meta, mask, groups, {"task": 0.5, "year": 0.2}, generator=torch.Generator().manual_seed(0))
+    assert abs((k3[:, c] == 0).float().mean() - 0.5) < 0.03 and abs((k3[:, 0] == 0).float().mean() - 0.2) < 0.03
+    assert (k3[:, 1:c] == 1).all()
+    assert torch.equal((m3[:, c:] == 0).all(1), k3[:, c] == 0) and torch.equal(m3[:, 0] == 0, k3[:, 0] == 0)
+
+
+def test_training_forward_drops_conditions(schema: MetadataSchema) -> None:
+    """With dropout 1 the training forward sees no condition: the encoder's output ignores the metadata."""
+    net = _model(schema, condition_dropout=1.0)
+    _randomise_film(net)
+    x, meta, mask = _batch(schema)
+    torch.manual_seed(1)
+    a = net(x, meta, mask)
+    torch.manual_seed(1)
+    b = net(x, torch.randn_like(meta), mask)
+    torch.testing.assert_close(a["mu"], b["mu"])
+    net.eval()
+    assert not torch.equal(net(x, meta, mask)["mu"], net(x, torch.randn_like(meta), mask)["mu"])
+
+
+def test_encoder_groups_hide_the_task_from_the_encoder(schema: MetadataSchema) -> None:
+    net = _model(schema, encoder_groups=["year", "sample_size", "field_strength", "fwhm"]).eval()
+    _randomise_film(net)
+    x, meta, mask = _batch(schema)
+    other = meta.clone()
+    other[:, schema.n_continuous :] = torch.roll(meta[:, schema.n_continuous :], 1, dims=1)
+    with torch.no_grad():
+        assert torch.equal(net.encode(x, meta, mask)[0], net.encode(x, other, mask)[0])
+        year = meta.clone()
+        year[:, 0] += 1.0
+        assert not torch.equal(net.encode(x, meta, mask)[0], net.encode(x, year, mask)[0])
 
 
 def test_gradient_reversal_numbers(schema: MetadataSchema) -> None:

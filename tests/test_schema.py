@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbvae_ext.schema import CONTINUOUS_FIELDS, PRIORS, MetadataSchema, SchemaError
+from cbvae_ext.schema import (
+    CATEGORICALS,
+    CONTINUOUS_FIELDS,
+    FIELDS,
+    PRIORS,
+    TOPICS,
+    MetadataSchema,
+    SchemaError,
+    plausible,
+)
 
 CATS = ["working memory", "emotion", "other"]
 
@@ -80,3 +89,112 @@ def test_extrapolation_allowed_on_request(schema: MetadataSchema) -> None:
     meta, mask = schema.encode_conditions({"task": "emotion", "year": 2030}, allow_extrapolation=True)
     assert mask[0] == 1 and meta[0] > schema.field("year").forward(2018)
     assert mask[1:4].sum() == 0 and mask[4] == 1
+
+
+TOPIC_NAMES = [f"{i}_topic_{i}" for i in range(50)]
+
+
+@pytest.fixture()
+def topic_schema() -> MetadataSchema:
+    years = np.arange(1997, 2019, dtype=float).repeat(5)
+    return MetadataSchema.fit(
+        CATS, {"year": years}, topic_names=TOPIC_NAMES, topic_keys=[f"word{i} other{i}" for i in range(50)]
+    )
+
+
+def test_groups_layout_with_topics(topic_schema: MetadataSchema) -> None:
+    s = topic_schema
+    assert s.meta_dim == 4 + 50 + len(CATS) == 57 and s.mask_dim == 6 and s.n_continuous == 4
+    names = [(g.name, g.kind, g.meta_slice.start, g.meta_slice.stop, g.mask_index) for g in s.groups]
+    assert names == [
+        ("year", "continuous", 0, 1, 0),
+        ("sample_size", "continuous", 1, 2, 1),
+        ("field_strength", "continuous", 2, 3, 2),
+        ("fwhm", "continuous", 3, 4, 3),
+        ("topics", "vector", 4, 54, 4),
+        ("task", "categorical", 54, 57, 5),
+    ]
+    d = s.to_dict()
+    assert d["meta_layout"][4] == "topic=0_topic_0" and d["meta_layout"][54] == "category=working memory"
+    assert d["mask_layout"] == [
+        "year_observed", "sample_size_observed", "field_strength_observed", "fwhm_observed",
+        "topics_observed", "category_observed",
+    ]  # fmt: skip
+    again = MetadataSchema.from_dict(d)
+    assert again == s and again.topic_keys[3] == "word3 other3" and again.meta_dim == 57
+
+
+def test_encode_conditions_topics_as_array_or_names(topic_schema: MetadataSchema) -> None:
+    s, topics, task = topic_schema, topic_schema.group("topics"), topic_schema.group("task")
+    weights = np.zeros(50)
+    weights[[3, 7]] = [1.0, 3.0]
+    meta_a, mask_a = s.encode_conditions({"topics": weights, "task": "emotion"})
+    meta_d, mask_d = s.encode_conditions({"topics": {"3_topic_3": 2.0, "7_topic_7": 6.0}, "task": "emotion"})
+    np.testing.assert_array_equal(meta_a, meta_d)
+    np.testing.assert_array_equal(mask_a, mask_d)
+    assert meta_a[topics.meta_slice][[3, 7]].tolist() == [0.25, 0.75]  # divided by the sum: a mixture
+    assert mask_a.tolist() == [0, 0, 0, 0, 1, 1] and meta_a[task.meta_slice].tolist() == [0, 1, 0]
+    meta_n, mask_n = s.encode_conditions({"topics": None, "task": None, "year": 2000})
+    assert mask_n.tolist() == [1, 0, 0, 0, 0, 0] and not meta_n[4:].any()
+
+
+@pytest.mark.parametrize(
+    ("topics", "message"),
+    [
+        ({"juggling": 1.0}, "unknown topic 'juggling'"),
+        (np.ones(49), "has 49 weights; give 50"),
+        (-np.ones(50), "finite and non-negative"),
+        (np.zeros(50), "all zero"),
+        ({"0_topic_0": "lots"}, "must be a number"),
+    ],
+)
+def test_invalid_topics(topic_schema: MetadataSchema, topics, message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        topic_schema.encode_conditions({"topics": topics})
+
+
+def test_topics_condition_needs_topics(schema: MetadataSchema) -> None:
+    with pytest.raises(SchemaError, match="unknown condition 'topics'"):
+        schema.encode_conditions({"topics": np.ones(50)})
+
+
+def test_encode_rows_with_missing_topics(topic_schema: MetadataSchema) -> None:
+    raw = np.full((2, 50), 0.02)
+    raw[1] = np.nan
+    meta, mask = topic_schema.encode({"year": [2000.0, np.nan], "topics": raw}, ["other", None])
+    assert mask.tolist() == [[1, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0]]
+    assert meta[0, 4:54] == pytest.approx(np.full(50, 0.02)) and not meta[1].any()
+
+
+def test_each_field_declared_once() -> None:
+    assert CONTINUOUS_FIELDS == tuple(d.name for d in FIELDS) == ("year", "sample_size", "field_strength", "fwhm")
+    for d in FIELDS:
+        assert PRIORS[d.name]["range"] == (d.low, d.high) and PRIORS[d.name]["center"] == d.center
+        assert d.label and d.step > 0 and d.plausible_low <= d.low < d.high <= d.plausible_high
+    assert FIELDS[0].whole and not FIELDS[2].whole and FIELDS[1].non_negative and not FIELDS[0].non_negative
+    assert "year" in FIELDS[0].sources["neurosynth"]
+    assert not FIELDS[2].sources and not FIELDS[3].sources  # no source records field strength or FWHM
+    assert TOPICS.size == 50 and [c.name for c in CATEGORICALS] == ["task"]
+
+
+def test_plausible_ranges() -> None:
+    assert plausible("year", np.array([1e9, -5, 2005, np.nan])).tolist() == [False, False, True, False]
+    assert plausible("sample_size", np.array([-3, 0, 12, 5e5])).tolist() == [False, False, True, False]
+
+
+def test_second_categorical_block() -> None:
+    s = MetadataSchema.fit(CATS, {}, extra_categoricals={"modality": ["fmri", "pet"]})
+    assert s.meta_dim == 4 + 3 + 2 and s.mask_dim == 6
+    meta, mask = s.encode_conditions({"task": "other", "modality": "pet"})
+    assert meta[4:].tolist() == [0, 0, 1, 0, 1] and mask.tolist() == [0, 0, 0, 0, 1, 1]
+    with pytest.raises(SchemaError, match="unknown modality value 'mri'"):
+        s.encode_conditions({"modality": "mri"})
+    assert MetadataSchema.from_dict(s.to_dict()) == s
+
+
+def test_errors_share_the_package_base() -> None:
+    from cbvae_ext.data import DataError
+    from cbvae_ext.errors import CbvaeError
+
+    assert issubclass(SchemaError, CbvaeError) and issubclass(SchemaError, ValueError)
+    assert issubclass(DataError, CbvaeError) and issubclass(DataError, ValueError)

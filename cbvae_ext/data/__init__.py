@@ -15,6 +15,7 @@ from .dataset import (
     load_split_tensors,
     make_dataset,
     map_transforms,
+    normalise_maps,
 )
 from .errors import DataError
 
@@ -28,4 +29,5 @@ __all__ = [
     "load_split_tensors",
     "make_dataset",
     "map_transforms",
+    "normalise_maps",
 ]

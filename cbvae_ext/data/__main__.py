@@ -25,7 +25,14 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--subset", type=int, help="keep N Neurosynth studies (deterministic, stratified)")
     build.add_argument("--resolution", type=int, default=4, choices=(2, 4), help="voxel size in mm")
     build.add_argument("--kernel", default="ale", choices=KERNELS)
-    build.add_argument("--fwhm", type=float, default=DEFAULT_FWHM, help="ALE Gaussian FWHM in mm")
+    build.add_argument(
+        "--kernel-fwhm",
+        "--fwhm",
+        dest="kernel_fwhm",
+        type=float,
+        default=DEFAULT_FWHM,
+        help="ALE kernel's Gaussian FWHM in mm (--fwhm is an alias; not the metadata field fwhm)",
+    )
     build.add_argument("--radius", type=float, default=DEFAULT_RADIUS, help="MKDA sphere radius in mm")
     build.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     build.add_argument("--seed", type=int, default=0, help="seed of the subset and split hashes")
@@ -51,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 neurostore_dirs=args.neurostore_dir,
                 dtype=args.dtype,
                 force=args.force,
-                fwhm=args.fwhm,
+                fwhm=args.kernel_fwhm,
                 radius=args.radius,
                 neurosynth=not args.no_neurosynth,
                 seed=args.seed,

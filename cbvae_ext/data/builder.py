@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cbvae_ext.schema import CONTINUOUS_FIELDS, MetadataSchema
+from cbvae_ext.schema import CONTINUOUS_FIELDS, TOPICS, MetadataSchema, plausible
 
 from .categories import CATEGORIES, category_table
 from .errors import DataError
@@ -37,15 +37,24 @@ from .sources import (
     read_neurosynth,
     source_files,
 )
-from .splits import provisional_year_bins, split_groups, strata, stratified_subset
+from .splits import duplicate_groups, merge_groups, provisional_year_bins, split_groups, strata, stratified_subset
 
-__all__ = ["DATASET_FILES", "DTYPES", "build_dataset", "package_version"]
+__all__ = ["DATASET_FILES", "DTYPES", "FORMAT_NAME", "build_dataset", "package_version", "topic_columns"]
 
 logger = logging.getLogger("cbvae_ext.data")
 
 DATASET_FILES = ("maps.npy", "metadata.parquet", "mask.nii.gz", "manifest.json")
 DTYPES = ("float16", "float32")
-FORMAT_VERSION = 1
+#: Format marker and version of a dataset folder's manifest (version 2 added the topic columns).
+FORMAT_NAME = "cbvae-dataset"
+FORMAT_VERSION = 2
+#: Fewest maps that fill every split (the splits take 8/1/1 of each block of 10 study groups).
+MIN_MAPS = 10
+
+
+def topic_columns(n: int) -> list[str]:
+    """Metadata columns of the topic vector, in ``schema.topic_names`` order."""
+    return [f"topic_{i:02d}" for i in range(n)]
 
 
 def package_version() -> str:
@@ -89,13 +98,64 @@ def _pid_alive(pid: str) -> bool:
     return True
 
 
+def _is_ours(out: Path) -> bool:
+    """Whether ``out`` is provably a dataset folder written by this builder (its manifest's format marker).
+
+    Format-1 folders predate the marker: their manifest is recognised by ``format_version`` 1 together with
+    the builder's ``cache_key``, ``grid`` and ``schema`` entries.
+    """
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict):
+        return False
+    if manifest.get("format") == FORMAT_NAME:
+        return True
+    return manifest.get("format_version") == 1 and {"cache_key", "grid", "schema"} <= manifest.keys()
+
+
+def _recover_interrupted(out: Path) -> None:
+    """Undo a build killed between its two renames: put the previous build back, or drop the orphan.
+
+    A build moves ``out`` aside to ``.out.old-<pid>`` and then renames the new folder to ``out``; killed
+    in between, ``out`` is missing while the complete previous build sits in the hidden folder.
+    """
+    for stale in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if _pid_alive(stale.name.rsplit("-", 1)[-1]):
+            continue  # another build is between its renames right now
+        if not out.exists() and _is_ours(stale):
+            stale.rename(out)
+            logger.warning("restored %s from %s, left by an interrupted build", out, stale.name)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse an ``out`` that is not missing, empty, or a dataset folder of ours holding only dataset files.
+
+    So no user file is ever deleted by a rebuild.
+    """
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"output {out} exists and is not a folder; choose another --out or remove it")
+        entries = sorted(p.name for p in out.iterdir())
+        if entries and not _is_ours(out):
+            raise DataError(
+                f"output {out} exists and is not a dataset folder (no cbvae dataset manifest); "
+                "choose another --out or remove it"
+            )
+        extra = [e for e in entries if e not in DATASET_FILES]
+        if entries and extra:
+            raise DataError(
+                f"output {out} holds files that are not part of the dataset ({', '.join(extra[:3])}); "
+                "move them away or choose another --out"
+            )
+
+
 def _prepare_output(out: Path) -> Path:
     """Check ``out`` can be (re)placed and return a fresh temporary sibling folder."""
-    if out.exists() and (
-        not out.is_dir()
-        or (any(out.iterdir()) and not (out / "manifest.json").exists() and not (out / "maps.npy").exists())
-    ):
-        raise DataError(f"output {out} exists and is not a dataset folder; choose another --out or remove it")
+    _check_replaceable(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         for stale in out.parent.glob(f".{out.name}.partial-*"):
@@ -109,6 +169,33 @@ def _prepare_output(out: Path) -> Path:
     return tmp
 
 
+def _drop_implausible(table: SourceTable) -> dict[str, int]:
+    """Set values outside a field's declared plausible range to missing; returns the count per field."""
+    dropped = {}
+    for name in CONTINUOUS_FIELDS:
+        if name not in table.rows:
+            continue
+        values = table.rows[name].to_numpy(np.float64)
+        bad = np.isfinite(values) & ~plausible(name, values)
+        if bad.any():
+            table.rows.loc[bad, name] = np.nan
+            dropped[name] = int(bad.sum())
+            logger.warning("%s: %d %s value(s) outside the plausible range set to missing", table.name, bad.sum(), name)
+    return dropped
+
+
+def _topics(tables: list[SourceTable]) -> tuple[np.ndarray, list[str], list[str]]:
+    """Topic weights of all rows (NaN rows where a source has none), with the topic names and keys."""
+    named = [t for t in tables if t.topics is not None]
+    if not named:
+        return np.zeros((sum(len(t.rows) for t in tables), 0)), [], []
+    names, keys = named[0].topic_names, named[0].topic_keys
+    if any(t.topic_names != names for t in named):
+        raise DataError("sources carry different topic vocabularies; build from one Neurosynth release")
+    parts = [t.topics if t.topics is not None else np.full((len(t.rows), len(names)), np.nan) for t in tables]
+    return np.concatenate(parts), list(names), list(keys)
+
+
 def _place_peaks(tables: list[SourceTable], grid: Grid) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Concatenate sources, voxelise peaks and drop those outside the mask; returns rows, peaks, counts."""
     rows, peaks, counts, offset = [], [], {}, 0
@@ -118,12 +205,13 @@ def _place_peaks(tables: list[SourceTable], grid: Grid) -> tuple[pd.DataFrame, p
         frame = pd.DataFrame(ijk[inside], columns=["i", "j", "k"])
         frame.insert(0, "row", table.peaks["row"].to_numpy()[inside] + offset)
         n_peaks = np.bincount(table.peaks["row"].to_numpy()[inside], minlength=len(table.rows))
-        part = table.rows.assign(n_peaks=n_peaks)
         counts[table.name] = {
             **table.counts,
             "peaks_outside_mask": int((~inside).sum()),
             "studies_without_peaks": int((n_peaks == 0).sum()),
+            "implausible_values_set_missing": _drop_implausible(table),
         }
+        part = table.rows.assign(n_peaks=n_peaks)
         rows.append(part)
         peaks.append(frame)
         offset += len(table.rows)
@@ -191,8 +279,11 @@ def build_dataset(
     out = Path(out)
     if dtype not in DTYPES:
         raise DataError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    if subset is not None and (int(subset) != subset or subset < 1):
-        raise DataError(f"--subset {subset!r} must be a positive integer")
+    if subset is not None and (int(subset) != subset or subset < MIN_MAPS):
+        raise DataError(
+            f"--subset {subset!r} is too small; use at least {MIN_MAPS} (every block of 10 study groups gives "
+            "8 training, 1 validation and 1 test map)"
+        )
     spec = KernelSpec(kernel, float(fwhm), float(radius))
     grid = make_grid(int(resolution))
     if not neurosynth and not neurostore_dirs:
@@ -214,12 +305,15 @@ def build_dataset(
         "seed": seed,
     }
     key = _cache_key(inputs, options)
+    _recover_interrupted(out)
     if not force and _cached(out, key):
         logger.info("reusing %s (same inputs and options; pass --force to rebuild)", out)
         return out
+    _check_replaceable(out)  # fail before the slow part; checked again just before the rename
 
     tables = [read_neurosynth(d) if kind == "neurosynth" else read_neurostore(d) for kind, d in inputs]
     rows, peaks, counts = _place_peaks(tables, grid)
+    topics, topic_names, topic_keys = _topics(tables)
     keep = rows["n_peaks"].to_numpy() > 0
     if subset is not None and neurosynth:
         ns = np.flatnonzero(keep & (rows["source"] == "neurosynth").to_numpy())
@@ -240,6 +334,7 @@ def build_dataset(
     new_index = np.full(len(rows), -1)
     new_index[keep] = np.arange(int(keep.sum()))
     rows = rows[keep].reset_index(drop=True)
+    topics = topics[keep]
     peaks = peaks[keep[peaks["row"].to_numpy()]]
     row_of_peak = new_index[peaks["row"].to_numpy()]
     for name, c in counts.items():
@@ -258,23 +353,43 @@ def build_dataset(
         )
 
     # splits: stratify on provisional bins over all rows, then fit the stored bin edges on train
+    # split groups: a study with all its analyses, joined with studies whose maps are identical
+    ijk = peaks[["i", "j", "k"]].to_numpy(np.int64)
+    duplicates = duplicate_groups(row_of_peak, np.ravel_multi_index(tuple(ijk.T), grid.shape), len(rows))
+    rows["split_group"] = merge_groups(rows["study_id"], duplicates)
     rows["split"] = split_groups(
-        rows["study_id"], strata(rows["category"], provisional_year_bins(rows["year"].to_numpy())), seed
+        rows["split_group"], strata(rows["category"], provisional_year_bins(rows["year"].to_numpy())), seed
     )
     for name in CONTINUOUS_FIELDS:
         if name not in rows:
             rows[name] = np.nan
         rows[name] = rows[name].astype(np.float64)
         rows[f"{name}_observed"] = np.isfinite(rows[name].to_numpy())
+    tcols = topic_columns(len(topic_names))
+    rows = pd.concat([rows, pd.DataFrame(topics.astype(np.float32), columns=tcols)], axis=1)
+    rows[f"{TOPICS.name}_observed"] = np.isfinite(topics).all(axis=1) if tcols else False
+    rows[tcols] = rows[tcols].fillna(0.0)  # missing topics: zeros with topics_observed False
     rows["category_observed"] = rows["category"].notna()
+    empty = [s for s in ("train", "val", "test") if not (rows["split"] == s).any()]
+    if empty:
+        raise DataError(
+            f"the build has {len(rows)} maps in {rows['split_group'].nunique()} study groups, which leaves the "
+            f"{'/'.join(empty)} split empty; give at least {MIN_MAPS} studies (--subset or more sources)"
+        )
     train = rows[rows["split"] == "train"]
-    schema = MetadataSchema.fit(CATEGORIES, {f: train[f].to_numpy() for f in CONTINUOUS_FIELDS})
+    schema = MetadataSchema.fit(
+        CATEGORIES,
+        {f: train[f].to_numpy() for f in CONTINUOUS_FIELDS},
+        topic_names=topic_names,
+        topic_keys=topic_keys,
+    )
     rows["year_bin"] = schema.year_bin(rows["year"].to_numpy())
     rows["n_peaks"] = rows["n_peaks"].astype(np.int64)
     columns = ["id", "study_id", "source", "title"]
     for name in CONTINUOUS_FIELDS:
         columns += [name, f"{name}_observed"]
-    rows = rows[[*columns, "category", "category_observed", "space", "n_peaks", "year_bin", "split"]]
+    columns += [*tcols, f"{TOPICS.name}_observed"]
+    rows = rows[[*columns, "category", "category_observed", "space", "n_peaks", "year_bin", "split_group", "split"]]
 
     tmp = _prepare_output(out)
     try:
@@ -286,6 +401,7 @@ def build_dataset(
         rows.to_parquet(tmp / "metadata.parquet", index=False)
         nib.save(grid.mask_img(), tmp / "mask.nii.gz")
         manifest = {
+            "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "package_version": package_version(),
             "cache_key": key,
@@ -307,6 +423,12 @@ def build_dataset(
             ],
             "counts": counts,
             "split_counts": {s: int((rows["split"] == s).sum()) for s in ("train", "val", "test")},
+            "duplicate_maps": {
+                "rule": "studies whose kept peaks fall on exactly the same voxels (identical maps) share a split",
+                "n_groups": len(duplicates),
+                "n_maps": int(sum(len(g) for g in duplicates)),
+                "groups": [[str(rows["id"].iloc[r]) for r in g] for g in duplicates],
+            },
             "category_counts": {str(k): int(v) for k, v in rows["category"].value_counts(dropna=False).items()},
             "category_table": category_table(),
             "space_rule": "TAL converted with nimare.utils.tal2mni; UNKNOWN/OTHER treated as MNI, kept as UNKNOWN",

@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 from monai.config import KeysCollection
 from monai.data import CacheDataset, Dataset
-from monai.transforms import Compose, EnsureTyped, MapTransform, ScaleIntensityd
+from monai.transforms import Compose, EnsureTyped, Lambdad, MapTransform
 
-from cbvae_ext.schema import CONTINUOUS_FIELDS, MetadataSchema, SchemaError
+from cbvae_ext.schema import CONTINUOUS_FIELDS, TOPICS, MetadataSchema, SchemaError
 
-from .builder import DATASET_FILES
+from .builder import DATASET_FILES, topic_columns
 from .errors import DataError
 
 __all__ = [
@@ -36,9 +36,25 @@ __all__ = [
     "load_split_tensors",
     "make_dataset",
     "map_transforms",
+    "normalise_maps",
 ]
 
 SPLITS = ("train", "val", "test", "all")
+
+
+def normalise_maps(maps: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Divide each map of a batch by its own maximum: ``[B, ...]`` -> float32 tensor of the same shape in [0, 1].
+
+    The one definition of the model's input scaling (MA maps are >= 0 and 0 outside the mask, so this is
+    min-max scaling); an all-zero map stays zero. Already-scaled maps come back unchanged.
+    """
+    x = maps.float() if torch.is_tensor(maps) else torch.from_numpy(np.asarray(maps, dtype=np.float32))
+    peak = x.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) if x.numel() else x.new_ones(len(x))
+    return x / peak.view(-1, *([1] * (x.ndim - 1)))
+
+
+def _normalise_one(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return normalise_maps(image[None])[0]
 
 
 @dataclass
@@ -74,7 +90,11 @@ class DatasetInfo:
     def encode(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(meta, meta_mask)`` of the given rows via ``schema.encode``."""
         frame = self.metadata.iloc[rows]
-        values = {f: frame[f].to_numpy(np.float64) for f in CONTINUOUS_FIELDS}
+        values: dict[str, Any] = {f: frame[f].to_numpy(np.float64) for f in CONTINUOUS_FIELDS}
+        if self.schema.n_topics:
+            topics = frame[topic_columns(self.schema.n_topics)].to_numpy(np.float64, copy=True)
+            topics[~frame[f"{TOPICS.name}_observed"].to_numpy(bool)] = np.nan
+            values[TOPICS.name] = topics
         return self.schema.encode(values, frame["category"].tolist())
 
     def category_index(self, rows: np.ndarray) -> np.ndarray:
@@ -146,7 +166,7 @@ def map_transforms(maps_path: str | Path) -> Compose:
     return Compose(
         [
             LoadMapd("image", maps_path),
-            ScaleIntensityd("image", minv=0.0, maxv=1.0),
+            Lambdad("image", _normalise_one),
             EnsureTyped(["image", "meta", "meta_mask"], data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
     )
@@ -198,7 +218,7 @@ def load_split_tensors(
     """A whole split as stacked tensors on ``device`` (for the GPU-resident preset).
 
     Returns:
-        ``{"image": [N, 1, D, H, W] (dtype, max-scaled), "meta": [N, M] float32, "meta_mask": [N, C+1] float32,
+        ``{"image": [N, 1, D, H, W] (dtype, max-scaled), "meta": [N, M] float32, "meta_mask": [N, schema.mask_dim] float32,
         "year_bin": [N] int64, "category": [N] int64, "id": list[str]}``.
     """
     info = load_dataset_info(path)
@@ -206,9 +226,8 @@ def load_split_tensors(
     device = torch.device(device)
     image = torch.empty((len(rows), 1, *info.mask.shape), dtype=dtype, device=device)
     for start in range(0, len(rows), chunk):
-        block = torch.from_numpy(np.asarray(info.maps[rows[start : start + chunk]], dtype=np.float32))
-        peak = block.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-        image[start : start + len(block), 0] = (block / peak[:, None, None, None]).to(device=device, dtype=dtype)
+        block = normalise_maps(info.maps[rows[start : start + chunk]])
+        image[start : start + len(block), 0] = block.to(device=device, dtype=dtype)
     meta, meta_mask = info.encode(rows)
     return {
         "image": image,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from cbvae_ext.errors import CbvaeError
+
 __all__ = ["DataError"]
 
 
-class DataError(ValueError):
+class DataError(CbvaeError, ValueError):
     """Bad input or a bad dataset folder; the message is one line naming the file/field and the fix."""

@@ -26,7 +26,7 @@ import numpy as np
 from .errors import DataError
 from .grid import Grid
 
-__all__ = ["DEFAULT_FWHM", "DEFAULT_RADIUS", "KERNELS", "KERNEL_FLOOR", "KernelSpec", "render_maps"]
+__all__ = ["DEFAULT_FWHM", "DEFAULT_RADIUS", "KERNELS", "KERNEL_FLOOR", "MAX_KERNEL_MM", "KernelSpec", "render_maps"]
 
 #: ALE Gaussian FWHM in mm; NiMARE's sample-size formula gives about 9-10 mm for 20 subjects.
 DEFAULT_FWHM = 10.0
@@ -37,6 +37,9 @@ DEFAULT_RADIUS = 10.0
 #: more than 1e-7 of its peak (below float16 resolution), so dropping them is the main speed-up.
 KERNEL_FLOOR = 1e-7
 KERNELS = ("ale", "mkda")
+#: Largest accepted ALE FWHM / MKDA radius in mm: a kernel wider than this blurs a map across most of the
+#: brain (the MNI box is ~180 mm), and its dense cube would exhaust memory long before 1e5 mm.
+MAX_KERNEL_MM = 60.0
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,9 @@ class KernelSpec:
     def __post_init__(self) -> None:
         if self.name not in KERNELS:
             raise DataError(f"--kernel {self.name!r} is not supported; use one of {', '.join(KERNELS)}")
-        value = self.fwhm if self.name == "ale" else self.radius
-        if not (math.isfinite(value) and value > 0):
-            raise DataError(f"kernel size {value!r} must be a positive number of mm (--fwhm / --radius)")
+        value, flag = (self.fwhm, "--kernel-fwhm") if self.name == "ale" else (self.radius, "--radius")
+        if not (math.isfinite(value) and 0 < value <= MAX_KERNEL_MM):
+            raise DataError(f"{flag} {value:g} is outside the valid range (0, {MAX_KERNEL_MM:g}] mm; choose e.g. 10")
 
     def nimare_fwhm(self, grid: Grid) -> float:
         """The ``fwhm`` to give NiMARE's ``get_ale_kernel``/``ALEKernel`` for this kernel on ``grid``."""

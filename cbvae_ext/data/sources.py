@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cbvae_ext.schema import TOPICS
+
 from .categories import task_category, topic_categories
 from .errors import DataError
 
@@ -43,6 +45,7 @@ NEUROSYNTH_FILES = {
     "metadata": _NS + "metadata.tsv.gz",
     "features": _NS + "vocab-LDA50_source-abstract_type-weight_features.npz",
     "vocabulary": _NS + "vocab-LDA50_vocabulary.txt",
+    "keys": _NS + "vocab-LDA50_keys.tsv",
 }
 #: Space labels the table keeps.
 SPACES = ("MNI", "TAL", "UNKNOWN")
@@ -59,6 +62,9 @@ class SourceTable:
         peaks: one row per peak: ``row`` (index into ``rows``), ``x``, ``y``, ``z`` in MNI mm.
         files: checksum (sha256) of every file read, by path.
         counts: what was read and dropped while reading.
+        topics: ``[len(rows), T]`` raw topic weights (NaN rows = missing); None when the source has none.
+        topic_names: labels of the topic columns (the LDA50 vocabulary).
+        topic_keys: top words of each topic.
     """
 
     name: str
@@ -66,6 +72,9 @@ class SourceTable:
     peaks: pd.DataFrame
     files: dict[str, str] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    topics: np.ndarray | None = None
+    topic_names: list[str] = field(default_factory=list)
+    topic_keys: list[str] = field(default_factory=list)
 
 
 def file_sha256(path: Path) -> str:
@@ -181,10 +190,21 @@ def read_neurosynth(directory: str | Path) -> SourceTable:
 
     weights = _read(paths["features"], lambda p: scipy.sparse.load_npz(p).toarray(), "topic weights", fix)
     vocab = _read(paths["vocabulary"], lambda p: p.read_text().split(), "topic vocabulary", fix)
-    if weights.shape != (len(meta), len(vocab)) or len(vocab) != 50:
+    keys = _read(paths["keys"], _read_keys, "topic keys", fix)
+    if len(vocab) != TOPICS.size:
+        raise DataError(
+            f"{paths['vocabulary']} lists {len(vocab)} topic labels but LDA50 has {TOPICS.size}; "
+            "use an unmodified copy of the v7 file"
+        )
+    if weights.shape != (len(meta), len(vocab)):
         raise DataError(
             f"{paths['features']} is {weights.shape[0]}x{weights.shape[1]} but {paths['metadata']} has {len(meta)} "
-            f"studies and LDA50 has 50 topics; use the matching v7 files"
+            f"studies and {paths['vocabulary'].name} {len(vocab)} topics; use the matching v7 files"
+        )
+    if sorted(keys) != list(range(len(vocab))):
+        raise DataError(
+            f"{paths['keys']} describes topics {sorted(keys)[:3]}... but LDA50 has topics 0-{len(vocab) - 1}; "
+            "use an unmodified copy of the v7 file"
         )
 
     space = _normalise_space(meta["space"], paths["metadata"])
@@ -218,7 +238,26 @@ def read_neurosynth(directory: str | Path) -> SourceTable:
         "studies_unknown_space": int((space == "UNKNOWN").sum()),
     }
     files = {str(p): file_sha256(p) for p in source_files("neurosynth", directory)}
-    return SourceTable("neurosynth", rows, peaks, files, counts)
+    return SourceTable(
+        "neurosynth",
+        rows,
+        peaks,
+        files,
+        counts,
+        weights.astype(np.float64),
+        list(vocab),
+        [keys[i] for i in range(len(vocab))],
+    )
+
+
+def _read_keys(path: Path) -> dict[int, str]:
+    """LDA keys file: ``topic index <tab> weight <tab> top words`` per line -> {index: top words}."""
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            index, _, words = line.split("\t", 2)
+            out[int(index)] = " ".join(words.split())
+    return out
 
 
 # ----- NeuroStore ----------------------------------------------------------------------------------

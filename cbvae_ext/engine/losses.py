@@ -2,14 +2,21 @@
 
 Per map (then averaged over the batch)::
 
-    loss = recon + β·KL + w_imp·imp + w_adv·adv
+    loss = recon + β·KL + w_cm·cm + w_imp·imp + w_adv·adv
 
 - ``recon``: Bernoulli cross-entropy with soft targets, ``BCEWithLogits(logits, x)`` summed over the
   in-mask voxels. Maps lie in [0, 1] and peak at 1 (formats.md), so each voxel is read as the
   probability of "activated" (independent voxels). It is not a normalised density on [0, 1] (the
   continuous Bernoulli adds a prediction-dependent normaliser), but per voxel it is a proper scoring
   rule, minimal exactly when ``sigmoid(logits) == x``. Voxels outside the brain mask carry no data.
-- ``kl``: ``KL(q(z|x, m) || N(0, I))`` summed over latent dimensions.
+- ``floor``: the smallest value ``recon`` can take, the targets' summed Bernoulli entropy
+  ``-Σ [x log x + (1 - x) log(1 - x)]`` (reached at ``sigmoid(logits) == x``). ``recon - floor`` is the
+  excess reconstruction loss, the scale on which the KL controller compares the KL term.
+- ``kl``: ``KL(q(z|x, m) || N(0, I))`` summed over latent dimensions. With ``free_bits`` F > 0 the
+  objective uses ``Σ_d max(KL_d, F / L)`` (batch-mean KL per dimension, Kingma et al. 2016), so the
+  encoder gains nothing from pushing a dimension below F / L nats; ``kl`` still reports the true KL.
+- ``cm``: the same cross-entropy for the conditional-mean path's logits (``out["cond_mean"]``, no
+  latent), so that path estimates the mean map given the conditions; 0 for a model without it.
 - ``imp``: Gaussian negative log-likelihood of the observed continuous metadata (normalised units)
   under the imputation head ``N(imp_mu, exp(imp_logvar))``; where a field is missing, the head is pulled
   towards a weak prior ``N(0, σ_p²)`` by ``KL(N(imp_mu, σ²) || N(0, σ_p²))`` -- no target is invented.
@@ -41,9 +48,11 @@ class CBVAELoss(nn.Module):
     Args:
         mask: brain mask on the map grid (``[D, H, W]``, nonzero = in brain); ``None`` uses every voxel.
         beta: initial KL weight; the ``KLController`` changes ``self.beta`` during training.
+        cond_mean_weight: weight of the conditional-mean path's cross-entropy.
         imputation_weight: weight of the imputation term.
         adversary_weight: weight of the adversary's cross-entropy.
         prior_sigma: standard deviation σ_p of the weak prior on a missing field (normalised units).
+        free_bits: total nats of KL (spread evenly over the latent dimensions) the objective does not charge.
 
     Raises:
         LossError: for a non-positive ``prior_sigma`` or negative weights.
@@ -53,16 +62,20 @@ class CBVAELoss(nn.Module):
         self,
         mask: torch.Tensor | None = None,
         beta: float = 1.0,
+        cond_mean_weight: float = 1.0,
         imputation_weight: float = 1.0,
         adversary_weight: float = 1.0,
         prior_sigma: float = 3.0,
+        free_bits: float = 0.0,
     ) -> None:
         super().__init__()
         if prior_sigma <= 0:
             raise LossError(f"prior_sigma must be > 0, got {prior_sigma}")
-        if min(beta, imputation_weight, adversary_weight) < 0:
-            raise LossError("beta, imputation_weight and adversary_weight must be >= 0")
+        if min(beta, cond_mean_weight, imputation_weight, adversary_weight, free_bits) < 0:
+            raise LossError("beta, cond_mean_weight, imputation_weight, adversary_weight and free_bits must be >= 0")
+        self.free_bits = float(free_bits)
         self.beta = float(beta)
+        self.cond_mean_weight = float(cond_mean_weight)
         self.imputation_weight = float(imputation_weight)
         self.adversary_weight = float(adversary_weight)
         self.prior_sigma = float(prior_sigma)
@@ -76,11 +89,18 @@ class CBVAELoss(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits.float(), image.float(), reduction="none")
         return (bce * self.mask).flatten(1).sum(1)
 
+    def floor(self, image: torch.Tensor) -> torch.Tensor:
+        """Per-map summed entropy of the soft targets over in-mask voxels (the minimum of ``reconstruction``), ``[B]``."""
+        x = image.float()
+        entropy = -(torch.special.xlogy(x, x) + torch.special.xlogy(1.0 - x, 1.0 - x))
+        return (entropy * self.mask).flatten(1).sum(1)
+
     @staticmethod
-    def kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """Per-map ``KL(N(mu, exp(logvar)) || N(0, I))`` summed over latents, ``[B]``."""
+    def kl(mu: torch.Tensor, logvar: torch.Tensor, per_dim: bool = False) -> torch.Tensor:
+        """Per-map ``KL(N(mu, exp(logvar)) || N(0, I))`` summed over latents, ``[B]`` (``[B, L]`` with ``per_dim``)."""
         mu, logvar = mu.float(), logvar.float()
-        return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(1)
+        kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar)
+        return kl if per_dim else kl.sum(1)
 
     def imputation(
         self, imp_mu: torch.Tensor, imp_logvar: torch.Tensor, target: torch.Tensor, observed: torch.Tensor
@@ -108,18 +128,24 @@ class CBVAELoss(nn.Module):
             adversary: include the adversary term in ``loss``.
 
         Returns:
-            0-d tensors ``loss`` (differentiable), ``recon``, ``kl``, ``imp``, ``adv`` and ``adv_acc``
-            (batch means; ``adv_acc`` is NaN when no row has a known year or the model has no adversary).
+            0-d tensors ``loss`` (differentiable), ``recon``, ``floor``, ``kl``, ``cm``, ``imp``, ``adv`` and
+            ``adv_acc`` (batch means; ``adv_acc`` is NaN when no row has a known year or the model has no
+            adversary).
         """
         try:
             image, logits, mu, logvar = batch["image"], out["recon"], out["mu"], out["logvar"]
         except KeyError as err:
             raise LossError(f"missing {err} in the network output or batch; see formats.md") from None
-        beta = self.beta if beta is None else float(beta)
         recon = self.reconstruction(logits, image).mean()
-        kl = self.kl(mu, logvar).mean()
+        kl_dims = self.kl(mu, logvar, per_dim=True).mean(0)
+        kl = kl_dims.sum()
+        # free bits shape the training objective only; a given beta (validation) gets the plain ELBO
+        free = self.free_bits if beta is None else 0.0
+        kl_objective = kl_dims.clamp_min(free / kl_dims.numel()).sum() if free else kl
         zero = recon.new_zeros(())
-        imp, adv, adv_acc = zero, zero, recon.new_full((), float("nan"))
+        cm, imp, adv, adv_acc = zero, zero, zero, recon.new_full((), float("nan"))
+        if out.get("cond_mean") is not None:
+            cm = self.reconstruction(out["cond_mean"], image).mean()
         if out.get("imp_mu") is not None:
             n_cont = out["imp_mu"].shape[1]
             target = batch["meta"][:, :n_cont].float()
@@ -133,7 +159,17 @@ class CBVAELoss(nn.Module):
                 logits_k = year_logits[known].float()
                 adv = F.cross_entropy(logits_k, year_bin[known])
                 adv_acc = (logits_k.argmax(1) == year_bin[known]).float().mean()
-        loss = recon + beta * kl + self.imputation_weight * imp
+        loss = recon + (self.beta if beta is None else float(beta)) * kl_objective + self.cond_mean_weight * cm + self.imputation_weight * imp
         if adversary:
             loss = loss + self.adversary_weight * adv
-        return {"loss": loss, "recon": recon, "kl": kl, "imp": imp, "adv": adv, "adv_acc": adv_acc}
+        floor = self.floor(image).mean()
+        return {
+            "loss": loss,
+            "recon": recon,
+            "floor": floor,
+            "kl": kl,
+            "cm": cm,
+            "imp": imp,
+            "adv": adv,
+            "adv_acc": adv_acc,
+        }

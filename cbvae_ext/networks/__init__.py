@@ -7,6 +7,9 @@
 - architecture: ``channels``, ``block_layers``, ``growth_rate``, ``bn_size``, ``dilations``,
   ``bottleneck_channels``, ``norm``, ``act``; cbvae only: ``film_hidden``, ``imputation_channels``,
   ``adversary_hidden``, ``grl_lambda``; baseline only: ``resnet_widen``, ``resnet_conv1_size``.
+- conditioning (``CONDITIONING``; cbvae): ``groups``, ``conditioning``, ``cond_mean``, ``cond_mean_rank``,
+  ``detach_cond_mean``, ``unknown_tokens``, ``decoder_cond_input``, ``encoder_groups``,
+  ``condition_dropout``; the baseline takes ``cond_mean`` (its mean-map bias volume).
 
 Keys a model does not take (e.g. the dataset checksum and grid saved beside the config in
 ``network_config.json``) are ignored.
@@ -22,16 +25,25 @@ import torch.nn as nn
 
 from cbvae_ext.networks.baseline import BaselineVAE
 from cbvae_ext.networks.cbvae import ConditionalBetaVAE, complete_metadata
+from cbvae_ext.networks.conditioning import (
+    ConditionalMean,
+    UnknownTokens,
+    drop_conditions,
+    groups_config,
+    initialise_from_data,
+)
 from cbvae_ext.networks.dense3d import DenseDecoder, DenseEncoder, DilatedDenseBlock, encoder_shapes
 from cbvae_ext.networks.film import FiLMGenerator, FiLMNormAct, film
 from cbvae_ext.networks.heads import GradientReversal, ImputationHead, YearAdversary, grad_reverse, sample_latent
 from cbvae_ext.schema import MetadataSchema
 
 __all__ = [
+    "CONDITIONING",
     "MODELS",
     "PRESETS",
     "BaselineVAE",
     "ConditionalBetaVAE",
+    "ConditionalMean",
     "DenseDecoder",
     "DenseEncoder",
     "DilatedDenseBlock",
@@ -39,13 +51,17 @@ __all__ = [
     "FiLMNormAct",
     "GradientReversal",
     "ImputationHead",
+    "UnknownTokens",
     "YearAdversary",
     "build_network",
     "complete_metadata",
     "count_parameters",
+    "drop_conditions",
     "encoder_shapes",
     "film",
     "grad_reverse",
+    "groups_config",
+    "initialise_from_data",
     "preset_config",
     "sample_latent",
     "unwrap",
@@ -82,6 +98,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "resnet_widen": 0.5,
         "resnet_conv1_size": 7,
     },
+}
+
+
+#: How conditions enter the C-β-VAE (both presets; chosen by the ablation in bundle/docs/architecture.md).
+#: ``conditioning: False`` is the conditioning-off twin.
+CONDITIONING: dict[str, Any] = {
+    "conditioning": True,
+    "cond_mean": True,
+    "cond_mean_rank": 16,
+    "detach_cond_mean": True,
+    "unknown_tokens": True,
+    "decoder_cond_input": True,
+    "encoder_groups": None,
+    "condition_dropout": 0.3,
 }
 
 
@@ -123,6 +153,10 @@ def preset_config(
         "act": "leakyrelu",
         **PRESETS[name],
     }
+    if model == "cbvae":
+        config.update(CONDITIONING, groups=groups_config(schema))
+    else:
+        config["cond_mean"] = True
     config.update(overrides)
     if "dilations" not in config:
         bottleneck = encoder_shapes(config["spatial_shape"], len(config["block_layers"]))[-1]

@@ -10,6 +10,7 @@ import torch.nn as nn
 from monai.networks.nets import resnet10
 
 from cbvae_ext.networks.cbvae import complete_metadata
+from cbvae_ext.networks.conditioning import ConditionalMean
 from cbvae_ext.networks.dense3d import DenseDecoder, SpaceToDepth
 from cbvae_ext.networks.heads import sample_latent
 
@@ -23,7 +24,9 @@ class BaselineVAE(nn.Module):
     (so its first convolution is stride 1, and no max pooling), read before its global pooling:
     the last feature grid is flattened into a linear layer, like the dense encoder's, so both keep the
     spatial layout. The decoder is ``DenseDecoder`` with the same settings and no FiLM; ``decode(z, m)``
-    accepts ``m`` and ignores it.
+    accepts ``m`` and ignores it. With ``cond_mean`` the logits are a learned bias volume (initialised to
+    the logit of the training mean map by ``initialise_from_data``) plus the decoder: training starts
+    near the mean-map model instead of below it.
 
     Args:
         spatial_shape: map grid ``(D, H, W)``.
@@ -41,6 +44,7 @@ class BaselineVAE(nn.Module):
         resnet_conv1_size: kernel size of ResNet-10's first convolution.
         norm: MONAI normalisation name/args for the decoder.
         act: MONAI activation name/args for the decoder.
+        cond_mean: add the mean-map bias volume to the logits.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class BaselineVAE(nn.Module):
         resnet_conv1_size: int = 7,
         norm: str | tuple = "batch",
         act: str | tuple = "leakyrelu",
+        cond_mean: bool = False,
     ) -> None:
         super().__init__()
         self.latent_size = latent_size
@@ -92,6 +97,7 @@ class BaselineVAE(nn.Module):
             norm=norm,
             act=act,
         )
+        self.cond_mean = ConditionalMean(0, spatial_shape, 0) if cond_mean else None
 
     def encode(self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mu, logvar)``; ``meta``/``meta_mask`` are ignored."""
@@ -107,7 +113,12 @@ class BaselineVAE(nn.Module):
 
     def decode(self, z: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, 1, D, H, W]``; ``m`` is ignored."""
-        return self.decoder(z)
+        logits = self.decoder(z)
+        return logits if self.cond_mean is None else logits + self.cond_mean(None)
+
+    def conditional_mean(self, m: torch.Tensor) -> torch.Tensor:
+        """Logits of the model's map with no latent information: ``decode(0, m)``."""
+        return self.decode(m.new_zeros(m.shape[0], self.latent_size), m)
 
     def forward(self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
         mu, logvar = self.encode(x, meta, meta_mask)

@@ -1,12 +1,14 @@
-"""The conditional beta-VAE: FiLM-conditioned DenseNet encoder/decoder, imputation head, year adversary."""
+"""The conditional beta-VAE: conditional-mean path + FiLM-conditioned DenseNet residual, imputation head, year adversary."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from cbvae_ext.networks.conditioning import ConditionalMean, UnknownTokens, check_groups, drop_conditions
 from cbvae_ext.networks.dense3d import DenseDecoder, DenseEncoder
 from cbvae_ext.networks.heads import GradientReversal, ImputationHead, YearAdversary, sample_latent
 
@@ -32,11 +34,15 @@ def complete_metadata(
 class ConditionalBetaVAE(nn.Module):
     """Conditional beta-VAE for activation maps.
 
-    The encoder is FiLM-conditioned on ``[meta, meta_mask]`` as observed (missing values are the schema's
-    0 with mask 0; imputations do not exist before the encoder runs). The imputation head predicts every
-    continuous field from the map; the decoder is FiLM-conditioned on ``decoder_input`` (observed values,
-    imputed where missing, plus the mask). The adversary predicts the year bin from ``z`` through a
-    gradient reversal layer whose strength is ``self.grl.lambda_``.
+    Logits are ``conditional_mean(m) + decoder(z, m)``: a low-rank linear path from the conditions to a
+    logit volume (``ConditionalMean``, trained with the reconstruction likelihood and no latent) plus
+    the FiLM-conditioned decoder's residual, so ``z`` holds what the conditions do not explain. The
+    encoder is FiLM-conditioned on the groups in ``encoder_groups`` of ``[meta, meta_mask]`` as observed
+    (missing values are 0 with mask 0). The imputation head predicts every continuous field from the
+    map; ``decoder_input`` fills missing continuous fields with it; inside ``decode`` hidden task/topic
+    groups are replaced by learned "unknown" tokens. In training, each condition group is hidden with
+    probability ``condition_dropout``. The adversary predicts the year bin from ``z`` through a gradient
+    reversal layer whose strength is ``self.grl.lambda_``.
 
     Args:
         spatial_shape: map grid ``(D, H, W)``.
@@ -57,6 +63,17 @@ class ConditionalBetaVAE(nn.Module):
         grl_lambda: initial gradient reversal strength.
         norm: MONAI normalisation name/args.
         act: MONAI activation name/args.
+        groups: condition groups (``conditioning.groups_config``); None: C continuous fields + the task.
+        conditioning: False builds the conditioning-off twin (no FiLM, tokens or conditional mean
+            beyond a bias volume; ``decode`` ignores ``m``).
+        cond_mean: add the conditional-mean path (else logits are the decoder's alone).
+        cond_mean_rank: rank of the conditional-mean path.
+        detach_cond_mean: the residual sum uses a detached conditional mean, so that path learns only
+            from its own likelihood term (``out["cond_mean"]``) and stays an estimate of the mean map.
+        unknown_tokens: learned tokens for hidden categorical/vector groups.
+        decoder_cond_input: also feed ``m`` into the decoder's first (linear) layer.
+        encoder_groups: names of the groups the encoder sees (None: all).
+        condition_dropout: probability of hiding each condition group in training (or per group name).
     """
 
     def __init__(
@@ -79,11 +96,31 @@ class ConditionalBetaVAE(nn.Module):
         grl_lambda: float = 1.0,
         norm: str | tuple = "batch",
         act: str | tuple = "leakyrelu",
+        groups: Sequence[Sequence[Any]] | None = None,
+        conditioning: bool = True,
+        cond_mean: bool = False,
+        cond_mean_rank: int = 32,
+        detach_cond_mean: bool = True,
+        unknown_tokens: bool = False,
+        decoder_cond_input: bool = False,
+        encoder_groups: Sequence[str] | None = None,
+        condition_dropout: float | Mapping[str, float] = 0.0,
     ) -> None:
         super().__init__()
         self.latent_size = latent_size
         self.n_continuous = n_continuous
-        cond_dim = meta_dim + mask_dim
+        self.meta_dim = meta_dim
+        self.conditioning = bool(conditioning)
+        if groups is None:
+            groups = [[f"field{j}", "continuous", j, j + 1, j] for j in range(n_continuous)]
+            groups.append(["task", "categorical", n_continuous, meta_dim, n_continuous])
+        check_groups(groups, meta_dim, mask_dim)
+        self.groups = [list(g) for g in groups]
+        self.condition_dropout = (
+            dict(condition_dropout) if isinstance(condition_dropout, Mapping) else condition_dropout
+        )
+        self.detach_cond_mean = bool(detach_cond_mean)
+        cond_dim = meta_dim + mask_dim if self.conditioning else 0
         arch = dict(
             channels=channels,
             block_layers=block_layers,
@@ -91,20 +128,38 @@ class ConditionalBetaVAE(nn.Module):
             bn_size=bn_size,
             dilations=dilations,
             bottleneck_channels=bottleneck_channels,
-            cond_dim=cond_dim,
             film_hidden=film_hidden,
             norm=norm,
             act=act,
         )
-        self.encoder = DenseEncoder(spatial_shape, 2 * latent_size, **arch)
-        self.decoder = DenseDecoder(spatial_shape, latent_size, **arch)
+        self.encoder = DenseEncoder(spatial_shape, 2 * latent_size, cond_dim=cond_dim, **arch)
+        self.decoder = DenseDecoder(
+            spatial_shape, latent_size, cond_dim=cond_dim, cond_input=decoder_cond_input and cond_dim > 0, **arch
+        )
         self.imputer = ImputationHead(n_continuous, imputation_channels, len(spatial_shape), norm, act)
         self.grl = GradientReversal(grl_lambda)
         self.adversary = YearAdversary(latent_size, n_year_bins, adversary_hidden)
+        self.tokens = UnknownTokens(self.groups, meta_dim) if unknown_tokens and self.conditioning else None
+        self.cond_mean = ConditionalMean(cond_dim, spatial_shape, cond_mean_rank) if cond_mean else None
+        # the encoder sees only ``encoder_groups``: the others are hidden (0 values, mask 0) before its FiLM
+        keep = torch.ones(meta_dim + mask_dim)
+        for name, _, start, stop, mask_index in self.groups:
+            if encoder_groups is not None and name not in encoder_groups:
+                keep[start:stop] = 0.0
+                keep[meta_dim + mask_index] = 0.0
+        self.register_buffer("encoder_keep", keep, persistent=False)
+        # a vector group (the topic mixture sums to 1) enters scaled by its size, so its entries are O(1)
+        # like the one-hot and the z-scored fields
+        scale = torch.ones(meta_dim + mask_dim)
+        for _, kind, start, stop, _ in self.groups:
+            if kind == "vector":
+                scale[start:stop] = float(stop - start)
+        self.register_buffer("cond_scale", scale, persistent=False)
 
     def encode(self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior ``(mu, logvar)`` of ``x`` given the observed metadata."""
-        mu, logvar = self.encoder(x, torch.cat([meta, meta_mask], dim=1)).chunk(2, dim=1)
+        """Posterior ``(mu, logvar)`` of ``x`` given the observed metadata (of ``encoder_groups``)."""
+        m = torch.cat([meta, meta_mask], dim=1) * (self.encoder_keep * self.cond_scale) if self.conditioning else None
+        mu, logvar = self.encoder(x, m).chunk(2, dim=1)
         return mu, logvar
 
     def impute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,16 +170,41 @@ class ConditionalBetaVAE(nn.Module):
         """See ``complete_metadata``."""
         return complete_metadata(meta, meta_mask, imp_mu, self.n_continuous)
 
+    def _condition(self, m: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.conditioning or m is None:
+            return None
+        m = m * self.cond_scale
+        return self.tokens(m) if self.tokens is not None else m
+
+    def conditional_mean(self, m: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, 1, D, H, W]`` of the conditional mean map given ``m`` alone (no latent).
+
+        Without a conditional-mean path: the decode of the prior mean, ``decode(0, m)``.
+        """
+        if self.cond_mean is None:
+            return self.decode(m.new_zeros(m.shape[0], self.latent_size), m)
+        return self.cond_mean(self._condition(m))
+
     def decode(self, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, 1, D, H, W]`` of ``z`` under the conditioning vector ``m``."""
-        return self.decoder(z, m)
+        """Logits ``[B, 1, D, H, W]`` of ``z`` under the conditioning vector ``m = [meta, meta_mask]``."""
+        return self._decode(z, m)[0]
+
+    def _decode(self, z: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        c = self._condition(m)
+        logits = self.decoder(z, c)
+        if self.cond_mean is None:
+            return logits, None
+        mean = self.cond_mean(c if c is not None else None).expand(z.shape[0], *logits.shape[1:])
+        return logits + (mean.detach() if self.detach_cond_mean else mean), mean
 
     def forward(self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.training and self.conditioning and self.condition_dropout:
+            meta, meta_mask = drop_conditions(meta, meta_mask, self.groups, self.condition_dropout)
         mu, logvar = self.encode(x, meta, meta_mask)
         z = sample_latent(mu, logvar, self.training)
         imp_mu, imp_logvar = self.impute(x)
-        recon = self.decode(z, self.decoder_input(meta, meta_mask, imp_mu))
-        return {
+        recon, cond_mean = self._decode(z, self.decoder_input(meta, meta_mask, imp_mu))
+        out = {
             "recon": recon,
             "mu": mu,
             "logvar": logvar,
@@ -133,3 +213,6 @@ class ConditionalBetaVAE(nn.Module):
             "imp_logvar": imp_logvar,
             "year_logits": self.adversary(self.grl(z)),
         }
+        if cond_mean is not None:
+            out["cond_mean"] = cond_mean
+        return out

@@ -297,6 +297,8 @@ class DenseDecoder(nn.Module):
         norm: MONAI normalisation name/args.
         act: MONAI activation name/args.
         out_channels: output channels.
+        cond_input: the first (linear) layer reads ``[z, m]``, not ``z`` alone, so the conditions shape the
+            bottleneck grid itself rather than only rescaling its channels.
     """
 
     def __init__(
@@ -314,6 +316,7 @@ class DenseDecoder(nn.Module):
         norm: str | tuple = "batch",
         act: str | tuple = "leakyrelu",
         out_channels: int = 1,
+        cond_input: bool = False,
     ) -> None:
         super().__init__()
         if len(block_layers) != len(channels) - 1:
@@ -322,7 +325,10 @@ class DenseDecoder(nn.Module):
         shapes = encoder_shapes(spatial_shape, len(block_layers))
         self.grid = shapes[-1]
         self.bottleneck_channels = bottleneck_channels
-        self.fc = nn.Linear(latent_size, bottleneck_channels * math.prod(self.grid))
+        self.cond_input = bool(cond_input and cond_dim)
+        self.fc = nn.Linear(
+            latent_size + (cond_dim if self.cond_input else 0), bottleneck_channels * math.prod(self.grid)
+        )
         self.fc_post = FiLMNormAct(sd, bottleneck_channels, norm, act)
         self.bottleneck = DilatedDenseBlock(
             sd, bottleneck_channels, growth_rate, dilations, channels[-1], self.grid, norm, act
@@ -361,6 +367,8 @@ class DenseDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
         params = _film_params(self.film, m, self.n_film)
+        if self.cond_input and m is not None:
+            z = torch.cat([z, m.to(z.dtype)], dim=1)
         h = self.fc(z).view(-1, self.bottleneck_channels, *self.grid)
         h = self.bottleneck(self.fc_post(h, params[0]), params[1])
         for i, (conv, up, block, mix) in enumerate(zip(self.convs, self.ups, self.blocks, self.mixes, strict=True)):

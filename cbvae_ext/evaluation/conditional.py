@@ -72,9 +72,10 @@ def conditional_mean_probs(
     Returns:
         ``(probabilities, source)`` where ``source`` says which estimate was used.
     """
-    path = getattr(model, "conditional_mean", None)
-    if callable(path):
-        return torch.sigmoid(path(m).float()), "conditional-mean path of the network"
+    # ConditionalBetaVAE.conditional_mean falls back to decode(0, m) -- a typical map, not the mean -- when
+    # the network was built without the path, so only a network that has the path (``cond_mean``) uses it
+    if getattr(model, "cond_mean", None) is not None:
+        return torch.sigmoid(model.conditional_mean(m).float()), "conditional-mean path of the network"
     latent = int(model.latent_size)
     total = None
     for _ in range(n_prior_samples):

@@ -19,7 +19,6 @@ __all__ = [
     "ConditionGroup",
     "condition_groups",
     "conditional_mean_probs",
-    "conditions_only",
     "hide_groups",
     "identification",
 ]
@@ -52,13 +51,6 @@ def hide_groups(meta: np.ndarray, meta_mask: np.ndarray, groups: list[ConditionG
         meta[:, g.meta_slice] = 0.0
         meta_mask[:, g.mask_index] = 0.0
     return meta, meta_mask
-
-
-def conditions_only(
-    meta: np.ndarray, meta_mask: np.ndarray, groups: list[ConditionGroup], keep: tuple[str, ...]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Copies with every group hidden except those named in ``keep`` (e.g. ``("task",)``)."""
-    return hide_groups(meta, meta_mask, [g for g in groups if g.name not in keep])
 
 
 def conditional_mean_probs(

@@ -173,6 +173,7 @@ def test_out_of_distribution_studyset(results):
     _check_summary(ood["cbvae"]["recon/pearson_r"], -1.0, 1.0)
     imp = ood["sample_size_imputation"]
     assert imp["n"] > 800 and imp["mae"] > 0 and imp["median_mae"] > 0
+    assert imp["reference"].startswith("median of the studyset")  # Neurosynth has no sample sizes
     table = pd.read_parquet(out / "per_map_ood.parquet")
     assert len(table) == ood["n_maps"] and "cbvae/cond/pearson_r" in table
 

@@ -22,6 +22,7 @@ from cbvae_ext.evaluation import (
     evaluate_criteria,
 )
 from cbvae_ext.evaluation.metrics import pearson_r
+from cbvae_ext.evaluation.report import markdown_report
 
 pytestmark = pytest.mark.slow
 
@@ -163,6 +164,14 @@ def test_criteria_recompute_from_the_per_map_table(results):
     prov = res["provenance"]
     assert len(prov["dataset_manifest_sha256"]) == 64 and prov["runs"]["cbvae"]["dataset_matches_training"] is True
     assert len(prov["runs"]["baseline"]["checkpoint_sha256"]) == 64 and prov["packages"]["torch"]
+
+
+def test_markdown_report_of_the_results(results):
+    res, _ = results
+    text = markdown_report(res)
+    assert f"| C-β-VAE (z = μ) | {res['models']['cbvae']['reconstruction']['pearson_r']['mean']:.3f} [" in text
+    assert "| r_above_pca |" in text and "log p(x \\| m)" in text  # pipes inside cells escaped
+    assert text.count("| PCA, ") == len(res["baselines"]["pca_curve"])
 
 
 def test_out_of_distribution_studyset(results):

@@ -84,14 +84,15 @@ def test_terms_match_hand_computation():
     assert val["loss"].item() == pytest.approx((recon + kl + 0.5 * imp).item(), rel=1e-5)
 
 
-def test_conditional_mean_term_is_its_own_cross_entropy():
+def test_conditional_mean_term_is_reported_not_optimised():
     batch, out = _batch(), _out()
-    out["cond_mean"] = torch.randn_like(out["recon"])
-    loss = CBVAELoss(beta=1.0, cond_mean_weight=0.5, imputation_weight=0.0, adversary_weight=0.0)
+    out["cond_mean"] = torch.randn_like(out["recon"], requires_grad=True)
+    loss = CBVAELoss(beta=1.0, imputation_weight=0.0, adversary_weight=0.0)
     terms = loss(out, batch)
     cm = F.binary_cross_entropy_with_logits(out["cond_mean"], batch["image"], reduction="none").flatten(1).sum(1).mean()
     assert terms["cm"].item() == pytest.approx(cm.item(), rel=1e-5)
-    assert terms["loss"].item() == pytest.approx((terms["recon"] + terms["kl"] + 0.5 * cm).item(), rel=1e-5)
+    assert terms["loss"].item() == pytest.approx((terms["recon"] + terms["kl"]).item(), rel=1e-5)
+    assert not terms["cm"].requires_grad
 
 
 def test_free_bits_charge_only_kl_above_the_allowance():
@@ -189,7 +190,7 @@ def test_eval_step_uses_beta_one_and_no_grad():
     net = build_network(preset_config("cpu", _schema(), SHAPE, channels=[4, 8], block_layers=[1], growth_rate=4))
     engine = _Engine(net)
     out = EvalStep(loss=CBVAELoss(beta=5.0, adversary_weight=1.0))(engine, _batch())
-    assert out["loss"] == pytest.approx(out["recon"] + out["kl"] + out["cm"] + out["imp"], rel=1e-5)
+    assert out["loss"] == pytest.approx(out["recon"] + out["kl"] + out["imp"], rel=1e-5)
     assert out["cm"] > out["floor"] > 0  # the conditional-mean path's own likelihood, above the floor
     assert not net.training
 

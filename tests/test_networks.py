@@ -22,7 +22,7 @@ from cbvae_ext.networks import (
     groups_config,
     preset_config,
 )
-from cbvae_ext.networks.conditioning import logit
+from cbvae_ext.networks.conditioning import fit_ridge, logit
 from cbvae_ext.schema import MetadataSchema
 
 SHAPE = [21, 26, 21]  # odd sizes exercise the padding/cropping path; small for speed
@@ -72,8 +72,9 @@ def _category_means(schema: MetadataSchema, seed: int = 0) -> tuple[np.ndarray, 
 def _fit(net: torch.nn.Module, schema: MetadataSchema) -> np.ndarray:
     """Initialise the conditional-mean path as ``initialise_from_data`` does; returns the category means."""
     mean, cat_means = _category_means(schema)
-    task = range(schema.n_continuous, schema.meta_dim)
-    net.cond_mean.fit(mean, cat_means, task)
+    coef = np.zeros((schema.meta_dim + schema.mask_dim, *SHAPE), np.float32)
+    coef[schema.group("task").meta_slice] = cat_means - mean
+    net.cond_mean.fit(mean, coef)
     return cat_means
 
 
@@ -174,10 +175,30 @@ def test_conditional_mean_starts_at_the_category_mean_logits(schema: MetadataSch
     # below the number of categories: the best low-rank fit, no longer exact
     low = ConditionalMean(schema.meta_dim + schema.mask_dim, SHAPE, rank=3)
     mean, cat_means = _category_means(schema)
-    low.fit(mean, cat_means, range(schema.n_continuous, schema.meta_dim))
+    coef = np.zeros((schema.meta_dim + schema.mask_dim, *SHAPE), np.float32)
+    coef[schema.group("task").meta_slice] = cat_means - mean
+    low.fit(mean, coef)
     with torch.no_grad():
         err = (low(_task_condition(schema, 1, 0)) - logit(cat_means[:1]).float()).abs().max()
     assert err > 0.1
+
+
+def test_ridge_fit_recovers_category_means_and_picks_the_penalty_on_validation() -> None:
+    rng = np.random.default_rng(0)
+    k, v = 4, 30
+    means = rng.uniform(0, 1, (k, v))
+    cats = rng.integers(0, k, 400)
+    x = np.eye(k)[cats]
+    y = means[cats] + rng.normal(0, 0.3, (400, v))
+    b0, coef, alpha, scores = fit_ridge(x[:300], lambda r: y[:300][r], x[300:], lambda r: y[300:][r], alphas=[1e-6])
+    empirical = np.stack([y[:300][cats[:300] == j].mean(0) for j in range(k)])
+    np.testing.assert_allclose(b0 + np.eye(k) @ coef, empirical, atol=1e-5)  # no penalty: the category means
+    # pure-noise features: validation prefers the largest penalty (predicting the mean)
+    noise = rng.normal(size=(400, 20))
+    _, coef, alpha, scores = fit_ridge(
+        noise[:300], lambda r: y[:300][r], noise[300:], lambda r: y[300:][r], alphas=[0.1, 1e4]
+    )
+    assert alpha == 1e4 and scores[1e4] < scores[0.1] and np.abs(coef).max() < 0.01
 
 
 def test_decode_of_the_prior_differs_between_categories(schema: MetadataSchema) -> None:
@@ -227,13 +248,18 @@ def test_unknown_token_makes_output_independent_of_a_hidden_group(schema: Metada
 def test_topics_are_one_more_condition_group() -> None:
     """With the LDA topic vector in the schema: its own group, scaled to O(1) entries, hidden behind its token."""
     rng = np.random.default_rng(0)
-    topics = MetadataSchema.fit(CATEGORIES, {"year": rng.uniform(1995, 2015, 50)}, topic_names=[f"t{i}" for i in range(6)])
+    topics = MetadataSchema.fit(
+        CATEGORIES, {"year": rng.uniform(1995, 2015, 50)}, topic_names=[f"t{i}" for i in range(6)]
+    )
     groups = groups_config(topics)
     assert [g[:2] for g in groups][4:] == [["topics", "vector"], ["task", "categorical"]]
     net = _model(topics).eval()
     _randomise_film(net)
     group = topics.group("topics")
-    assert (net.cond_scale[group.meta_slice] == 6.0).all() and net.cond_scale[: group.meta_slice.start].eq(1).all()
+    assert (
+        torch.allclose(net.cond_scale[group.meta_slice], torch.tensor(6.0).sqrt())
+        and net.cond_scale[: group.meta_slice.start].eq(1).all()
+    )
     m = torch.zeros(2, topics.meta_dim + topics.mask_dim)
     m[:, group.meta_slice] = torch.from_numpy(rng.dirichlet(np.ones(6), 2)).float()
     m[:, topics.meta_dim + group.mask_index] = 1.0
@@ -347,11 +373,12 @@ def test_dilated_block_sees_whole_bottleneck() -> None:
     assert x.grad[0, :, -1, -1, -1].abs().sum() == 0
 
 
-# exact sizes at the 4 mm grid with the data builder's 15 categories, documented in bundle/docs/architecture.md
+# exact trainable sizes at the 4 mm grid with 15 categories and no topics (the conditional mean is buffers),
+# documented in bundle/docs/architecture.md
 PARAMETERS = {
-    ("cpu", "cbvae"): 508_778,
+    ("cpu", "cbvae"): 605_565,
     ("cpu", "baseline"): 549_728,
-    ("gpu", "cbvae"): 1_522_138,
+    ("gpu", "cbvae"): 1_563_629,
     ("gpu", "baseline"): 4_983_272,
 }
 
@@ -374,3 +401,32 @@ def test_config_is_json_and_validated(schema: MetadataSchema) -> None:
         build_network({k: v for k, v in config.items() if k != "channels"})
     with pytest.raises(ValueError, match="unknown network preset 'tpu'"):
         preset_config("tpu", schema, SHAPE)
+
+
+def test_exported_conditional_mean_and_task_contrast(schema: MetadataSchema, tmp_path) -> None:
+    """``conditional_mean.ts`` and ``CounterfactualModel.conditional_mean`` / ``contrast`` from an exported run."""
+    import nibabel as nib
+
+    from cbvae_ext.export import export_decoder
+    from cbvae_ext.inference import load
+
+    net = _model(schema).eval()
+    cat_means = _fit(net, schema)
+    _randomise_film(net)
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[2:-2, 2:-2, 2:-2] = 1
+    nib.save(nib.Nifti1Image(mask, affine), tmp_path / "mask.nii.gz")
+    run = tmp_path / "run"
+    export_decoder(net, schema, SHAPE, affine, tmp_path / "mask.nii.gz", run)
+    assert (run / "conditional_mean.ts").is_file()
+    model = load(run)
+    k = schema.categories.index("emotion")
+    got = model.conditional_mean({"task": "emotion"}).map
+    np.testing.assert_allclose(got, np.where(mask > 0, cat_means[k], 0.0), atol=1e-5)
+    z = np.random.default_rng(0).normal(size=32).astype(np.float32)
+    contrast = model.contrast(z, {"task": "emotion", "year": 2005}, hidden=("task",), strength=2.0)
+    given, unknown = model.decode(z, {"task": "emotion", "year": 2005}).map, model.decode(z, {"year": 2005}).map
+    np.testing.assert_allclose(contrast, 2.0 * (given - unknown), atol=1e-6)
+    assert np.abs(contrast).max() > 1e-3
+    assert not np.any(model.contrast(z, {"year": 2005}, hidden=("task",)))  # nothing hidden, nothing added

@@ -2,7 +2,7 @@
 
 Per map (then averaged over the batch)::
 
-    loss = recon + β·KL + w_cm·cm + w_imp·imp + w_adv·adv
+    loss = recon + β·KL + w_imp·imp + w_adv·adv
 
 - ``recon``: Bernoulli cross-entropy with soft targets, ``BCEWithLogits(logits, x)`` summed over the
   in-mask voxels. Maps lie in [0, 1] and peak at 1 (formats.md), so each voxel is read as the
@@ -15,8 +15,9 @@ Per map (then averaged over the batch)::
 - ``kl``: ``KL(q(z|x, m) || N(0, I))`` summed over latent dimensions. With ``free_bits`` F > 0 the
   objective uses ``Σ_d max(KL_d, F / L)`` (batch-mean KL per dimension, Kingma et al. 2016), so the
   encoder gains nothing from pushing a dimension below F / L nats; ``kl`` still reports the true KL.
-- ``cm``: the same cross-entropy for the conditional-mean path's logits (``out["cond_mean"]``, no
-  latent), so that path estimates the mean map given the conditions; 0 for a model without it.
+- ``cm``: the same cross-entropy for the conditional-mean path's logits (``out["cond_mean"]``, the
+  map from the conditions alone), reported beside the loss (that path is fitted in closed form, not by
+  this loss); 0 for a model without it.
 - ``imp``: Gaussian negative log-likelihood of the observed continuous metadata (normalised units)
   under the imputation head ``N(imp_mu, exp(imp_logvar))``; where a field is missing, the head is pulled
   towards a weak prior ``N(0, σ_p²)`` by ``KL(N(imp_mu, σ²) || N(0, σ_p²))`` -- no target is invented.
@@ -48,7 +49,6 @@ class CBVAELoss(nn.Module):
     Args:
         mask: brain mask on the map grid (``[D, H, W]``, nonzero = in brain); ``None`` uses every voxel.
         beta: initial KL weight; the ``KLController`` changes ``self.beta`` during training.
-        cond_mean_weight: weight of the conditional-mean path's cross-entropy.
         imputation_weight: weight of the imputation term.
         adversary_weight: weight of the adversary's cross-entropy.
         prior_sigma: standard deviation σ_p of the weak prior on a missing field (normalised units).
@@ -62,7 +62,6 @@ class CBVAELoss(nn.Module):
         self,
         mask: torch.Tensor | None = None,
         beta: float = 1.0,
-        cond_mean_weight: float = 1.0,
         imputation_weight: float = 1.0,
         adversary_weight: float = 1.0,
         prior_sigma: float = 3.0,
@@ -71,11 +70,10 @@ class CBVAELoss(nn.Module):
         super().__init__()
         if prior_sigma <= 0:
             raise LossError(f"prior_sigma must be > 0, got {prior_sigma}")
-        if min(beta, cond_mean_weight, imputation_weight, adversary_weight, free_bits) < 0:
-            raise LossError("beta, cond_mean_weight, imputation_weight, adversary_weight and free_bits must be >= 0")
+        if min(beta, imputation_weight, adversary_weight, free_bits) < 0:
+            raise LossError("beta, imputation_weight, adversary_weight and free_bits must be >= 0")
         self.free_bits = float(free_bits)
         self.beta = float(beta)
-        self.cond_mean_weight = float(cond_mean_weight)
         self.imputation_weight = float(imputation_weight)
         self.adversary_weight = float(adversary_weight)
         self.prior_sigma = float(prior_sigma)
@@ -145,7 +143,8 @@ class CBVAELoss(nn.Module):
         zero = recon.new_zeros(())
         cm, imp, adv, adv_acc = zero, zero, zero, recon.new_full((), float("nan"))
         if out.get("cond_mean") is not None:
-            cm = self.reconstruction(out["cond_mean"], image).mean()
+            with torch.no_grad():
+                cm = self.reconstruction(out["cond_mean"], image).mean()
         if out.get("imp_mu") is not None:
             n_cont = out["imp_mu"].shape[1]
             target = batch["meta"][:, :n_cont].float()
@@ -159,7 +158,7 @@ class CBVAELoss(nn.Module):
                 logits_k = year_logits[known].float()
                 adv = F.cross_entropy(logits_k, year_bin[known])
                 adv_acc = (logits_k.argmax(1) == year_bin[known]).float().mean()
-        loss = recon + (self.beta if beta is None else float(beta)) * kl_objective + self.cond_mean_weight * cm + self.imputation_weight * imp
+        loss = recon + (self.beta if beta is None else float(beta)) * kl_objective + self.imputation_weight * imp
         if adversary:
             loss = loss + self.adversary_weight * adv
         floor = self.floor(image).mean()

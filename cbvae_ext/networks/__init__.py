@@ -8,7 +8,7 @@
   ``bottleneck_channels``, ``norm``, ``act``; cbvae only: ``film_hidden``, ``imputation_channels``,
   ``adversary_hidden``, ``grl_lambda``; baseline only: ``resnet_widen``, ``resnet_conv1_size``.
 - conditioning (``CONDITIONING``; cbvae): ``groups``, ``conditioning``, ``cond_mean``, ``cond_mean_rank``,
-  ``detach_cond_mean``, ``unknown_tokens``, ``decoder_cond_input``, ``encoder_groups``,
+  ``unknown_tokens``, ``decoder_cond_input``, ``encoder_groups``,
   ``condition_dropout``; the baseline takes ``cond_mean`` (its mean-map bias volume).
 
 Keys a model does not take (e.g. the dataset checksum and grid saved beside the config in
@@ -106,8 +106,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 CONDITIONING: dict[str, Any] = {
     "conditioning": True,
     "cond_mean": True,
-    "cond_mean_rank": 16,
-    "detach_cond_mean": True,
+    "cond_mean_rank": 32,
     "unknown_tokens": True,
     "decoder_cond_input": True,
     "encoder_groups": None,

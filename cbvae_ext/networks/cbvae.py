@@ -34,8 +34,8 @@ def complete_metadata(
 class ConditionalBetaVAE(nn.Module):
     """Conditional beta-VAE for activation maps.
 
-    Logits are ``conditional_mean(m) + decoder(z, m)``: a low-rank linear path from the conditions to a
-    logit volume (``ConditionalMean``, trained with the reconstruction likelihood and no latent) plus
+    Logits are ``conditional_mean(m) + decoder(z, m)``: the conditional mean map of the conditions alone
+    (``ConditionalMean``, a low-rank linear map fitted in closed form by ``initialise_from_data``) plus
     the FiLM-conditioned decoder's residual, so ``z`` holds what the conditions do not explain. The
     encoder is FiLM-conditioned on the groups in ``encoder_groups`` of ``[meta, meta_mask]`` as observed
     (missing values are 0 with mask 0). The imputation head predicts every continuous field from the
@@ -68,8 +68,6 @@ class ConditionalBetaVAE(nn.Module):
             beyond a bias volume; ``decode`` ignores ``m``).
         cond_mean: add the conditional-mean path (else logits are the decoder's alone).
         cond_mean_rank: rank of the conditional-mean path.
-        detach_cond_mean: the residual sum uses a detached conditional mean, so that path learns only
-            from its own likelihood term (``out["cond_mean"]``) and stays an estimate of the mean map.
         unknown_tokens: learned tokens for hidden categorical/vector groups.
         decoder_cond_input: also feed ``m`` into the decoder's first (linear) layer.
         encoder_groups: names of the groups the encoder sees (None: all).
@@ -100,7 +98,6 @@ class ConditionalBetaVAE(nn.Module):
         conditioning: bool = True,
         cond_mean: bool = False,
         cond_mean_rank: int = 32,
-        detach_cond_mean: bool = True,
         unknown_tokens: bool = False,
         decoder_cond_input: bool = False,
         encoder_groups: Sequence[str] | None = None,
@@ -119,7 +116,6 @@ class ConditionalBetaVAE(nn.Module):
         self.condition_dropout = (
             dict(condition_dropout) if isinstance(condition_dropout, Mapping) else condition_dropout
         )
-        self.detach_cond_mean = bool(detach_cond_mean)
         cond_dim = meta_dim + mask_dim if self.conditioning else 0
         arch = dict(
             channels=channels,
@@ -148,12 +144,12 @@ class ConditionalBetaVAE(nn.Module):
                 keep[start:stop] = 0.0
                 keep[meta_dim + mask_index] = 0.0
         self.register_buffer("encoder_keep", keep, persistent=False)
-        # a vector group (the topic mixture sums to 1) enters scaled by its size, so its entries are O(1)
-        # like the one-hot and the z-scored fields
+        # a vector group (the topic mixture sums to 1) enters scaled by the square root of its size, so a
+        # dominant topic is O(1) like the one-hot and the z-scored fields
         scale = torch.ones(meta_dim + mask_dim)
         for _, kind, start, stop, _ in self.groups:
             if kind == "vector":
-                scale[start:stop] = float(stop - start)
+                scale[start:stop] = float(stop - start) ** 0.5
         self.register_buffer("cond_scale", scale, persistent=False)
 
     def encode(self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +172,13 @@ class ConditionalBetaVAE(nn.Module):
         m = m * self.cond_scale
         return self.tokens(m) if self.tokens is not None else m
 
+    def cond_mean_input(self, m: torch.Tensor) -> torch.Tensor | None:
+        """What the conditional-mean path reads: scaled ``m`` with hidden groups' values at 0 (no tokens)."""
+        if not self.conditioning:
+            return None
+        m = m * self.cond_scale
+        return self.tokens(m, token=False) if self.tokens is not None else m
+
     def conditional_mean(self, m: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, 1, D, H, W]`` of the conditional mean map given ``m`` alone (no latent).
 
@@ -183,7 +186,7 @@ class ConditionalBetaVAE(nn.Module):
         """
         if self.cond_mean is None:
             return self.decode(m.new_zeros(m.shape[0], self.latent_size), m)
-        return self.cond_mean(self._condition(m))
+        return self.cond_mean(self.cond_mean_input(m)).expand(m.shape[0], -1, -1, -1, -1)
 
     def decode(self, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, 1, D, H, W]`` of ``z`` under the conditioning vector ``m = [meta, meta_mask]``."""
@@ -194,8 +197,8 @@ class ConditionalBetaVAE(nn.Module):
         logits = self.decoder(z, c)
         if self.cond_mean is None:
             return logits, None
-        mean = self.cond_mean(c if c is not None else None).expand(z.shape[0], *logits.shape[1:])
-        return logits + (mean.detach() if self.detach_cond_mean else mean), mean
+        mean = self.cond_mean(self.cond_mean_input(m)).expand(z.shape[0], *logits.shape[1:])
+        return logits + mean, mean
 
     def forward(self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.training and self.conditioning and self.condition_dropout:

@@ -26,7 +26,6 @@ import torch.nn as nn
 
 __all__ = [
     "KINDS",
-    "PRIOR_MAPS",
     "ConditionalMean",
     "UnknownTokens",
     "check_groups",
@@ -34,15 +33,12 @@ __all__ = [
     "group_mask",
     "initialise_from_data",
     "groups_config",
+    "fit_ridge",
     "logit",
-    "training_means",
 ]
 
 #: Kinds of condition groups (``schema.groups``).
 KINDS = ("continuous", "vector", "categorical")
-
-#: Pseudo-maps of the overall mean added to each category mean when initialising the conditional mean.
-PRIOR_MAPS = 10.0
 
 #: One group as stored in a network config: ``[name, kind, meta_start, meta_stop, mask_index]``.
 GroupConfig = Sequence[Any]
@@ -136,12 +132,15 @@ class UnknownTokens(nn.Module):
         self.register_buffer("members", group_mask(tokenised, meta_dim), persistent=False)
         self.register_buffer("mask_index", torch.tensor([g[4] for g in tokenised], dtype=torch.long), persistent=False)
 
-    def forward(self, m: torch.Tensor) -> torch.Tensor:
+    def forward(self, m: torch.Tensor, token: bool = True) -> torch.Tensor:
+        """``m`` with hidden groups' values replaced by their token (``token=False``: by 0)."""
         if not self.names:
             return m
         meta, mask = m[:, : self.meta_dim], m[:, self.meta_dim :]
         hidden = (1.0 - mask[:, self.mask_index]) @ self.members  # [B, meta_dim]: 1 where a hidden group's value
-        meta = meta * (1.0 - hidden) + self.token.to(meta.dtype) * hidden
+        meta = meta * (1.0 - hidden)
+        if token:
+            meta = meta + self.token.to(meta.dtype) * hidden
         return torch.cat([meta, mask], dim=1)
 
 
@@ -152,105 +151,143 @@ def logit(p: np.ndarray | torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
 
 class ConditionalMean(nn.Module):
-    """Logit volume ``b + U·(W·m)`` of the conditions alone: the model's conditional mean map, in logits.
+    """Conditional mean map ``p(m) = b + U·(W·m)`` (clipped to ``[eps, 1 - eps]``), returned as logits.
+
+    Everything is a buffer (saved with the model, never trained): ``fit`` sets it.
 
     Args:
-        cond_dim: length of ``m`` (0: just the bias volume, an unconditional mean map).
+        cond_dim: length of ``m`` (0: just the intercept volume, an unconditional mean map).
         spatial_shape: output grid ``(D, H, W)``.
         rank: rank of ``U·W`` (ignored when ``cond_dim`` is 0).
+        eps: probability clip before the logit.
     """
 
-    def __init__(self, cond_dim: int, spatial_shape: Sequence[int], rank: int) -> None:
+    def __init__(self, cond_dim: int, spatial_shape: Sequence[int], rank: int, eps: float = 1e-4) -> None:
         super().__init__()
         self.shape = tuple(int(s) for s in spatial_shape)
+        self.eps = float(eps)
         n_vox = int(np.prod(self.shape))
-        self.bias = nn.Parameter(torch.zeros(n_vox))
-        self.rank = int(rank) if cond_dim else 0
-        self.proj = nn.Linear(cond_dim, self.rank, bias=False) if self.rank else None
-        # basis entries O(1) and projection at 0: Adam's per-parameter steps move logits by ~lr at first
-        self.basis = nn.Parameter(torch.randn(self.rank, n_vox)) if self.rank else None
-        if self.proj is not None:
-            nn.init.zeros_(self.proj.weight)
+        self.rank = min(int(rank), cond_dim) if cond_dim else 0
+        self.register_buffer("intercept", torch.full((n_vox,), 0.5))  # logit 0 until fitted
+        self.register_buffer("weight", torch.zeros(self.rank, cond_dim))
+        self.register_buffer("basis", torch.zeros(self.rank, n_vox))
 
     def forward(self, m: torch.Tensor | None) -> torch.Tensor:
         n = 1 if m is None else m.shape[0]
-        out = self.bias.expand(n, -1)
-        if self.proj is not None and m is not None:
-            out = out + self.proj(m.to(self.bias.dtype)) @ self.basis
-        return out.reshape(n, 1, *self.shape)
+        p = self.intercept.expand(n, -1)
+        if self.rank and m is not None:
+            p = p + (m.to(self.weight.dtype) @ self.weight.T) @ self.basis
+        p = p.clamp(self.eps, 1.0 - self.eps)
+        return (torch.log(p) - torch.log1p(-p)).reshape(n, 1, *self.shape)
 
     @torch.no_grad()
-    def fit(
-        self,
-        mean_map: np.ndarray | torch.Tensor,
-        category_means: np.ndarray | torch.Tensor | None = None,
-        columns: Sequence[int] | None = None,
-    ) -> None:
-        """Initialise from training means (probabilities in [0, 1]).
+    def fit(self, intercept: np.ndarray | torch.Tensor, coef: np.ndarray | torch.Tensor | None = None) -> None:
+        """Set ``p(m) = intercept + m·coef`` (``intercept [D, H, W]``, ``coef [cond_dim, D, H, W]``).
 
-        ``bias = logit(mean_map)``; with ``category_means [K, D, H, W]`` and the K columns of ``m`` that
-        hold the one-hot, ``U·W`` maps one-hot k to ``logit(category_means[k]) - logit(mean_map)``
-        exactly when ``rank >= K`` (SVD; the best rank-``rank`` fit otherwise). Other columns start at 0.
+        ``coef`` is stored as its best rank-``rank`` approximation (SVD), exact when ``rank`` is at least
+        its rank.
         """
-        base = logit(mean_map).flatten()
-        self.bias.copy_(base.to(self.bias))
-        if self.proj is None or category_means is None or columns is None:
+        self.intercept.copy_(torch.as_tensor(np.asarray(intercept)).flatten().to(self.intercept))
+        if not self.rank or coef is None:
             return
-        delta = logit(category_means).flatten(1) - base  # [K, V]
-        a, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        coef = torch.as_tensor(np.asarray(coef)).double().flatten(1)
+        a, s, vh = torch.linalg.svd(coef, full_matrices=False)
         r = min(self.rank, len(s))
-        scale = float(np.sqrt(delta.shape[1]))
-        self.basis[:r] = (vh[:r] * scale).to(self.basis)
-        weight = torch.zeros_like(self.proj.weight, dtype=torch.float64)
-        weight[:r, list(columns)] = (a[:, :r] * s[:r] / scale).T
-        self.proj.weight.copy_(weight.to(self.proj.weight))
+        self.weight.zero_()
+        self.basis.zero_()
+        self.weight[:r] = (a[:, :r] * s[:r]).T.to(self.weight)
+        self.basis[:r] = vh[:r].to(self.basis)
 
 
-def training_means(dataset_dir: Any, chunk: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(mean map [D, H, W], category means [K, D, H, W], category counts [K])`` of the training split.
+def fit_ridge(
+    x_train: np.ndarray,
+    y_train: Any,
+    x_val: np.ndarray,
+    y_val: Any,
+    alphas: Sequence[float] = tuple(10.0 ** np.arange(-1, 8)),
+    chunk: int = 512,
+) -> tuple[np.ndarray, np.ndarray, float, dict[float, float]]:
+    """Ridge regression of maps on conditions, the penalty chosen by validation mean squared error.
 
-    Maps are scaled to [0, 1] by their peak as in training; a category without training maps gets the
-    overall mean.
+    Features are standardised (constant columns dropped), the intercept is not penalised. ``y_*`` are
+    callables ``rows -> [len(rows), V]`` float arrays, so the maps are read in chunks.
+
+    Returns:
+        ``(intercept [V], coef [n_features, V], alpha, {alpha: validation MSE})``.
     """
-    from cbvae_ext.data import load_dataset_info
+    n, d = x_train.shape
+    mu, sd = x_train.mean(0), x_train.std(0)
+    keep = sd > 1e-8
+    xs = np.zeros_like(x_train)
+    xs[:, keep] = (x_train[:, keep] - mu[keep]) / sd[keep]
+    gram = xs.T @ xs
+    xty, ysum = None, None
+    for start in range(0, n, chunk):
+        rows = np.arange(start, min(start + chunk, n))
+        y = np.asarray(y_train(rows), dtype=np.float64)
+        xty = xs[rows].T @ y if xty is None else xty + xs[rows].T @ y
+        ysum = y.sum(0) if ysum is None else ysum + y.sum(0)
+    ybar = ysum / n
+    xv = np.zeros_like(x_val)
+    xv[:, keep] = (x_val[:, keep] - mu[keep]) / sd[keep]
+    yv = np.asarray(y_val(np.arange(len(x_val))), dtype=np.float64)
+    scores, coefs = {}, {}
+    for alpha in alphas:
+        b = np.linalg.solve(gram + alpha * np.eye(d), xty)  # xs is centred, so xty needs no centring
+        scores[float(alpha)] = float(((ybar + xv @ b - yv) ** 2).mean())
+        coefs[float(alpha)] = b
+    best = min(scores, key=scores.get)
+    coef = np.zeros_like(coefs[best])
+    coef[keep] = coefs[best][keep] / sd[keep, None]
+    return ybar - mu @ coef, coef, best, scores
 
-    info = load_dataset_info(dataset_dir)
-    rows = info.rows("train")
-    cats = info.category_index(rows)
-    k = info.schema.n_categories
-    sums = np.zeros((k + 1, *info.mask.shape), np.float64)  # last row: unknown category
-    counts = np.zeros(k + 1, np.int64)
-    for start in range(0, len(rows), chunk):
-        idx = rows[start : start + chunk]
-        maps = np.asarray(info.maps[idx], dtype=np.float32)
-        maps /= np.maximum(maps.reshape(len(idx), -1).max(1), np.finfo(np.float32).tiny)[:, None, None, None]
-        c = cats[start : start + chunk]
-        np.add.at(sums, np.where(c >= 0, c, k), maps)
-        counts += np.bincount(np.where(c >= 0, c, k), minlength=k + 1)
-    mean = sums.sum(0) / max(counts.sum(), 1)
-    cat_means = np.where(
-        counts[:k, None, None, None] > 0, sums[:k] / np.maximum(counts[:k], 1)[:, None, None, None], mean
-    )
-    return mean.astype(np.float32), cat_means.astype(np.float32), counts[:k]
 
+def initialise_from_data(network: nn.Module, dataset_dir: Any, seed: int = 0) -> nn.Module:
+    """Fit a network's conditional-mean path on the dataset's training split (see ``ConditionalMean``).
 
-def initialise_from_data(network: nn.Module, dataset_dir: Any) -> nn.Module:
-    """Set a network's conditional-mean path from the training split's mean maps (see ``ConditionalMean.fit``).
-
-    A network without the path is returned unchanged; a checkpoint loaded later overwrites the values.
+    The intercept-only path (baseline, conditioning-off twin) gets the training mean map. Otherwise the
+    training rows enter twice, each condition group hidden with the network's condition-dropout
+    probability (the network's own view ``cond_mean_input``), and ``fit_ridge`` picks the penalty on
+    the validation split with every condition given. A network without the path is returned unchanged;
+    a checkpoint loaded later overwrites the fit.
     """
+    from cbvae_ext.data import load_dataset_info, normalise_maps
     from cbvae_ext.networks import unwrap
 
     model = unwrap(network)
     path = getattr(model, "cond_mean", None)
     if path is None:
         return network
-    mean, cat_means, counts = training_means(dataset_dir)
-    w = (counts / (counts + PRIOR_MAPS))[:, None, None, None]
-    cat_means = w * cat_means + (1.0 - w) * mean
-    task = [g for g in getattr(model, "groups", []) if g[0] == "task"]
-    columns = list(range(task[0][2], task[0][3])) if task and path.rank else None
-    device = path.bias.device
-    path.fit(mean, cat_means if columns else None, columns)
-    path.to(device)
+    info = load_dataset_info(dataset_dir)
+    mask = info.mask.astype(bool)
+    train, val = info.rows("train"), info.rows("val")
+
+    def maps(rows: np.ndarray) -> np.ndarray:
+        return normalise_maps(np.asarray(info.maps[rows], dtype=np.float32)).numpy()[:, mask]
+
+    intercept = np.zeros(mask.shape, np.float32)
+    if not path.rank:
+        total = sum(maps(train[s : s + 512]).sum(0, dtype=np.float64) for s in range(0, len(train), 512))
+        intercept[mask] = total / len(train)
+        path.fit(intercept)
+        return network
+    gen = torch.Generator().manual_seed(seed)
+
+    def conditions(rows: np.ndarray, drop: bool) -> np.ndarray:
+        meta, meta_mask = (torch.from_numpy(a) for a in info.encode(rows))
+        if drop:
+            meta, meta_mask = drop_conditions(meta, meta_mask, model.groups, model.condition_dropout, gen)
+        with torch.no_grad():
+            m = model.cond_mean_input(torch.cat([meta, meta_mask], dim=1).to(path.intercept.device))
+        return m.double().cpu().numpy()
+
+    replicas = 2 if model.condition_dropout else 1
+    x_train = np.concatenate([conditions(train, replicas > 1) for _ in range(replicas)])
+    rows = np.concatenate([train] * replicas)
+    b0, coef, alpha, _ = fit_ridge(x_train, lambda r: maps(rows[r]), conditions(val, False), lambda r: maps(val[r]))
+    intercept[mask] = b0
+    full = np.zeros((coef.shape[0], *mask.shape), np.float32)
+    full[:, mask] = coef
+    path.fit(intercept, full)
+    path.alpha = alpha
     return network

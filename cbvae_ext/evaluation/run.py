@@ -217,7 +217,6 @@ ROLES: dict[str, Role] = {
     "uncond": Role("uncond_run_dir", "conditioning-off twin", "cbvae", False),
     "nolambda": Role("nolambda_run_dir", "λ = 0 twin", "cbvae", True),
 }
-MODEL_LABELS = {k: r.label for k, r in ROLES.items()}
 RESULTS_LAYOUT = "cbvae-test-results"
 RESULTS_LAYOUT_VERSION = 2
 METRICS = ("pearson_r", "dice_top5", "dice_top1")
@@ -580,7 +579,7 @@ class _Context:
     def group(self, name: str) -> ConditionGroup | None:
         return next((g for g in self.groups if g.name == name), None)
 
-    def pass_options(self, role: str, run: LoadedRun, **overrides: Any) -> PassOptions:
+    def pass_options(self, run: LoadedRun, **overrides: Any) -> PassOptions:
         defaults = _imputed_defaults(run, self.schema.n_continuous)
         base = {"n_prior_samples": self.opts["n_prior_samples"], "imputed_defaults": defaults}
         return PassOptions(**{**base, **overrides})
@@ -663,7 +662,6 @@ class _Context:
                 continue
             run = self.runs[role]
             options = self.pass_options(
-                role,
                 run,
                 iwae_k=opts["iwae_k"] if role != "nolambda" else 0,
                 iwae_rows=opts["iwae_max_maps"],
@@ -956,7 +954,7 @@ class _Context:
         data = load_split(ood, ood.rows("all"), schema=self.schema)
         peaks, _ = peak_indicator(ood, data.maps)
         run = self.runs["cbvae"]
-        options = self.pass_options("cbvae", run, conditional=True)
+        options = self.pass_options(run, conditional=True)
         sc = score_network(
             run.model, data, self.mask, peaks, options, self.opts["batch_size"], self.ev.device, self.generator
         )

@@ -113,6 +113,9 @@ def test_results_layout_and_every_section(results):
     assert res["duplicates"]["n_near"] >= res["duplicates"]["n_exact"] >= 0
     cats = res["conditional_maps"]["categories"]
     assert cats["model"]["n_groups"] == cats["training_category_means"]["n_groups"] == len(cats["n_test"])
+    assert (
+        cats["model_centred"]["n_groups"] == cats["training_category_means_centred"]["n_groups"] == len(cats["n_test"])
+    )
     assert res["missing_conditions"]["all"]["pearson_r"]["paired_vs_given"]["n"] == res["n_test"]
     assert {"year", "sample_size", "field_strength", "fwhm", "task"} <= set(res["missing_conditions"])
     assert res["debiasing"]["probes"]["data_ceiling"]["logistic"]["n_permutations"] == 5

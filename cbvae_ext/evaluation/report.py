@@ -105,7 +105,9 @@ def markdown_report(res: Mapping[str, Any]) -> str:
         cats = cm["categories"]
         out.append(
             f"Category identification ({cm['source']}): {cats['model']['n_correct']} of {cats['model']['n_groups']} "
-            f"categories (training category means: {cats['training_category_means']['n_correct']})."
+            f"categories (training category means: {cats['training_category_means']['n_correct']}); with the "
+            f"training mean map subtracted from every map: {cats['model_centred']['n_correct']} "
+            f"(training category means: {cats['training_category_means_centred']['n_correct']})."
         )
         topics = cm.get("topics", {})
         if "model" in topics:

@@ -741,11 +741,16 @@ class _Context:
         training = np.stack([self.category_baseline.means[c] for c in present])
         labels = [schema.categories[c] for c in present]
         model_id, train_id = identification(generated, heldout, labels), identification(training, heldout, labels)
+        # centred: the shared activation pattern (the training mean map) removed from every map, so the match
+        # is made on what distinguishes the categories rather than on what they share
+        overall = self.train.maps.mean(axis=0)
         out["source"] = source
         out["categories"] = {
             "n_test": {lab: int((te.categories == c).sum()) for lab, c in zip(labels, present, strict=True)},
             "model": model_id,
             "training_category_means": train_id,
+            "model_centred": identification(generated - overall, heldout - overall, labels),
+            "training_category_means_centred": identification(training - overall, heldout - overall, labels),
         }
         self.figure_data["category_maps"] = (generated, heldout, training, labels)
         out["topics"] = self._topic_maps(run)

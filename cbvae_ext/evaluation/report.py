@@ -21,6 +21,10 @@ def _ci(summary: Mapping[str, Any] | None, digits: int = 3) -> str:
     return f"{summary['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _num(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     body = ("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows)
@@ -147,7 +151,12 @@ def markdown_report(res: Mapping[str, Any]) -> str:
             )
         else:
             rows.append(
-                [name, c["rule"], f"{c['value']} vs {c['reference']}", "passed" if c["passed"] else "**failed**"]
+                [
+                    name,
+                    c["rule"],
+                    f"{_num(c['value'])} vs {_num(c['reference'])}",
+                    "passed" if c["passed"] else "**failed**",
+                ]
             )
     out.append(_table(["criterion", "rule", "paired mean difference [95% CI]", "result"], rows))
 
@@ -169,8 +178,8 @@ def markdown_report(res: Mapping[str, Any]) -> str:
         out.append(
             f"Out of distribution ({ood['n_maps']} NeuroStore maps): reconstruction r {_ci(ood['cbvae'].get('recon/pearson_r'))}, "
             f"conditional-only r {_ci(ood['cbvae'].get('cond/pearson_r'))} vs category mean "
-            f"{_ci(ood['category_mean'].get('pearson_r'))}; sample-size imputation ρ {imp.get('spearman_rho')}, "
-            f"MAE {imp.get('mae')} vs {imp.get('median_mae')} ({imp.get('reference')})."
+            f"{_ci(ood['category_mean'].get('pearson_r'))}; sample-size imputation ρ {_num(imp.get('spearman_rho'))}, "
+            f"MAE {_num(imp.get('mae'))} vs {_num(imp.get('median_mae'))} ({imp.get('reference')})."
         )
     return "\n\n".join(out) + "\n"
 

@@ -44,6 +44,7 @@ __all__ = [
     "RunFolder",
     "RunFolderError",
     "replace_atomically",
+    "trained_on_checksum",
     "write_json_atomically",
 ]
 
@@ -131,7 +132,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def _trained_on(config: Mapping[str, Any]) -> str | None:
+def trained_on_checksum(config: Mapping[str, Any]) -> str | None:
+    """sha256 of the training dataset's ``manifest.json`` recorded in a network config, or ``None``."""
     # older runs used other key names for the same checksum
     for key in ("dataset_manifest_sha256", "manifest_sha256", "dataset_sha256"):
         if config.get(key):
@@ -312,7 +314,7 @@ class RunFolder:
     @property
     def trained_on(self) -> str | None:
         """sha256 of the training dataset's ``manifest.json`` (``None`` for runs that did not record it)."""
-        return None if self.network_config is None else _trained_on(self.network_config)
+        return None if self.network_config is None else trained_on_checksum(self.network_config)
 
     # ----- files checked where they are read ------------------------------------------------------
     def mask(self) -> np.ndarray:

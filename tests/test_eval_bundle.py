@@ -1,4 +1,5 @@
-"""End to end: the bundle's ``evaluate`` command on runs trained by the bundle (tiny dataset, 1 epoch)."""
+"""End to end: the bundle's ``evaluate`` command on runs trained by the bundle (tiny dataset, 1 epoch) and the real
+NeuroStore n-back / flanker studyset as out-of-distribution maps."""
 
 from __future__ import annotations
 
@@ -9,14 +10,27 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from cbvae_ext.evaluation import Evaluation, EvaluationError
+from cbvae_ext.evaluation import (
+    PAIRED_CRITERIA,
+    RESULTS_LAYOUT,
+    RESULTS_LAYOUT_VERSION,
+    Evaluation,
+    EvaluationError,
+    evaluate_criteria,
+)
 from cbvae_ext.evaluation.metrics import pearson_r
+from cbvae_ext.evaluation.report import markdown_report
 
 pytestmark = pytest.mark.slow
 
-FAST = ["--n_bootstrap", "200", "--n_permutations", "5", "--n_examples", "2", "--batch_size", "16"]
+FAST = [
+    "--n_bootstrap", "200", "--n_permutations", "5", "--n_examples", "2", "--batch_size", "16",
+    "--iwae_k", "3", "--n_prior_samples", "2",
+]  # fmt: skip
+SMALL = {"n_bootstrap": 50, "n_permutations": 2, "n_examples": 0, "batch_size": 16, "iwae_k": 2, "n_prior_samples": 2}
 
 
 def _evaluate(repo_root: Path, dataset: Path, output: Path, *args: str) -> subprocess.CompletedProcess:
@@ -32,7 +46,19 @@ def _evaluate(repo_root: Path, dataset: Path, output: Path, *args: str) -> subpr
 
 
 @pytest.fixture(scope="module")
-def results(repo_root, tiny_dataset, tiny_runs, tmp_path_factory) -> tuple[dict, Path]:
+def ood_dataset(tmp_path_factory) -> Path:
+    """The real NeuroStore n-back / flanker studyset shipped with NiMARE, on the tiny dataset's grid."""
+    import nimare
+
+    from cbvae_ext.data import build_dataset
+
+    studyset = Path(nimare.__file__).parent / "resources" / "nback_vs_flanker_studyset_2026-07"
+    out = tmp_path_factory.mktemp("ood") / "ood"
+    return Path(build_dataset(neurosynth=False, neurostore_dirs=[studyset], out=out, resolution=4))
+
+
+@pytest.fixture(scope="module")
+def results(repo_root, tiny_dataset, tiny_runs, ood_dataset, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("eval")
     proc = _evaluate(
         repo_root,
@@ -42,64 +68,126 @@ def results(repo_root, tiny_dataset, tiny_runs, tmp_path_factory) -> tuple[dict,
         str(tiny_runs["cbvae"]),
         "--baseline_run_dir",
         str(tiny_runs["baseline"]),
+        "--ood_dataset_dir",
+        str(ood_dataset),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "test_results.json").read_text()), out
 
 
-def _check_summary(summary: dict, low: float, high: float) -> None:
-    assert summary["n"] > 0 and summary["n_bootstrap"] == 200
+def _check_summary(summary: dict, low: float, high: float, n_bootstrap: int = 200) -> None:
+    assert summary["n"] > 0 and summary["n_bootstrap"] == n_bootstrap
     assert low <= summary["ci95"][0] <= summary["mean"] <= summary["ci95"][1] <= high
 
 
-def test_results_hold_every_metric_for_both_models(results, tiny_dataset):
+def test_results_layout_and_every_section(results):
     res, out = results
-    n_test = res["n_test"]
-    assert n_test > 0 and res["split"] == "test"
-    for kind in ("cbvae", "baseline"):
-        model = res["models"][kind]
-        for name in ("pearson_r", "ssim"):
+    assert res["layout"] == RESULTS_LAYOUT and res["layout_version"] == RESULTS_LAYOUT_VERSION == 2
+    assert res["n_test"] > 0 and res["split"] == "test"
+    cb, base = res["models"]["cbvae"], res["models"]["baseline"]
+    for model in (cb, base):
+        for name in ("pearson_r", "dice_top5", "dice_top1"):
             _check_summary(model["reconstruction"][name], -1.0, 1.0)
-            _check_summary(model["conditional_only"][name], -1.0, 1.0)
-        for name in ("dice_top5", "dice_top1"):
-            _check_summary(model["reconstruction"][name], 0.0, 1.0)
-        elbo = model["elbo_beta1"]
-        assert elbo["nll"]["mean"] > 0 and elbo["kl"]["mean"] >= 0
-        assert elbo["elbo"]["mean"] == pytest.approx(-(elbo["nll"]["mean"] + elbo["kl"]["mean"]), rel=1e-6)
-        for probe in ("logistic", "mlp"):
-            p = model["probes"][probe]
-            assert 0.0 <= p["balanced_accuracy"] <= 1.0 and len(p["null"]["values"]) == 5
-            assert 1 / 6 <= p["p_value"] <= 1.0
-    assert res["models"]["baseline"]["adversary"]["balanced_accuracy"] is None
-    assert 0.0 <= res["models"]["cbvae"]["adversary"]["balanced_accuracy"] <= 1.0
-    assert res["models"]["baseline"]["imputation"] == {"absent": "the baseline VAE has no imputation head"}
-    imputation = res["models"]["cbvae"]["imputation"]
-    assert imputation["year"]["n"] > 0 and imputation["year"]["mae"] >= 0
-    assert imputation["field_strength"]["n"] == 0 and imputation["fwhm"]["n"] == 0  # never observed: no score
-    assert res["baselines"]["pca"]["n_components"] == res["models"]["cbvae"]["latent_size"]
-    assert set(res["figures"]) == {"recon_examples.png", "training_curves.png", "per_category_r.png", "probes.png"}
+    _check_summary(cb["reconstruction"]["ssim"], -1.0, 1.0)
+    for name in ("pearson_r", "dice_top5", "peak_auc"):
+        _check_summary(cb["conditional_only"][name], -1.0, 1.0)
+    assert cb["conditional_only"]["source"] in (
+        "conditional-mean path of the network",
+        "average of 2 decodes of z ~ N(0, I)",
+    )
+    assert res["models"]["uncond"] == {"absent": "no --uncond_run_dir given"}
+    assert res["models"]["nolambda"] == {"absent": "no --nolambda_run_dir given"}
+    assert cb["bounds"] == "log p(x | m)" and base["bounds"] == "log p(x)"
+    assert base["adversary"]["balanced_accuracy"] is None and 0 <= cb["adversary"]["balanced_accuracy"] <= 1
+    assert base["imputation"] == {"absent": "this network has no imputation head"}
+    assert cb["imputation"]["year"]["n"] > 0 and cb["imputation"]["fwhm"]["n"] == 0  # never observed: no score
+    # SSIM beside its trivial answers, and out of the criteria
+    assert {"cbvae", "mean_map", "constant_map"} <= set(res["ssim"]) and res["ssim"]["criterion"] is False
+    assert not any("ssim" in c.get("a", "") for c in res["criteria"].values())
+    # PCA curve at L, 2L, 4L, 8L (as many as the tiny training split allows)
+    latent = cb["latent_size"]
+    assert res["pca_equivalent"]["dims"][0] == latent == res["baselines"]["pca"]["n_components"]
+    assert [c["n_components"] for c in res["baselines"]["pca_curve"]] == res["pca_equivalent"]["dims"]
+    eq = res["pca_equivalent"]["pearson_r"]
+    assert (eq["components"] is None) == (eq["bound"] is not None)
+    assert res["duplicates"]["n_near"] >= res["duplicates"]["n_exact"] >= 0
+    cats = res["conditional_maps"]["categories"]
+    assert cats["model"]["n_groups"] == cats["training_category_means"]["n_groups"] == len(cats["n_test"])
+    assert (
+        cats["model_centred"]["n_groups"] == cats["training_category_means_centred"]["n_groups"] == len(cats["n_test"])
+    )
+    assert res["missing_conditions"]["all"]["pearson_r"]["paired_vs_given"]["n"] == res["n_test"]
+    assert {"year", "sample_size", "field_strength", "fwhm", "task"} <= set(res["missing_conditions"])
+    assert res["debiasing"]["probes"]["data_ceiling"]["logistic"]["n_permutations"] == 5
+    assert "predictions" not in res["debiasing"]["probes"]["cbvae"]["logistic"]
+    figures = {
+        "recon_examples.png", "training_curves.png", "per_category_r.png", "probes.png",
+        "category_identification.png", "category_maps.png", "pca_curve.png",
+    }  # fmt: skip
+    assert set(res["figures"]) == figures
     for name in res["figures"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_criteria_are_computed_from_the_results(results):
-    res, _ = results
-    crit, cb, base = res["criteria"], res["models"]["cbvae"], res["models"]["baseline"]
-    elbo = crit["elbo_better_than_baseline"]
-    assert elbo["value"] == cb["elbo_beta1"]["elbo"]["mean"] and elbo["reference"] == base["elbo_beta1"]["elbo"]["mean"]
-    assert elbo["passed"] == (elbo["value"] > elbo["reference"])
-    adv = crit["adversary_at_chance"]
-    assert adv["reference"] == pytest.approx(0.15) and adv["passed"] == (adv["value"] <= 0.15)
-    probe = crit["logistic_probe_below_baseline"]
-    assert probe["passed"] == (
-        cb["probes"]["logistic"]["balanced_accuracy"] < base["probes"]["logistic"]["balanced_accuracy"]
+def test_likelihoods_in_one_currency(results):
+    res, out = results
+    table = pd.read_parquet(out / "per_map_test.parquet")
+    assert len(table) == res["n_test"] and table["id"].is_unique
+    floor = table["entropy_floor"].to_numpy()
+    assert (floor > 0).all()
+    for name in ("cbvae", "baseline"):
+        iwae, elbo = table[f"{name}/loglik_iwae"].to_numpy(), table[f"{name}/loglik_elbo"].to_numpy()
+        assert (iwae >= elbo - 1e-3).all()  # same samples: Jensen
+        assert (-iwae - floor > 0).all()  # no bound beats the entropy floor
+    lik = res["likelihood"]["models"]
+    assert lik["mean_map"]["bounds"] == "log p(x)" and lik["category_mean"]["bounds"] == "log p(x | category)"
+    assert lik["cbvae"]["excess_nll_iwae"]["mean"] == pytest.approx(
+        -(table["cbvae/loglik_iwae"] + table["entropy_floor"]).mean(), rel=1e-6
     )
-    r = crit["r_above_pca"]
-    assert r["reference"] == res["baselines"]["pca"]["reconstruction"]["pearson_r"]["mean"]
-    assert r["passed"] == (r["value"] > r["reference"])
+
+
+def test_criteria_recompute_from_the_per_map_table(results):
+    res, out = results
+    table = pd.read_parquet(out / "per_map_test.parquet").drop(columns=["id", "category"])
+    latent = res["models"]["cbvae"]["latent_size"]
+    again = evaluate_criteria(table, latent, 200, 0)
+    for name in PAIRED_CRITERIA:
+        crit = res["criteria"][name]
+        if crit["passed"] is None:
+            assert crit["reason"]
+            continue
+        assert again[name]["ci95"] == pytest.approx(crit["ci95"]) and again[name]["passed"] == crit["passed"]
+        assert crit["passed"] == (crit["ci95"][0] > -crit["margin"])  # every recorded criterion claims "greater"
+    assert res["criteria"]["conditioning_gain"]["reason"] == "no --uncond_run_dir given"
+    assert res["criteria"]["logistic_probe_below_nolambda"]["reason"] == "no --nolambda_run_dir given"
+    adv = res["criteria"]["adversary_at_chance"]
+    assert adv["reference"] == pytest.approx(0.15) and adv["passed"] == (adv["value"] <= 0.15)
+    ident = res["criteria"]["category_identification"]
+    assert ident["passed"] == (ident["value"] >= ident["reference"])
     prov = res["provenance"]
     assert len(prov["dataset_manifest_sha256"]) == 64 and prov["runs"]["cbvae"]["dataset_matches_training"] is True
     assert len(prov["runs"]["baseline"]["checkpoint_sha256"]) == 64 and prov["packages"]["torch"]
+
+
+def test_markdown_report_of_the_results(results):
+    res, _ = results
+    text = markdown_report(res)
+    assert f"| C-β-VAE (z = μ) | {res['models']['cbvae']['reconstruction']['pearson_r']['mean']:.3f} [" in text
+    assert "| r_above_pca |" in text and "log p(x \\| m)" in text  # pipes inside cells escaped
+    assert text.count("| PCA, ") == len(res["baselines"]["pca_curve"])
+
+
+def test_out_of_distribution_studyset(results):
+    res, out = results
+    ood = res["ood"]
+    assert ood["n_maps"] > 800 and ood["sources"] == ["neurostore:nback_vs_flanker_studyset_2026-07"]
+    assert set(ood["categories"]) == {"working memory", "cognitive control"}
+    _check_summary(ood["cbvae"]["recon/pearson_r"], -1.0, 1.0)
+    imp = ood["sample_size_imputation"]
+    assert imp["n"] > 800 and imp["mae"] > 0 and imp["median_mae"] > 0
+    assert imp["reference"].startswith("median of the studyset")  # Neurosynth has no sample sizes
+    table = pd.read_parquet(out / "per_map_ood.parquet")
+    assert len(table) == ood["n_maps"] and "cbvae/cond/pearson_r" in table
 
 
 def test_mean_map_baseline_matches_a_direct_computation(results, tiny_dataset):
@@ -113,25 +201,27 @@ def test_mean_map_baseline_matches_a_direct_computation(results, tiny_dataset):
     maps /= maps.max(axis=1, keepdims=True)
     test = maps[split == "test"]
     r = pearson_r(np.broadcast_to(maps[split == "train"].mean(axis=0), test.shape), test)
-    assert res["baselines"]["mean_map"]["reconstruction"]["pearson_r"]["mean"] == pytest.approx(np.nanmean(r), abs=1e-4)
+    assert res["baselines"]["mean_map"]["pearson_r"]["mean"] == pytest.approx(np.nanmean(r), abs=1e-4)
     assert res["n_test"] == int((split == "test").sum())
 
 
 def test_missing_baseline_is_reported_absent(tiny_dataset, tiny_runs, tmp_path):
-    res = Evaluation(
-        tiny_dataset, tiny_runs["cbvae"], tmp_path, n_bootstrap=50, n_permutations=2, n_examples=0, batch_size=16
-    ).run()
-    assert res["models"]["baseline"] == {"absent": "no baseline run folder given"}
-    crit = res["criteria"]["elbo_better_than_baseline"]
-    assert crit["passed"] is None and crit["value"] is None and "baseline" in crit["reason"]
-    assert res["criteria"]["mlp_probe_below_baseline"]["passed"] is None
-    assert res["criteria"]["adversary_at_chance"]["passed"] is not None
+    res = Evaluation(tiny_dataset, tiny_runs["cbvae"], tmp_path, **SMALL).run()
+    assert res["models"]["baseline"] == {"absent": "no --baseline_run_dir given"}
+    crit = res["criteria"]["baseline_iwae_above_mean_map"]
+    assert crit["passed"] is None and crit["reason"] == "no --baseline_run_dir given"
+    assert res["criteria"]["r_above_pca"]["passed"] is not None
+    assert res["ood"]["absent"].startswith("no --ood_dataset_dir given")
     assert json.loads((tmp_path / "test_results.json").read_text())["n_test"] == res["n_test"]
 
 
 def test_runs_that_do_not_belong_together(tiny_dataset, tiny_runs, tmp_path):
-    with pytest.raises(EvaluationError, match="both run folders hold a 'cbvae' model"):
-        Evaluation(tiny_dataset, tiny_runs["cbvae"], tmp_path, tiny_runs["cbvae"]).run()
+    with pytest.raises(EvaluationError, match="--baseline_run_dir .* holds a 'cbvae' model"):
+        Evaluation(tiny_dataset, None, tmp_path, tiny_runs["cbvae"]).run()
+    with pytest.raises(EvaluationError, match="--run_dir .* holds a 'baseline' model.*--baseline_run_dir"):
+        Evaluation(tiny_dataset, tiny_runs["baseline"], tmp_path).run()
+    with pytest.raises(EvaluationError, match="--uncond_run_dir and --run_dir are the same folder"):
+        Evaluation(tiny_dataset, tiny_runs["cbvae"], tmp_path, uncond_run_dir=tiny_runs["cbvae"]).run()
     with pytest.raises(EvaluationError, match="give --run_dir"):
         Evaluation(tiny_dataset, None, tmp_path).run()
     assert not (tmp_path / "test_results.json").exists()

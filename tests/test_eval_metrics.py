@@ -8,10 +8,11 @@ import pytest
 from cbvae_ext.evaluation.baselines import CategoryMeanBaseline, MeanMapBaseline, PCABaseline
 from cbvae_ext.evaluation.imputation import imputation_scores
 from cbvae_ext.evaluation.metrics import (
-    bootstrap_summary,
+    SSIM_PARAMS,
     masked_vectors,
+    peak_auc,
     pearson_r,
-    ssim_3d,
+    ssim_masked,
     to_volumes,
     topk_dice,
 )
@@ -51,17 +52,56 @@ def test_topk_dice_identical_disjoint_and_half():
         topk_dice(target, target, 0.0)
 
 
-def test_ssim_identical_is_one_and_noise_lowers_it():
+def test_topk_dice_ties_are_shared_whatever_the_voxel_order():
     rng = np.random.default_rng(0)
-    vol = rng.random((2, 9, 10, 8))
-    np.testing.assert_allclose(ssim_3d(vol, vol), 1.0)
-    noisy = np.clip(vol + rng.normal(0, 0.3, vol.shape), 0, 1)
-    assert (ssim_3d(noisy, vol) < 0.9).all()
-    mask = np.zeros(vol.shape[1:], dtype=bool)
-    mask[2:7, 2:8, 2:6] = True
-    # outside the mask nothing counts: corrupting only out-of-mask voxels keeps SSIM at 1
-    outside = np.where(mask, vol, 0.5)
-    np.testing.assert_allclose(ssim_3d(outside, vol, mask), 1.0)
+    # a sparse target: 3 nonzero voxels, k = 5 -> two of the five places go to 97 tied zeros
+    target = np.zeros((1, 100))
+    target[0, [10, 50, 90]] = [1.0, 0.8, 0.6]
+    pred = rng.random((1, 100))
+    pred[0, [10, 50, 90]] = 2.0
+    dice = topk_dice(pred, target, 0.05)[0]
+    # the three peaks overlap fully; each of pred's 2 other top voxels is a zero of target: weight 2/97 each
+    assert dice == pytest.approx((3 + 2 * 2 / 97) / 5)
+    perm = rng.permutation(100)
+    assert topk_dice(pred[:, perm], target[:, perm], 0.05)[0] == pytest.approx(dice)
+    # a constant prediction ties everywhere: its expected overlap is k * k / V
+    assert topk_dice(np.ones((1, 100)), target, 0.05)[0] == pytest.approx(5 / 100)
+
+
+def _ssim_constant(c: float, d: float) -> float:
+    """SSIM of two constant images (every window): (2cd + C1) / (c² + d² + C1), the contrast term is 1."""
+    c1 = (SSIM_PARAMS["K1"] * SSIM_PARAMS["data_range"]) ** 2
+    return (2 * c * d + c1) / (c * c + d * d + c1)
+
+
+def test_masked_ssim_of_a_constant_map_is_the_formula():
+    mask = np.zeros((12, 13, 11), dtype=bool)
+    mask[1:11, 2:12, 1:10] = True  # a box: its bounding box is the mask, every window sees in-mask voxels only
+    v = int(mask.sum())
+    np.testing.assert_allclose(
+        ssim_masked(np.full((1, v), 0.05), np.full((1, v), 0.4), mask), _ssim_constant(0.05, 0.4)
+    )
+    rng = np.random.default_rng(0)
+    real = rng.random((2, v))
+    np.testing.assert_allclose(ssim_masked(real, real, mask), 1.0)
+    noisy = np.clip(real + rng.normal(0, 0.3, real.shape), 0, 1)
+    assert (ssim_masked(noisy, real, mask) < 0.9).all()
+    # a near-empty map against a constant: nothing outside the brain props it up
+    assert ssim_masked(np.full((1, v), 1e-3), np.full((1, v), 0.5), mask)[0] == pytest.approx(_ssim_constant(1e-3, 0.5))
+    assert _ssim_constant(1e-3, 0.5) < 0.01
+
+
+def test_peak_auc_known_answers():
+    rng = np.random.default_rng(0)
+    peaks = np.zeros((3, 50), dtype=bool)
+    peaks[:, [3, 17, 40]] = True
+    assert peak_auc(peaks.astype(float), peaks)[0] == 1.0  # the indicator itself ranks peaks first
+    assert peak_auc(1.0 - peaks, peaks)[0] == 0.0
+    assert peak_auc(np.ones((1, 50)), peaks[:1])[0] == 0.5  # all tied: chance
+    x = rng.random((1, 50))
+    expected = np.mean([[a > b for b in x[0][~peaks[0]]] for a in x[0][peaks[0]]])
+    assert peak_auc(x, peaks[:1])[0] == pytest.approx(expected)
+    assert np.isnan(peak_auc(x, np.zeros((1, 50), dtype=bool))[0])
 
 
 def test_masked_vectors_roundtrip():
@@ -72,21 +112,6 @@ def test_masked_vectors_roundtrip():
     assert vec.shape == (2, 4)
     np.testing.assert_array_equal(to_volumes(vec, mask)[:, mask.astype(bool)], vec)
     assert to_volumes(vec, mask)[:, ~mask.astype(bool)].max() == 0
-
-
-def test_bootstrap_summary_numbers():
-    values = np.random.default_rng(0).normal(0.3, 0.1, 400)
-    s = bootstrap_summary(np.append(values, np.nan), n_bootstrap=1000, seed=0)
-    assert s["n"] == 400 and s["n_missing"] == 1 and s["n_bootstrap"] == 1000
-    assert s["mean"] == pytest.approx(values.mean())
-    assert s["sd"] == pytest.approx(values.std(ddof=1))
-    lo, hi = s["ci95"]
-    assert lo < s["mean"] < hi
-    # percentile CI of the mean is close to mean ± 1.96 sd / sqrt(n)
-    assert hi - lo == pytest.approx(2 * 1.96 * values.std(ddof=1) / 20, rel=0.15)
-    assert bootstrap_summary(values, seed=0) == bootstrap_summary(values, seed=0)  # seeded
-    empty = bootstrap_summary(np.array([np.nan]))
-    assert empty["n"] == 0 and empty["mean"] is None
 
 
 def test_pca_baseline_reconstructs_rank_k_data_exactly():

@@ -1,4 +1,4 @@
-"""Loading runs for evaluation: every checkpoint/dataset mismatch is a one-line ``EvaluationError``."""
+"""Loading runs and checking options for evaluation: every bad input is a one-line ``EvaluationError``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from cbvae_ext.evaluation.run import EvaluationError, load_run
+from cbvae_ext.errors import CbvaeError
+from cbvae_ext.evaluation.run import Evaluation, EvaluationError, load_run
 from cbvae_ext.networks import build_network, preset_config
+from cbvae_ext.run_folder import RunFolderError
 from cbvae_ext.schema import MetadataSchema
 
 GRID = (12, 14, 12)
@@ -26,7 +28,12 @@ def _make_run(root: Path, schema: MetadataSchema, grid=GRID, model: str = "cbvae
     root.mkdir(parents=True, exist_ok=True)
     torch.save(build_network(config).state_dict(), root / "model.pt")
     (root / "network_config.json").write_text(json.dumps(config))
-    decoder_schema = {"latent_size": config["latent_size"], "model": model, "meta_schema": schema.to_dict()}
+    decoder_schema = {
+        "latent_size": config["latent_size"],
+        "model": model,
+        "meta_schema": schema.to_dict(),
+        "grid": {"shape": list(grid), "affine": np.eye(4).tolist()},
+    }
     (root / "decoder_schema.json").write_text(json.dumps(decoder_schema))
     return root
 
@@ -45,15 +52,15 @@ def test_load_run_restores_the_weights_in_eval_mode(tmp_path):
 def test_grid_mismatch(tmp_path):
     schema = _schema()
     run_dir = _make_run(tmp_path / "run", schema)
-    with pytest.raises(EvaluationError, match=r"grid mismatch.*\[12, 14, 12\].*\[16, 16, 16\]"):
+    with pytest.raises(RunFolderError, match=r"grid mismatch.*\[12, 14, 12\].*\[16, 16, 16\]"):
         load_run(run_dir, schema, (16, 16, 16))
 
 
 def test_schema_mismatch_meta_dim_and_categories(tmp_path):
     run_dir = _make_run(tmp_path / "run", _schema())
-    with pytest.raises(EvaluationError, match="schema mismatch.*meta_dim=7.*meta_dim=8"):
+    with pytest.raises(RunFolderError, match="schema mismatch.*meta_dim=7.*meta_dim=8"):
         load_run(run_dir, _schema(("motor", "memory", "language", "other")), GRID)
-    with pytest.raises(EvaluationError, match="schema mismatch.*categories"):
+    with pytest.raises(RunFolderError, match="schema mismatch.*categories"):
         load_run(run_dir, _schema(("motor", "emotion", "other")), GRID)
 
 
@@ -62,7 +69,7 @@ def test_latent_size_mismatch_with_decoder_schema(tmp_path):
     run_dir = _make_run(tmp_path / "run", schema)
     spec = json.loads((run_dir / "decoder_schema.json").read_text())
     (run_dir / "decoder_schema.json").write_text(json.dumps({**spec, "latent_size": 16}))
-    with pytest.raises(EvaluationError, match="latent size mismatch.*16.*32"):
+    with pytest.raises(RunFolderError, match="latent_size.*16.*32|32.*16"):
         load_run(run_dir, schema, GRID)
 
 
@@ -71,22 +78,22 @@ def test_checkpoint_not_matching_its_config(tmp_path):
     run_dir = _make_run(tmp_path / "run", schema)
     other = _make_run(tmp_path / "other", schema, latent_size=8)
     (run_dir / "model.pt").write_bytes((other / "model.pt").read_bytes())
-    with pytest.raises(EvaluationError, match="checkpoint mismatch.*model.pt does not fit") as err:
+    with pytest.raises(RunFolderError, match="model.pt") as err:
         load_run(run_dir, schema, GRID)
     assert "\n" not in str(err.value)
 
 
 def test_missing_and_unsafe_checkpoints(tmp_path):
     schema = _schema()
-    with pytest.raises(EvaluationError, match="network_config.json not found"):
+    with pytest.raises(RunFolderError, match="does not exist"):
         load_run(tmp_path / "nowhere", schema, GRID)
     run_dir = _make_run(tmp_path / "run", schema)
     # a pickled object (not plain tensors) is refused by weights_only=True
     torch.save({"net": torch.nn.Linear(2, 2)}, run_dir / "model.pt")
-    with pytest.raises(EvaluationError, match="weights_only=True"):
+    with pytest.raises(RunFolderError, match="weights_only=True"):
         load_run(run_dir, schema, GRID)
     (run_dir / "model.pt").unlink()
-    with pytest.raises(EvaluationError, match="model.pt not found"):
+    with pytest.raises(RunFolderError, match="has no model.pt"):
         load_run(run_dir, schema, GRID)
 
 
@@ -96,5 +103,38 @@ def test_run_trained_on_another_dataset_build_is_refused(tmp_path):
     config = json.loads((run_dir / "network_config.json").read_text())
     (run_dir / "network_config.json").write_text(json.dumps({**config, "dataset_manifest_sha256": "a" * 64}))
     assert load_run(run_dir, schema, GRID, manifest_sha256="a" * 64).kind == "cbvae"
-    with pytest.raises(EvaluationError, match=r"dataset mismatch: .* was trained on .*aaaaaaaaaaaa.*bbbbbbbbbbbb"):
+    with pytest.raises(RunFolderError, match=r"dataset mismatch: .* was trained on .*aaaaaaaaaaaa.*bbbbbbbbbbbb"):
         load_run(run_dir, schema, GRID, manifest_sha256="b" * 64)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("n_bootstrap", 0, "--n_bootstrap 0 is invalid; give an integer >= 1"),
+        ("n_permutations", -1, "--n_permutations -1 is invalid; give an integer >= 0"),
+        ("batch_size", 0, "--batch_size 0 is invalid; give an integer >= 1"),
+        ("iwae_k", 0, "--iwae_k 0 is invalid; give an integer >= 1"),
+        ("n_prior_samples", 2.5, "--n_prior_samples 2.5 is invalid; give an integer >= 1"),
+    ],
+)
+def test_bad_numeric_options_are_one_line_errors(tmp_path, capsys, option, value, message):
+    # before the fix these ran into the pipeline and ended in tracebacks (issue 9, evaluation/run.py:239)
+    evaluation = Evaluation(tmp_path / "data", tmp_path / "run", tmp_path / "eval", **{option: value})
+    with pytest.raises(SystemExit) as exc:
+        evaluation.run_cli()
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+
+
+def test_output_dir_on_a_file_is_a_one_line_error(tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    with pytest.raises(SystemExit):
+        Evaluation(tmp_path / "data", tmp_path / "run", target).run_cli()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output_dir {target} is a file; give a folder (it is created if missing)"]
+    assert target.read_text() == "keep me"
+
+
+def test_evaluation_error_is_a_cbvae_error():
+    assert issubclass(EvaluationError, CbvaeError) and issubclass(EvaluationError, ValueError)

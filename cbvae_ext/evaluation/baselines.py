@@ -11,7 +11,9 @@ from collections.abc import Iterable
 import numpy as np
 from sklearn.decomposition import PCA
 
-__all__ = ["CategoryMeanBaseline", "MeanMapBaseline", "PCABaseline"]
+from cbvae_ext.evaluation.metrics import pearson_r
+
+__all__ = ["CategoryMeanBaseline", "MeanMapBaseline", "PCABaseline", "TopicRidgeBaseline", "equivalent_dimension"]
 
 
 class PCABaseline:
@@ -34,15 +36,50 @@ class PCABaseline:
         self.pca = PCA(n_components=self.n_components, random_state=self.seed).fit(train)
         return self
 
-    def predict(self, maps: np.ndarray) -> np.ndarray:
-        """Reconstruction of each map from its first ``n_components`` scores (not clipped)."""
+    def transform(self, maps: np.ndarray, n_components: int | None = None) -> np.ndarray:
+        """Scores of each map on the first ``n_components`` (default all) principal components."""
         if self.pca is None:
-            raise RuntimeError("PCABaseline.predict called before fit")
-        return self.pca.inverse_transform(self.pca.transform(maps)).astype(np.float32)
+            raise RuntimeError("PCABaseline used before fit")
+        d = self.n_components if n_components is None else int(n_components)
+        return (np.asarray(maps, dtype=np.float32) - self.pca.mean_) @ self.pca.components_[:d].T
+
+    def predict(self, maps: np.ndarray, n_components: int | None = None) -> np.ndarray:
+        """Reconstruction of each map from its first ``n_components`` (default all fitted) scores, not clipped.
+
+        Components are ordered by explained variance, so one fit at the largest size serves every smaller
+        one (the PCA curve).
+        """
+        d = self.n_components if n_components is None else int(n_components)
+        scores = self.transform(maps, d)
+        return (scores @ self.pca.components_[:d] + self.pca.mean_).astype(np.float32)
 
     @property
     def explained_variance_ratio(self) -> float:
         return float(self.pca.explained_variance_ratio_.sum()) if self.pca is not None else float("nan")
+
+    def explained_variance_at(self, n_components: int) -> float:
+        return float(self.pca.explained_variance_ratio_[: int(n_components)].sum())
+
+
+def equivalent_dimension(dims: list[int], scores: list[float], value: float) -> dict:
+    """The number of PCA components whose score equals ``value``, interpolated linearly in log2(components).
+
+    Args:
+        dims: increasing component counts (e.g. L, 2L, 4L, 8L).
+        scores: the PCA's mean score at each count (increasing with the count).
+        value: the model's mean score.
+
+    Returns:
+        ``{"components": float | None, "bound": None | "below" | "above"}``: ``below`` when the model scores
+        under PCA with ``dims[0]`` components, ``above`` when over ``dims[-1]`` (then ``components`` is None).
+    """
+    x, y = np.log2(np.asarray(dims, dtype=np.float64)), np.asarray(scores, dtype=np.float64)
+    if value < y[0]:
+        return {"components": None, "bound": "below"}
+    if value > y[-1]:
+        return {"components": None, "bound": "above"}
+    # np.interp needs increasing y; PCA scores rise with components, a non-monotone step is kept monotone
+    return {"components": float(2 ** np.interp(value, np.maximum.accumulate(y), x)), "bound": None}
 
 
 class MeanMapBaseline:
@@ -84,3 +121,50 @@ class CategoryMeanBaseline:
         if self.overall is None:
             raise RuntimeError("CategoryMeanBaseline.predict called before fit")
         return np.stack([self.means.get(int(c), self.overall) for c in categories]).astype(np.float32)
+
+
+class TopicRidgeBaseline:
+    """Ridge regression from a study's 50 LDA topic weights to its map (metadata-only prediction).
+
+    The penalty is chosen on a seeded 20% hold-out of the training split (mean Pearson r), then the
+    model is refit on the whole training split. Closed form on centred inputs: 50 features, any number of voxels.
+
+    Args:
+        alphas: candidate ridge penalties (on standardised topic weights).
+        seed: seed of the inner hold-out.
+    """
+
+    def __init__(self, alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0, 10000.0), seed: int = 0) -> None:
+        self.alphas = tuple(alphas)
+        self.seed = seed
+        self.alpha: float | None = None
+        self._fit: tuple[np.ndarray, ...] | None = None
+
+    @staticmethod
+    def _solve(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, ...]:
+        mx, sx = x.mean(0), x.std(0) + 1e-12
+        xs = (x - mx) / sx
+        my = y.mean(0)
+        w = np.linalg.solve(xs.T @ xs + alpha * np.eye(x.shape[1]), xs.T @ (y - my))
+        return mx, sx, my, w
+
+    @staticmethod
+    def _apply(fit: tuple[np.ndarray, ...], x: np.ndarray) -> np.ndarray:
+        mx, sx, my, w = fit
+        return (((x - mx) / sx) @ w + my).astype(np.float32)
+
+    def fit(self, topics: np.ndarray, maps: np.ndarray) -> TopicRidgeBaseline:
+        x, y = np.asarray(topics, dtype=np.float64), np.asarray(maps, dtype=np.float32)
+        inner = np.random.default_rng(self.seed).random(len(x)) < 0.2
+        scores = [
+            np.nanmean(pearson_r(self._apply(self._solve(x[~inner], y[~inner], a), x[inner]), y[inner]))
+            for a in self.alphas
+        ]
+        self.alpha = float(self.alphas[int(np.nanargmax(scores))])
+        self._fit = self._solve(x, y, self.alpha)
+        return self
+
+    def predict(self, topics: np.ndarray) -> np.ndarray:
+        if self._fit is None:
+            raise RuntimeError("TopicRidgeBaseline.predict called before fit")
+        return self._apply(self._fit, np.asarray(topics, dtype=np.float64))

@@ -15,7 +15,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_per_category_r", "plot_probes", "plot_recon_examples"]
+__all__ = [
+    "plot_category_maps",
+    "plot_identification",
+    "plot_pca_curve",
+    "plot_per_category_r",
+    "plot_probes",
+    "plot_recon_examples",
+]
 
 
 @contextmanager
@@ -130,6 +137,109 @@ def plot_probes(
         ax.set_title(f"{model}: {probe} (p={res['p_value']:.3f})", fontsize=9)
         ax.set_xlabel("balanced accuracy (year bin)")
         ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_identification(model: Mapping[str, Any], reference: Mapping[str, Any], path: str | Path) -> Path:
+    """Category identification: r of each generated category map (rows) with each held-out category mean (columns).
+
+    Args:
+        model: ``identification`` result for the model's conditional mean maps.
+        reference: the same for the training category means (the bar to reach).
+        path: PNG path.
+    """
+    labels = model["labels"]
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (0.45 * len(labels) + 3), 0.45 * len(labels) + 2.5), dpi=100)
+    for ax, res, title in (
+        (axes[0], model, "C-β-VAE conditional mean"),
+        (axes[1], reference, "training category mean"),
+    ):
+        r = np.asarray(res["r"], dtype=np.float64)
+        im = ax.imshow(r, cmap="viridis")
+        for i, j in enumerate(res["best"]):
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red" if i != j else "white", lw=1.5))
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("held-out category mean map")
+        ax.set_title(f"{title}: {res['n_correct']}/{res['n_groups']} identified", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.7, label="Pearson r")
+    axes[0].set_ylabel("generated for category")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_category_maps(
+    columns: Mapping[str, np.ndarray], mask: np.ndarray, labels: Sequence[str], path: str | Path
+) -> Path:
+    """Axial maximum-intensity projections, one row per category, one column per source (each map scaled to its max).
+
+    Args:
+        columns: source name to ``[C, V]`` in-mask maps, rows in ``labels`` order.
+        mask: bool brain mask ``[D, H, W]``.
+        labels: category names.
+        path: PNG path.
+    """
+    names = list(columns)
+    fig, axes = plt.subplots(
+        len(labels), len(names), figsize=(2.2 * len(names), 1.9 * len(labels)), dpi=80, squeeze=False
+    )
+    outline = mask.max(axis=2).T
+    for j, name in enumerate(names):
+        vol = np.zeros((len(labels), *mask.shape), dtype=np.float32)
+        vol[:, mask] = columns[name]
+        for i, label in enumerate(labels):
+            mip = vol[i].max(axis=2).T
+            ax = axes[i, j]
+            ax.imshow(outline, cmap="gray", origin="lower", alpha=0.25)
+            ax.imshow(
+                np.ma.masked_where(~outline, mip / max(float(mip.max()), 1e-12)),
+                cmap="hot",
+                origin="lower",
+                vmin=0,
+                vmax=1,
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(label[:22], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_pca_curve(curve: Sequence[Mapping[str, Any]], equivalent: Mapping[str, Any], path: str | Path) -> Path:
+    """PCA reconstruction quality against the number of components, with the model's level as a line.
+
+    Args:
+        curve: ``baselines.pca_curve`` entries (``n_components`` and per-metric summaries).
+        equivalent: ``pca_equivalent`` (the model's mean per metric and its PCA-equivalent dimension).
+        path: PNG path.
+    """
+    metrics = [m for m in ("pearson_r", "dice_top5", "dice_top1") if m in equivalent]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), dpi=100, squeeze=False)
+    dims = [c["n_components"] for c in curve]
+    for ax, m in zip(axes[0], metrics, strict=True):
+        means = [c[m]["mean"] for c in curve]
+        lo = [c[m]["ci95"][0] for c in curve]
+        hi = [c[m]["ci95"][1] for c in curve]
+        ax.fill_between(dims, lo, hi, color="0.8")
+        ax.plot(dims, means, "o-", color="k", label="PCA (fit on train)")
+        eq = equivalent[m]
+        ax.axhline(eq["model"], color="tab:red", label="C-β-VAE")
+        if eq.get("components"):
+            ax.axvline(eq["components"], color="tab:red", ls=":", label=f"≈ {eq['components']:.0f} components")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("PCA components")
+        ax.set_title(m, fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

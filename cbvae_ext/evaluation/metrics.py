@@ -1,8 +1,8 @@
-"""Per-map reconstruction metrics and the bootstrap summary used by ``test_results.json``.
+"""Per-map similarity metrics of predicted against real maps, as used by ``test_results.json``.
 
 Every metric takes maps in the loader's normalised units (each real map divided by its maximum, so
-values lie in [0, 1]) and returns one value per map; ``bootstrap_summary`` turns those values into the
-mean, sd and 95% percentile-bootstrap interval reported for each model.
+values lie in [0, 1]) and returns one value per map; ``stats.py`` turns those values into bootstrap
+summaries and paired comparisons.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from skimage.metrics import structural_similarity
 
 __all__ = [
     "SSIM_PARAMS",
-    "bootstrap_summary",
     "masked_vectors",
     "pearson_r",
+    "peak_auc",
     "score_maps",
-    "ssim_3d",
+    "ssim_masked",
     "topk_dice",
+    "topk_weights",
     "to_volumes",
 ]
 
@@ -32,7 +33,8 @@ SSIM_PARAMS: dict[str, Any] = {
     "K1": 0.01,
     "K2": 0.03,
     "use_sample_covariance": True,
-    "outside_mask": "set to 0 in both volumes",
+    "region": "the brain mask's bounding box, voxels outside the mask set to 0 in both volumes",
+    "average": "mean of the local SSIM map over in-mask voxels only",
 }
 
 
@@ -79,19 +81,27 @@ def pearson_r(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, r, np.nan)
 
 
-def _topk_sets(x: np.ndarray, k: int) -> np.ndarray:
-    # stable sort: ties (e.g. binary MKDA maps) are broken by voxel order, the same way for both maps
-    order = np.argsort(-x, axis=1, kind="stable")[:, :k]
-    sel = np.zeros(x.shape, dtype=bool)
-    np.put_along_axis(sel, order, True, axis=1)
-    return sel
+def topk_weights(x: np.ndarray, k: int) -> np.ndarray:
+    """Membership of each voxel in the top ``k`` of its map, with ties shared deterministically.
+
+    Voxels strictly above the k-th largest value ``t`` count 1; the ``n_t`` voxels equal to ``t`` share the
+    remaining places, ``(k - n_above) / n_t`` each (their expected membership when ties are broken at
+    random). Each row sums to ``k`` and the result does not depend on voxel order -- which matters for
+    maps with fewer than ``k`` nonzero voxels, where the zeros tie.
+    """
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    t = -np.partition(-x, k - 1, axis=1)[:, k - 1 : k]
+    above, tied = x > t, x == t
+    share = (k - above.sum(axis=1, keepdims=True)) / tied.sum(axis=1, keepdims=True)
+    return above + tied * share
 
 
 def topk_dice(pred: np.ndarray, target: np.ndarray, fraction: float) -> np.ndarray:
     """Dice overlap of the top ``fraction`` in-mask voxels of prediction and target, per map.
 
-    Both sets hold exactly ``k = max(1, round(fraction * V))`` voxels (ties broken by voxel order), so
-    Dice equals ``|A ∩ B| / k``. This is the held-out-article protocol of NeuroConText (top 5% and 1%).
+    ``k = max(1, round(fraction * V))``; ties at the k-th value are shared (``topk_weights``), so Dice is
+    ``Σ w_pred w_target / k`` -- the expected Dice under random tie-breaking, independent of voxel order.
+    This is the held-out-article protocol of NeuroConText (top 5% and 1%).
 
     Args:
         pred: ``[N, V]`` predicted in-mask voxels.
@@ -102,66 +112,72 @@ def topk_dice(pred: np.ndarray, target: np.ndarray, fraction: float) -> np.ndarr
         raise ValueError(f"top-k fraction must be in (0, 1], got {fraction}")
     pred, target = _check_pair(pred, target)
     k = max(1, int(round(fraction * pred.shape[1])))
-    a, b = _topk_sets(pred, k), _topk_sets(target, k)
-    return 2.0 * (a & b).sum(axis=1) / (a.sum(axis=1) + b.sum(axis=1))
+    return (topk_weights(pred, k) * topk_weights(target, k)).sum(axis=1) / k
 
 
-def ssim_3d(pred: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """3D SSIM per map with ``SSIM_PARAMS`` (scikit-image).
+def peak_auc(pred: np.ndarray, peaks: np.ndarray) -> np.ndarray:
+    """Area under the ROC curve of each map ranking its study's peak voxels above the rest of the mask.
+
+    The NeuroQuery protocol: ``peaks`` marks the voxels holding a reported focus; AUC 1 means every peak
+    voxel outranks every other voxel, 0.5 is chance. Ties count half (Mann-Whitney with average ranks).
 
     Args:
-        pred: ``[N, D, H, W]`` predicted volumes in [0, 1].
-        target: ``[N, D, H, W]`` real volumes in [0, 1].
-        mask: optional brain mask ``[D, H, W]``; voxels outside it are zeroed in both volumes.
+        pred: ``[N, V]`` predicted in-mask voxels.
+        peaks: ``[N, V]`` bool, True at a study's peak voxels.
+
+    Returns:
+        ``[N]`` AUC; NaN for a map with no peak voxel or no other voxel.
     """
-    pred, target = np.asarray(pred, dtype=np.float64), np.asarray(target, dtype=np.float64)
-    if pred.shape != target.shape or pred.ndim != 4:
-        raise ValueError(f"SSIM needs two [N, D, H, W] arrays of one shape, got {pred.shape} and {target.shape}")
-    keep = np.ones(pred.shape[1:], dtype=bool) if mask is None else mask.astype(bool)
-    win = min(SSIM_PARAMS["win_size"], *[s - (1 - s % 2) for s in pred.shape[1:]])  # odd, fits the grid
+    from scipy.stats import rankdata
+
+    pred, peaks = np.atleast_2d(np.asarray(pred, dtype=np.float64)), np.atleast_2d(np.asarray(peaks, dtype=bool))
+    if pred.shape != peaks.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from peak indicator shape {peaks.shape}")
+    ranks = rankdata(pred, axis=1)
+    n_pos = peaks.sum(axis=1).astype(np.float64)
+    n_neg = peaks.shape[1] - n_pos
+    u = (ranks * peaks).sum(axis=1) - n_pos * (n_pos + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
+
+
+def ssim_masked(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """3D SSIM per map inside the brain mask: on the mask's bounding box, averaged over in-mask voxels.
+
+    Over the whole box a near-empty map scores high on the zeros outside the brain; here only windows
+    centred in the brain count (``SSIM_PARAMS``). Print it beside a constant map and the mean map.
+
+    Args:
+        pred: ``[N, V]`` predicted in-mask voxels.
+        target: ``[N, V]`` real in-mask voxels.
+        mask: bool brain mask ``[D, H, W]``.
+    """
+    pred, target = _check_pair(pred, target)
+    mask = np.asarray(mask, dtype=bool)
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))
+    inside = mask[box]
+    win = min(SSIM_PARAMS["win_size"], *[s - (1 - s % 2) for s in inside.shape])
     kwargs = {k: SSIM_PARAMS[k] for k in ("data_range", "gaussian_weights", "K1", "K2", "use_sample_covariance")}
-    return np.array(
-        [structural_similarity(p * keep, t * keep, win_size=win, **kwargs) for p, t in zip(pred, target, strict=True)]
-    )
+    out = np.empty(len(pred))
+    for i, (p, t) in enumerate(zip(to_volumes(pred, mask), to_volumes(target, mask), strict=True)):
+        _, local = structural_similarity(
+            p[box].astype(np.float64), t[box].astype(np.float64), win_size=win, full=True, **kwargs
+        )
+        out[i] = local[inside].mean()
+    return out
 
 
-def score_maps(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+def score_maps(pred: np.ndarray, target: np.ndarray, mask: np.ndarray, ssim: bool = False) -> dict[str, np.ndarray]:
     """Every per-map similarity metric of ``[N, V]`` in-mask predictions against the real maps.
 
     Returns:
-        ``pearson_r``, ``ssim`` (on the volumes rebuilt from ``mask``), ``dice_top5`` and ``dice_top1``, each ``[N]``.
+        ``pearson_r``, ``dice_top5``, ``dice_top1`` and (``ssim=True``) ``ssim`` (``ssim_masked``), each ``[N]``.
     """
-    return {
+    out = {
         "pearson_r": pearson_r(pred, target),
-        "ssim": ssim_3d(to_volumes(pred, mask), to_volumes(target, mask), mask),
         "dice_top5": topk_dice(pred, target, 0.05),
         "dice_top1": topk_dice(pred, target, 0.01),
     }
-
-
-def bootstrap_summary(values: np.ndarray, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Mean, sd and 95% percentile-bootstrap CI of the mean over maps.
-
-    Non-finite values (e.g. the correlation of a constant map) are left out and counted in ``n_missing``.
-
-    Args:
-        values: one value per held-out map.
-        n_bootstrap: number of resamples with replacement.
-        seed: seed of the resampling generator.
-    """
-    values = np.asarray(values, dtype=np.float64).ravel()
-    finite = values[np.isfinite(values)]
-    out: dict[str, Any] = {"n": int(finite.size), "n_missing": int(values.size - finite.size)}
-    if finite.size == 0:
-        return {**out, "mean": None, "sd": None, "ci95": [None, None], "n_bootstrap": int(n_bootstrap)}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, finite.size, size=(n_bootstrap, finite.size))
-    means = finite[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [0.025, 0.975])
-    return {
-        **out,
-        "mean": float(finite.mean()),
-        "sd": float(finite.std(ddof=1)) if finite.size > 1 else 0.0,
-        "ci95": [float(lo), float(hi)],
-        "n_bootstrap": int(n_bootstrap),
-    }
+    if ssim:
+        out["ssim"] = ssim_masked(pred, target, mask)
+    return out

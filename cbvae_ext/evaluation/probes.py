@@ -47,7 +47,8 @@ def probe_with_null(
 
     Returns:
         ``balanced_accuracy``, ``null`` (``mean``, ``p95``, ``values``), ``p_value`` (with the +1 correction),
-        ``above_chance`` (p < 0.05), ``n_train``, ``n_test``, ``n_classes`` and ``n_permutations``.
+        ``above_chance`` (p < 0.05), ``n_train``, ``n_test``, ``n_classes``, ``n_permutations`` and
+        ``predictions`` (the probe's test predictions, an array: pop it before writing JSON).
     """
     rng = np.random.default_rng(seed)
     with warnings.catch_warnings():
@@ -55,7 +56,8 @@ def probe_with_null(
         warnings.simplefilter("ignore", ConvergenceWarning)
         # small test splits need not hold every year bin a probe predicts; balanced accuracy is still defined
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-        score = balanced_accuracy_score(y_test, clone(probe).fit(x_train, y_train).predict(x_test))
+        predictions = clone(probe).fit(x_train, y_train).predict(x_test)
+        score = balanced_accuracy_score(y_test, predictions)
         null = np.array(
             [
                 balanced_accuracy_score(y_test, clone(probe).fit(x_train, rng.permutation(y_train)).predict(x_test))
@@ -76,6 +78,7 @@ def probe_with_null(
         "n_test": int(len(y_test)),
         "n_classes": int(np.unique(y_train).size),
         "n_permutations": int(n_permutations),
+        "predictions": np.asarray(predictions),
     }
 
 

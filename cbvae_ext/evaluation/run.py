@@ -1,15 +1,18 @@
 """The evaluation workflow behind ``python -m monai.bundle run evaluate --config_file bundle/configs/evaluate.yaml``.
 
-It loads the C-β-VAE run (and, when given, the baseline VAE run) with ``weights_only=True``, checks them
-against the dataset (grid, metadata schema, latent size, state-dict keys), scores both on the **test**
-split (validation served model selection during training and is not used here), fits the non-neural
-baselines on the training split, and writes ``test_results.json`` plus PNG figures to the output folder.
+It loads the C-β-VAE run and, when given, its conditioning-off and λ = 0 twins and the ResNet-10
+baseline VAE (``weights_only=True``), checks each against the dataset (grid, metadata schema, latent
+size, state-dict keys, dataset build), scores them on the **test** split (validation served model
+selection during training only), fits the non-neural baselines on the training split, and writes
+``test_results.json`` (layout ``cbvae-test-results`` version 2, formats.md), the per-map tables
+(parquet) from which every paired criterion can be recomputed, and PNG figures.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import sys
 import time
@@ -21,37 +24,67 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from cbvae_ext.data.errors import DataError
 from cbvae_ext.data.sources import file_sha256
-from cbvae_ext.engine.bundle_glue import make_loader
 from cbvae_ext.engine.history import plot_schedules
-from cbvae_ext.engine.losses import CBVAELoss
-from cbvae_ext.evaluation.baselines import CategoryMeanBaseline, MeanMapBaseline, PCABaseline
-from cbvae_ext.evaluation.figures import plot_per_category_r, plot_probes, plot_recon_examples
+from cbvae_ext.errors import CbvaeError
+from cbvae_ext.evaluation.baselines import (
+    CategoryMeanBaseline,
+    MeanMapBaseline,
+    PCABaseline,
+    TopicRidgeBaseline,
+    equivalent_dimension,
+)
+from cbvae_ext.evaluation.conditional import (
+    ConditionGroup,
+    condition_groups,
+    conditional_mean_probs,
+    identification,
+)
+from cbvae_ext.evaluation.criteria import count_criterion, evaluate_criteria, threshold_criterion
+from cbvae_ext.evaluation.duplicates import duplicate_report
+from cbvae_ext.evaluation.figures import (
+    plot_category_maps,
+    plot_identification,
+    plot_pca_curve,
+    plot_per_category_r,
+    plot_probes,
+    plot_recon_examples,
+)
 from cbvae_ext.evaluation.imputation import imputation_scores
-from cbvae_ext.evaluation.metrics import SSIM_PARAMS, bootstrap_summary, masked_vectors, score_maps
+from cbvae_ext.evaluation.likelihood import entropy_floor, latent_free_nll
+from cbvae_ext.evaluation.metrics import SSIM_PARAMS, masked_vectors, peak_auc, score_maps, ssim_masked, to_volumes
+from cbvae_ext.evaluation.passes import (
+    PassOptions,
+    SplitData,
+    encode_split,
+    imputed_raw,
+    load_split,
+    peak_indicator,
+    score_network,
+)
 from cbvae_ext.evaluation.probes import adversary_balanced_accuracy, year_probes, year_r2
-from cbvae_ext.networks import build_network
+from cbvae_ext.evaluation.stats import balanced_accuracy_terms, bootstrap_summary, paired_bootstrap
+from cbvae_ext.run_folder import EVALUATION_FILES, RunFolder, trained_on_checksum
 from cbvae_ext.schema import CONTINUOUS_FIELDS, MetadataSchema, SchemaError
 
-__all__ = ["Evaluation", "EvaluationError", "LoadedRun", "load_run"]
+__all__ = [
+    "RESULTS_LAYOUT",
+    "RESULTS_LAYOUT_VERSION",
+    "ROLES",
+    "Evaluation",
+    "EvaluationError",
+    "LoadedRun",
+    "load_run",
+]
 
-MODEL_LABELS = {"cbvae": "C-β-VAE", "baseline": "baseline VAE"}
-_PACKAGES = ("cbvae", "torch", "monai", "numpy", "scikit-learn", "scikit-image", "scipy", "nilearn", "nimare")
+_PACKAGES = ("cbvae", "torch", "monai", "numpy", "scikit-learn", "scikit-image", "scipy", "nilearn", "nimare", "pandas")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(CbvaeError, ValueError):
     """A run folder, checkpoint or dataset that cannot be evaluated together."""
-
-
-def _read_json(path: Path, fix: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise EvaluationError(f"{path} not found; {fix}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise EvaluationError(f"{path} is not valid JSON ({err}); {fix}") from None
 
 
 @dataclass
@@ -95,64 +128,34 @@ def load_run(
         EvaluationError: missing files, another dataset build, or a grid, schema, latent size or state dict
             that does not match.
     """
-    run_dir = Path(run_dir)
-    fix = "pass the output folder of a bundle training run"
-    config = _read_json(run_dir / "network_config.json", fix)
-    trained_on = _trained_on(config)
-    if manifest_sha256 is not None and trained_on is not None and trained_on != manifest_sha256:
-        raise EvaluationError(
-            f"dataset mismatch: {run_dir} was trained on the dataset whose manifest.json has sha256 {trained_on[:12]}…, "
-            f"not this one ({manifest_sha256[:12]}…); splits differ between builds, so evaluate on the training dataset"
-        )
-    if "spatial_shape" not in config:
-        raise EvaluationError(f"{run_dir / 'network_config.json'} lacks 'spatial_shape'; {fix}")
-    run_grid = tuple(int(s) for s in config["spatial_shape"])
-    if run_grid != tuple(grid_shape):
-        raise EvaluationError(
-            f"grid mismatch: {run_dir / 'network_config.json'} has {list(run_grid)} but the dataset has "
-            f"{list(grid_shape)}; evaluate on the dataset the run was trained on, or retrain"
-        )
-    for key, expected in (("meta_dim", schema.meta_dim), ("mask_dim", schema.mask_dim)):
-        if key in config and int(config[key]) != expected:
-            raise EvaluationError(
-                f"schema mismatch: {run_dir / 'network_config.json'} has {key}={config[key]} but the dataset schema "
-                f"has {key}={expected}; evaluate on the dataset the run was trained on, or retrain"
-            )
-    decoder_schema = None
-    if (run_dir / "decoder_schema.json").is_file():
-        decoder_schema = _read_json(run_dir / "decoder_schema.json", fix)
-        if "latent_size" in decoder_schema and int(decoder_schema["latent_size"]) != int(config.get("latent_size", -1)):
-            raise EvaluationError(
-                f"latent size mismatch: {run_dir / 'decoder_schema.json'} has {decoder_schema['latent_size']} but "
-                f"network_config.json has {config.get('latent_size')}; re-export the run"
-            )
-        run_categories = (decoder_schema.get("meta_schema") or {}).get("categories")
-        if run_categories is not None and list(run_categories) != list(schema.categories):
-            raise EvaluationError(
-                f"schema mismatch: {run_dir / 'decoder_schema.json'} categories {run_categories} differ from the "
-                f"dataset's {schema.categories}; evaluate on the dataset the run was trained on, or retrain"
-            )
-    try:
-        model = build_network(config)
-    except ValueError as err:
-        raise EvaluationError(f"{run_dir / 'network_config.json'}: {err}") from None
-    ckpt = run_dir / "model.pt"
-    if not ckpt.is_file():
-        raise EvaluationError(f"{ckpt} not found; {fix}")
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same one-line answer
-        raise EvaluationError(f"{ckpt} cannot be loaded with weights_only=True ({type(err).__name__}); {fix}") from None
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        first = str(err).strip().splitlines()
-        raise EvaluationError(
-            f"checkpoint mismatch: {ckpt} does not fit {run_dir / 'network_config.json'} "
-            f"({' '.join(first[:2])[:300]}); keep model.pt and network_config.json from the same run"
-        ) from None
-    history = pd.read_csv(run_dir / "history.csv") if (run_dir / "history.csv").is_file() else None
-    return LoadedRun(run_dir, model.to(device).eval(), config, decoder_schema, file_sha256(ckpt), history)
+    run = RunFolder.open(run_dir, require=EVALUATION_FILES)
+    run.check_dataset(schema, grid_shape, manifest_sha256)
+    # channels_last_3d: oneDNN's 3D convolutions run ~2.7x faster on CPU (scripts/bench_eval.py)
+    model = run.load_network(device).to(memory_format=torch.channels_last_3d).eval()
+    return LoadedRun(run.path, model, run.network_config, run.decoder_schema, run.checkpoint_sha256(), run.history())
+
+
+@dataclass(frozen=True)
+class Role:
+    """A run the evaluation can take: its CLI key, label, network kind and which likelihood it bounds."""
+
+    key: str
+    label: str
+    model: str
+    conditional: bool
+
+
+#: The runs, by role. The twins are C-β-VAE networks trained with one change (bundle overlays
+#: ``train_uncond.yaml``: conditioning off; ``train_nolambda.yaml``: λ = 0).
+ROLES: dict[str, Role] = {
+    "cbvae": Role("run_dir", "C-β-VAE", "cbvae", True),
+    "baseline": Role("baseline_run_dir", "baseline VAE (ResNet-10)", "baseline", False),
+    "uncond": Role("uncond_run_dir", "conditioning-off twin", "cbvae", False),
+    "nolambda": Role("nolambda_run_dir", "λ = 0 twin", "cbvae", True),
+}
+RESULTS_LAYOUT = "cbvae-test-results"
+RESULTS_LAYOUT_VERSION = 2
+METRICS = ("pearson_r", "dice_top5", "dice_top1")
 
 
 def _imputed_defaults(run: LoadedRun, n_continuous: int) -> torch.Tensor | None:
@@ -174,31 +177,37 @@ def _package_versions() -> dict[str, str | None]:
     return versions
 
 
-def _summaries(values: dict[str, np.ndarray], n_bootstrap: int, seed: int) -> dict[str, Any]:
-    return {k: bootstrap_summary(v, n_bootstrap, seed) for k, v in values.items()}
-
-
-def _criterion(value: Any, reference: Any, passed: bool | None, rule: str, reason: str | None = None) -> dict:
-    return {"value": value, "reference": reference, "passed": passed, "rule": rule, "reason": reason}
+def _spread(values: np.ndarray) -> list[float] | None:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return [float(v) for v in np.quantile(values, [0.05, 0.95])] if values.size else None
 
 
 class Evaluation:
-    """Score a trained C-β-VAE (and optionally the baseline VAE) on the test split.
+    """Score a trained C-β-VAE, its twins and the baseline VAE on the test split, with paired statistics.
 
     Args:
         dataset_dir: dataset folder built by ``python -m cbvae_ext.data build``.
-        run_dir: C-β-VAE training run folder (or a baseline run when ``baseline_run_dir`` is not given).
-        output_dir: where ``test_results.json`` and the figures go (created).
-        baseline_run_dir: baseline VAE run folder; optional, reported as absent when missing.
+        run_dir: C-β-VAE training run folder.
+        output_dir: where ``test_results.json``, the per-map tables and the figures go (created).
+        baseline_run_dir: ResNet-10 baseline VAE run folder (``train_baseline.yaml``).
+        uncond_run_dir: the conditioning-off twin (``train_uncond.yaml``).
+        nolambda_run_dir: the λ = 0 twin (``train_nolambda.yaml``).
+        ood_dataset_dir: a dataset built from NeuroStore studysets only (out-of-distribution maps).
         device: ``"cuda"``/``"cpu"``; default: CUDA when available.
-        batch_size: maps per forward pass.
-        n_bootstrap: bootstrap resamples per metric (≥ 1000 for reported figures).
-        n_permutations: permutations of each probe's null (≥ 100 for reported figures).
+        batch_size: maps per forward pass (>= 1).
+        n_bootstrap: bootstrap resamples per summary and paired comparison (>= 1; 1000 for reported figures).
+        n_permutations: permutations of each probe's null (>= 0; 100 for reported figures).
         n_permutations_mlp: permutations of the MLP probe's null (default: ``n_permutations``).
+        iwae_k: importance samples of the likelihood bound (>= 1).
+        iwae_max_maps: test maps (the first ones) that get the bound; None = all.
+        n_prior_samples: prior decodes averaged for a conditional mean map when a network has no
+            conditional-mean path (>= 32 for reported figures).
         n_examples: held-out studies shown in ``recon_examples.png``.
-        max_train_maps: cap on training maps used to fit PCA and the mean maps (seeded subsample; None = all).
-        seed: seed of the bootstrap, the permutations, the ELBO's latent sample and the subsample.
-        num_workers: data loader workers.
+        max_train_maps: cap on training maps (seeded subsample) used to fit PCA, the mean maps, the ridge,
+            the probes and the duplicate search; None = all.
+        seed: seed of every resampling, permutation and latent sample.
+        num_workers: kept for config compatibility (maps are read in the main process).
     """
 
     def __init__(
@@ -207,386 +216,190 @@ class Evaluation:
         run_dir: str | Path | None = None,
         output_dir: str | Path | None = None,
         baseline_run_dir: str | Path | None = None,
+        uncond_run_dir: str | Path | None = None,
+        nolambda_run_dir: str | Path | None = None,
+        ood_dataset_dir: str | Path | None = None,
         device: str | None = None,
         batch_size: int = 8,
         n_bootstrap: int = 1000,
         n_permutations: int = 100,
         n_permutations_mlp: int | None = None,
+        iwae_k: int = 64,
+        iwae_max_maps: int | None = None,
+        n_prior_samples: int = 32,
         n_examples: int = 3,
         max_train_maps: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
         self.dataset_dir = dataset_dir
-        self.run_dir = run_dir
         self.output_dir = output_dir
-        self.baseline_run_dir = baseline_run_dir
+        self.run_dirs = {
+            "cbvae": run_dir,
+            "baseline": baseline_run_dir,
+            "uncond": uncond_run_dir,
+            "nolambda": nolambda_run_dir,
+        }
+        self.ood_dataset_dir = ood_dataset_dir
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.batch_size = int(batch_size)
-        self.n_bootstrap = int(n_bootstrap)
-        self.n_permutations = int(n_permutations)
-        self.n_permutations_mlp = n_permutations_mlp
-        self.n_examples = int(n_examples)
-        self.max_train_maps = max_train_maps
-        self.seed = int(seed)
-        self.num_workers = int(num_workers)
+        self.options = {
+            "batch_size": batch_size,
+            "n_bootstrap": n_bootstrap,
+            "n_permutations": n_permutations,
+            "n_permutations_mlp": n_permutations if n_permutations_mlp is None else n_permutations_mlp,
+            "iwae_k": iwae_k,
+            "iwae_max_maps": iwae_max_maps,
+            "n_prior_samples": n_prior_samples,
+            "n_examples": n_examples,
+            "max_train_maps": max_train_maps,
+            "seed": seed,
+        }
+        self.num_workers = num_workers
 
     # ----- entry points -------------------------------------------------------------------
     def run_cli(self) -> dict[str, Any]:
         """``run()`` for the bundle command: a bad input prints one ``error: ...`` line and exits with status 2."""
         try:
             return self.run()
-        except (EvaluationError, SchemaError, DataError, FileNotFoundError) as err:
+        except (CbvaeError, SchemaError, DataError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 
+    def _check_options(self) -> dict[str, Any]:
+        """The numeric options as ints, or a one-line ``EvaluationError`` naming the bad one."""
+        minimum = {
+            "batch_size": 1,
+            "n_bootstrap": 1,
+            "n_permutations": 0,
+            "n_permutations_mlp": 0,
+            "iwae_k": 1,
+            "iwae_max_maps": 1,
+            "n_prior_samples": 1,
+            "n_examples": 0,
+            "max_train_maps": 2,
+            "seed": 0,
+        }
+        out: dict[str, Any] = {}
+        for key, low in minimum.items():
+            value = self.options[key]
+            if value is None and key in ("iwae_max_maps", "max_train_maps"):
+                out[key] = None
+                continue
+            try:
+                number = int(value)
+                ok = number == float(value) and number >= low
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise EvaluationError(f"--{key} {value!r} is invalid; give an integer >= {low}")
+            out[key] = number
+        return out
+
     def run(self) -> dict[str, Any]:
-        """Evaluate and write ``test_results.json`` and the figures; returns the results dict.
+        """Evaluate and write ``test_results.json``, ``per_map_test.parquet`` and the figures; returns the results.
 
         Raises:
-            EvaluationError: missing arguments or runs that do not match the dataset or each other.
+            EvaluationError: bad options, missing arguments, or runs that do not match the dataset or each other.
         """
         started = time.time()
+        opts = self._check_options()
         if self.dataset_dir is None or self.output_dir is None:
             raise EvaluationError("--dataset_dir and --output_dir are required")
-        if self.run_dir is None and self.baseline_run_dir is None:
+        out_dir = Path(self.output_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise EvaluationError(f"--output_dir {out_dir} is a file; give a folder (it is created if missing)")
+        if self.run_dirs["cbvae"] is None and self.run_dirs["baseline"] is None:
             raise EvaluationError("give --run_dir (C-β-VAE run) and/or --baseline_run_dir (baseline VAE run)")
         from cbvae_ext.data import load_dataset_info  # the loader pulls in NiMARE: import on use
 
         info = load_dataset_info(self.dataset_dir)
         schema, mask = info.schema, np.asarray(info.mask) != 0
-        grid = tuple(int(s) for s in mask.shape)
+        runs = self._load_runs(info, schema, mask)
+        latent_size = next(iter(r.latent_size for r in runs.values()))
+        rng = np.random.default_rng(opts["seed"])
+        train_rows, test_rows = info.rows("train"), info.rows("test")
+        if opts["max_train_maps"] is not None and len(train_rows) > opts["max_train_maps"]:
+            train_rows = np.sort(rng.choice(train_rows, opts["max_train_maps"], replace=False))
+        if len(train_rows) == 0 or len(test_rows) == 0:
+            raise EvaluationError(f"{self.dataset_dir}: the train and test splits must both hold maps")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        train, test = load_split(info, train_rows), load_split(info, test_rows)
+        peaks, peak_source = peak_indicator(info, test.maps)
+        ctx = _Context(self, opts, info, schema, mask, runs, train, test, peaks, latent_size)
+
+        results: dict[str, Any] = {
+            "layout": RESULTS_LAYOUT,
+            "layout_version": RESULTS_LAYOUT_VERSION,
+            "split": "test",
+            "model_selection": "validation split, during training only; not used here",
+            "n_test": test.n,
+            "n_train": len(info.rows("train")),
+            "n_train_used": train.n,
+            "units": "maps divided by their own maximum (loader units, [0, 1]); metrics inside the brain mask",
+            "peaks": peak_source,
+        }
+        timings: dict[str, float] = {}
+        for name, step in (
+            ("baselines", ctx.baselines),
+            ("models", ctx.models),
+            ("conditional_maps", ctx.conditional_maps),
+            ("debiasing", ctx.debiasing),
+            ("missing_conditions", ctx.missing_conditions),
+            ("likelihood", ctx.likelihood),
+            ("ssim", ctx.ssim),
+            ("pca_equivalent", ctx.pca_equivalent),
+            ("duplicates", lambda r: r.update(duplicates=ctx.duplicates())),
+            ("ood", lambda r: r.update(ood=ctx.ood(self.ood_dataset_dir))),
+            ("criteria", lambda r: r.update(criteria=ctx.criteria(r))),
+        ):
+            tic = time.perf_counter()
+            step(results)
+            timings[name] = round(time.perf_counter() - tic, 2)
+        results["metric_definitions"] = _definitions(opts)
+        table = pd.DataFrame(ctx.columns)
+        table.to_parquet(out_dir / "per_map_test.parquet", index=False)
+        tables = ["per_map_test.parquet"]
+        if ctx.ood_columns:
+            pd.DataFrame(ctx.ood_columns).to_parquet(out_dir / "per_map_ood.parquet", index=False)
+            tables.append("per_map_ood.parquet")
+        results["per_map_tables"] = tables
+        results["figures"] = ctx.figures(out_dir, results)
+        results["provenance"] = {**self._provenance(runs, opts, started), "section_seconds": timings}
+        path = out_dir / "test_results.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2, allow_nan=False, default=_json_default))
+        tmp.replace(path)  # never a half-written results file
+        return results
+
+    def _load_runs(self, info: Any, schema: MetadataSchema, mask: np.ndarray) -> dict[str, LoadedRun]:
         runs: dict[str, LoadedRun] = {}
-        for path in (self.run_dir, self.baseline_run_dir):
-            if path is not None:
-                run = load_run(path, schema, grid, self.device, file_sha256(info.path / "manifest.json"))
-                if run.kind in runs:
-                    raise EvaluationError(
-                        f"both run folders hold a {run.kind!r} model ({runs[run.kind].run_dir}, {run.run_dir}); "
-                        "pass the C-β-VAE as --run_dir and the baseline VAE as --baseline_run_dir"
-                    )
-                runs[run.kind] = run
+        seen: dict[Path, str] = {}
+        manifest_sha = file_sha256(info.path / "manifest.json")
+        for role, path in self.run_dirs.items():
+            if path is None:
+                continue
+            spec = ROLES[role]
+            resolved = Path(path).resolve()
+            if resolved in seen:
+                raise EvaluationError(
+                    f"--{spec.key} and --{ROLES[seen[resolved]].key} are the same folder {path}; give each run once"
+                )
+            seen[resolved] = role
+            run = load_run(path, schema, tuple(int(s) for s in mask.shape), self.device, manifest_sha)
+            if run.kind != spec.model:
+                raise EvaluationError(
+                    f"--{spec.key} {path} holds a {run.kind!r} model, not a {spec.model!r} one; pass the "
+                    f"{'baseline VAE as --baseline_run_dir' if run.kind == 'baseline' else 'C-β-VAE as --run_dir'}"
+                )
+            runs[role] = run
         sizes = {k: r.latent_size for k, r in runs.items()}
         if len(set(sizes.values())) > 1:
             raise EvaluationError(
                 f"latent size mismatch between runs {sizes}; compare models with the same latent size"
             )
-        latent_size = next(iter(sizes.values()))
-        out_dir = Path(self.output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        return runs
 
-        loaders = {
-            split: make_loader(
-                self.dataset_dir, split, self.batch_size, device=self.device, num_workers=self.num_workers
-            )
-            for split in ("train", "test")
-        }
-        train = self._encode_train(loaders["train"], runs, mask)
-        test = self._score_test(loaders["test"], runs, mask)
-        if test["n"] == 0 or train["n"] == 0:
-            raise EvaluationError(f"{self.dataset_dir}: the train and test splits must both hold maps")
-        metadata = info.metadata.set_index("id")
-
-        results: dict[str, Any] = {
-            "split": "test",
-            "model_selection": "validation split, during training only; not used here",
-            "n_test": test["n"],
-            "n_train": train["n"],
-            "units": "maps divided by their own maximum (loader units, [0, 1]); metrics inside the brain mask",
-            "metric_definitions": self._definitions(),
-            "models": {},
-        }
-        per_category: dict[str, dict[str, Any]] = {}
-        probes: dict[str, Any] = {}
-        adversary: dict[str, float | None] = {}
-        for kind in ("cbvae", "baseline"):
-            if kind not in runs:
-                results["models"][kind] = {"absent": f"no {kind} run folder given"}
-                continue
-            res, cat_r = self._model_results(kind, runs[kind], train, test, metadata, schema)
-            results["models"][kind] = res
-            per_category[MODEL_LABELS[kind]] = cat_r
-            probes[kind] = res["probes"]
-            adversary[kind] = res["adversary"]["balanced_accuracy"]
-        results["baselines"], base_cat_r = self._baselines(train, test, mask, latent_size, schema)
-        per_category.update(base_cat_r)
-        results["per_category_r"] = per_category
-        results["criteria"] = self._criteria(results, schema)
-        results["figures"] = self._figures(out_dir, runs, test, info.affine, per_category, probes, adversary)
-        results["provenance"] = self._provenance(runs, started)
-        path = out_dir / "test_results.json"
-        path.write_text(json.dumps(results, indent=2, allow_nan=False, default=_json_default))
-        return results
-
-    # ----- passes over the data -----------------------------------------------------------
-    @torch.no_grad()
-    def _encode_train(self, loader: Any, runs: dict[str, LoadedRun], mask: np.ndarray) -> dict[str, Any]:
-        """Posterior means of every training map per model, plus the in-mask maps for the baselines."""
-        rng = np.random.default_rng(self.seed)
-        n_total = len(loader.dataset)
-        keep = None
-        if self.max_train_maps is not None and n_total > self.max_train_maps:
-            keep = np.zeros(n_total, dtype=bool)
-            keep[rng.choice(n_total, self.max_train_maps, replace=False)] = True
-        maps, ids, cats, bins, mus = [], [], [], [], {k: [] for k in runs}
-        offset = 0
-        for batch in loader:
-            image = batch["image"]
-            meta, meta_mask = batch["meta"].to(self.device), batch["meta_mask"].to(self.device)
-            for kind, run in runs.items():
-                mu, _ = run.model.encode(image.to(self.device), meta, meta_mask)
-                mus[kind].append(mu.float().cpu().numpy())
-            sel = slice(None) if keep is None else keep[offset : offset + len(image)]
-            maps.append(masked_vectors(image.numpy(), mask)[sel])
-            offset += len(image)
-            ids.extend(batch["id"])
-            cats.append(batch["category"].numpy())
-            bins.append(batch["year_bin"].numpy())
-        categories = np.concatenate(cats) if cats else np.zeros(0, int)
-        return {
-            "n": offset,
-            "ids": ids,
-            "maps": np.concatenate(maps) if maps else np.zeros((0, int(mask.sum())), np.float32),
-            "map_categories": categories if keep is None else categories[keep],
-            "categories": categories,
-            "year_bin": np.concatenate(bins) if bins else np.zeros(0, int),
-            "mu": {k: np.concatenate(v) if v else np.zeros((0, 1)) for k, v in mus.items()},
-        }
-
-    @torch.no_grad()
-    def _score_test(self, loader: Any, runs: dict[str, LoadedRun], mask: np.ndarray) -> dict[str, Any]:
-        """Reconstructions, conditional-only generations, ELBO terms, μ and heads of every test map per model."""
-        mask_t = torch.as_tensor(mask)
-        loss = CBVAELoss(mask_t).to(self.device)
-        gen = torch.Generator().manual_seed(self.seed)
-        n_cont = len(CONTINUOUS_FIELDS)
-        defaults = {k: _imputed_defaults(r, n_cont) for k, r in runs.items()}
-        acc: dict[str, dict[str, list]] = {k: {} for k in runs}
-        targets, ids, cats, bins, examples = [], [], [], [], {"real": []}
-        for batch in loader:
-            image = batch["image"].to(self.device)
-            meta, meta_mask = batch["meta"].to(self.device), batch["meta_mask"].to(self.device)
-            target = masked_vectors(batch["image"].numpy(), mask)
-            targets.append(target)
-            ids.extend(batch["id"])
-            cats.append(batch["category"].numpy())
-            bins.append(batch["year_bin"].numpy())
-            n_ex = max(0, self.n_examples - sum(len(e) for e in examples["real"]))
-            examples["real"].append(batch["image"][:n_ex, 0].numpy())
-            for kind, run in runs.items():
-                model, store = run.model, acc[kind]
-                out = model(image, meta, meta_mask)  # eval mode: z = μ, the point reconstruction
-                recon = torch.sigmoid(out["recon"].float())
-                pred = masked_vectors(recon.cpu().numpy(), mask)
-                # ELBO at β = 1 with one latent sample z ~ q(z | x, m), the training likelihood (CBVAELoss)
-                # missing fields enter the decoder at the run's imputation default, never the map's own
-                # imputation: that is information from x that pays no KL, which would loosen the bound
-                imp0 = defaults[kind]
-                imp0 = None if imp0 is None else imp0.to(self.device).expand(len(image), -1)
-                m0 = model.decoder_input(meta, meta_mask, imp0)
-                eps = torch.randn(out["mu"].shape, generator=gen).to(self.device)
-                z = out["mu"] + eps * torch.exp(0.5 * out["logvar"])
-                nll = loss.reconstruction(model.decode(z, m0), image)
-                kl = loss.kl(out["mu"], out["logvar"])
-                # conditional-only generation: prior mean z = 0 and the study's metadata
-                cond = torch.sigmoid(model.decode(torch.zeros_like(out["mu"]), m0))
-                cond_pred = masked_vectors(cond.float().cpu().numpy(), mask)
-                for key, value in (
-                    *((f"recon/{k}", v) for k, v in score_maps(pred, target, mask).items()),
-                    *((f"cond/{k}", v) for k, v in score_maps(cond_pred, target, mask).items()),
-                    ("elbo/nll", nll.cpu().numpy()),
-                    ("elbo/kl", kl.cpu().numpy()),
-                    ("mu", out["mu"].float().cpu().numpy()),
-                ):
-                    store.setdefault(key, []).append(value)
-                if out.get("year_logits") is not None:
-                    store.setdefault("year_logits", []).append(out["year_logits"].float().cpu().numpy())
-                if out.get("imp_mu") is not None:
-                    store.setdefault("imp_mu", []).append(out["imp_mu"].float().cpu().numpy())
-                # outside the brain the decoder is unconstrained: show only what is scored
-                examples.setdefault(kind, []).append(recon[:n_ex, 0].float().cpu().numpy() * mask)
-        per_model = {k: {key: np.concatenate(v) for key, v in store.items()} for k, store in acc.items()}
-        return {
-            "n": len(ids),
-            "ids": ids,
-            "maps": np.concatenate(targets) if targets else np.zeros((0, int(mask.sum())), np.float32),
-            "categories": np.concatenate(cats) if cats else np.zeros(0, int),
-            "year_bin": np.concatenate(bins) if bins else np.zeros(0, int),
-            "models": per_model,
-            "examples": {k: np.concatenate(v) for k, v in examples.items() if v},
-        }
-
-    # ----- results ------------------------------------------------------------------------
-    def _model_results(
-        self,
-        kind: str,
-        run: LoadedRun,
-        train: dict[str, Any],
-        test: dict[str, Any],
-        metadata: pd.DataFrame,
-        schema: MetadataSchema,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        scores = test["models"][kind]
-        nll, kl = scores["elbo/nll"], scores["elbo/kl"]
-        res: dict[str, Any] = {
-            "run_dir": str(run.run_dir),
-            "latent_size": run.latent_size,
-            "reconstruction": _summaries(
-                {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith("recon/")},
-                self.n_bootstrap,
-                self.seed,
-            ),
-            "elbo_beta1": _summaries({"nll": nll, "kl": kl, "elbo": -(nll + kl)}, self.n_bootstrap, self.seed),
-            "conditional_only": _summaries(
-                {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith("cond/")}, self.n_bootstrap, self.seed
-            ),
-        }
-        logits = scores.get("year_logits")
-        res["adversary"] = {
-            "balanced_accuracy": None if logits is None else adversary_balanced_accuracy(logits, test["year_bin"]),
-            "n_year_bins": schema.n_year_bins,
-            "reason": "the baseline VAE has no year adversary" if logits is None else None,
-        }
-        mu_train, mu_test = train["mu"][kind], scores["mu"]
-        res["probes"] = year_probes(
-            mu_train,
-            train["year_bin"],
-            mu_test,
-            test["year_bin"],
-            n_permutations=self.n_permutations,
-            n_permutations_mlp=self.n_permutations_mlp,
-            seed=self.seed,
-        )
-        years_train = metadata.loc[train["ids"], "year"].to_numpy(dtype=np.float64)
-        years_test = metadata.loc[test["ids"], "year"].to_numpy(dtype=np.float64)
-        res["year_r2"] = year_r2(mu_train, years_train, mu_test, years_test)
-        res["imputation"] = self._imputation(scores.get("imp_mu"), train, test, metadata, schema)
-        return res, _per_category(scores["recon/pearson_r"], test["categories"], schema)
-
-    def _imputation(
-        self,
-        imp_mu: np.ndarray | None,
-        train: dict[str, Any],
-        test: dict[str, Any],
-        metadata: pd.DataFrame,
-        schema: MetadataSchema,
-    ) -> dict[str, Any]:
-        if imp_mu is None:
-            return {"absent": "the baseline VAE has no imputation head"}
-        out: dict[str, Any] = {}
-        for j, spec in enumerate(schema.fields):
-            true = metadata.loc[test["ids"], spec.name].to_numpy(dtype=np.float64)
-            train_values = metadata.loc[train["ids"], spec.name].to_numpy(dtype=np.float64)
-            train_values = train_values[np.isfinite(train_values)]
-            if not np.isfinite(true).any() or train_values.size == 0:
-                out[spec.name] = {"n": 0, "absent": "not observed in the test or the training split"}
-                continue
-            # imputation head reads only the map, so its output for an observed field is a genuine prediction
-            out[spec.name] = imputation_scores(spec.inverse(imp_mu[:, j]), true, float(np.median(train_values)))
-        return out
-
-    def _baselines(
-        self, train: dict[str, Any], test: dict[str, Any], mask: np.ndarray, latent_size: int, schema: MetadataSchema
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """PCA (latent-size components), training mean map and category mean map, fit on train, scored on test."""
-        test_cats = test["categories"]
-        pca = PCABaseline(min(latent_size, *train["maps"].shape), seed=self.seed).fit(train["maps"])
-        preds = {
-            "pca": pca.predict(test["maps"]),
-            "mean_map": MeanMapBaseline().fit(train["maps"]).predict(test["n"]),
-            "category_mean": CategoryMeanBaseline().fit(train["maps"], train["map_categories"]).predict(test_cats),
-        }
-        results, per_cat = {}, {}
-        labels = {"pca": "PCA", "mean_map": "training mean map", "category_mean": "category mean map"}
-        for name, pred in preds.items():
-            scores = score_maps(pred, test["maps"], mask)
-            results[name] = {"reconstruction": _summaries(scores, self.n_bootstrap, self.seed)}
-            per_cat[labels[name]] = _per_category(scores["pearson_r"], test_cats, schema)
-        results["pca"].update(
-            n_components=pca.n_components,
-            explained_variance_ratio=pca.explained_variance_ratio,
-            n_fit_maps=int(len(train["maps"])),
-        )
-        return results, per_cat
-
-    def _criteria(self, results: dict[str, Any], schema: MetadataSchema) -> dict[str, Any]:
-        models = results["models"]
-        cb, base = models.get("cbvae", {}), models.get("baseline", {})
-        crit: dict[str, Any] = {}
-        no_cb = "no C-β-VAE run given"
-        no_base = "no baseline VAE run given"
-        if "absent" in cb or "absent" in base:
-            crit["elbo_better_than_baseline"] = _criterion(
-                None, None, None, "C-β-VAE mean ELBO (β=1) > baseline VAE's", no_cb if "absent" in cb else no_base
-            )
-        else:
-            a, b = cb["elbo_beta1"]["elbo"]["mean"], base["elbo_beta1"]["elbo"]["mean"]
-            crit["elbo_better_than_baseline"] = _criterion(
-                a, b, bool(a > b), "C-β-VAE mean ELBO (β=1) > baseline VAE's"
-            )
-        n_bins = schema.n_year_bins or 10
-        threshold = 1.5 / n_bins  # 0.15 for 10 bins
-        adv = None if "absent" in cb else cb["adversary"]["balanced_accuracy"]
-        crit["adversary_at_chance"] = _criterion(
-            adv,
-            threshold,
-            None if adv is None else bool(adv <= threshold),
-            f"year head balanced accuracy on test <= 1.5 / n_bins ({n_bins} bins)",
-            no_cb if "absent" in cb else (None if adv is not None else "no dated test study"),
-        )
-        for probe in ("logistic", "mlp"):
-            rule = f"C-β-VAE post-hoc {probe} probe balanced accuracy < baseline VAE's"
-            if "absent" in cb or "absent" in base:
-                crit[f"{probe}_probe_below_baseline"] = _criterion(
-                    None, None, None, rule, no_cb if "absent" in cb else no_base
-                )
-                continue
-            a = cb["probes"].get(probe, {}).get("balanced_accuracy")
-            b = base["probes"].get(probe, {}).get("balanced_accuracy")
-            ok = None if a is None or b is None else bool(a < b)
-            crit[f"{probe}_probe_below_baseline"] = _criterion(
-                a, b, ok, rule, None if ok is not None else cb["probes"].get("skipped")
-            )
-        pca_r = results["baselines"]["pca"]["reconstruction"]["pearson_r"]["mean"]
-        cb_r = None if "absent" in cb else cb["reconstruction"]["pearson_r"]["mean"]
-        crit["r_above_pca"] = _criterion(
-            cb_r,
-            pca_r,
-            None if cb_r is None or pca_r is None else bool(cb_r > pca_r),
-            "C-β-VAE mean Pearson r > PCA's (same number of components as the latent size)",
-            no_cb if "absent" in cb else None,
-        )
-        return crit
-
-    # ----- figures and provenance ---------------------------------------------------------
-    def _figures(
-        self,
-        out_dir: Path,
-        runs: dict[str, LoadedRun],
-        test: dict[str, Any],
-        affine: np.ndarray,
-        per_category: dict[str, Any],
-        probes: dict[str, Any],
-        adversary: dict[str, float | None],
-    ) -> list[str]:
-        written = []
-        examples = test["examples"]
-        n = len(examples["real"])
-        if n:
-            volumes = {"real": examples["real"], **{MODEL_LABELS[k]: examples[k] for k in runs}}
-            written.append(
-                plot_recon_examples(volumes, np.asarray(affine), test["ids"][:n], out_dir / "recon_examples.png")
-            )
-        history = runs["cbvae"].history if "cbvae" in runs else next(iter(runs.values())).history
-        if history is not None and {"beta", "grl_lambda", "epoch"} <= set(history.columns):
-            written.append(plot_schedules(history, out_dir / "training_curves.png"))
-        written.append(plot_per_category_r(per_category, out_dir / "per_category_r.png"))
-        shown = {k: v for k, v in probes.items() if "skipped" not in v}
-        if shown:
-            written.append(plot_probes(shown, adversary, out_dir / "probes.png"))
-        return [Path(p).name for p in written]
-
-    def _provenance(self, runs: dict[str, LoadedRun], started: float) -> dict[str, Any]:
+    def _provenance(self, runs: dict[str, LoadedRun], opts: dict[str, Any], started: float) -> dict[str, Any]:
         manifest = Path(self.dataset_dir) / "manifest.json"
         manifest_sha = file_sha256(manifest) if manifest.is_file() else None
         device = str(self.device)
@@ -595,60 +408,617 @@ class Evaluation:
         return {
             "dataset_dir": str(self.dataset_dir),
             "dataset_manifest_sha256": manifest_sha,
+            "ood_dataset_dir": None if self.ood_dataset_dir is None else str(self.ood_dataset_dir),
             "runs": {
                 k: {
+                    "role": ROLES[k].label,
                     "run_dir": str(r.run_dir),
                     "checkpoint_sha256": r.checkpoint_sha256,
                     "network_config": r.config,
-                    "trained_on_manifest_sha256": _trained_on(r.config),
+                    "trained_on_manifest_sha256": trained_on_checksum(r.config),
                     "dataset_matches_training": None
-                    if _trained_on(r.config) is None
-                    else _trained_on(r.config) == manifest_sha,
+                    if trained_on_checksum(r.config) is None
+                    else trained_on_checksum(r.config) == manifest_sha,
                 }
                 for k, r in runs.items()
             },
-            "evaluation_config": {
-                "n_bootstrap": self.n_bootstrap,
-                "n_permutations": self.n_permutations,
-                "n_permutations_mlp": self.n_permutations
-                if self.n_permutations_mlp is None
-                else self.n_permutations_mlp,
-                "batch_size": self.batch_size,
-                "n_examples": self.n_examples,
-                "max_train_maps": self.max_train_maps,
-                "seed": self.seed,
-            },
+            "evaluation_config": opts,
             "packages": _package_versions(),
             "python": platform.python_version(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
             "device": device,
             "started_utc": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
             "elapsed_s": round(time.time() - started, 2),
         }
 
-    def _definitions(self) -> dict[str, Any]:
+
+def _definitions(opts: dict[str, Any]) -> dict[str, Any]:
+    n_boot, seed = opts["n_bootstrap"], opts["seed"]
+    return {
+        "pearson_r": "voxel-wise Pearson correlation within the brain mask",
+        "dice_top5": "Dice of the top 5% in-mask voxels of real vs predicted; ties at the k-th value share the "
+        "remaining places (expected Dice under random tie-breaking, independent of voxel order)",
+        "dice_top1": "as dice_top5 with the top 1%",
+        "ssim": SSIM_PARAMS,
+        "peak_auc": "NeuroQuery protocol: ROC AUC of a map ranking the study's peak voxels above the other in-mask "
+        "voxels (ties count half)",
+        "reconstruction": "sigmoid(decoder logits) at z = posterior mean μ, decoder conditioned on the observed "
+        "metadata with missing fields imputed by the model",
+        "conditional_only": "the model's conditional mean map from the study's conditions alone (no map): the "
+        "network's conditional-mean path, or the average of n_prior_samples prior decodes (see conditional_maps.source)",
+        "likelihood": "soft-target Bernoulli log-likelihood over in-mask voxels, nats/map; 'excess' = NLL minus the "
+        "map's entropy floor (summed binary entropy of its voxels), >= 0. IWAE bound with iwae_k samples of q(z|x,m), "
+        "elbo = mean of the same log-weights (beta = 1, sampled, never at z = mu); missing fields at the run's "
+        "imputation default. Conditional models bound log p(x|m), unconditional ones log p(x)",
+        "paired": f"per-map differences a - b on the same maps, percentile 95% CI of the mean difference from "
+        f"{n_boot} resamples (seed {seed}); a criterion passes only when the CI lies on the claimed side",
+        "bootstrap": f"percentile 95% CI of the mean over held-out maps, {n_boot} resamples, seed {seed}",
+        "probes": "fit on train μ (standardised), scored on test; balanced accuracy over year bins; null = same "
+        "probe refit on shuffled train labels; p = (1 + #null >= score) / (1 + n_permutations); per-map terms "
+        "N [correct] / (C n_class) average to the balanced accuracy and are paired between models",
+        "year_r2": "test R² of ridge regression (alpha=1) from standardised μ to raw year",
+        "imputation": "imputation head output vs observed test values (raw units) against the training median",
+        "duplicates": "test maps whose Pearson r with some training map exceeds 0.99 (exact = every voxel equal)",
+    }
+
+
+class _Context:
+    """One evaluation's data, runs and per-map columns; each method fills one section of the results."""
+
+    def __init__(
+        self,
+        ev: Evaluation,
+        opts: dict[str, Any],
+        info: Any,
+        schema: MetadataSchema,
+        mask: np.ndarray,
+        runs: dict[str, LoadedRun],
+        train: SplitData,
+        test: SplitData,
+        peaks: np.ndarray | None,
+        latent_size: int,
+    ) -> None:
+        self.ev, self.opts, self.info, self.schema, self.mask = ev, opts, info, schema, mask
+        self.runs, self.train, self.test, self.peaks, self.latent_size = runs, train, test, peaks, latent_size
+        self.groups = condition_groups(schema)
+        self.generator = torch.Generator().manual_seed(opts["seed"])
+        names = schema.categories
+        self.columns: dict[str, Any] = {
+            "id": test.ids,
+            "category": [names[c] if c >= 0 else None for c in test.categories],
+            "year_bin": test.year_bin,
+            "entropy_floor": entropy_floor(test.maps),
+        }
+        if peaks is not None:
+            self.columns["n_peak_voxels"] = peaks.sum(axis=1)
+        self.ood_columns: dict[str, Any] = {}
+        self.scores: dict[str, dict[str, Any]] = {}
+        self.figure_data: dict[str, Any] = {}
+
+    # ----- helpers ------------------------------------------------------------------------
+    def summary(self, values: np.ndarray) -> dict[str, Any]:
+        return bootstrap_summary(values, self.opts["n_bootstrap"], self.opts["seed"])
+
+    def paired(self, a: np.ndarray, b: np.ndarray, direction: str = "greater", margin: float = 0.0) -> dict[str, Any]:
+        return paired_bootstrap(a, b, direction, self.opts["n_bootstrap"], self.opts["seed"], margin)
+
+    def add(self, prefix: str, values: dict[str, np.ndarray], columns: dict[str, Any] | None = None) -> None:
+        target = self.columns if columns is None else columns
+        for key, value in values.items():
+            target[f"{prefix}/{key}"] = np.asarray(value, dtype=np.float64)
+
+    def summaries(self, prefix: str) -> dict[str, Any]:
+        """Bootstrap summaries of every column under ``prefix/``, keyed by the rest of the name."""
+        n = len(prefix) + 1
+        return {k[n:]: self.summary(v) for k, v in self.columns.items() if k.startswith(prefix + "/")}
+
+    def group(self, name: str) -> ConditionGroup | None:
+        return next((g for g in self.groups if g.name == name), None)
+
+    def pass_options(self, run: LoadedRun, **overrides: Any) -> PassOptions:
+        defaults = _imputed_defaults(run, self.schema.n_continuous)
+        base = {"n_prior_samples": self.opts["n_prior_samples"], "imputed_defaults": defaults}
+        return PassOptions(**{**base, **overrides})
+
+    def decoder_conditions(self, run: LoadedRun, meta: np.ndarray, meta_mask: np.ndarray) -> torch.Tensor:
+        """The decoder's conditioning vectors for ``(meta, meta_mask)``, missing fields at the run's default."""
+        device = self.ev.device
+        imp0 = _imputed_defaults(run, self.schema.n_continuous)
+        imp0 = None if imp0 is None else imp0.to(device).expand(len(meta), -1)
+        return run.model.decoder_input(torch.from_numpy(meta).to(device), torch.from_numpy(meta_mask).to(device), imp0)
+
+    def topics(self, data: SplitData) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(topic weights [N, T], observed [N])`` in the model's units, or None without a topic group."""
+        g = self.group("topics")
+        if g is None:
+            return None
+        return data.meta[:, g.meta_slice], data.meta_mask[:, g.mask_index] > 0
+
+    # ----- sections -----------------------------------------------------------------------
+    def baselines(self, results: dict[str, Any]) -> None:
+        """PCA at L, 2L, 4L, 8L, the mean map, a constant map, the category mean and the topic ridge (train fit)."""
+        tr, te, mask, latent = self.train, self.test, self.mask, self.latent_size
+        limit = min(tr.n, tr.maps.shape[1])
+        if latent > limit:
+            raise EvaluationError(f"PCA with {latent} components needs more than {tr.n} training maps; use more")
+        self.pca_dims = [d for d in (latent, 2 * latent, 4 * latent, 8 * latent) if d <= limit]
+        pca = PCABaseline(max(self.pca_dims), seed=self.opts["seed"]).fit(tr.maps)
+        self.pca = pca
+        curve = []
+        for d in self.pca_dims:
+            self.add(f"pca_{d}", score_maps(pca.predict(te.maps, d), te.maps, mask, ssim=d == latent))
+            curve.append(
+                {
+                    "n_components": d,
+                    "explained_variance_ratio": pca.explained_variance_at(d),
+                    **self.summaries(f"pca_{d}"),
+                }
+            )
+        out: dict[str, Any] = {"pca": {**curve[0], "n_fit_maps": tr.n}, "pca_curve": curve}
+        mean = MeanMapBaseline().fit(tr.maps)
+        predictions = {"mean_map": mean.predict(te.n)}
+        category = CategoryMeanBaseline().fit(tr.maps, tr.categories)
+        self.category_baseline = category
+        predictions["category_mean"] = category.predict(te.categories)
+        for name, pred in predictions.items():
+            scores = score_maps(pred, te.maps, mask, ssim=name == "mean_map")
+            if self.peaks is not None:
+                scores["peak_auc"] = peak_auc(pred, self.peaks)
+            scores["loglik"] = -latent_free_nll(pred, te.maps)
+            self.add(name, scores)
+            out[name] = self.summaries(name)
+        constant = np.full_like(te.maps, float(tr.maps.mean()))
+        self.add("constant_map", {"ssim": ssim_masked(constant, te.maps, mask)})
+        out["constant_map"] = {"value": float(tr.maps.mean()), **self.summaries("constant_map")}
+        out["topic_ridge"] = self._topic_ridge()
+        results["baselines"] = out
+
+    def _topic_ridge(self) -> dict[str, Any]:
+        tr_topics, te_topics = self.topics(self.train), self.topics(self.test)
+        if tr_topics is None:
+            return {"absent": "the dataset's schema has no topic weights (rebuild the dataset with topics)"}
+        (x_tr, obs_tr), (x_te, obs_te) = tr_topics, te_topics
+        if obs_tr.sum() < 10 or not obs_te.any():
+            return {"absent": "too few training or test maps with topic weights"}
+        ridge = TopicRidgeBaseline(seed=self.opts["seed"]).fit(x_tr[obs_tr], self.train.maps[obs_tr])
+        pred = ridge.predict(x_te)
+        scores = score_maps(pred, self.test.maps, self.mask)
+        if self.peaks is not None:
+            scores["peak_auc"] = peak_auc(pred, self.peaks)
+        self.add("topic_ridge", {k: np.where(obs_te, v, np.nan) for k, v in scores.items()})
+        return {"alpha": ridge.alpha, "n_fit_maps": int(obs_tr.sum()), **self.summaries("topic_ridge")}
+
+    def models(self, results: dict[str, Any]) -> None:
+        """Every run on the test split: reconstruction, likelihood bound, conditional-only maps, heads."""
+        out: dict[str, Any] = {}
+        opts = self.opts
+        for role, spec in ROLES.items():
+            if role not in self.runs:
+                out[role] = {"absent": f"no --{spec.key} given"}
+                continue
+            run = self.runs[role]
+            options = self.pass_options(
+                run,
+                iwae_k=opts["iwae_k"] if role != "nolambda" else 0,
+                iwae_rows=opts["iwae_max_maps"],
+                conditional=role == "cbvae",
+                hidden=tuple(self.groups) if role == "cbvae" else (),
+                ssim=role == "cbvae",
+            )
+            with tqdm(total=self.test.n, desc=f"test maps, {spec.label}", leave=False, disable=None) as bar:
+                sc = score_network(
+                    run.model,
+                    self.test,
+                    self.mask,
+                    self.peaks,
+                    options,
+                    opts["batch_size"],
+                    self.ev.device,
+                    self.generator,
+                    opts["n_examples"],
+                    bar.update,
+                )
+            self.scores[role] = sc
+            self.add(role, sc["columns"])
+            res: dict[str, Any] = {
+                "label": spec.label,
+                "run_dir": str(run.run_dir),
+                "latent_size": run.latent_size,
+                "seconds": sc["seconds"],
+                "bounds": "log p(x | m)" if spec.conditional else "log p(x)",
+                "reconstruction": self.summaries(f"{role}/recon"),
+            }
+            if options.conditional:
+                res["conditional_only"] = {**self.summaries(f"{role}/cond"), "source": sc["cond_source"]}
+            logits = sc["year_logits"]
+            res["adversary"] = {
+                "balanced_accuracy": None
+                if logits is None
+                else adversary_balanced_accuracy(logits, self.test.year_bin),
+                "n_year_bins": self.schema.n_year_bins,
+                "reason": "this network has no year adversary" if logits is None else None,
+            }
+            res["imputation"] = self._imputation(sc["imp_mu"])
+            res["per_category_r"] = _per_category(sc["columns"]["recon/pearson_r"], self.test.categories, self.schema)
+            out[role] = res
+        results["models"] = out
+
+    def _imputation(self, imp_mu: np.ndarray | None) -> dict[str, Any]:
+        if imp_mu is None:
+            return {"absent": "this network has no imputation head"}
+        imputed = imputed_raw(imp_mu, self.schema)
+        out: dict[str, Any] = {}
+        for name, values in imputed.items():
+            true = self.test.frame[name].to_numpy(dtype=np.float64)
+            train_values = self.train.frame[name].to_numpy(dtype=np.float64)
+            train_values = train_values[np.isfinite(train_values)]
+            if not np.isfinite(true).any() or train_values.size == 0:
+                out[name] = {"n": 0, "absent": "not observed in the test or the training split"}
+                continue
+            # the imputation head reads only the map, so its output for an observed field is a genuine prediction
+            out[name] = imputation_scores(values, true, float(np.median(train_values)))
+        return out
+
+    def conditional_maps(self, results: dict[str, Any]) -> None:
+        """Per category (and topic): the model's conditional mean map against the held-out mean map."""
+        if "cbvae" not in self.runs:
+            results["conditional_maps"] = {"absent": "no --run_dir given"}
+            return
+        run, schema, te = self.runs["cbvae"], self.schema, self.test
+        out: dict[str, Any] = {}
+        task = self.group("task")
+        present = [c for c in range(schema.n_categories) if (te.categories == c).any()]
+        meta = np.zeros((len(present), schema.meta_dim), np.float32)
+        meta_mask = np.zeros((len(present), schema.mask_dim), np.float32)
+        meta[np.arange(len(present)), task.meta_slice.start + np.array(present, dtype=int)] = 1.0
+        meta_mask[:, task.mask_index] = 1.0
+        generated, source = self._conditional_mean(run, meta, meta_mask)
+        heldout = np.stack([te.maps[te.categories == c].mean(axis=0) for c in present])
+        training = np.stack([self.category_baseline.means[c] for c in present])
+        labels = [schema.categories[c] for c in present]
+        model_id, train_id = identification(generated, heldout, labels), identification(training, heldout, labels)
+        # centred: the shared activation pattern (the training mean map) removed from every map, so the match
+        # is made on what distinguishes the categories rather than on what they share
+        overall = self.train.maps.mean(axis=0)
+        out["source"] = source
+        out["categories"] = {
+            "n_test": {lab: int((te.categories == c).sum()) for lab, c in zip(labels, present, strict=True)},
+            "model": model_id,
+            "training_category_means": train_id,
+            "model_centred": identification(generated - overall, heldout - overall, labels),
+            "training_category_means_centred": identification(training - overall, heldout - overall, labels),
+        }
+        self.figure_data["category_maps"] = (generated, heldout, training, labels)
+        out["topics"] = self._topic_maps(run)
+        results["conditional_maps"] = out
+
+    def _conditional_mean(self, run: LoadedRun, meta: np.ndarray, meta_mask: np.ndarray) -> tuple[np.ndarray, str]:
+        with torch.no_grad():
+            probs, source = conditional_mean_probs(
+                run.model,
+                self.decoder_conditions(run, meta, meta_mask),
+                self.opts["n_prior_samples"],
+                self.generator,
+            )
+        return masked_vectors(probs.cpu().numpy(), self.mask), source
+
+    def _topic_maps(self, run: LoadedRun, min_maps: int = 3) -> dict[str, Any]:
+        """Per dominant topic: the conditional mean for the topic mixture of its training maps vs its held-out mean."""
+        g = self.group("topics")
+        tr_t, te_t = self.topics(self.train), self.topics(self.test)
+        if g is None or tr_t is None:
+            return {"absent": "the dataset's schema has no topic weights"}
+        (x_tr, obs_tr), (x_te, obs_te) = tr_t, te_t
+        dom_tr = np.where(obs_tr, x_tr.argmax(axis=1), -1)
+        dom_te = np.where(obs_te, x_te.argmax(axis=1), -1)
+        topics = [t for t in range(x_tr.shape[1]) if (dom_te == t).sum() >= min_maps and (dom_tr == t).any()]
+        if not topics:
+            return {"absent": f"no topic dominates >= {min_maps} test maps"}
+        meta = np.zeros((len(topics), self.schema.meta_dim), np.float32)
+        meta_mask = np.zeros((len(topics), self.schema.mask_dim), np.float32)
+        meta[:, g.meta_slice] = np.stack([x_tr[dom_tr == t].mean(axis=0) for t in topics])
+        meta_mask[:, g.mask_index] = 1.0
+        generated, _ = self._conditional_mean(run, meta, meta_mask)
+        heldout = np.stack([self.test.maps[dom_te == t].mean(axis=0) for t in topics])
+        names = list(getattr(self.schema, "topic_names", None) or [f"topic {t}" for t in range(x_tr.shape[1])])
+        labels = [names[t] for t in topics]
         return {
-            "pearson_r": "voxel-wise Pearson correlation within the brain mask",
-            "ssim": SSIM_PARAMS,
-            "dice_top5": "Dice of the top 5% in-mask voxels of real vs predicted (ties broken by voxel order)",
-            "dice_top1": "Dice of the top 1% in-mask voxels of real vs predicted",
-            "reconstruction": "decoder output sigmoid(logits) at z = posterior mean μ",
-            "elbo_beta1": "per map: nll = Bernoulli cross-entropy over in-mask voxels (CBVAELoss.reconstruction) at one "
-            "z ~ q(z|x,m), decoder conditioned on the observed metadata with missing fields at the run's imputation "
-            "default; kl = KL(q || N(0, I)); elbo = -(nll + kl), nats, higher is better",
-            "conditional_only": "decode(z = 0, the study's metadata; missing fields at the run's imputation default)",
-            "bootstrap": f"percentile 95% CI of the mean over held-out maps, {self.n_bootstrap} resamples, seed {self.seed}",
-            "probes": "fit on train μ (standardised), scored on test; balanced accuracy over year bins; null = same "
-            "probe refit on shuffled train labels; p = (1 + #null >= score) / (1 + n_permutations)",
-            "year_r2": "test R² of ridge regression (alpha=1) from standardised μ to raw year",
-            "imputation": "imputation head output vs observed test values (raw units) against the training median",
+            "rule": f"topics dominating >= {min_maps} test maps; condition = mean topic mixture of the training maps "
+            "the topic dominates",
+            "model": identification(generated, heldout, labels),
         }
 
+    def debiasing(self, results: dict[str, Any]) -> None:
+        """Year probes on μ of the model, its λ = 0 twin and the data ceiling (PCA-L codes), paired on test maps."""
+        tr, te, opts = self.train, self.test, self.opts
+        codes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for role in ("cbvae", "nolambda"):
+            if role in self.runs:
+                with tqdm(total=1, desc=f"train μ, {ROLES[role].label}", leave=False, disable=None):
+                    mu_train = encode_split(self.runs[role].model, tr, self.mask, opts["batch_size"], self.ev.device)
+                codes[role] = (mu_train, self.scores[role]["mu"])
+        codes["data_ceiling"] = (
+            self.pca.transform(tr.maps, self.latent_size),
+            self.pca.transform(te.maps, self.latent_size),
+        )
+        years_tr = tr.frame["year"].to_numpy(np.float64)
+        years_te = te.frame["year"].to_numpy(np.float64)
+        dated = te.year_bin >= 0
+        out: dict[str, Any] = {"probes": {}, "year_r2": {}}
+        for name, (c_tr, c_te) in codes.items():
+            res = year_probes(
+                c_tr,
+                tr.year_bin,
+                c_te,
+                te.year_bin,
+                n_permutations=opts["n_permutations"],
+                n_permutations_mlp=opts["n_permutations_mlp"],
+                seed=opts["seed"],
+            )
+            for probe, r in res.items():
+                if isinstance(r, dict) and "predictions" in r:
+                    terms = np.full(te.n, np.nan)
+                    terms[dated] = balanced_accuracy_terms(te.year_bin[dated], r.pop("predictions"))
+                    self.columns[f"{name}/probe_{probe}"] = terms
+            out["probes"][name] = res
+            out["year_r2"][name] = year_r2(c_tr, years_tr, c_te, years_te)
+        out["data_ceiling_codes"] = f"PCA with {self.latent_size} components of the raw maps (fit on train)"
+        if "cbvae" in codes and "nolambda" in codes:
+            out["paired_vs_nolambda"] = {
+                probe: self.paired(
+                    self.columns[f"cbvae/probe_{probe}"], self.columns[f"nolambda/probe_{probe}"], "less"
+                )
+                for probe in ("logistic", "mlp")
+                if f"cbvae/probe_{probe}" in self.columns
+            }
+            out["reconstruction_cost"] = {
+                "rule": "paired r of the λ > 0 model minus its λ = 0 twin (negative = de-biasing costs reconstruction)",
+                **self.paired(self.columns["cbvae/recon/pearson_r"], self.columns["nolambda/recon/pearson_r"]),
+            }
+        else:
+            out["paired_vs_nolambda"] = {"absent": "no --nolambda_run_dir given"}
+        results["debiasing"] = out
 
-def _trained_on(config: dict[str, Any]) -> str | None:
-    for key in ("dataset_manifest_sha256", "manifest_sha256", "dataset_sha256"):
-        if config.get(key):
-            return str(config[key])
-    return None
+    def missing_conditions(self, results: dict[str, Any]) -> None:
+        """Reconstruction with each condition group hidden in turn and all hidden, paired against all given."""
+        if "cbvae" not in self.runs:
+            results["missing_conditions"] = {"absent": "no --run_dir given"}
+            return
+        out: dict[str, Any] = {"rule": "paired hidden - given per map; passes when the CI lies above -0.03"}
+        for name in [g.name for g in self.groups] + ["all"]:
+            out[name] = {
+                m: {
+                    "hidden": self.summary(self.columns[f"cbvae/hidden_{name}/{m}"]),
+                    "paired_vs_given": self.paired(
+                        self.columns[f"cbvae/hidden_{name}/{m}"], self.columns[f"cbvae/recon/{m}"], margin=0.03
+                    ),
+                }
+                for m in ("pearson_r", "dice_top5")
+            }
+        imp = self.scores["cbvae"]["imp_mu"]
+        spread: dict[str, Any] = {}
+        if imp is not None:
+            for name, values in imputed_raw(imp, self.schema).items():
+                real = self.test.frame[name].to_numpy(np.float64)
+                spread[name] = {
+                    "imputed_5_95": _spread(values),
+                    "real_5_95": _spread(real),
+                    "n_real": int(np.isfinite(real).sum()),
+                }
+        out["imputed_spread"] = spread or {"absent": "this network has no imputation head"}
+        results["missing_conditions"] = out
+
+    def likelihood(self, results: dict[str, Any]) -> None:
+        """Every likelihood in nats per map and as excess over the entropy floor, conditional ones apart."""
+        floor = self.columns["entropy_floor"]
+        rows: dict[str, Any] = {}
+        for role, spec in ROLES.items():
+            key = f"{role}/loglik_iwae"
+            if key not in self.columns:
+                continue
+            iwae, elbo = self.columns[key], self.columns[f"{role}/loglik_elbo"]
+            rows[role] = {
+                "label": spec.label,
+                "bounds": "log p(x | m)" if spec.conditional else "log p(x)",
+                "bound": f"IWAE, k = {self.opts['iwae_k']} (lower bound); elbo from the same samples",
+                "loglik_iwae": self.summary(iwae),
+                "loglik_elbo": self.summary(elbo),
+                "excess_nll_iwae": self.summary(-iwae - floor),
+                "excess_nll_elbo": self.summary(-elbo - floor),
+            }
+        for name, of in (("mean_map", "log p(x)"), ("category_mean", "log p(x | category)")):
+            ll = self.columns[f"{name}/loglik"]
+            rows[name] = {
+                "label": {"mean_map": "training mean map", "category_mean": "training category mean map"}[name],
+                "bounds": of,
+                "bound": "exact (no latent)",
+                "loglik": self.summary(ll),
+                "excess_nll": self.summary(-ll - floor),
+            }
+        results["likelihood"] = {
+            "entropy_floor": self.summary(floor),
+            "models": rows,
+            "compare": "conditional (log p(x | ·)) with conditional, unconditional (log p(x)) with unconditional",
+        }
+
+    def ssim(self, results: dict[str, Any]) -> None:
+        """Masked SSIM of the model beside a constant map and the mean map; not a criterion."""
+        out: dict[str, Any] = {"criterion": False, "params": SSIM_PARAMS}
+        for key, col in (
+            ("cbvae", "cbvae/recon/ssim"),
+            (f"pca_{self.latent_size}", f"pca_{self.latent_size}/ssim"),
+            ("mean_map", "mean_map/ssim"),
+            ("constant_map", "constant_map/ssim"),
+        ):
+            if col in self.columns:
+                out[key] = self.summary(self.columns[col])
+        results["ssim"] = out
+
+    def pca_equivalent(self, results: dict[str, Any]) -> None:
+        """The number of PCA components matching the model's reconstruction, per metric."""
+        if "cbvae" not in self.runs:
+            results["pca_equivalent"] = {"absent": "no --run_dir given"}
+            return
+        out: dict[str, Any] = {"dims": self.pca_dims, "interpolation": "linear in log2(components)"}
+        for m in METRICS:
+            model = float(np.nanmean(self.columns[f"cbvae/recon/{m}"]))
+            pca = [float(np.nanmean(self.columns[f"pca_{d}/{m}"])) for d in self.pca_dims]
+            out[m] = {"model": model, "pca": pca, **equivalent_dimension(self.pca_dims, pca, model)}
+        results["pca_equivalent"] = out
+
+    def duplicates(self) -> dict[str, Any]:
+        report = duplicate_report(self.test.maps, self.train.maps, self.test.ids, self.train.ids)
+        nearest = report.pop("nearest_r")
+        self.columns["nearest_train_r"] = nearest
+        if "cbvae/recon/pearson_r" in self.columns:
+            keep = nearest <= report["threshold_r"]
+            report["cbvae_r_without_near_duplicates"] = self.summary(self.columns["cbvae/recon/pearson_r"][keep])
+        report["searched_train_maps"] = self.train.n
+        return report
+
+    def ood(self, path: str | Path | None) -> dict[str, Any]:
+        """Reconstruction, conditional generation and sample-size imputation on a NeuroStore-only dataset."""
+        if path is None:
+            return {
+                "absent": "no --ood_dataset_dir given; build one with python -m cbvae_ext.data build --no-neurosynth "
+                "--neurostore-dir <nimare>/resources/nback_vs_flanker_studyset_2026-07 --out OOD"
+            }
+        if "cbvae" not in self.runs:
+            return {"absent": "no --run_dir given"}
+        from cbvae_ext.data import load_dataset_info
+
+        ood = load_dataset_info(path)
+        if ood.mask.shape != self.mask.shape or not np.array_equal(ood.mask, self.mask):
+            raise EvaluationError(f"--ood_dataset_dir {path} has another grid or mask; build it with the same options")
+        if ood.manifest.get("kernel") != self.info.manifest.get("kernel"):
+            raise EvaluationError(f"--ood_dataset_dir {path} was built with another kernel; build it with the same one")
+        data = load_split(ood, ood.rows("all"), schema=self.schema)
+        peaks, _ = peak_indicator(ood, data.maps)
+        run = self.runs["cbvae"]
+        options = self.pass_options(run, conditional=True)
+        sc = score_network(
+            run.model, data, self.mask, peaks, options, self.opts["batch_size"], self.ev.device, self.generator
+        )
+        cols: dict[str, Any] = {"id": data.ids, "category": list(data.frame["category"])}
+        self.add("cbvae", sc["columns"], cols)
+        baselines = {
+            "category_mean": self.category_baseline.predict(data.categories),
+            "mean_map": MeanMapBaseline().fit(self.train.maps).predict(data.n),
+        }
+        for name, pred in baselines.items():
+            scores = score_maps(pred, data.maps, self.mask)
+            if peaks is not None:
+                scores["peak_auc"] = peak_auc(pred, peaks)
+            self.add(name, scores, cols)
+        self.ood_columns = cols
+        n = len("cbvae/")
+        out: dict[str, Any] = {
+            "dataset_dir": str(path),
+            "n_maps": data.n,
+            "sources": sorted(set(data.frame["source"])),
+            "categories": {str(k): int(v) for k, v in data.frame["category"].value_counts().items()},
+            "cbvae": {k[n:]: self.summary(v) for k, v in cols.items() if k.startswith("cbvae/")},
+            "category_mean": {
+                k[len("category_mean/") :]: self.summary(v) for k, v in cols.items() if k.startswith("category_mean/")
+            },
+            "cond_only_r_vs_category_mean": self.paired(cols["cbvae/cond/pearson_r"], cols["category_mean/pearson_r"]),
+        }
+        imp = sc["imp_mu"]
+        if imp is None:
+            out["sample_size_imputation"] = {"absent": "this network has no imputation head"}
+            return out
+        true = data.frame["sample_size"].to_numpy(np.float64)
+        train_ss = self.train.frame["sample_size"].to_numpy(np.float64)
+        train_ss = train_ss[np.isfinite(train_ss)]
+        # Neurosynth records no sample sizes: then the reference predictor is the studyset's own median,
+        # an oracle the model cannot know (it only makes the comparison harder for the model)
+        reference, source = (
+            (float(np.median(train_ss)), "training median")
+            if train_ss.size
+            else (float(np.nanmedian(true)), "median of the studyset itself (no training map has a sample size)")
+        )
+        imputed = imputed_raw(imp, self.schema)["sample_size"]
+        out["sample_size_imputation"] = {**imputation_scores(imputed, true, reference), "reference": source}
+        return out
+
+    def criteria(self, results: dict[str, Any]) -> dict[str, Any]:
+        absent = {role: f"no --{spec.key} given" for role, spec in ROLES.items() if role not in self.runs}
+        absent["topic_ridge"] = results["baselines"]["topic_ridge"].get("absent", "")
+        if self.peaks is None:
+            absent["cbvae/cond/peak_auc"] = absent["category_mean/peak_auc"] = "peak voxels unknown for this kernel"
+        table = pd.DataFrame({k: v for k, v in self.columns.items() if k not in ("id", "category")})
+        crit = evaluate_criteria(table, self.latent_size, self.opts["n_bootstrap"], self.opts["seed"], absent)
+        n_bins = self.schema.n_year_bins or 10
+        cb = results["models"].get("cbvae", {})
+        adv = None if "absent" in cb else cb["adversary"]["balanced_accuracy"]
+        crit["adversary_at_chance"] = threshold_criterion(
+            adv,
+            1.5 / n_bins,
+            f"year head balanced accuracy on test <= 1.5 / n_bins ({n_bins} bins)",
+            absent.get("cbvae", "no dated test study"),
+        )
+        cm = results["conditional_maps"]
+        cats = cm.get("categories", {})
+        crit["category_identification"] = count_criterion(
+            cats.get("model", {}).get("n_correct"),
+            cats.get("training_category_means", {}).get("n_correct"),
+            "categories whose conditional map correlates best with their own held-out mean >= as many as the "
+            "training category means manage",
+            cm.get("absent"),
+        )
+        return crit
+
+    def figures(self, out_dir: Path, results: dict[str, Any]) -> list[str]:
+        written: list[Path] = []
+        n = min(self.opts["n_examples"], self.test.n)
+        if n:
+            volumes = {"real": to_volumes(self.test.maps[:n], self.mask)}
+            for role in ("cbvae", "baseline"):
+                if role in self.scores:
+                    volumes[ROLES[role].label] = to_volumes(self.scores[role]["examples"][:n], self.mask)
+            written.append(
+                plot_recon_examples(
+                    volumes, np.asarray(self.info.affine), self.test.ids[:n], out_dir / "recon_examples.png"
+                )
+            )
+        run = self.runs.get("cbvae") or next(iter(self.runs.values()))
+        if run.history is not None and {"beta", "grl_lambda", "epoch"} <= set(run.history.columns):
+            written.append(plot_schedules(run.history, out_dir / "training_curves.png"))
+        per_category = {
+            ROLES[r].label: res["per_category_r"] for r, res in results["models"].items() if "absent" not in res
+        }
+        for name, label in (
+            ("category_mean", "category mean map"),
+            ("mean_map", "training mean map"),
+            (f"pca_{self.latent_size}", f"PCA {self.latent_size}"),
+        ):
+            per_category[label] = _per_category(self.columns[f"{name}/pearson_r"], self.test.categories, self.schema)
+        written.append(plot_per_category_r(per_category, out_dir / "per_category_r.png"))
+        probes = {k: v for k, v in results["debiasing"]["probes"].items() if "skipped" not in v}
+        if probes:
+            adversary = {k: results["models"].get(k, {}).get("adversary", {}).get("balanced_accuracy") for k in probes}
+            written.append(plot_probes(probes, adversary, out_dir / "probes.png"))
+        if "category_maps" in self.figure_data:
+            generated, heldout, training, labels = self.figure_data["category_maps"]
+            ident = results["conditional_maps"]["categories"]
+            written.append(
+                plot_identification(
+                    ident["model"], ident["training_category_means"], out_dir / "category_identification.png"
+                )
+            )
+            written.append(
+                plot_category_maps(
+                    {"C-β-VAE conditional mean": generated, "held-out mean": heldout, "training mean": training},
+                    self.mask,
+                    labels,
+                    out_dir / "category_maps.png",
+                )
+            )
+        if "cbvae" in self.runs:
+            written.append(
+                plot_pca_curve(results["baselines"]["pca_curve"], results["pca_equivalent"], out_dir / "pca_curve.png")
+            )
+        return [Path(p).name for p in written]
 
 
 def _per_category(values: np.ndarray, categories: np.ndarray, schema: MetadataSchema) -> dict[str, Any]:

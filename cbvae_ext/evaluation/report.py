@@ -1,0 +1,190 @@
+"""Markdown tables of a ``test_results.json`` (the bundle README's results section is pasted from this).
+
+python -m cbvae_ext.evaluation.report EVAL/test_results.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["markdown_report"]
+
+
+def _ci(summary: Mapping[str, Any] | None, digits: int = 3) -> str:
+    if not summary or summary.get("mean") is None:
+        return "—"
+    lo, hi = summary["ci95"]
+    return f"{summary['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    body = ("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows)
+    return "\n".join([*lines, *body])
+
+
+def markdown_report(res: Mapping[str, Any]) -> str:
+    """The results as markdown: reconstruction, likelihoods, conditional maps, de-biasing, criteria."""
+    out = []
+    prov = res.get("provenance", {})
+    out.append(
+        f"Test split: {res['n_test']} maps ({res['n_train']} train). Machine: {prov.get('machine', '?')}, "
+        f"device {prov.get('device', '?')}, started {prov.get('started_utc', '?')}, {prov.get('elapsed_s', '?')} s."
+    )
+    rows = []
+    for m in res["models"].values():
+        if "absent" in m:
+            continue
+        rec = m["reconstruction"]
+        rows.append(
+            [m["label"] + " (z = μ)", *(_ci(rec.get(k)) for k in ("pearson_r", "dice_top5", "dice_top1", "ssim"))]
+        )
+        if "conditional_only" in m:
+            c = m["conditional_only"]
+            rows.append(
+                [
+                    m["label"] + " conditional-only",
+                    *(_ci(c.get(k)) for k in ("pearson_r", "dice_top5", "dice_top1")),
+                    "—",
+                ]
+            )
+    base = res["baselines"]
+    for c in base["pca_curve"]:
+        rows.append(
+            [
+                f"PCA, {c['n_components']} components",
+                *(_ci(c.get(k)) for k in ("pearson_r", "dice_top5", "dice_top1", "ssim")),
+            ]
+        )
+    for key, label in (
+        ("mean_map", "training mean map"),
+        ("category_mean", "category mean map"),
+        ("topic_ridge", "LDA50 topic ridge"),
+    ):
+        b = base.get(key, {})
+        if "absent" not in b:
+            rows.append([label, *(_ci(b.get(k)) for k in ("pearson_r", "dice_top5", "dice_top1", "ssim"))])
+    rows.append(["constant map", "—", "—", "—", _ci(base["constant_map"].get("ssim"))])
+    out.append(_table(["model / baseline", "Pearson r", "Dice top 5%", "Dice top 1%", "SSIM (mask)"], rows))
+
+    lik = res["likelihood"]
+    rows = [
+        [
+            m["label"],
+            m["bounds"],
+            m["bound"],
+            _ci(m.get("loglik_iwae") or m.get("loglik"), 0),
+            _ci(m.get("excess_nll_iwae") or m.get("excess_nll"), 0),
+        ]
+        for m in lik["models"].values()
+    ]
+    out.append(f"Likelihoods (nats/map; entropy floor {_ci(lik['entropy_floor'], 0)}):")
+    out.append(_table(["model", "bounds", "bound", "log-likelihood", "NLL above the floor"], rows))
+
+    eq = res.get("pca_equivalent", {})
+    if "absent" not in eq:
+        parts = []
+        for m in ("pearson_r", "dice_top5", "dice_top1"):
+            e = eq[m]
+            parts.append(
+                f"{m}: "
+                + (
+                    f"{e['components']:.0f}"
+                    if e["components"]
+                    else f"{e['bound']} {eq['dims'][0 if e['bound'] == 'below' else -1]}"
+                )
+            )
+        out.append("PCA-equivalent dimension (components matching the model): " + "; ".join(parts) + ".")
+
+    cm = res.get("conditional_maps", {})
+    if "absent" not in cm:
+        cats = cm["categories"]
+        out.append(
+            f"Category identification ({cm['source']}): {cats['model']['n_correct']} of {cats['model']['n_groups']} "
+            f"categories (training category means: {cats['training_category_means']['n_correct']}); with the "
+            f"training mean map subtracted from every map: {cats['model_centred']['n_correct']} "
+            f"(training category means: {cats['training_category_means_centred']['n_correct']})."
+        )
+        topics = cm.get("topics", {})
+        if "model" in topics:
+            out.append(
+                f"Topic identification: {topics['model']['n_correct']} of {topics['model']['n_groups']} dominant topics."
+            )
+
+    deb = res.get("debiasing", {})
+    rows = []
+    for name, probes in deb.get("probes", {}).items():
+        if "skipped" in probes:
+            continue
+        cells = [
+            f"{probes[p]['balanced_accuracy']:.3f} (null 95th {probes[p]['null']['p95']:.3f}, p = {probes[p]['p_value']:.2f})"
+            if probes[p]["null"]["p95"] is not None
+            else f"{probes[p]['balanced_accuracy']:.3f}"
+            for p in ("logistic", "mlp")
+        ]
+        r2 = deb["year_r2"].get(name)
+        rows.append([name, *cells, "—" if r2 is None else f"{r2:.3f}"])
+    if rows:
+        out.append(_table(["year probes on", "logistic", "MLP", "year R²"], rows))
+
+    rows = []
+    for name, c in res["criteria"].items():
+        if c.get("passed") is None:
+            rows.append([name, c["rule"], "—", f"n/a ({c.get('reason')})"])
+        elif "mean_diff" in c:
+            lo, hi = c["ci95"]
+            rows.append(
+                [
+                    name,
+                    c["rule"],
+                    f"{c['mean_diff']:+.4g} [{lo:+.4g}, {hi:+.4g}]",
+                    "passed" if c["passed"] else "**failed**",
+                ]
+            )
+        else:
+            rows.append(
+                [
+                    name,
+                    c["rule"],
+                    f"{_num(c['value'])} vs {_num(c['reference'])}",
+                    "passed" if c["passed"] else "**failed**",
+                ]
+            )
+    out.append(_table(["criterion", "rule", "paired mean difference [95% CI]", "result"], rows))
+
+    dup, miss = res.get("duplicates", {}), res.get("missing_conditions", {})
+    out.append(
+        f"Duplicates: {dup.get('n_exact')} test maps identical to a training map, {dup.get('n_near')} with r > "
+        f"{dup.get('threshold_r')}."
+    )
+    if "absent" not in miss:
+        hidden = ", ".join(
+            f"{k} {v['pearson_r']['paired_vs_given']['mean_diff']:+.3f}"
+            for k, v in miss.items()
+            if isinstance(v, dict) and "pearson_r" in v
+        )
+        out.append(f"Reconstruction r with a condition hidden, minus given (paired): {hidden}.")
+    ood = res.get("ood", {})
+    if "absent" not in ood:
+        imp = ood.get("sample_size_imputation", {})
+        out.append(
+            f"Out of distribution ({ood['n_maps']} NeuroStore maps): reconstruction r {_ci(ood['cbvae'].get('recon/pearson_r'))}, "
+            f"conditional-only r {_ci(ood['cbvae'].get('cond/pearson_r'))} vs category mean "
+            f"{_ci(ood['category_mean'].get('pearson_r'))}; sample-size imputation ρ {_num(imp.get('spearman_rho'))}, "
+            f"MAE {_num(imp.get('mae'))} vs {_num(imp.get('median_mae'))} ({imp.get('reference')})."
+        )
+    return "\n\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m cbvae_ext.evaluation.report EVAL/test_results.json")
+    sys.stdout.write(markdown_report(json.loads(Path(sys.argv[1]).read_text())))

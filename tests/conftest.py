@@ -1,4 +1,9 @@
-"""Shared fixtures: real Neurosynth data, a tiny dataset and tiny trained runs made by the real bundle CLI."""
+"""Shared fixtures: real Neurosynth data, a tiny dataset and tiny trained runs made by the real bundle CLI.
+
+Neurosynth files come from ``CBVAE_NEUROSYNTH_DIR`` when set, else ``../shared/data/neurosynth`` when it
+exists (CI), else the committed fixture ``tests/data/neurosynth`` (a few hundred real studies, same file
+names). Tests marked ``full_data`` need all 14,371 studies and skip on the fixture.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,32 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Committed Neurosynth-layout fixture (regenerate with scripts/make_neurosynth_fixture.py).
+FIXTURE_NEUROSYNTH = REPO_ROOT / "tests" / "data" / "neurosynth"
+_SHARED_NEUROSYNTH = REPO_ROOT.parent / "shared" / "data" / "neurosynth"
+_COORDINATES = "data-neurosynth_version-7_coordinates.tsv.gz"
 
 
 def _neurosynth_dir() -> Path:
-    return Path(os.environ.get("CBVAE_NEUROSYNTH_DIR", REPO_ROOT.parent / "shared" / "data" / "neurosynth"))
+    if os.environ.get("CBVAE_NEUROSYNTH_DIR"):
+        return Path(os.environ["CBVAE_NEUROSYNTH_DIR"])
+    return _SHARED_NEUROSYNTH if (_SHARED_NEUROSYNTH / _COORDINATES).is_file() else FIXTURE_NEUROSYNTH
+
+
+def full_data_available() -> bool:
+    """Whether the Neurosynth files in use are the full database (not the committed fixture)."""
+    return _neurosynth_dir().resolve() != FIXTURE_NEUROSYNTH.resolve()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if full_data_available():
+        return
+    skip = pytest.mark.skip(
+        reason=f"needs the full Neurosynth v7 database; set CBVAE_NEUROSYNTH_DIR (using the fixture {FIXTURE_NEUROSYNTH})"
+    )
+    for item in items:
+        if "full_data" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -23,9 +50,9 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def neurosynth_dir() -> Path:
-    """Real Neurosynth v7 files (CBVAE_NEUROSYNTH_DIR, default ../shared/data/neurosynth)."""
+    """Real Neurosynth v7 files: CBVAE_NEUROSYNTH_DIR, else ../shared/data/neurosynth, else the fixture."""
     path = _neurosynth_dir()
-    if not (path / "data-neurosynth_version-7_coordinates.tsv.gz").is_file():
+    if not (path / _COORDINATES).is_file():
         pytest.fail(f"Neurosynth v7 files not found in {path}; set CBVAE_NEUROSYNTH_DIR to a copy")
     return path
 

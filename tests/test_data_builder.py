@@ -68,11 +68,19 @@ def test_map_row_matches_its_peaks(tiny_dataset: Path, neurosynth_dir: Path) -> 
         assert np.isclose(values.max(), info.maps[i].max(), rtol=1e-3)
 
 
-def test_counts_splits_and_year_bins(tiny_dataset: Path) -> None:
+@pytest.mark.full_data
+def test_full_database_is_read_whole(neurosynth_dir: Path) -> None:
+    source = read_neurosynth(neurosynth_dir)
+    assert (len(source.rows), len(source.peaks)) == (14371, 507891) and source.topics.shape == (14371, 50)
+    assert source.counts["studies_tal"] == 2335 and source.counts["studies_unknown_space"] == 1832
+
+
+def test_counts_splits_and_year_bins(tiny_dataset: Path, neurosynth_dir: Path) -> None:
     info = load_dataset_info(tiny_dataset)
     m, meta = info.manifest, info.metadata
     c = m["counts"]["neurosynth"]
-    assert (c["studies_read"], c["peaks_read"]) == (14371, 507891)
+    source = read_neurosynth(neurosynth_dir)
+    assert (c["studies_read"], c["peaks_read"]) == (len(source.rows), len(source.peaks))
     assert c["studies_read"] - c["studies_without_peaks"] - c["studies_not_in_subset"] == c["n_maps"] == 120
     assert c["peaks_outside_mask"] > 0 and c["studies_without_peaks"] > 0
     assert m["split_counts"] == {"train": 96, "val": 12, "test": 12}
@@ -201,6 +209,7 @@ def test_incomplete_folder_does_not_load(tiny_dataset: Path, tmp_path: Path) -> 
         load_dataset_info(broken)
 
 
+@pytest.mark.full_data
 def test_interrupted_build_leaves_nothing_that_loads(neurosynth_dir: Path, tmp_path: Path, repo_root: Path) -> None:
     """SIGKILL mid-write: OUT never appears; the next build cleans the partial folder and succeeds."""
     import signal

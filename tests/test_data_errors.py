@@ -201,6 +201,12 @@ def test_refuses_to_replace_a_folder_that_is_not_ours(small_source: Path, tmp_pa
         build_dataset(neurosynth_dir=small_source, out=ours, subset=50)
     (ours / "notes.txt").unlink()
     assert len(load_dataset_info(build_dataset(neurosynth_dir=small_source, out=ours, subset=50)).metadata) == 50
+    # a format-1 build (before the marker) is recognised by its builder keys and replaced
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "manifest.json").write_text('{"format_version": 1, "cache_key": "old", "grid": {}, "schema": {}}')
+    (legacy / "maps.npy").write_bytes(b"old")
+    assert len(load_dataset_info(build_dataset(neurosynth_dir=small_source, out=legacy, subset=20)).metadata) == 20
 
 
 def test_build_killed_between_renames_is_recovered(small_source: Path, tmp_path: Path) -> None:

@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             from .dataset import load_dataset_info
 
             m = load_dataset_info(args.out).manifest
-            keys = ("n_maps", "grid", "kernel", "counts", "split_counts", "category_counts")
-            print(json.dumps({k: m[k] for k in keys}, indent=2))
+            keys = ("n_maps", "grid", "kernel", "counts", "split_counts", "duplicate_maps", "category_counts")
+            print(json.dumps({k: m[k] for k in keys if k in m}, indent=2))
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

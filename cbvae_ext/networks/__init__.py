@@ -80,7 +80,7 @@ CONDITIONING: dict[str, Any] = {
     "cond_mean": True,
     "cond_mean_rank": 32,
     "unknown_tokens": True,
-    "decoder_cond_input": True,
+    "decoder_cond_input": False,
     "encoder_groups": None,
     "condition_dropout": 0.3,
 }

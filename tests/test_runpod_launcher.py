@@ -273,7 +273,10 @@ def test_second_ctrl_c_during_a_slow_create_still_finds_and_terminates_the_pod(m
     # the API takes 1.5 s to create the pod; Ctrl-C 0.2 s into the request cuts it, a second one hits the lookup
     with RunPodStub(RUNPOD_KEY, faults={"create_delay": 1.5}) as stub:
         monkeypatch.setenv("RUNPOD_API_BASE_URL", stub.url)
-        config = LaunchConfig(image="img", local_dir=tmp_path / "d", retry_s=0.2, lookup_s=10, poll_s=60)
+        # a 2-minute cap: if a loaded machine delivers both presses after the create, fail instead of hanging
+        config = LaunchConfig(
+            image="img", local_dir=tmp_path / "d", retry_s=0.2, lookup_s=10, poll_s=60, max_hours=120 / 3600
+        )
         launcher = PodLauncher(config, Secrets(runpod_api_key=RUNPOD_KEY))
 
         def two_ctrl_c() -> None:

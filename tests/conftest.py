@@ -8,6 +8,7 @@ names). Tests marked ``full_data`` need all 14,371 studies and skip on the fixtu
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "full_data" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_reaches_python() -> None:
+    """Tests press Ctrl-C (SIGINT), in process and in launched CLIs: a suite started in the background by a
+    non-interactive shell inherits SIGINT ignored, so give Python its handler back (children then get the default)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

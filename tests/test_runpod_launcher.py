@@ -269,13 +269,8 @@ def test_ending_signals_terminate_the_pod(stub: RunPodStub, tmp_path: Path, sign
     assert signal.getsignal(signum) is previous
 
 
-def test_second_ctrl_c_during_a_slow_create_still_finds_and_terminates_the_pod(
-    monkeypatch, tmp_path: Path, capsys, request
-):
+def test_second_ctrl_c_during_a_slow_create_still_finds_and_terminates_the_pod(monkeypatch, tmp_path: Path, capsys):
     # the API takes 1.5 s to create the pod; Ctrl-C 0.2 s into the request cuts it, a second one hits the lookup
-    # Python's own Ctrl-C handler, also where the suite was started in the background (SIGINT ignored there)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     with RunPodStub(RUNPOD_KEY, faults={"create_delay": 1.5}) as stub:
         monkeypatch.setenv("RUNPOD_API_BASE_URL", stub.url)
         # a 2-minute cap: if a loaded machine delivers both presses after the create, fail instead of hanging

@@ -419,8 +419,8 @@ def test_app_reports_schema_mismatch(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     spec["meta_schema"]["continuous_fields"] = spec["meta_schema"]["continuous_fields"][:2]
     (run / "decoder_schema.json").write_text(json.dumps(spec))
     at = _app(monkeypatch, run)
-    assert len(at.error) == 1 and "does not match this app" in at.error[0].value
-    assert "differ from" in at.error[0].value
+    assert len(at.error) == 1 and "Could not load the run" in at.error[0].value  # RunFolder's one line
+    assert "RunFolderError" in at.error[0].value and "differ from" in at.error[0].value
 
 
 SECTIONS = ["Ask in words", "Conditions", "Generated map", "Counterfactual difference", "Evidence", "Sweep"]

@@ -237,5 +237,5 @@ def test_mismatch_is_one_line_and_exit_2(tiny_dataset, tiny_runs, tmp_path, caps
         Evaluation(tiny_dataset, run, tmp_path / "eval").run_cli()
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: grid mismatch") and "[8, 8, 8]" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and "spatial_shape [8, 8, 8]" in err[0]
     assert not (tmp_path / "eval" / "test_results.json").exists()

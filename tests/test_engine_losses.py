@@ -193,6 +193,15 @@ def test_eval_step_uses_beta_one_and_no_grad():
     assert out["loss"] == pytest.approx(out["recon"] + out["kl"] + out["imp"], rel=1e-5)
     assert out["cm"] > out["floor"] > 0  # the conditional-mean path's own likelihood, above the floor
     assert not net.training
+    # the validation ELBO draws z from the posterior (issue 11: it was taken at z = mu): reproducible under a
+    # seed, different from the z = mu value
+    torch.manual_seed(1)
+    again = EvalStep(loss=CBVAELoss(beta=5.0, adversary_weight=1.0))(engine, _batch())
+    torch.manual_seed(1)
+    assert EvalStep(loss=CBVAELoss(beta=5.0, adversary_weight=1.0))(engine, _batch())["recon"] == again["recon"]
+    with torch.no_grad():
+        at_mu = CBVAELoss()(net(_batch()["image"], _batch()["meta"], _batch()["meta_mask"]), _batch())
+    assert float(at_mu["recon"]) != pytest.approx(again["recon"], rel=1e-6)
 
 
 # ---- KL controller: the scale of its ratio --------------------------------------------------------------

@@ -61,10 +61,12 @@ class _Step:
         self.channels_last = channels_last
         self.loss = loss
 
-    def _forward(self, engine: Any, batchdata: Mapping[str, Any], **loss_kwargs: Any) -> dict[str, torch.Tensor]:
+    def _forward(
+        self, engine: Any, batchdata: Mapping[str, Any], sample: bool | None = None, **loss_kwargs: Any
+    ) -> dict[str, torch.Tensor]:
         batch = to_device(batchdata, engine.state.device, self.channels_last)
         with _autocast(engine.state.device, self.autocast_dtype):
-            out = engine.network(batch["image"], batch["meta"], batch["meta_mask"])
+            out = engine.network(batch["image"], batch["meta"], batch["meta_mask"], sample=sample)
         loss = self.loss if self.loss is not None else engine.loss_function
         return loss(out, batch, **loss_kwargs)
 
@@ -121,5 +123,6 @@ class EvalStep(_Step):
     def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, float]:
         engine.network.eval()
         with torch.no_grad():
-            terms = self._forward(engine, batchdata, beta=1.0, adversary=False)
+            # z drawn from q(z | x, m), not z = mu: the one-sample ELBO, a bound on log p(x | m)
+            terms = self._forward(engine, batchdata, sample=True, beta=1.0, adversary=False)
         return _scalars(terms)

@@ -120,9 +120,12 @@ class BaselineVAE(nn.Module):
         """Logits of the model's map with no latent information: ``decode(0, m)``."""
         return self.decode(m.new_zeros(m.shape[0], self.latent_size), m)
 
-    def forward(self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor, sample: bool | None = None
+    ) -> dict[str, torch.Tensor | None]:
         mu, logvar = self.encode(x, meta, meta_mask)
-        z = sample_latent(mu, logvar, self.training)
+        # sample=None: sample in training, the posterior mean in evaluation; validation passes True (a sampled ELBO)
+        z = sample_latent(mu, logvar, self.training if sample is None else sample)
         return {
             "recon": self.decode(z),
             "mu": mu,

@@ -210,11 +210,14 @@ class ConditionalBetaVAE(nn.Module):
         mean = self.cond_mean(self.cond_mean_input(m)).expand(z.shape[0], *logits.shape[1:])
         return logits + mean, mean
 
-    def forward(self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor, sample: bool | None = None
+    ) -> dict[str, torch.Tensor]:
         if self.training and self.conditioning and self.condition_dropout:
             meta, meta_mask = drop_conditions(meta, meta_mask, self.groups, self.condition_dropout)
         mu, logvar = self.encode(x, meta, meta_mask)
-        z = sample_latent(mu, logvar, self.training)
+        # sample=None: sample in training, the posterior mean in evaluation; validation passes True (a sampled ELBO)
+        z = sample_latent(mu, logvar, self.training if sample is None else sample)
         imp_mu, imp_logvar = self.impute(x)
         recon, cond_mean = self._decode(z, self.decoder_input(meta, meta_mask, imp_mu))
         out = {

@@ -1,0 +1,93 @@
+"""The contract of one evaluation section: what it reads (``EvalData``) and what it returns (``Section``).
+
+Each section of the evaluation (baselines, models, conditional maps, the text baselines and protocols,
+the generative measurements, ...) is a function ``section(data: EvalData) -> Section``. It reads only the
+loaded data and its own options, never another section's side effects; what it needs from another
+section it recomputes or takes from ``data.cache`` (shared, read-only-after-write fits such as the PCA of
+the training maps, keyed by a name the writer documents). The workflow runs the sections, merges each
+``Section.results`` under ``results[section.name]`` (or at the top level where ``top_level`` is set),
+and joins every ``Section.columns`` into the per-map test table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cbvae_ext.evaluation.stats import bootstrap_summary, paired_bootstrap
+
+__all__ = ["EvalData", "Section", "SectionFn"]
+
+
+@dataclass
+class EvalData:
+    """Everything a section may read: options, the dataset, the loaded runs and the two splits.
+
+    Attributes:
+        opts: checked evaluation options (``n_bootstrap``, ``seed``, ...).
+        info: the dataset (``cbvae_ext.data.DatasetInfo``).
+        schema: the dataset's ``MetadataSchema``.
+        mask: ``[D, H, W]`` bool brain mask.
+        runs: loaded runs by role (``"cbvae"``, ``"uncond"``, ``"nolambda"``, ``"baseline"``).
+        train: the training split (``SplitData``; maps ``[N, V]`` inside the mask).
+        test: the test split.
+        peaks: ``[N_test, V]`` bool peak-voxel indicator of the test maps (None without coordinates).
+        latent_size: the runs' latent size.
+        device: where networks run.
+        cache: fits shared between sections (written once, then read-only).
+    """
+
+    opts: dict[str, Any]
+    info: Any
+    schema: Any
+    mask: np.ndarray
+    runs: dict[str, Any]
+    train: Any
+    test: Any
+    peaks: np.ndarray | None
+    latent_size: int
+    device: torch.device | str = "cpu"
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self, values: np.ndarray) -> dict[str, Any]:
+        """Bootstrap mean and 95% CI of per-map values (``n_bootstrap`` resamples, seeded)."""
+        return bootstrap_summary(values, self.opts["n_bootstrap"], self.opts["seed"])
+
+    def paired(self, a: np.ndarray, b: np.ndarray, direction: str = "greater", margin: float = 0.0) -> dict[str, Any]:
+        """Paired bootstrap of ``a - b`` over the same maps."""
+        return paired_bootstrap(a, b, direction, self.opts["n_bootstrap"], self.opts["seed"], margin)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A fresh seeded generator (``seed + offset``), so a section's draws do not depend on section order."""
+        return torch.Generator().manual_seed(int(self.opts["seed"]) + offset)
+
+    def rng(self, offset: int = 0) -> np.random.Generator:
+        """A fresh seeded numpy generator (``seed + offset``)."""
+        return np.random.default_rng(int(self.opts["seed"]) + offset)
+
+
+@dataclass
+class Section:
+    """What one section returns.
+
+    Attributes:
+        name: the section's key in ``test_results.json``.
+        results: its JSON part (numbers, lists, dicts; NaN becomes null when written).
+        columns: per-map test columns ``{column name: [N_test] values}``; names come from
+            ``cbvae_ext.evaluation.columns`` where ``criteria.py`` reads them.
+        figure_data: arrays the figures need (not written to JSON).
+        top_level: merge ``results`` into the top level of the results instead of under ``name``.
+    """
+
+    name: str
+    results: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    figure_data: dict[str, Any] = field(default_factory=dict)
+    top_level: bool = False
+
+
+SectionFn = Callable[[EvalData], Section]

@@ -19,6 +19,8 @@ import pytest
 import torch
 from conftest import BUNDLE_ENV, run_bundle, training_command
 
+from cbvae_ext.networks import build_network, initialise_from_data
+
 pytestmark = pytest.mark.slow
 
 OFF = ("--use_mlflow", "false", "--use_wandb", "false")
@@ -122,6 +124,17 @@ def test_ddp_two_processes_gloo(tiny_dataset, repo_root, tmp_path):
     hist = _assert_run_folder(out, 1)
     assert hist["grl_lambda"].iloc[0] > 0
     assert "Saved checkpoint at epoch: 1" in proc.stdout + proc.stderr
+    # the conditional-mean path was fitted (was: the overlay's copy of `initialize` skipped the fit, so the
+    # path kept a constant intercept and zero coefficients), and equals a single-process fit
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert state["cond_mean.weight"].abs().max() > 0 and state["cond_mean.basis"].abs().max() > 0
+    single = build_network(json.loads((out / "network_config.json").read_text()))
+    initialise_from_data(single, tiny_dataset)
+    path = single.cond_mean
+    torch.testing.assert_close(state["cond_mean.intercept"], path.intercept, rtol=1e-5, atol=1e-6)
+    # the low-rank factors are unique only up to signs: compare the coefficients they make
+    coef = state["cond_mean.weight"].T @ state["cond_mean.basis"]
+    torch.testing.assert_close(coef, path.weight.T @ path.basis, rtol=1e-4, atol=1e-5)
 
 
 def _bundle(args: list[str]) -> subprocess.CompletedProcess:

@@ -347,7 +347,9 @@ def _identification_score(preds: Sequence[np.ndarray], y_val: np.ndarray, labels
     from cbvae_ext.evaluation.conditional import identification
 
     present = [c for c in np.unique(labels) if c >= 0]
+    mse = float(np.mean([((p - y_val) ** 2).mean() for p in preds]))
+    if not present:
+        return mse
     task_maps = np.stack([preds[-1][labels == c].mean(0) for c in present])
     heldout = np.stack([y_val[labels == c].mean(0) for c in present])
-    mse = float(np.mean([((p - y_val) ** 2).mean() for p in preds]))
     return -identification(task_maps, heldout, [str(c) for c in present])["n_correct"] + mse

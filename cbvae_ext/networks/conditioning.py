@@ -256,7 +256,13 @@ def fit_ridge(
     return ybar - mu @ coef, coef, best, scores
 
 
-def initialise_from_data(network: nn.Module, dataset_dir: Any, seed: int = 0, identify_task: bool = True) -> nn.Module:
+def initialise_from_data(
+    network: nn.Module,
+    dataset_dir: Any,
+    seed: int = 0,
+    identify_task: bool = True,
+    vector_hidden_replica: bool = False,
+) -> nn.Module:
     """Fit a network's conditional-mean path on the dataset's training split (see ``ConditionalMean``).
 
     The intercept-only path (baseline, conditioning-off twin) gets the training mean map. Otherwise the
@@ -304,7 +310,17 @@ def initialise_from_data(network: nn.Module, dataset_dir: Any, seed: int = 0, id
         return m.double().cpu().numpy()
 
     replicas = 2 if model.condition_dropout else 1
-    x_train = np.concatenate([conditions(train, replicas > 1) for _ in range(replicas)])
+    x_parts = [conditions(train, replicas > 1) for _ in range(replicas)]
+    if replicas > 1 and vector_hidden_replica:
+        # the second replica has every vector group hidden, so the "topics unknown" inputs (the task-alone map)
+        # are fitted on every training row, not on the ~30 % the dropout happens to hide
+        draw = torch.rand(len(train), len(model.groups), generator=gen)
+        probs = [float(model.condition_dropout.get(g[0], 0.0)) if isinstance(model.condition_dropout, Mapping)
+                 else float(model.condition_dropout) for g in model.groups]  # fmt: skip
+        hide = draw < torch.tensor(probs)
+        hide[:, [i for i, g in enumerate(model.groups) if g[1] == "vector"]] = True
+        x_parts[1] = conditions(train, False, hide)
+    x_train = np.concatenate(x_parts)
     rows = np.concatenate([train] * replicas)
     # the task one-hot and the observed flags take one strength, the fields and topic weights the other
     categorical = np.zeros(model.encoder_keep.numel(), bool)

@@ -106,13 +106,53 @@ def make_fixture(neurosynth_dir: Path, out: Path, n_studies: int = N_STUDIES, n_
     print(f"wrote {int(keep.sum())} studies, {len(kept_coords)} peaks to {out} ({size / 1024:.0f} KiB)")
 
 
+NQ_README = """# NeuroQuery test fixture ({n} real articles)
+
+The NeuroQuery term counts (Dockès et al., 2020, eLife 9:e53385) of the articles that are studies of the
+Neurosynth fixture beside it (`../neurosynth`, same PubMed ids), in the release's own file names and
+formats (NiMARE's `fetch_neuroquery` layout): the metadata rows and the same rows of the abstract, title
+and keywords count matrices ({n} x {v}, scipy sparse); the vocabulary is copied unchanged. Regenerate
+with `python scripts/make_neurosynth_fixture.py --neurosynth-dir DIR --neuroquery-dir NQDIR`.
+
+License: BSD 3-Clause, copyright (c) 2019 jeromedockes, see `LICENSE`. Source:
+https://github.com/neuroquery/neuroquery_data (commit 4580f86267fb7c14ac1f601e298cbed898d79f2d).
+"""
+
+
+def make_neuroquery_fixture(neuroquery_dir: Path, neurosynth_fixture: Path, out: Path) -> None:
+    """The NeuroQuery rows of the fixture's studies, in NeuroQuery's layout (``cbvae_ext.data.neuroquery``)."""
+    from cbvae_ext.data.neuroquery import NEUROQUERY_FILES
+
+    ids = set(pd.read_csv(neurosynth_fixture / NEUROSYNTH_FILES["metadata"], sep="\t", dtype=str)["id"])
+    meta = pd.read_csv(neuroquery_dir / NEUROQUERY_FILES["metadata"], sep="\t", dtype=str, keep_default_na=False)
+    keep = np.flatnonzero(meta["id"].isin(ids).to_numpy())
+    out.mkdir(parents=True, exist_ok=True)
+    _write_tsv_gz(meta.iloc[keep], out / NEUROQUERY_FILES["metadata"])
+    for source in ("abstract", "title", "keywords"):
+        counts = scipy.sparse.load_npz(neuroquery_dir / NEUROQUERY_FILES[source])
+        scipy.sparse.save_npz(out / NEUROQUERY_FILES[source], counts[keep].asformat(counts.format), compressed=True)
+    for name in (NEUROQUERY_FILES["vocabulary"], "LICENSE"):
+        shutil.copyfile(neuroquery_dir / name, out / name)
+    n_terms = len((out / NEUROQUERY_FILES["vocabulary"]).read_text().splitlines())
+    (out / "README.md").write_text(NQ_README.format(n=len(keep), v=n_terms))
+    print(f"wrote {len(keep)} NeuroQuery articles to {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--neurosynth-dir", type=Path, required=True, help="the full Neurosynth v7 files")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/neurosynth")
     parser.add_argument("--n-studies", type=int, default=N_STUDIES)
+    parser.add_argument("--neuroquery-dir", type=Path, help="the NeuroQuery files (adds tests/data/neuroquery)")
+    parser.add_argument(
+        "--neuroquery-out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/data/neuroquery"
+    )
+    parser.add_argument("--skip-neurosynth", action="store_true", help="keep the Neurosynth fixture as it is")
     args = parser.parse_args()
-    make_fixture(args.neurosynth_dir, args.out, args.n_studies)
+    if not args.skip_neurosynth:
+        make_fixture(args.neurosynth_dir, args.out, args.n_studies)
+    if args.neuroquery_dir is not None:
+        make_neuroquery_fixture(args.neuroquery_dir, args.out, args.neuroquery_out)
 
 
 if __name__ == "__main__":

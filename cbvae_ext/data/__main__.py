@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", default="float16", choices=("float16", "float32"))
     build.add_argument("--seed", type=int, default=0, help="seed of the subset and split hashes")
     build.add_argument("--force", action="store_true", help="rebuild even if OUT holds the same build")
+    build.add_argument(
+        "--neuroquery-dir",
+        help="NeuroQuery term counts for terms.npz; omitted: $CBVAE_NEUROQUERY_DIR, ../shared/data/neuroquery, "
+        "else NiMARE's fetch_neuroquery",
+    )
+    build.add_argument("--no-terms", action="store_true", help="build without NeuroQuery's terms (no terms.npz)")
     info = sub.add_parser("info", help="print a dataset folder's counts")
     info.add_argument("out")
     return parser
@@ -48,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build":
             from .builder import build_dataset
+            from .neuroquery import resolve_neuroquery_dir
 
+            terms_dir = None
+            if not args.no_terms and not args.no_neurosynth:  # the text joins Neurosynth studies by PubMed id
+                terms_dir = resolve_neuroquery_dir(args.neuroquery_dir)
             build_dataset(
                 neurosynth_dir=args.neurosynth_dir,
                 out=args.out,
@@ -62,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 radius=args.radius,
                 neurosynth=not args.no_neurosynth,
                 seed=args.seed,
+                neuroquery_dir=terms_dir,
             )
         else:
             from .dataset import load_dataset_info

@@ -44,6 +44,8 @@ __all__ = ["DATASET_FILES", "DTYPES", "FORMAT_NAME", "build_dataset", "package_v
 logger = logging.getLogger("cbvae_ext.data")
 
 DATASET_FILES = ("maps.npy", "metadata.parquet", "mask.nii.gz", "manifest.json")
+#: Files a build may add (``terms.npz``: NeuroQuery's term tf-idf, with ``neuroquery_dir``).
+OPTIONAL_FILES = ("terms.npz",)
 DTYPES = ("float16", "float32")
 #: Format marker and version of a dataset folder's manifest (version 2 added the topic columns).
 FORMAT_NAME = "cbvae-dataset"
@@ -145,7 +147,7 @@ def _check_replaceable(out: Path) -> None:
                 f"output {out} exists and is not a dataset folder (no cbvae dataset manifest); "
                 "choose another --out or remove it"
             )
-        extra = [e for e in entries if e not in DATASET_FILES]
+        extra = [e for e in entries if e not in DATASET_FILES + OPTIONAL_FILES]
         if entries and extra:
             raise DataError(
                 f"output {out} holds files that are not part of the dataset ({', '.join(extra[:3])}); "
@@ -252,6 +254,7 @@ def build_dataset(
     neurosynth: bool = True,
     seed: int = 0,
     batch_size: int = 256,
+    neuroquery_dir: str | Path | None = None,
 ) -> Path:
     """Build (or reuse) a dataset folder and return its path.
 
@@ -271,6 +274,8 @@ def build_dataset(
         neurosynth: include Neurosynth (False builds from NeuroStore folders only).
         seed: seed of the hash ranks behind the subset and the splits.
         batch_size: maps rendered per batch (bounds memory).
+        neuroquery_dir: NeuroQuery's term-count files; given, the build adds ``terms.npz`` (see
+            ``cbvae_ext.data.neuroquery``); None: no terms.
 
     Raises:
         DataError: bad option or input, nothing left after filtering, or an unwritable output.
@@ -304,6 +309,10 @@ def build_dataset(
         "dtype": dtype,
         "seed": seed,
     }
+    if neuroquery_dir is not None:
+        from .neuroquery import neuroquery_checksums
+
+        options["terms"] = {"neuroquery_files": neuroquery_checksums(neuroquery_dir)}
     key = _cache_key(inputs, options)
     _recover_interrupted(out)
     if not force and _cached(out, key):
@@ -391,6 +400,12 @@ def build_dataset(
     columns += [*tcols, f"{TOPICS.name}_observed"]
     rows = rows[[*columns, "category", "category_observed", "space", "n_peaks", "year_bin", "split_group", "split"]]
 
+    terms = None
+    if neuroquery_dir is not None:
+        from .neuroquery import build_terms
+
+        terms, counts["neuroquery"] = build_terms(neuroquery_dir, rows["id"], (rows["split"] == "train").to_numpy())
+
     tmp = _prepare_output(out)
     try:
         shape = (len(rows), *grid.shape)
@@ -400,6 +415,10 @@ def build_dataset(
         _write_npy(tmp / "maps.npy", maps, shape, dtype, len(rows))
         rows.to_parquet(tmp / "metadata.parquet", index=False)
         nib.save(grid.mask_img(), tmp / "mask.nii.gz")
+        if terms is not None:
+            from .neuroquery import TERMS_FILE, save_terms
+
+            save_terms(tmp / TERMS_FILE, terms)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

@@ -207,6 +207,7 @@ def fit_ridge(
     penalties: Sequence[np.ndarray],
     chunk: int = 512,
     voxel_step: int = 4,
+    criterion: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, int, list[float]]:
     """Ridge regression of maps on conditions, the per-feature penalty chosen on validation.
 
@@ -214,7 +215,8 @@ def fit_ridge(
     callables ``rows -> [len(rows), V]`` float arrays, so the maps are read in chunks. Each candidate in
     ``penalties`` is a vector of per-feature penalties; the one with the smallest validation mean squared
     error, averaged over the condition sets ``x_val`` (each ``[n_val, n_features]`` for the same maps,
-    e.g. all conditions given and the task alone) on every ``voxel_step``-th voxel, wins.
+    e.g. all conditions given and the task alone) on every ``voxel_step``-th voxel, wins; ``criterion``
+    (``(predictions per condition set, validation maps) -> score``, smaller is better) replaces that rule.
 
     Returns:
         ``(intercept [V], coef [n_features, V], index of the chosen penalty, validation MSE per candidate)``.
@@ -242,7 +244,11 @@ def fit_ridge(
     scores = []
     for pen in penalties:
         b = np.linalg.solve(gram + np.diag(np.asarray(pen, dtype=np.float64)) + 1e-9 * np.eye(d), xty[:, ::voxel_step])
-        scores.append(float(np.mean([((ybar[::voxel_step] + xv @ b - yv) ** 2).mean() for xv in xvs])))
+        preds = [ybar[::voxel_step] + xv @ b for xv in xvs]
+        if criterion is not None:
+            scores.append(float(criterion(preds, yv)))
+        else:
+            scores.append(float(np.mean([((p - yv) ** 2).mean() for p in preds])))
     best = int(np.argmin(scores))
     b = np.linalg.solve(gram + np.diag(np.asarray(penalties[best], dtype=np.float64)) + 1e-9 * np.eye(d), xty)
     coef = np.zeros_like(b)
@@ -250,7 +256,13 @@ def fit_ridge(
     return ybar - mu @ coef, coef, best, scores
 
 
-def initialise_from_data(network: nn.Module, dataset_dir: Any, seed: int = 0) -> nn.Module:
+def initialise_from_data(
+    network: nn.Module,
+    dataset_dir: Any,
+    seed: int = 0,
+    identify_task: bool = True,
+    vector_hidden_replica: bool = False,
+) -> nn.Module:
     """Fit a network's conditional-mean path on the dataset's training split (see ``ConditionalMean``).
 
     The intercept-only path (baseline, conditioning-off twin) gets the training mean map. Otherwise the
@@ -259,7 +271,10 @@ def initialise_from_data(network: nn.Module, dataset_dir: Any, seed: int = 0) ->
     the validation split. The penalty has two strengths, one for the categorical groups (the task
     one-hot) and one for the rest (year, ..., the 50 topic weights), chosen together on the validation
     maps with every condition given and with the task alone (the app's two main queries), so neither
-    the topics' many weights nor the few maps of a small category set the other's shrinkage. A network
+    the topics' many weights nor the few maps of a small category set the other's shrinkage. With
+    ``identify_task`` the task strength is then re-chosen (the other kept) by category identification of
+    the task-alone map on validation (its best-matching validation category mean is its own), ties by
+    MSE: squared error alone pulls every category map to the mean map on a 1k split. A network
     without the path is returned unchanged; a checkpoint loaded later overwrites the fit.
     """
     from cbvae_ext.data import load_dataset_info, normalise_maps
@@ -295,7 +310,17 @@ def initialise_from_data(network: nn.Module, dataset_dir: Any, seed: int = 0) ->
         return m.double().cpu().numpy()
 
     replicas = 2 if model.condition_dropout else 1
-    x_train = np.concatenate([conditions(train, replicas > 1) for _ in range(replicas)])
+    x_parts = [conditions(train, replicas > 1) for _ in range(replicas)]
+    if replicas > 1 and vector_hidden_replica:
+        # the second replica has every vector group hidden, so the "topics unknown" inputs (the task-alone map)
+        # are fitted on every training row, not on the ~30 % the dropout happens to hide
+        draw = torch.rand(len(train), len(model.groups), generator=gen)
+        probs = [float(model.condition_dropout.get(g[0], 0.0)) if isinstance(model.condition_dropout, Mapping)
+                 else float(model.condition_dropout) for g in model.groups]  # fmt: skip
+        hide = draw < torch.tensor(probs)
+        hide[:, [i for i, g in enumerate(model.groups) if g[1] == "vector"]] = True
+        x_parts[1] = conditions(train, False, hide)
+    x_train = np.concatenate(x_parts)
     rows = np.concatenate([train] * replicas)
     # the task one-hot and the observed flags take one strength, the fields and topic weights the other
     categorical = np.zeros(model.encoder_keep.numel(), bool)
@@ -306,16 +331,41 @@ def initialise_from_data(network: nn.Module, dataset_dir: Any, seed: int = 0) ->
     candidates = [(a, c) for a in 10.0 ** np.arange(1, 7) for c in 10.0 ** np.arange(0, 6)]
     penalties = [np.where(categorical, c, a) for a, c in candidates]
     task_only = torch.tensor([g[0] != "task" for g in model.groups]).expand(len(val), -1)
-    b0, coef, best, _ = fit_ridge(
-        x_train,
-        lambda r: maps(rows[r]),
-        [conditions(val, False), conditions(val, False, task_only)],
-        lambda r: maps(val[r]),
-        penalties,
-    )
+    val_sets = [conditions(val, False), conditions(val, False, task_only)]
+    b0, coef, best, _ = fit_ridge(x_train, lambda r: maps(rows[r]), val_sets, lambda r: maps(val[r]), penalties)
+    alpha = candidates[best]
+    if identify_task:
+        # the MSE choice shrinks a small category's map to the mean map, so a task alone names no category;
+        # the task penalty is re-chosen by how many validation categories the task-alone map identifies
+        # (ties: the MSE), the other penalty kept
+        labels = info.category_index(val)
+        task_candidates = [(a, c) for a, c in candidates if a == alpha[0]]
+        task_penalties = [np.where(categorical, c, a) for a, c in task_candidates]
+        b0, coef, best, _ = fit_ridge(
+            x_train,
+            lambda r: maps(rows[r]),
+            val_sets,
+            lambda r: maps(val[r]),
+            task_penalties,
+            criterion=lambda preds, yv: _identification_score(preds, yv, labels),
+        )
+        alpha = task_candidates[best]
     intercept[mask] = b0
     full = np.zeros((coef.shape[0], *mask.shape), np.float32)
     full[:, mask] = coef
     path.fit(intercept, full)
-    path.alpha = candidates[best]
+    path.alpha = alpha
     return network
+
+
+def _identification_score(preds: Sequence[np.ndarray], y_val: np.ndarray, labels: np.ndarray) -> float:
+    """``-(categories identified) + MSE`` of the task-alone predictions (``preds[-1]``) on validation (MSE < 1)."""
+    from cbvae_ext.evaluation.conditional import identification
+
+    present = [c for c in np.unique(labels) if c >= 0]
+    mse = float(np.mean([((p - y_val) ** 2).mean() for p in preds]))
+    if not present:
+        return mse
+    task_maps = np.stack([preds[-1][labels == c].mean(0) for c in present])
+    heldout = np.stack([y_val[labels == c].mean(0) for c in present])
+    return -identification(task_maps, heldout, [str(c) for c in present])["n_correct"] + mse

@@ -1,0 +1,122 @@
+"""Ablations of the conditional-mean path on a dataset folder (no VAE training: the path is fitted in closed form).
+
+1. Category identification: the task-alone conditional map against each held-out category mean, with the
+   task penalty chosen by validation MSE (the old rule) and by validation identification (the default),
+   beside the training category means.
+2. Terms: peak AUC on the validation split of the path's map (topics, task, year) against the same map plus
+   a NeuroQuery text part (``neuroquery.smoothed_regression.SmoothedRegression`` fitted on the training
+   studies with text, on the residual maps projected onto a training PCA basis), paired over validation
+   studies with text (``--text``; needs ``terms.npz``).
+
+Usage::
+
+    python scripts/ablate_text.py --dataset /work/tmp_text/data_1000 [--split test] [--text]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from cbvae_ext.data import load_dataset_info, normalise_maps
+from cbvae_ext.data.neuroquery import load_terms
+from cbvae_ext.evaluation.conditional import identification
+from cbvae_ext.evaluation.metrics import peak_auc
+from cbvae_ext.evaluation.stats import paired_bootstrap
+from cbvae_ext.networks import build_network, initialise_from_data, preset_config
+
+
+def _maps(info, rows: np.ndarray) -> np.ndarray:
+    return normalise_maps(np.asarray(info.maps[rows], dtype=np.float32)).numpy()[:, info.mask]
+
+
+def _path_probs(model, info, meta: np.ndarray, meta_mask: np.ndarray) -> np.ndarray:
+    m = torch.from_numpy(np.concatenate([meta, meta_mask], axis=1))
+    with torch.no_grad():
+        p = torch.sigmoid(model.conditional_mean(m).float()).numpy()
+    return p[:, 0][:, info.mask]
+
+
+def _task_maps(model, info, present: list[int]) -> np.ndarray:
+    task = info.schema.group("task")
+    meta = np.zeros((len(present), info.schema.meta_dim), np.float32)
+    mask = np.zeros((len(present), info.schema.mask_dim), np.float32)
+    meta[np.arange(len(present)), task.meta_slice.start + np.array(present)] = 1.0
+    mask[:, task.mask_index] = 1.0
+    return _path_probs(model, info, meta, mask)
+
+
+def identification_table(info, split: str, seed: int) -> None:
+    train, held = info.rows("train"), info.rows(split)
+    cat_tr, cat_te = info.category_index(train), info.category_index(held)
+    present = [c for c in range(info.schema.n_categories) if (cat_te == c).any() and (cat_tr == c).any()]
+    y_tr, y_te = _maps(info, train), _maps(info, held)
+    heldout = np.stack([y_te[cat_te == c].mean(0) for c in present])
+    labels = [info.schema.categories[c] for c in present]
+    means = identification(np.stack([y_tr[cat_tr == c].mean(0) for c in present]), heldout, labels)
+    print(f"| task penalty chosen by | categories identified ({split}) | penalties (others, task) |")
+    print("| --- | ---: | --- |")
+    rules = (
+        ("validation MSE (old)", False, False),
+        ("validation identification (default)", True, False),
+        ("validation identification, 2nd replica topics hidden", True, True),
+    )
+    for rule, flag, replica in rules:
+        model = build_network(preset_config("cpu", info.schema, info.mask.shape))
+        initialise_from_data(model, info.path, seed=seed, identify_task=flag, vector_hidden_replica=replica)
+        got = identification(_task_maps(model, info, present), heldout, labels)
+        print(
+            f"| {rule} | {got['n_correct']} of {got['n_groups']} | {tuple(float(a) for a in model.cond_mean.alpha)} |"
+        )
+    print(f"| training category means | {means['n_correct']} of {means['n_groups']} | - |")
+
+
+def text_table(info, seed: int, n_components: int = 100) -> None:
+    from neuroquery.smoothed_regression import SmoothedRegression
+    from sklearn.decomposition import PCA
+
+    terms = load_terms(info.path)
+    if terms is None:
+        raise SystemExit(f"{info.path} has no terms.npz; build it with --neuroquery-dir")
+    train, val = info.rows("train"), info.rows("val")
+    model = build_network(preset_config("cpu", info.schema, info.mask.shape))
+    initialise_from_data(model, info.path, seed=seed)
+    y_tr, y_va = _maps(info, train), _maps(info, val)
+    base_tr = _path_probs(model, info, *info.encode(train))
+    base_va = _path_probs(model, info, *info.encode(val))
+    has_tr, has_va = terms.observed[train], terms.observed[val]
+    pca = PCA(min(n_components, int(has_tr.sum()) - 1), random_state=seed).fit(y_tr[has_tr] - base_tr[has_tr])
+    target = pca.transform(y_tr[has_tr] - base_tr[has_tr])
+    reg = SmoothedRegression(n_components=min(300, int(has_tr.sum()) - 1)).fit(terms.tfidf[train[has_tr]], target)
+    text_va = pca.inverse_transform(reg.predict(terms.tfidf[val[has_va]].toarray()))
+    peaks = y_va[has_va] >= 1.0
+    auc_base = peak_auc(base_va[has_va], peaks)
+    auc_text = peak_auc(np.clip(base_va[has_va] + text_va, 1e-4, 1 - 1e-4), peaks)
+    diff = paired_bootstrap(auc_text, auc_base)
+    print(
+        "| validation studies with text | topics + task + year | + NeuroQuery text part | paired difference [95% CI] |"
+    )
+    print("| ---: | ---: | ---: | --- |")
+    print(
+        f"| {int(has_va.sum())} | {np.nanmean(auc_base):.3f} | {np.nanmean(auc_text):.3f} | {diff['mean_diff']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--split", default="test", choices=("val", "test"))
+    parser.add_argument("--text", action="store_true", help="also the terms ablation (peak AUC on validation)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    info = load_dataset_info(args.dataset)
+    identification_table(info, args.split, args.seed)
+    if args.text:
+        text_table(info, args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The conditional-mean fit's task penalty chosen by category identification on validation, not MSE alone."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cbvae_ext.networks.conditioning import _identification_score, fit_ridge
+
+
+def _data(seed: int = 0, n: int = 40, v: int = 64):
+    rng = np.random.default_rng(seed)
+    patterns = rng.normal(size=(2, v))
+    labels = np.arange(n) % 2
+    x = np.eye(2)[labels]
+    y = 0.3 * patterns[labels] + rng.normal(size=(n, v))
+    return x, y, labels, patterns
+
+
+def test_identification_score_counts_own_category_matches_then_mse():
+    _, _, labels, patterns = _data()
+    y_val = patterns[labels]
+    right = _identification_score([patterns[labels]], y_val, labels)
+    swapped = _identification_score([patterns[1 - labels]], y_val, labels)
+    assert right == -2.0  # both identified, MSE 0
+    assert swapped > -1.0  # none identified (+ its MSE)
+
+
+def test_fit_ridge_uses_the_criterion_over_mse():
+    x, y, labels, _ = _data()
+    xv, yv, lv, _ = _data(seed=1, n=10)
+    penalties = [np.full(2, p) for p in (1e-3, 1e1, 1e6)]
+    args = (x, lambda r: y[r], [xv], lambda r: yv[r], penalties)
+    _, _, best_mse, mse = fit_ridge(*args, voxel_step=1)
+    assert best_mse == int(np.argmin(mse))
+    # a criterion that prefers the least shrinkage picks the smallest penalty whatever the MSE says
+    _, coef, best, scores = fit_ridge(*args, voxel_step=1, criterion=lambda preds, yval: -np.ptp(preds[0]))
+    assert best == 0 and scores[0] < scores[2]
+    # and with the smallest penalty the task maps are the training category means (ridge on a one-hot)
+    means = np.stack([y[labels == c].mean(0) for c in (0, 1)])
+    np.testing.assert_allclose(coef[1] - coef[0], means[1] - means[0], atol=1e-3)
+
+
+def test_initialise_keeps_the_task_map_identifying_on_validation(tmp_path):
+    from pathlib import Path
+
+    import torch
+
+    from cbvae_ext.data import build_dataset, load_dataset_info, normalise_maps
+    from cbvae_ext.evaluation.conditional import identification
+    from cbvae_ext.networks import build_network, initialise_from_data, preset_config
+
+    fixture = Path(__file__).parent / "data" / "neurosynth"
+    info = load_dataset_info(build_dataset(neurosynth_dir=fixture, out=tmp_path / "ds", subset=200))
+    val = info.rows("val")
+    labels = info.category_index(val)
+    present = sorted(set(labels.tolist()) - {-1})
+    y = normalise_maps(np.asarray(info.maps[val], np.float32)).numpy()[:, info.mask]
+    heldout = np.stack([y[labels == c].mean(0) for c in present])
+    task = info.schema.group("task")
+    m = np.zeros((len(present), info.schema.meta_dim + info.schema.mask_dim), np.float32)
+    m[np.arange(len(present)), task.meta_slice.start + np.array(present)] = 1.0
+    m[:, info.schema.meta_dim + task.mask_index] = 1.0
+    counts = {}
+    for flag in (False, True):
+        model = build_network(preset_config("cpu", info.schema, info.mask.shape))
+        initialise_from_data(model, info.path, identify_task=flag)
+        with torch.no_grad():
+            maps = torch.sigmoid(model.conditional_mean(torch.from_numpy(m))).numpy()[:, 0][:, info.mask]
+        counts[flag] = identification(maps, heldout, [str(c) for c in present])["n_correct"]
+    assert counts[True] >= counts[False]

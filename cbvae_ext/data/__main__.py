@@ -39,10 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if OUT holds the same build")
     build.add_argument(
         "--neuroquery-dir",
-        help="NeuroQuery term counts for terms.npz; omitted: $CBVAE_NEUROQUERY_DIR, ../shared/data/neuroquery, "
-        "else NiMARE's fetch_neuroquery",
+        help="NeuroQuery term counts for terms.npz (implies --terms)",
     )
-    build.add_argument("--no-terms", action="store_true", help="build without NeuroQuery's terms (no terms.npz)")
+    # opt-in: the 1k ablation found no validation gain from terms (architecture.md), and the default build
+    # must not download NeuroQuery where no local copy exists
+    build.add_argument(
+        "--terms",
+        action="store_true",
+        help="add NeuroQuery's term tf-idf (terms.npz) from --neuroquery-dir, $CBVAE_NEUROQUERY_DIR, "
+        "../shared/data/neuroquery, else NiMARE's fetch_neuroquery",
+    )
     info = sub.add_parser("info", help="print a dataset folder's counts")
     info.add_argument("out")
     return parser
@@ -57,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             from .neuroquery import resolve_neuroquery_dir
 
             terms_dir = None
-            if not args.no_terms and not args.no_neurosynth:  # the text joins Neurosynth studies by PubMed id
+            if (
+                args.terms or args.neuroquery_dir
+            ) and not args.no_neurosynth:  # the text joins Neurosynth studies by PubMed id
                 terms_dir = resolve_neuroquery_dir(args.neuroquery_dir)
             build_dataset(
                 neurosynth_dir=args.neurosynth_dir,

@@ -35,6 +35,8 @@ for the network, never values written into the metadata table.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,6 +59,7 @@ __all__ = [
     "MetadataSchema",
     "SchemaError",
     "VectorDecl",
+    "declaration_fingerprint",
     "plausible",
 ]
 
@@ -248,6 +251,21 @@ class ConditionGroup:
     @property
     def size(self) -> int:
         return self.meta_slice.stop - self.meta_slice.start
+
+
+def declaration_fingerprint() -> str:
+    """sha256 of every declaration in this module (``FIELDS``, ``TOPICS``, ``CATEGORICALS``).
+
+    The dataset builder puts it in its cache key, so a dataset built before a field was added or changed
+    is rebuilt instead of reused (the new field would otherwise be silently absent from training).
+    The module globals are read at call time, so a changed declaration changes the fingerprint.
+    """
+    blob = {
+        "fields": [asdict(d) for d in FIELDS],
+        "topics": asdict(TOPICS),
+        "categoricals": [asdict(d) for d in CATEGORICALS],
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=dict).encode()).hexdigest()
 
 
 def plausible(name: str, values: np.ndarray) -> np.ndarray:

@@ -98,9 +98,9 @@ def test_counts_splits_and_year_bins(tiny_dataset: Path, neurosynth_dir: Path) -
     assert np.allclose(schema.year_bin_edges, np.quantile(train_years, np.linspace(0, 1, 11)))
     assert m["year_bin_edges"] == schema.year_bin_edges
     assert (meta["year_bin"].to_numpy() == schema.year_bin(meta["year"].to_numpy())).all()
-    assert schema.categories == CATEGORIES and m["kernel"]["name"] == "ale" and m["kernel"]["fwhm_mm"] == 10.0
+    assert schema.categories == CATEGORIES and m["kernel"]["name"] == "ale" and m["kernel"]["kernel_fwhm_mm"] == 10.0
     assert len(m["sources"][0]["files"]) == 5 and "package_version" in m and m["cache_key"]
-    assert m["format"] == "cbvae-dataset" and m["format_version"] == 2
+    assert m["format"] == "cbvae-dataset" and m["format_version"] == 3
 
 
 def test_topics_are_the_studies_lda50_weights(tiny_dataset: Path, neurosynth_dir: Path) -> None:

@@ -150,8 +150,8 @@ def test_bad_options(small_source: Path, tmp_path: Path) -> None:
         ({"subset": 0}, "--subset 0 is too small; use at least 10"),
         ({"subset": 1}, "--subset 1 is too small; use at least 10"),
         ({"dtype": "int8"}, "--dtype 'int8'"),
-        ({"fwhm": -1.0}, r"--kernel-fwhm -1 is outside the valid range \(0, 60\] mm"),
-        ({"fwhm": 1e12}, r"--kernel-fwhm 1e\+12 is outside the valid range \(0, 60\] mm"),
+        ({"kernel_fwhm_mm": -1.0}, r"--kernel-fwhm -1 is outside the valid range \(0, 60\] mm"),
+        ({"kernel_fwhm_mm": 1e12}, r"--kernel-fwhm 1e\+12 is outside the valid range \(0, 60\] mm"),
         ({"kernel": "mkda", "radius": 1e5}, r"--radius 100000 is outside the valid range \(0, 60\] mm"),
     ]:
         with pytest.raises(DataError, match=message):
@@ -277,7 +277,7 @@ def test_too_few_studies_for_the_splits(tmp_path: Path) -> None:
 def test_kernel_fwhm_option_and_alias(flag: str, small_source: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert main(["build", "--neurosynth-dir", str(small_source), "--out", str(out), "--subset", "20", flag, "8"]) == 0
-    assert load_dataset_info(out).manifest["kernel"]["fwhm_mm"] == 8.0
+    assert load_dataset_info(out).manifest["kernel"]["kernel_fwhm_mm"] == 8.0
     assert main(["build", "--neurosynth-dir", str(small_source), "--out", str(out), flag, "1e12"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --kernel-fwhm 1e+12 is outside the valid range (0, 60] mm; choose e.g. 10"

@@ -31,7 +31,7 @@ def test_maps_equal_nimare_at_2mm(kernel: str, neurosynth_dir: Path, source, tmp
     assert info.maps.shape == (N_STUDIES, 96, 112, 96)
     spec, grid = KernelSpec(kernel), make_grid(2)
     if kernel == "ale":  # at 2 mm the parameter is literally NiMARE's: ALEKernel(fwhm=10)
-        assert info.manifest["kernel"]["nimare_fwhm"] == info.manifest["kernel"]["fwhm_mm"] == 10.0
+        assert info.manifest["kernel"]["nimare_fwhm"] == info.manifest["kernel"]["kernel_fwhm_mm"] == 10.0
     else:
         assert info.manifest["kernel"]["nimare_equivalent"] == "MKDAKernel(r=10, value=1)"
     ids = info.metadata["id"].tolist()

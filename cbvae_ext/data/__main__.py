@@ -13,7 +13,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .kernels import DEFAULT_FWHM, DEFAULT_RADIUS, KERNELS
+    from .kernels import DEFAULT_KERNEL_FWHM_MM, DEFAULT_RADIUS, KERNELS
 
     parser = argparse.ArgumentParser(prog="python -m cbvae_ext.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,9 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--kernel-fwhm",
         "--fwhm",
-        dest="kernel_fwhm",
+        dest="kernel_fwhm_mm",
         type=float,
-        default=DEFAULT_FWHM,
+        default=DEFAULT_KERNEL_FWHM_MM,
         help="ALE kernel's Gaussian FWHM in mm (--fwhm is an alias; not the metadata field fwhm)",
     )
     build.add_argument("--radius", type=float, default=DEFAULT_RADIUS, help="MKDA sphere radius in mm")
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         help="add NeuroQuery's term tf-idf (terms.npz) from --neuroquery-dir, $CBVAE_NEUROQUERY_DIR, "
         "../shared/data/neuroquery, else NiMARE's fetch_neuroquery",
     )
-    info = sub.add_parser("info", help="print a dataset folder's counts")
+    info = sub.add_parser("info", help="check a dataset folder's files (full checksums) and print its counts")
     info.add_argument("out")
     return parser
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 neurostore_dirs=args.neurostore_dir,
                 dtype=args.dtype,
                 force=args.force,
-                fwhm=args.kernel_fwhm,
+                kernel_fwhm_mm=args.kernel_fwhm_mm,
                 radius=args.radius,
                 neurosynth=not args.no_neurosynth,
                 seed=args.seed,
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .dataset import load_dataset_info
 
-            m = load_dataset_info(args.out).manifest
+            m = load_dataset_info(args.out, full_check=True).manifest
             keys = ("n_maps", "grid", "kernel", "counts", "split_counts", "duplicate_maps", "category_counts")
             print(json.dumps({k: m[k] for k in keys if k in m}, indent=2))
     except DataError as err:

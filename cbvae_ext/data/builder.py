@@ -1,9 +1,11 @@
 """Build a dataset folder: sources -> peaks on the grid -> stratified subset/splits -> MA maps on disk.
 
 Output (see ``bundle/docs/formats.md``): ``maps.npy``, ``metadata.parquet``, ``mask.nii.gz`` and
-``manifest.json``, written into a temporary sibling folder that is renamed to ``OUT`` only when
-complete, so an interrupted build never leaves a folder that loads. A folder whose manifest carries
-the same cache key (input checksums + options + package version) is reused unless ``force``.
+``manifest.json`` (with each file's checksum), written into a temporary sibling folder that is renamed to
+``OUT`` only when complete, so an interrupted build never leaves a folder that loads; a lock beside ``OUT``
+keeps a second build out meanwhile (``folder.py``). A folder whose manifest carries the same cache key
+(input checksums, options, package and format version, the schema's declarations and the category rules)
+and whose files still match their checksums is reused unless ``force``.
 """
 
 from __future__ import annotations
@@ -23,13 +25,28 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cbvae_ext.schema import CONTINUOUS_FIELDS, TOPICS, MetadataSchema, plausible
+from cbvae_ext.schema import CONTINUOUS_FIELDS, TOPICS, MetadataSchema, declaration_fingerprint, plausible
 
 from .categories import CATEGORIES, category_table
 from .errors import DataError
+from .folder import (
+    DATASET_FILES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    OPTIONAL_FILES,
+    HashingWriter,
+    clean_stale,
+    file_checksums,
+    is_ours,
+    output_lock,
+    read_manifest,
+    resolve_out,
+    verify_files,
+)
 from .grid import Grid, make_grid
-from .kernels import DEFAULT_FWHM, DEFAULT_RADIUS, KernelSpec, render_maps
+from .kernels import DEFAULT_KERNEL_FWHM_MM, DEFAULT_RADIUS, KernelSpec, render_maps
 from .sources import (
+    TOPIC_SUM_TOLERANCE,
     SourceTable,
     fetch_neurosynth_dir,
     file_sha256,
@@ -43,13 +60,7 @@ __all__ = ["DATASET_FILES", "DTYPES", "FORMAT_NAME", "build_dataset", "package_v
 
 logger = logging.getLogger("cbvae_ext.data")
 
-DATASET_FILES = ("maps.npy", "metadata.parquet", "mask.nii.gz", "manifest.json")
-#: Files a build may add (``terms.npz``: NeuroQuery's term tf-idf, with ``neuroquery_dir``).
-OPTIONAL_FILES = ("terms.npz",)
 DTYPES = ("float16", "float32")
-#: Format marker and version of a dataset folder's manifest (version 2 added the topic columns).
-FORMAT_NAME = "cbvae-dataset"
-FORMAT_VERSION = 2
 #: Fewest maps that fill every split (the splits take 8/1/1 of each block of 10 study groups).
 MIN_MAPS = 10
 
@@ -67,7 +78,8 @@ def package_version() -> str:
 
 
 def _cache_key(sources: list[tuple[str, Path]], options: dict) -> str | None:
-    """Hash of input checksums, options and package version; None when an input file is missing."""
+    """Hash of input checksums, options, package and format version, the schema's field declarations and the
+    category rules; None when an input file is missing."""
     checksums = []
     for kind, directory in sources:
         files = source_files(kind, directory)
@@ -75,62 +87,36 @@ def _cache_key(sources: list[tuple[str, Path]], options: dict) -> str | None:
             return None
         checksums.append([kind, {p.name: file_sha256(p) for p in files}])
     blob = json.dumps(
-        {"inputs": checksums, "options": options, "version": package_version(), "format": FORMAT_VERSION},
+        {
+            "inputs": checksums,
+            "options": options,
+            "version": package_version(),
+            "format": FORMAT_VERSION,
+            "schema": declaration_fingerprint(),
+            "categories": category_table(),
+            "topic_sum_tolerance": TOPIC_SUM_TOLERANCE,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _cached(out: Path, key: str | None) -> bool:
-    if key is None or not all((out / f).is_file() for f in DATASET_FILES):
+    """Whether ``out`` holds a build with this cache key whose files still match their checksums."""
+    if key is None:
         return False
     try:
-        return json.loads((out / "manifest.json").read_text()).get("cache_key") == key
-    except (OSError, ValueError):
+        manifest = read_manifest(out)
+    except DataError:
+        return False  # missing, foreign or of another format: rebuilt (if ours) or refused later
+    if manifest["cache_key"] != key:
         return False
-
-
-def _pid_alive(pid: str) -> bool:
     try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
+        verify_files(out, manifest)
+    except DataError as err:
+        logger.warning("%s", str(err).split("; rebuild")[0] + "; rebuilding")
         return False
-    except PermissionError:
-        return True
     return True
-
-
-def _is_ours(out: Path) -> bool:
-    """Whether ``out`` is provably a dataset folder written by this builder (its manifest's format marker).
-
-    Format-1 folders predate the marker: their manifest is recognised by ``format_version`` 1 together with
-    the builder's ``cache_key``, ``grid`` and ``schema`` entries.
-    """
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict):
-        return False
-    if manifest.get("format") == FORMAT_NAME:
-        return True
-    return manifest.get("format_version") == 1 and {"cache_key", "grid", "schema"} <= manifest.keys()
-
-
-def _recover_interrupted(out: Path) -> None:
-    """Undo a build killed between its two renames: put the previous build back, or drop the orphan.
-
-    A build moves ``out`` aside to ``.out.old-<pid>`` and then renames the new folder to ``out``; killed
-    in between, ``out`` is missing while the complete previous build sits in the hidden folder.
-    """
-    for stale in sorted(out.parent.glob(f".{out.name}.old-*")):
-        if _pid_alive(stale.name.rsplit("-", 1)[-1]):
-            continue  # another build is between its renames right now
-        if not out.exists() and _is_ours(stale):
-            stale.rename(out)
-            logger.warning("restored %s from %s, left by an interrupted build", out, stale.name)
-        else:
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _check_replaceable(out: Path) -> None:
@@ -142,7 +128,7 @@ def _check_replaceable(out: Path) -> None:
         if not out.is_dir():
             raise DataError(f"output {out} exists and is not a folder; choose another --out or remove it")
         entries = sorted(p.name for p in out.iterdir())
-        if entries and not _is_ours(out):
+        if entries and not is_ours(out):
             raise DataError(
                 f"output {out} exists and is not a dataset folder (no cbvae dataset manifest); "
                 "choose another --out or remove it"
@@ -156,15 +142,11 @@ def _check_replaceable(out: Path) -> None:
 
 
 def _prepare_output(out: Path) -> Path:
-    """Check ``out`` can be (re)placed and return a fresh temporary sibling folder."""
+    """Check ``out`` can be (re)placed and return a fresh temporary sibling folder (stale ones are gone: the
+    caller holds the output lock and ran ``clean_stale``)."""
     _check_replaceable(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in out.parent.glob(f".{out.name}.partial-*"):
-            if not _pid_alive(stale.name.rsplit("-", 1)[-1]):  # left by a killed build
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as err:
         raise DataError(f"output folder {out.parent} is not writable ({err.strerror}); choose another --out") from err
@@ -211,7 +193,8 @@ def _place_peaks(tables: list[SourceTable], grid: Grid) -> tuple[pd.DataFrame, p
             **table.counts,
             "peaks_outside_mask": int((~inside).sum()),
             "studies_without_peaks": int((n_peaks == 0).sum()),
-            "implausible_values_set_missing": _drop_implausible(table),
+            # the reader's (topic vectors) and the declared fields' plausible ranges
+            "implausible_values_set_missing": {**table.implausible, **_drop_implausible(table)},
         }
         part = table.rows.assign(n_peaks=n_peaks)
         rows.append(part)
@@ -224,20 +207,22 @@ def _place_peaks(tables: list[SourceTable], grid: Grid) -> tuple[pd.DataFrame, p
     return rows_df, pd.concat(peaks, ignore_index=True), counts
 
 
-def _write_npy(path: Path, batches, shape: tuple[int, ...], dtype: str, total: int) -> None:
-    """Stream map batches into a memory-mappable ``.npy`` (header, then rows in order).
+def _write_npy(path: Path, batches, shape: tuple[int, ...], dtype: str, total: int) -> str:
+    """Stream map batches into a memory-mappable ``.npy`` (header, then rows in order); returns its sha256.
 
     Writing through the file instead of an ``open_memmap`` keeps dirty pages out of our RSS, so a
-    full build never holds more than one batch of float32 maps.
+    full build never holds more than one batch of float32 maps; the checksum is taken on the way.
     """
     with open(path, "wb") as f:
+        out = HashingWriter(f)
         np.lib.format.write_array_header_1_0(
-            f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+            out, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
         )
         with tqdm(total=total, unit="map", desc="MA maps", disable=None) as bar:
             for batch in batches:
-                f.write(np.ascontiguousarray(batch, dtype=dtype).data)
+                out.write(np.ascontiguousarray(batch, dtype=dtype).data)
                 bar.update(len(batch))
+    return out.digest.hexdigest()
 
 
 def build_dataset(
@@ -249,7 +234,7 @@ def build_dataset(
     neurostore_dirs: Sequence[str | Path] = (),
     dtype: str = "float16",
     force: bool = False,
-    fwhm: float = DEFAULT_FWHM,
+    kernel_fwhm_mm: float = DEFAULT_KERNEL_FWHM_MM,
     radius: float = DEFAULT_RADIUS,
     neurosynth: bool = True,
     seed: int = 0,
@@ -261,15 +246,15 @@ def build_dataset(
     Args:
         neurosynth_dir: folder with the Neurosynth v7 files; None downloads them with
             ``nimare.extract.fetch_neurosynth`` (reusing an existing download).
-        out: dataset folder to write.
+        out: dataset folder to write (a symlink: its target is replaced, the link kept).
         subset: keep this many Neurosynth studies (deterministic, stratified by category x year bin);
             None keeps all. NeuroStore sources are always kept whole.
         resolution: grid voxel size in mm (4 or 2).
-        kernel: ``"ale"`` (Gaussian, ``fwhm``) or ``"mkda"`` (sphere, ``radius``).
+        kernel: ``"ale"`` (Gaussian, ``kernel_fwhm_mm``) or ``"mkda"`` (sphere, ``radius``).
         neurostore_dirs: NiMARE parquet studyset folders to add.
         dtype: ``"float16"`` or ``"float32"`` for ``maps.npy``.
         force: rebuild even when ``out`` holds a build with the same cache key.
-        fwhm: ALE Gaussian FWHM in mm.
+        kernel_fwhm_mm: ALE Gaussian FWHM in mm (the kernel's, not the metadata field ``fwhm``).
         radius: MKDA sphere radius in mm.
         neurosynth: include Neurosynth (False builds from NeuroStore folders only).
         seed: seed of the hash ranks behind the subset and the splits.
@@ -278,7 +263,8 @@ def build_dataset(
             ``cbvae_ext.data.neuroquery``); None: no terms.
 
     Raises:
-        DataError: bad option or input, nothing left after filtering, or an unwritable output.
+        DataError: bad option or input, nothing left after filtering, an unwritable output, or another
+            build writing ``out``.
     """
     start = time.perf_counter()
     out = Path(out)
@@ -289,7 +275,7 @@ def build_dataset(
             f"--subset {subset!r} is too small; use at least {MIN_MAPS} (every block of 10 study groups gives "
             "8 training, 1 validation and 1 test map)"
         )
-    spec = KernelSpec(kernel, float(fwhm), float(radius))
+    spec = KernelSpec(kernel, float(kernel_fwhm_mm), float(radius))
     grid = make_grid(int(resolution))
     if not neurosynth and not neurostore_dirs:
         raise DataError("no source selected; drop --no-neurosynth or add --neurostore-dir")
@@ -314,12 +300,35 @@ def build_dataset(
 
         options["terms"] = {"neuroquery_files": neuroquery_checksums(neuroquery_dir)}
     key = _cache_key(inputs, options)
-    _recover_interrupted(out)
-    if not force and _cached(out, key):
-        logger.info("reusing %s (same inputs and options; pass --force to rebuild)", out)
-        return out
-    _check_replaceable(out)  # fail before the slow part; checked again just before the rename
+    target = resolve_out(out)
+    with output_lock(target):
+        clean_stale(target)
+        if not force and _cached(target, key):
+            logger.info("reusing %s (same inputs and options; pass --force to rebuild)", out)
+            return out
+        _check_replaceable(target)  # fail before the slow part; checked again just before the rename
+        _build(
+            target, inputs, options, key, spec, grid, subset, seed, neurosynth, dtype, batch_size, neuroquery_dir, start
+        )
+    return out
 
+
+def _build(
+    out: Path,
+    inputs: list[tuple[str, Path]],
+    options: dict,
+    key: str | None,
+    spec: KernelSpec,
+    grid: Grid,
+    subset: int | None,
+    seed: int,
+    neurosynth: bool,
+    dtype: str,
+    batch_size: int,
+    neuroquery_dir: str | Path | None,
+    start: float,
+) -> None:
+    """Read, filter, split and render into a temporary sibling of ``out``, then swap it in (see ``build_dataset``)."""
     tables = [read_neurosynth(d) if kind == "neurosynth" else read_neurostore(d) for kind, d in inputs]
     rows, peaks, counts = _place_peaks(tables, grid)
     topics, topic_names, topic_keys = _topics(tables)
@@ -412,18 +421,21 @@ def build_dataset(
         maps = render_maps(
             spec.cube(grid), peaks[["i", "j", "k"]].to_numpy(), row_of_peak, len(rows), grid.mask, batch_size, dtype
         )
-        _write_npy(tmp / "maps.npy", maps, shape, dtype, len(rows))
+        maps_sha256 = _write_npy(tmp / "maps.npy", maps, shape, dtype, len(rows))
         rows.to_parquet(tmp / "metadata.parquet", index=False)
         nib.save(grid.mask_img(), tmp / "mask.nii.gz")
         if terms is not None:
             from .neuroquery import TERMS_FILE, save_terms
 
             save_terms(tmp / TERMS_FILE, terms)
+        written = [*DATASET_FILES[:3], *(f for f in OPTIONAL_FILES if (tmp / f).is_file())]
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "package_version": package_version(),
             "cache_key": key,
+            "schema_fingerprint": declaration_fingerprint(),
+            "files": file_checksums(tmp, written, {"maps.npy": maps_sha256}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "options": options,
             "n_maps": len(rows),
@@ -470,4 +482,3 @@ def build_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("wrote %d maps %s to %s in %.1f s", len(rows), list(grid.shape), out, time.perf_counter() - start)
-    return out

@@ -100,14 +100,15 @@ _COMPILED = [(cat, re.compile(rx)) for cat, rx in TASK_KEYWORDS]
 
 
 def topic_categories(weights: np.ndarray) -> list[str | None]:
-    """Category per study from its LDA50 topic weights ``[N, 50]``; None where a row is all zero."""
+    """Category per study from its LDA50 topic weights ``[N, 50]``; None where a row is all zero or missing (NaN)."""
     weights = np.asarray(weights, dtype=np.float64)
+    has_topics = np.isfinite(weights).all(axis=1) & (np.nan_to_num(weights).sum(axis=1) > 0)
+    weights = np.where(has_topics[:, None], weights, 0.0)
     names = [c for c in CATEGORIES if c != "other"]
     sums = np.zeros((weights.shape[0], len(names)))
     for topic, cat in TOPIC_CATEGORIES.items():
         sums[:, names.index(cat)] += weights[:, topic]
     best = sums.argmax(axis=1)
-    has_topics = weights.sum(axis=1) > 0
     out: list[str | None] = []
     for i in range(weights.shape[0]):
         if not has_topics[i]:

@@ -9,7 +9,6 @@ DataLoader workers share the page cache instead of copying the array.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,11 @@ from monai.config import KeysCollection
 from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose, EnsureTyped, Lambdad, MapTransform
 
-from cbvae_ext.schema import CONTINUOUS_FIELDS, TOPICS, MetadataSchema, SchemaError
+from cbvae_ext.schema import CONTINUOUS_FIELDS, TOPICS, MetadataSchema
 
-from .builder import DATASET_FILES, topic_columns
+from .builder import topic_columns
 from .errors import DataError
+from .folder import DATASET_FILES, read_manifest, rebuild_fix, verify_files
 
 __all__ = [
     "SPLITS",
@@ -101,11 +101,16 @@ class DatasetInfo:
         return np.array([self.schema.category_index(c) for c in self.metadata["category"].iloc[rows]], dtype=np.int64)
 
 
-def load_dataset_info(path: str | Path) -> DatasetInfo:
-    """Open a dataset folder written by ``build_dataset``.
+def load_dataset_info(path: str | Path, full_check: bool = False) -> DatasetInfo:
+    """Open a dataset folder written by ``build_dataset``, after checking its files against the manifest.
+
+    Args:
+        path: the dataset folder.
+        full_check: hash ``maps.npy`` whole (seconds for a full build) instead of its size and sampled hash.
 
     Raises:
-        DataError: when the folder is missing, incomplete or inconsistent.
+        DataError: when the folder is missing, incomplete, of another format version, edited after its
+            build, or inconsistent.
     """
     path = Path(path)
     fix = "build it with: python -m cbvae_ext.data build --out " + str(path)
@@ -114,21 +119,48 @@ def load_dataset_info(path: str | Path) -> DatasetInfo:
     missing = [f for f in DATASET_FILES if not (path / f).is_file()]
     if missing:
         raise DataError(f"dataset folder {path} is incomplete (missing {', '.join(missing)}); {fix} --force")
+    manifest = read_manifest(path)
+    verify_files(path, manifest, full=full_check)
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
         schema = MetadataSchema.from_dict(manifest["schema"])
         metadata = pd.read_parquet(path / "metadata.parquet")
         maps = np.load(path / "maps.npy", mmap_mode="r")
         mask_img = nib.load(path / "mask.nii.gz")
         mask = np.asarray(mask_img.dataobj) > 0
-    except (OSError, ValueError, KeyError, SchemaError) as err:
-        raise DataError(f"dataset folder {path} is unreadable ({err}); {fix} --force") from err
-    if maps.shape[0] != len(metadata) or maps.shape[1:] != mask.shape:
+        affine = np.asarray(mask_img.affine, dtype=np.float64)
+    except Exception as err:  # numpy, pyarrow, nibabel and gzip each raise their own types for a bad file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"dataset folder {path} is unreadable ({reason}); {rebuild_fix(path)}") from err
+    _check_columns(path, metadata, schema)
+    if maps.ndim != 4 or maps.shape[0] != len(metadata) or maps.shape[1:] != mask.shape:
         raise DataError(
             f"dataset folder {path} is inconsistent: maps {maps.shape}, {len(metadata)} metadata rows, mask "
-            f"{mask.shape}; {fix} --force"
+            f"{mask.shape}; {rebuild_fix(path)}"
         )
-    return DatasetInfo(path, manifest, schema, metadata, maps, mask, np.asarray(mask_img.affine))
+    return DatasetInfo(path, manifest, schema, metadata, maps, mask, affine)
+
+
+def _check_columns(path: Path, metadata: pd.DataFrame, schema: MetadataSchema) -> None:
+    """The columns the loader reads exist, with usable types."""
+    numeric = [*CONTINUOUS_FIELDS, *topic_columns(schema.n_topics), "year_bin"]
+    flags = [*(f"{f}_observed" for f in CONTINUOUS_FIELDS), "category_observed"]
+    if schema.n_topics:
+        flags.append(f"{TOPICS.name}_observed")
+    missing = [c for c in ["id", "split", "category", *numeric, *flags] if c not in metadata]
+    if missing:
+        raise DataError(f"{path / 'metadata.parquet'} lacks column(s) {', '.join(missing[:3])}; {rebuild_fix(path)}")
+    wrong = [c for c in numeric if not pd.api.types.is_numeric_dtype(metadata[c])]
+    wrong += [c for c in flags if not pd.api.types.is_bool_dtype(metadata[c])]
+    if wrong:
+        raise DataError(
+            f"{path / 'metadata.parquet'} has column(s) {', '.join(wrong[:3])} of the wrong type; {rebuild_fix(path)}"
+        )
+    for column, known in (("split", SPLITS[:3]), ("category", schema.categories)):
+        unknown = sorted(set(metadata[column].dropna().astype(str)) - set(known))
+        if unknown:
+            raise DataError(
+                f"{path / 'metadata.parquet'} has unknown {column} value(s) {unknown[:3]}; {rebuild_fix(path)}"
+            )
 
 
 class LoadMapd(MapTransform):

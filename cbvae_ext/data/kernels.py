@@ -6,10 +6,11 @@ by voxel-wise maximum, and everything outside the brain mask is zeroed. We paste
 cube straight into dense output maps with a small numba loop instead, which is the same arithmetic
 without the sparse bookkeeping (``tests/test_data_nimare_equality.py`` checks the equality at 2 mm).
 
-ALE: ``fwhm`` is the Gaussian's full width at half maximum in mm (sigma = fwhm / 2.3548). NiMARE's
+ALE: ``kernel_fwhm_mm`` is the Gaussian's full width at half maximum in mm (sigma = FWHM / 2.3548; not the
+metadata field ``fwhm``, a study's own smoothing). NiMARE's
 ``get_ale_kernel`` computes ``sigma_vox = fwhm / sqrt(voxel volume) / sqrt(4 ln 2)``, which is exactly
 that at 2 mm but not at other voxel sizes, so we pass it
-``nimare_fwhm = fwhm * sqrt(voxel volume) / (sqrt(2) * voxel edge)`` (= ``fwhm`` at 2 mm, 1.41 x ``fwhm``
+``nimare_fwhm = kernel_fwhm_mm * sqrt(voxel volume) / (sqrt(2) * voxel edge)`` (= the FWHM at 2 mm, 1.41 x it
 at 4 mm); the kernel then has the stated width in mm at every resolution. MKDA: a binary sphere of radius ``radius`` mm (NiMARE's
 ``sphere_kernel_offsets``), value 1.
 """
@@ -26,10 +27,18 @@ import numpy as np
 from .errors import DataError
 from .grid import Grid
 
-__all__ = ["DEFAULT_FWHM", "DEFAULT_RADIUS", "KERNELS", "KERNEL_FLOOR", "MAX_KERNEL_MM", "KernelSpec", "render_maps"]
+__all__ = [
+    "DEFAULT_KERNEL_FWHM_MM",
+    "DEFAULT_RADIUS",
+    "KERNELS",
+    "KERNEL_FLOOR",
+    "MAX_KERNEL_MM",
+    "KernelSpec",
+    "render_maps",
+]
 
 #: ALE Gaussian FWHM in mm; NiMARE's sample-size formula gives about 9-10 mm for 20 subjects.
-DEFAULT_FWHM = 10.0
+DEFAULT_KERNEL_FWHM_MM = 10.0
 #: MKDA sphere radius in mm (NiMARE's default).
 DEFAULT_RADIUS = 10.0
 #: Kernel entries below this fraction of the kernel's peak are not pasted. NiMARE keeps the Gaussian's
@@ -48,31 +57,31 @@ class KernelSpec:
 
     Args:
         name: ``"ale"`` or ``"mkda"``.
-        fwhm: ALE Gaussian FWHM in mm.
+        kernel_fwhm_mm: ALE Gaussian FWHM in mm.
         radius: MKDA sphere radius in mm.
     """
 
     name: str = "ale"
-    fwhm: float = DEFAULT_FWHM
+    kernel_fwhm_mm: float = DEFAULT_KERNEL_FWHM_MM
     radius: float = DEFAULT_RADIUS
 
     def __post_init__(self) -> None:
         if self.name not in KERNELS:
             raise DataError(f"--kernel {self.name!r} is not supported; use one of {', '.join(KERNELS)}")
-        value, flag = (self.fwhm, "--kernel-fwhm") if self.name == "ale" else (self.radius, "--radius")
+        value, flag = (self.kernel_fwhm_mm, "--kernel-fwhm") if self.name == "ale" else (self.radius, "--radius")
         if not (math.isfinite(value) and 0 < value <= MAX_KERNEL_MM):
             raise DataError(f"{flag} {value:g} is outside the valid range (0, {MAX_KERNEL_MM:g}] mm; choose e.g. 10")
 
     def nimare_fwhm(self, grid: Grid) -> float:
         """The ``fwhm`` to give NiMARE's ``get_ale_kernel``/``ALEKernel`` for this kernel on ``grid``."""
         zooms = np.abs(np.diag(grid.affine)[:3])
-        return float(self.fwhm * np.sqrt(np.prod(zooms)) / (np.sqrt(2.0) * zooms.mean()))
+        return float(self.kernel_fwhm_mm * np.sqrt(np.prod(zooms)) / (np.sqrt(2.0) * zooms.mean()))
 
     def to_dict(self, grid: Grid) -> dict:
         if self.name == "ale":
             return {
                 "name": "ale",
-                "fwhm_mm": self.fwhm,
+                "kernel_fwhm_mm": self.kernel_fwhm_mm,
                 "nimare_fwhm": self.nimare_fwhm(grid),
                 "combine": "max",
                 "nimare_equivalent": f"ALEKernel(fwhm={self.nimare_fwhm(grid):.6g})",

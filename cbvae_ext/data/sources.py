@@ -31,6 +31,7 @@ __all__ = [
     "SourceTable",
     "fetch_neurosynth_dir",
     "file_sha256",
+    "plausible_topics",
     "read_neurostore",
     "read_neurosynth",
     "source_files",
@@ -47,6 +48,8 @@ NEUROSYNTH_FILES = {
     "vocabulary": _NS + "vocab-LDA50_vocabulary.txt",
     "keys": _NS + "vocab-LDA50_keys.tsv",
 }
+#: A topic vector is a mixture: weights in [0, 1] whose sum is 1 within this (the v7 rows are within 4e-15).
+TOPIC_SUM_TOLERANCE = 1e-3
 #: Space labels the table keeps.
 SPACES = ("MNI", "TAL", "UNKNOWN")
 _ROW_COLUMNS = ["id", "study_id", "source", "title", "year", "sample_size", "category", "space"]
@@ -65,6 +68,7 @@ class SourceTable:
         topics: ``[len(rows), T]`` raw topic weights (NaN rows = missing); None when the source has none.
         topic_names: labels of the topic columns (the LDA50 vocabulary).
         topic_keys: top words of each topic.
+        implausible: values the reader set missing, per field (the builder adds the declared fields' counts).
     """
 
     name: str
@@ -75,6 +79,15 @@ class SourceTable:
     topics: np.ndarray | None = None
     topic_names: list[str] = field(default_factory=list)
     topic_keys: list[str] = field(default_factory=list)
+    implausible: dict[str, int] = field(default_factory=dict)
+
+
+def plausible_topics(weights: np.ndarray) -> np.ndarray:
+    """Bool per row of ``[N, T]`` topic weights: finite, each in [0, 1], summing to 1 (``TOPIC_SUM_TOLERANCE``)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ok = np.isfinite(weights).all(axis=1) & ((weights >= 0) & (weights <= 1)).all(axis=1)
+        return ok & (np.abs(weights.sum(axis=1) - 1.0) <= TOPIC_SUM_TOLERANCE)
 
 
 def file_sha256(path: Path) -> str:
@@ -207,6 +220,18 @@ def read_neurosynth(directory: str | Path) -> SourceTable:
             "use an unmodified copy of the v7 file"
         )
 
+    # impossible weights (negative, 1e300, inf, NaN) are missing, never a category's evidence
+    bad_topics = ~plausible_topics(weights)
+    weights = weights.astype(np.float64)
+    weights[bad_topics] = np.nan
+    if bad_topics.any():
+        logger.warning(
+            "%s: %d studies' topic weights are not a mixture (outside [0, 1], not summing to 1, or not finite); "
+            "set to missing",
+            paths["features"].name,
+            bad_topics.sum(),
+        )
+
     space = _normalise_space(meta["space"], paths["metadata"])
     year = pd.to_numeric(meta["year"], errors="coerce").to_numpy(np.float64)
     rows = pd.DataFrame(
@@ -244,9 +269,10 @@ def read_neurosynth(directory: str | Path) -> SourceTable:
         peaks,
         files,
         counts,
-        weights.astype(np.float64),
+        weights,
         list(vocab),
         [keys[i] for i in range(len(vocab))],
+        {TOPICS.name: int(bad_topics.sum())} if bad_topics.any() else {},
     )
 
 

@@ -198,3 +198,31 @@ def test_errors_share_the_package_base() -> None:
 
     assert issubclass(SchemaError, CbvaeError) and issubclass(SchemaError, ValueError)
     assert issubclass(DataError, CbvaeError) and issubclass(DataError, ValueError)
+
+
+def test_declaration_fingerprint_follows_every_declaration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministic (the dataset cache key holds it), and changed by any edit of FIELDS, TOPICS or CATEGORICALS."""
+    import dataclasses
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cbvae_ext.schema as schema_module
+
+    base = schema_module.declaration_fingerprint()
+    fresh = subprocess.run(
+        [sys.executable, "-c", "from cbvae_ext.schema import declaration_fingerprint as f; print(f())"],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert len(base) == 64 and fresh.stdout.strip() == base  # the same in another interpreter (no hash seed)
+    seen = {base}
+    for name, value in [
+        ("FIELDS", (dataclasses.replace(FIELDS[0], high=2030.0), *FIELDS[1:])),
+        ("FIELDS", (*FIELDS, dataclasses.replace(FIELDS[3], name="echo_time"))),
+        ("TOPICS", dataclasses.replace(TOPICS, size=100)),
+        ("CATEGORICALS", (*CATEGORICALS, dataclasses.replace(CATEGORICALS[0], name="modality"))),
+    ]:
+        with monkeypatch.context() as m:
+            m.setattr(schema_module, name, value)
+            seen.add(schema_module.declaration_fingerprint())
+    assert len(seen) == 5 and schema_module.declaration_fingerprint() == base

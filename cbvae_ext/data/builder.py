@@ -301,6 +301,10 @@ def build_dataset(
         options["terms"] = {"neuroquery_files": neuroquery_checksums(neuroquery_dir)}
     key = _cache_key(inputs, options)
     target = resolve_out(out)
+    if not force and target.parent.is_dir() and not os.access(target.parent, os.W_OK) and _cached(target, key):
+        # a read-only copy (a shared mount) is used as it is: there is nothing to lock or clean
+        logger.info("reusing %s (same inputs and options; its folder is read-only)", out)
+        return out
     with output_lock(target):
         clean_stale(target)
         if not force and _cached(target, key):

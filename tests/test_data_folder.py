@@ -24,7 +24,7 @@ from conftest import FIXTURE_NEUROSYNTH
 
 import cbvae_ext.data.categories as categories
 import cbvae_ext.schema as schema_module
-from cbvae_ext.data import DataError, build_dataset, load_dataset_info
+from cbvae_ext.data import DataError, build_dataset, check_dataset_files, load_dataset_info
 from cbvae_ext.data.__main__ import main
 from cbvae_ext.data.categories import topic_categories
 from cbvae_ext.data.sources import NEUROSYNTH_FILES
@@ -102,6 +102,8 @@ def test_reordered_metadata_is_refused(built: Path, tmp_path: Path, capsys: pyte
     pattern = rf"dataset folder {re.escape(str(out))}: metadata.parquet {changed} \(edited after the build\); "
     assert re.fullmatch(pattern + re.escape(FIX.format(out)), message), message
     assert _one_line_error(capsys, ["info", str(out)]) == f"error: {message}"
+    with pytest.raises(DataError, match=re.escape(message)):  # for readers of the raw files (the app)
+        check_dataset_files(out)
 
 
 def test_reordered_or_truncated_maps_are_refused(built: Path, tmp_path: Path) -> None:

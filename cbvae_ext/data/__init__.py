@@ -1,7 +1,8 @@
 """Dataset builder and loader: Neurosynth/NeuroStore coordinates -> MA maps + metadata -> MONAI datasets.
 
 Build: ``python -m cbvae_ext.data build --neurosynth-dir DIR --out OUT`` or ``build_dataset(...)``.
-Load: ``load_dataset_info(OUT)``, ``make_dataset(OUT, split)``, ``load_split_tensors(OUT, split, device)``.
+Load: ``load_dataset_info(OUT)`` (checks the files against the manifest's checksums first; readers of the raw
+files call ``check_dataset_files(OUT)``), ``make_dataset(OUT, split)``, ``load_split_tensors(OUT, split, device)``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .dataset import (
     normalise_maps,
 )
 from .errors import DataError
+from .folder import check_dataset_files
 
 __all__ = [
     "CATEGORIES",
@@ -25,6 +27,7 @@ __all__ = [
     "DatasetInfo",
     "LoadMapd",
     "build_dataset",
+    "check_dataset_files",
     "load_dataset_info",
     "load_split_tensors",
     "make_dataset",

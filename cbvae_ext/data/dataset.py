@@ -26,7 +26,7 @@ from cbvae_ext.schema import CONTINUOUS_FIELDS, TOPICS, MetadataSchema
 
 from .builder import topic_columns
 from .errors import DataError
-from .folder import DATASET_FILES, read_manifest, rebuild_fix, verify_files
+from .folder import DATASET_FILES, check_dataset_files, rebuild_fix
 
 __all__ = [
     "SPLITS",
@@ -119,8 +119,7 @@ def load_dataset_info(path: str | Path, full_check: bool = False) -> DatasetInfo
     missing = [f for f in DATASET_FILES if not (path / f).is_file()]
     if missing:
         raise DataError(f"dataset folder {path} is incomplete (missing {', '.join(missing)}); {fix} --force")
-    manifest = read_manifest(path)
-    verify_files(path, manifest, full=full_check)
+    manifest = check_dataset_files(path, full_check)
     try:
         schema = MetadataSchema.from_dict(manifest["schema"])
         metadata = pd.read_parquet(path / "metadata.parquet")

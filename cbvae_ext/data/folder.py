@@ -39,6 +39,7 @@ __all__ = [
     "OPTIONAL_FILES",
     "SAMPLE_BLOCKS",
     "HashingWriter",
+    "check_dataset_files",
     "clean_stale",
     "file_checksums",
     "is_ours",
@@ -191,6 +192,24 @@ def read_manifest(path: Path) -> dict[str, Any]:
     for key, kind in (("schema", dict), ("n_maps", int), ("grid", dict), ("kernel", dict), ("cache_key", str)):
         if not isinstance(manifest.get(key), kind):
             raise _bad_manifest(path, f"'{key}' must be a {kind.__name__}")
+    return manifest
+
+
+def check_dataset_files(path: str | Path, full_check: bool = False) -> dict[str, Any]:
+    """The manifest of a dataset folder of this format whose files match their recorded checksums.
+
+    For readers that open a dataset's files themselves (``load_dataset_info`` calls it first).
+
+    Args:
+        path: dataset folder.
+        full_check: hash ``maps.npy`` whole instead of its size and sampled hash.
+
+    Raises:
+        DataError: one line naming the file and the fix (rebuild).
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    verify_files(path, manifest, full=full_check)
     return manifest
 
 

@@ -118,7 +118,7 @@ def load_dataset_info(path: str | Path, full_check: bool = False) -> DatasetInfo
         raise DataError(f"dataset folder {path} does not exist; {fix}")
     missing = [f for f in DATASET_FILES if not (path / f).is_file()]
     if missing:
-        raise DataError(f"dataset folder {path} is incomplete (missing {', '.join(missing)}); {fix} --force")
+        raise DataError(f"dataset folder {path} is incomplete (missing {', '.join(missing)}); {rebuild_fix(path)}")
     manifest = check_dataset_files(path, full_check)
     try:
         schema = MetadataSchema.from_dict(manifest["schema"])

@@ -134,6 +134,12 @@ def verify_files(path: Path, manifest: Mapping[str, Any], full: bool = False) ->
     Raises:
         DataError: a file is missing, or its size or checksum differs from the manifest's.
     """
+    for name in OPTIONAL_FILES:
+        if name not in manifest["files"] and (path / name).exists():
+            raise DataError(
+                f"dataset folder {path} holds {name}, which its manifest.json does not list (added after the build); "
+                f"remove it, or {rebuild_fix(path)}"
+            )
     for name, record in manifest["files"].items():
         file = path / name
         if not file.is_file():

@@ -102,8 +102,8 @@ bad() { echo "error: $*" >&2; exit 2; }
 [[ $linger =~ ^(0|[1-9][0-9]{0,5})$ ]] || bad "--linger must be whole seconds from 0 to 999999, got '$linger'"
 [[ $keep_alive == 0 || $keep_alive == 1 ]] || bad "CBVAE_KEEP_ALIVE must be 0 or 1, got '$keep_alive'"
 
-# the pod's own limit, first of all (an exit below restarts the container, which starts it again with the
-# same absolute deadline): it holds whatever the job or the launcher does (kill -9, lost network)
+# the pod's own limit, first of all: it holds whatever the job or the launcher does (kill -9, lost network);
+# a restarted container (RunPod host restart) starts it again with the same absolute deadline
 if [ -n "$deadline" ]; then
   if [ "$can_remove" = 1 ]; then
     echo "[cbvae] this pod removes itself at $(date -u -d "@$deadline" '+%F %T') UTC (deadline)"

@@ -25,7 +25,9 @@ the environment variables in brackets:
                         past the deadline); the launcher usually terminates it sooner
 
 Removing the pod needs RUNPOD_POD_ID and the pod-scoped RUNPOD_API_KEY, which RunPod sets in every pod;
-without them (any other machine) --keep-alive sleeps forever and --deadline only warns.
+without them (any other machine) --keep-alive sleeps forever and --deadline only warns. With them and
+a deadline or --keep-alive, any other exit of this script (a refused option, a failure) removes the pod
+at once: RunPod restarts a container that exits, and the watchdog ends with PID 1.
 The pipeline options may also come from the pod environment: CBVAE_EPOCHS, CBVAE_SUBSET, CBVAE_PRESET,
 CBVAE_RESOLUTION, CBVAE_KERNEL, CBVAE_KERNEL_FWHM, CBVAE_NEUROSYNTH_DIR. Other environment:
 WANDB_API_KEY (online W&B logging; without it runs are logged offline: `wandb sync` them later),
@@ -49,6 +51,7 @@ keep_alive="${CBVAE_KEEP_ALIVE:-0}"
 deadline="${CBVAE_DEADLINE:-}"
 linger="${CBVAE_LINGER_S:-1800}"
 pipeline=()
+missing=""  # an option without its value: refused below, once an exit is known to remove a bounded pod
 for pair in EPOCHS:--epochs SUBSET:--subset PRESET:--preset RESOLUTION:--resolution KERNEL:--kernel \
   KERNEL_FWHM:--kernel-fwhm NEUROSYNTH_DIR:--neurosynth-dir; do
   var="CBVAE_${pair%%:*}"
@@ -59,22 +62,48 @@ while [ $# -gt 0 ]; do
     -h|--help) usage; exit 0 ;;
     --keep-alive) keep_alive=1; shift ;;
     --root|--deadline|--linger)
-      [ $# -ge 2 ] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }
+      if [ $# -lt 2 ]; then missing="$1"; break; fi
       case "$1" in --root) root="$2" ;; --deadline) deadline="$2" ;; --linger) linger="$2" ;; esac
       shift 2 ;;
     *) pipeline+=("$1"); shift ;;
   esac
 done
-[[ -z $deadline || $deadline =~ ^[1-9][0-9]*$ ]] || { echo "error: --deadline must be a Unix time in seconds, got '$deadline'" >&2; exit 2; }
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 py="${PYTHON:-python}"
-
-# the pod's own limit, first of all (an exit below restarts the container, which starts it again with the
-# same absolute deadline): it holds whatever the job or the launcher does (kill -9, lost network)
 can_remove=0
 if [ -n "${RUNPOD_POD_ID:-}" ] && [ -n "${RUNPOD_API_KEY:-}" ]; then can_remove=1; fi
 watchdog=""
+removed=0
+
+# A pod asked to bound its life (a deadline, or --keep-alive) is removed on EVERY exit of this script: RunPod
+# restarts a container that exits, and the exit of PID 1 kills the watchdog with it, so an exit (a refused
+# option, a `set -e` failure, the job ending without --keep-alive) would otherwise leave the pod billing.
+on_exit() {
+  local rc=$?
+  trap - EXIT
+  set +e
+  if [ -n "$watchdog" ]; then
+    if kill -0 "$watchdog" 2>/dev/null; then kill "$watchdog" 2>/dev/null; else wait "$watchdog" && removed=1; fi
+  fi
+  if [ "$removed" != 1 ]; then
+    echo "[cbvae] the entry script ends (exit $rc): removing this pod now"
+    "$py" -m cbvae_ext.cloud.pod_deadline remove --reason "entry script ended (exit $rc)"
+  fi
+  exit "$rc"
+}
+if [ "$can_remove" = 1 ] && { [ -n "$deadline" ] || [ "$keep_alive" = 1 ]; }; then trap on_exit EXIT; fi
+
+# every option is checked before the watchdog starts; the launcher refuses the same values before a pod exists
+# (cbvae_ext.cloud.launcher.POD_VALUES)
+bad() { echo "error: $*" >&2; exit 2; }
+[ -z "$missing" ] || bad "$missing needs a value (see --help)"
+[[ -z $deadline || $deadline =~ ^[1-9][0-9]{0,10}$ ]] || bad "--deadline must be a Unix time in seconds, got '$deadline'"
+[[ $linger =~ ^(0|[1-9][0-9]{0,5})$ ]] || bad "--linger must be whole seconds from 0 to 999999, got '$linger'"
+[[ $keep_alive == 0 || $keep_alive == 1 ]] || bad "CBVAE_KEEP_ALIVE must be 0 or 1, got '$keep_alive'"
+
+# the pod's own limit, first of all: it holds whatever the job or the launcher does (kill -9, lost network);
+# a restarted container (RunPod host restart) starts it again with the same absolute deadline
 if [ -n "$deadline" ]; then
   if [ "$can_remove" = 1 ]; then
     echo "[cbvae] this pod removes itself at $(date -u -d "@$deadline" '+%F %T') UTC (deadline)"
@@ -84,7 +113,6 @@ if [ -n "$deadline" ]; then
     echo "[cbvae] warning: a deadline without RUNPOD_POD_ID and RUNPOD_API_KEY: this machine cannot remove itself" >&2
   fi
 fi
-[[ $linger =~ ^[0-9]+$ ]] || { echo "error: --linger must be whole seconds, got '$linger'" >&2; exit 2; }
 if [ -z "$root" ]; then
   if [ -d /workspace ] && [ -w /workspace ]; then root=/workspace/cbvae; else root="$repo_root/runs/cloud"; fi
 fi
@@ -92,18 +120,21 @@ out="$root/output"
 mkdir -p "$out"
 export NIMARE_DATA="${NIMARE_DATA:-$root/nimare_data}"
 
-# finish CODE: without --keep-alive exit; else stay up for the download, then remove the pod
+# finish CODE: without --keep-alive exit (a bounded pod is removed by on_exit); else stay up for the download,
+# then remove the pod
 finish() {
   [ "$keep_alive" = 1 ] || exit "$1"
   if [ "$can_remove" = 0 ]; then
     echo "[cbvae] keeping the container alive for the download (nothing to remove: not a RunPod pod)"
     exec sleep infinity
   fi
-  local until=$(($(date +%s) + linger))
+  local until=$(($(date +%s) + linger)) rc=0
   if [ -n "$deadline" ] && [ "$deadline" -lt "$until" ]; then until=$deadline; fi
-  if [ -n "$watchdog" ]; then kill "$watchdog" 2>/dev/null || true; fi
+  if [ -n "$watchdog" ]; then kill "$watchdog" 2>/dev/null || true; watchdog=""; fi
   echo "[cbvae] keeping the pod up for the download until $(date -u -d "@$until" '+%F %T') UTC, then removing it"
-  exec "$py" -m cbvae_ext.cloud.pod_deadline watch --until "$until" --reason "job ended (exit $1)"
+  "$py" -m cbvae_ext.cloud.pod_deadline watch --until "$until" --reason "job ended (exit $1)" || rc=$?
+  [ "$rc" != 0 ] || removed=1  # else on_exit tries once more
+  exit "$rc"
 }
 
 # RunPod passes the account's SSH key as PUBLIC_KEY; images based on pytorch/pytorch have no sshd running

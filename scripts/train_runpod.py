@@ -14,7 +14,8 @@ Examples::
     python scripts/train_runpod.py --status POD_ID     # or: scripts/monitor_runpod.sh POD_ID
     python scripts/train_runpod.py --terminate POD_ID  # manual cleanup
 
-Exit status: 0 done, 1 launch/training failure (pod terminated), 2 bad input, 130 interrupted.
+Exit status: 0 done, 1 launch/training failure (pod terminated), 2 bad input (one line, no API call),
+128 + N ended by signal N (130 Ctrl-C, 129 SIGHUP, 131 SIGQUIT, 138 SIGUSR1, 140 SIGUSR2, 143 SIGTERM).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from cbvae_ext.cloud.launcher import (
     MIN_POLL_S,
     LaunchConfig,
     LaunchConfigError,
+    LaunchInterrupted,
     PodLauncher,
     describe_pod,
     terminate_pod_by_id,
@@ -50,8 +53,15 @@ def _env_pair(text: str) -> tuple[str, str]:
     return name, value
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end in one ``error:`` line (exit 2), like every other bad input, not usage plus error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="train_runpod.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     action = parser.add_mutually_exclusive_group()
@@ -151,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     except (SecretsError, GraphQLValueError, LaunchConfigError) as err:
         print(f"error: {secrets.redact(str(err))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            f"error: interrupted; {launcher.result.leftover() if launcher else 'no pod was created'}", file=sys.stderr
-        )
-        return 130
+    except (KeyboardInterrupt, LaunchInterrupted) as err:
+        signum = err.signum if isinstance(err, LaunchInterrupted) else signal.SIGINT
+        left = launcher.result.leftover() if launcher else "no pod was created"
+        print(f"error: interrupted by {signum.name}; {left}", file=sys.stderr)
+        return 128 + signum
     except Exception as err:  # one line, never a traceback (it could hold the SDK's query text)
         print(f"error: {type(err).__name__}: {secrets.redact(str(err))}", file=sys.stderr)
         return 1

@@ -114,6 +114,16 @@ def test_dry_run_prints_the_plan_without_any_request(repo_root: Path, tmp_path: 
         ),
         (["--image", "img", "--env", "RUNPOD_API_BASE_URL=http://x"], "error: --env RUNPOD_API_BASE_URL: RunPod sets"),
         (["--image", "img", "--env", f"NOTE=key {RUNPOD_KEY}"], "error: --env NOTE: its value holds an API key"),
+        # values the pod would refuse after it started billing: refused here, before any request
+        (["--image", "img", "--env", "CBVAE_LINGER_S=10m"], "error: --env CBVAE_LINGER_S must be whole seconds"),
+        (["--image", "img", "--env", "CBVAE_LINGER_S=09"], "error: --env CBVAE_LINGER_S must be whole seconds"),
+        (["--image", "img", "--env", f"CBVAE_LINGER_S={RUNPOD_KEY}"], "error: --env CBVAE_LINGER_S must be whole"),
+        (["--image", "img", "--env", "CBVAE_RESOLUTION=3"], "error: --env CBVAE_RESOLUTION must be 2 or 4, got '3'"),
+        (["--image", "img", "--epochs", "-5"], "error: --epochs must be a positive integer, got '-5'"),
+        (["--image", "img", "--subset", "-5"], "error: --subset must be a positive integer or all, got '-5'"),
+        (["--image", "img", "--volume-gb", "1e20"], "error: argument --volume-gb: invalid int value: '1e20'"),
+        (["--image", "img", "--volume-gb", "10" + "0" * 19], "error: --volume-gb must be 1 to 4000 GB, got 1000"),
+        (["--image", "img", "--container-disk-gb", "0"], "error: --container-disk-gb must be 1 to 4000 GB, got 0"),
     ],
 )
 def test_bad_input_is_one_line_and_no_request(repo_root: Path, tmp_path: Path, cli_env, args, message):
@@ -124,6 +134,9 @@ def test_bad_input_is_one_line_and_no_request(repo_root: Path, tmp_path: Path, c
     assert proc.returncode == 2 and stub.requests == []
     assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert RUNPOD_KEY not in proc.stderr
+    # the plan refuses them too: a dry run never shows a launch that would fail on the pod
+    dry = run_cli(repo_root, [*args, "--dry-run"], cli_env, tmp_path)
+    assert dry.returncode == 2 and dry.stderr == proc.stderr and dry.stdout == ""
 
 
 def test_dry_run_shows_env_values_decoded_with_keys_hidden(repo_root: Path, tmp_path: Path, cli_env):
@@ -168,7 +181,9 @@ def launch_in_background(repo_root: Path, tmp_path: Path, cli_env, stub: RunPodS
 
 
 @pytest.mark.parametrize(
-    "signum", [signal.SIGQUIT, signal.SIGUSR1, signal.SIGINT], ids=["sigquit", "sigusr1", "ctrl_c"]
+    "signum",
+    [signal.SIGQUIT, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT],
+    ids=["sigquit", "sigusr1", "sigterm", "ctrl_c"],
 )
 def test_quit_and_user_signals_terminate_the_pod(repo_root: Path, tmp_path: Path, cli_env, signum):
     with RunPodStub(RUNPOD_KEY, start_polls=0) as stub:
@@ -177,10 +192,10 @@ def test_quit_and_user_signals_terminate_the_pod(repo_root: Path, tmp_path: Path
         out, err = proc.communicate(timeout=60)
     assert len(stub.pods) == 1 and stub.alive() == [], out + err
     assert "pod stubpod1 terminated" in out
-    if signum == signal.SIGINT:  # the exit line says what is left, not "any pod was terminated"
-        assert proc.returncode == 130 and err.strip().endswith("error: interrupted; pod stubpod1 terminated")
-    else:
-        assert proc.returncode == 1 and f"received {signum.name}" in err
+    # the shell's convention, as the docs say: 128 + the signal (130 for Ctrl-C); the line says what is left
+    assert proc.returncode == 128 + signum, err
+    assert err.strip().endswith(f"error: interrupted by {signum.name}; pod stubpod1 terminated")
+    assert RUNPOD_KEY not in out + err
 
 
 def test_a_killed_launcher_leaves_a_pod_that_removes_itself(repo_root: Path, tmp_path: Path, cli_env):

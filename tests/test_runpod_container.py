@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from runpod_stub import RunPodStub
 
+from cbvae_ext.cloud.launcher import POD_VALUES, LaunchConfig, LaunchConfigError
+
 KNOWN = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER", "WORKDIR",
          "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}  # fmt: skip
 
@@ -231,3 +233,93 @@ def test_entry_script_end_to_end_on_cpu(repo_root: Path, tmp_path: Path, tiny_da
     assert results["split"] == "test" and results["n_test"] > 0 and {"cbvae", "baseline"} <= set(results["models"])
     steps = {p.stem for p in (out / "logs").iterdir()}
     assert {"dataset", "train_cbvae", "train_baseline", "check_decoder", "evaluate"} <= steps
+
+
+def _pid_namespaces_work() -> bool:
+    """A new PID namespace (as a container's) needs root or user namespaces; skip where neither exists."""
+    try:
+        probe = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", "test $$ = 1"]
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+needs_pid_namespace = pytest.mark.skipif(not _pid_namespaces_work(), reason="unshare --pid is not permitted here")
+
+
+def run_as_pid1(repo_root: Path, args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    """The entry script as PID 1 of a new PID namespace, as a container runs it: its exit kills every process
+    it started (a background watchdog included). Returns the process and its run time in seconds."""
+    full = {**os.environ, "PYTHON": sys.executable, **env}
+    command = ["unshare", "--pid", "--fork", "--mount-proc", str(repo_root / "scripts" / "runpod_train.sh"), *args]
+    started = time.monotonic()
+    proc = subprocess.run(command, env=full, capture_output=True, text=True, timeout=120)
+    return proc, time.monotonic() - started
+
+
+@needs_pid_namespace
+@pytest.mark.parametrize("case", ["bad_linger", "set_e_exit", "job_fails_early"])
+def test_pod_is_removed_when_the_entry_script_as_pid1_exits_early(repo_root: Path, tmp_path: Path, pod, case: str):
+    """An exit of PID 1 kills the deadline watchdog, and RunPod restarts the container: every early exit of a
+    pod with a deadline must remove the pod itself, at once (not an hour later, not never)."""
+    stub, pod_env = pod
+    env = {**pod_env, "CBVAE_DEADLINE": str(int(time.time()) + 3600)}
+    if case == "bad_linger":  # refused before the watchdog starts
+        args, env["CBVAE_LINGER_S"], said = ["--root", str(tmp_path), "--keep-alive"], "10m", "error: --linger must"
+    elif case == "set_e_exit":  # a `set -e` failure after the watchdog started: the output folder cannot be made
+        (tmp_path / "root").write_text("a file, not a folder")
+        args, said = ["--root", str(tmp_path / "root"), "--keep-alive"], "mkdir: cannot create directory"
+    else:  # the job refuses its options and the script ends without --keep-alive
+        args, said = ["--root", str(tmp_path), "--neurosynth-dir", "/no/such/dir"], "error: --neurosynth-dir"
+    proc, seconds = run_as_pid1(repo_root, args, env)
+    assert proc.returncode in (1, 2) and said in proc.stderr, proc.stdout + proc.stderr
+    terminate = stub.ops("podTerminate")
+    assert [r.pod_scoped for r in terminate] == [True] and stub.alive() == [], proc.stdout + proc.stderr
+    assert terminate[0].arguments["input"] == {"podId": "stubpod1"}
+    assert seconds < 30 and "removing this pod: entry script ended" in proc.stdout  # ~3 s here
+    assert "pod-scoped" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+@needs_pid_namespace
+def test_pod_keys_never_reach_the_process_list_or_the_output(repo_root: Path, tmp_path: Path, pod):
+    """While the pod lingers and removes itself, `ps` shows no key (they travel in the environment only)."""
+    stub, pod_env = pod
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "DONE").touch()
+    env = {**os.environ, **pod_env, "PYTHON": sys.executable, "CBVAE_DEADLINE": str(int(time.time()) + 3600)}
+    env.update(CBVAE_LINGER_S="4", WANDB_API_KEY="wandbSECRET0123456789abcdef0123456789")
+    command = ["unshare", "--pid", "--fork", "--mount-proc", str(repo_root / "scripts" / "runpod_train.sh")]
+    listings = []
+    with subprocess.Popen(
+        [*command, "--root", str(tmp_path), "--keep-alive"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    ) as proc:  # fmt: skip
+        while proc.poll() is None:
+            listings.append(subprocess.run(["ps", "-eww", "-o", "args="], capture_output=True, text=True).stdout)
+            time.sleep(0.2)
+        log = proc.stdout.read()
+    assert proc.returncode == 0 and stub.alive() == [], log
+    assert any("cbvae_ext.cloud.pod_deadline watch" in listing for listing in listings)  # the listing saw it
+    for text in (*listings, log):
+        assert "pod-scoped" not in text and "wandbSECRET" not in text
+
+
+@pytest.mark.parametrize("name", sorted(POD_VALUES))
+def test_launcher_refuses_exactly_the_values_the_pod_refuses(repo_root: Path, tmp_path: Path, name: str):
+    """POD_VALUES (the launcher's copy of the pod's rules) against the real scripts, value by value."""
+    script = repo_root / "scripts" / "runpod_train.sh"
+    env = {**os.environ, "PYTHON": "true"}  # the job-status writer is not needed here
+    for value in ("0", "1", "2", "4", "09", "-5", "10m", "1e3", "12.5", "all", "gpu", "mkda", "999999", "1000000"):
+        # a bad --neurosynth-dir, checked last: a value passed means the pipeline got as far as that check
+        proc = subprocess.run(
+            [str(script), "--root", str(tmp_path), "--neurosynth-dir", "/no/such/dir"],
+            env={**env, name: value}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        pod_accepts = proc.stderr.startswith("error: --neurosynth-dir")
+        config = LaunchConfig(image="img", extra_env={name: value})
+        try:
+            config.check_pod_values()
+            launcher_accepts = True
+        except LaunchConfigError:
+            launcher_accepts = False
+        assert launcher_accepts == pod_accepts, (name, value, proc.stderr)

@@ -263,8 +263,9 @@ def test_ending_signals_terminate_the_pod(stub: RunPodStub, tmp_path: Path, sign
         signal.raise_signal(signum)
 
     launcher, _, _ = make(tmp_path, status_reader=status_reader)
-    with pytest.raises(LaunchInterrupted, match=signum.name):
+    with pytest.raises(LaunchInterrupted, match=signum.name) as err:
         launcher.run()
+    assert err.value.signum == signum  # the CLI exits 128 + signum
     assert len(stub.ops("podTerminate")) == 1 and stub.alive() == [] and launcher.result.terminated
     assert signal.getsignal(signum) is previous
 

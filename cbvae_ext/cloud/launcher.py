@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import secrets as _random
 import signal
 import sys
@@ -36,7 +37,9 @@ from cbvae_ext.errors import CbvaeError
 __all__ = [
     "CLOUDS",
     "DEADLINE_VAR",
+    "MAX_DISK_GB",
     "MIN_POLL_S",
+    "POD_VALUES",
     "CostCapReached",
     "LaunchConfig",
     "LaunchConfigError",
@@ -57,6 +60,20 @@ _STOPPED = ("EXITED", "TERMINATED")
 DEADLINE_VAR = "CBVAE_DEADLINE"
 #: shortest pause between status polls (each poll is one API query and one SSH login)
 MIN_POLL_S = 1.0
+#: largest volume or container disk accepted: no RunPod machine offers more (network volumes stop at 4 TB)
+MAX_DISK_GB = 4000
+#: what the entry script accepts in each variable it reads, as (pattern, in words, the launcher option that sets
+#: it): a bad value is refused before any pod exists, as ``scripts/runpod_train.sh`` and ``scripts/run_main.sh``
+#: would refuse it on the pod (tests/test_runpod_container.py runs them on the same values)
+POD_VALUES: dict[str, tuple[str, str, str]] = {
+    "CBVAE_EPOCHS": (r"[1-9][0-9]*", "a positive integer", "--epochs"),
+    "CBVAE_SUBSET": (r"all|[1-9][0-9]*", "a positive integer or all", "--subset"),
+    "CBVAE_PRESET": (r"gpu|cpu", "gpu or cpu", "--preset"),
+    "CBVAE_RESOLUTION": (r"2|4", "2 or 4", "--env CBVAE_RESOLUTION"),
+    "CBVAE_KERNEL": (r"ale|mkda", "ale or mkda", "--env CBVAE_KERNEL"),
+    "CBVAE_KERNEL_FWHM": (r"[0-9]+([.][0-9]+)?", "a number of mm", "--env CBVAE_KERNEL_FWHM"),
+    "CBVAE_LINGER_S": (r"0|[1-9][0-9]{0,5}", "whole seconds from 0 to 999999", "--env CBVAE_LINGER_S"),
+}
 #: pod variables the launcher sets itself, and the option that sets each (``--env`` may not override them)
 _OWN_ENV = {
     "CBVAE_ROOT": "--remote-root",
@@ -97,7 +114,15 @@ class TrainingFailed(LaunchError):
 
 
 class LaunchInterrupted(LaunchError):
-    """SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 or SIGUSR2 arrived (Ctrl-C stays a ``KeyboardInterrupt``)."""
+    """SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 or SIGUSR2 arrived (Ctrl-C stays a ``KeyboardInterrupt``).
+
+    Args:
+        signum: the signal; a CLI exits with ``128 + signum``, the shell's convention.
+    """
+
+    def __init__(self, signum: signal.Signals) -> None:
+        super().__init__(f"received {signum.name}")
+        self.signum = signum
 
 
 @dataclass
@@ -180,6 +205,19 @@ class LaunchConfig:
                     f"--env {name}: its value holds an API key; keys go in .env, never in arguments"
                 )
 
+    def pipeline_env(self) -> dict[str, Any]:
+        """The pod variables set from the pipeline options given (``--epochs``, ``--subset``, ``--preset``)."""
+        given = {"CBVAE_EPOCHS": self.epochs, "CBVAE_SUBSET": self.subset, "CBVAE_PRESET": self.preset}
+        return {name: value for name, value in given.items() if value is not None}
+
+    def check_pod_values(self) -> None:
+        """Refuse a value the entry script would refuse on the pod (``POD_VALUES``), naming the option."""
+        for name, value in {**self.pipeline_env(), **self.extra_env}.items():
+            if name in POD_VALUES:
+                pattern, words, option = POD_VALUES[name]
+                if not re.fullmatch(pattern, str(value)):
+                    raise LaunchConfigError(f"{option} must be {words}, got {str(value)!r}")
+
     @property
     def remote_output(self) -> str:
         return self.remote_root.rstrip("/") + "/output"
@@ -200,11 +238,10 @@ class LaunchConfig:
                 f"--poll-s must be >= {MIN_POLL_S:g} s (each poll queries the API), got {self.poll_s}"
             )
         for option, value in (("--volume-gb", self.volume_gb), ("--container-disk-gb", self.container_disk_gb)):
-            if int(value) < 1:
-                raise LaunchConfigError(f"{option} must be >= 1, got {value}")
-        if self.preset not in (None, "gpu", "cpu"):
-            raise LaunchConfigError(f"--preset must be gpu or cpu, got {self.preset!r}")
+            if not 1 <= int(value) <= MAX_DISK_GB:
+                raise LaunchConfigError(f"{option} must be 1 to {MAX_DISK_GB} GB, got {value}")
         self.check_env()
+        self.check_pod_values()
         if self.ssh_key is not None and not Path(self.ssh_key).is_file():
             raise LaunchConfigError(f"--ssh-key {self.ssh_key} does not exist; give the private key of a key pair")
         for option, value in (
@@ -320,7 +357,7 @@ class PodLauncher:
         self._api_failures = 0
         self._create_cut_off = False
         self._lookup_s = 0.0
-        self._signal: str | None = None
+        self._signal: signal.Signals | None = None
         self._saying = False
 
     # ----- output -------------------------------------------------------------------------
@@ -345,9 +382,7 @@ class PodLauncher:
         env: dict[str, Any] = {"CBVAE_ROOT": cfg.remote_root, "CBVAE_KEEP_ALIVE": "1"}
         if deadline is not None:
             env[DEADLINE_VAR] = int(deadline)
-        for name, value in (("CBVAE_EPOCHS", cfg.epochs), ("CBVAE_SUBSET", cfg.subset), ("CBVAE_PRESET", cfg.preset)):
-            if value is not None:
-                env[name] = value
+        env.update(cfg.pipeline_env())
         if cfg.ssh_key is not None:
             env["PUBLIC_KEY"] = Path(f"{cfg.ssh_key}.pub").read_text().strip()
         env.update(cfg.extra_env)
@@ -496,7 +531,7 @@ class PodLauncher:
 
     def _check_signal(self) -> None:
         if self._signal is not None:
-            raise LaunchInterrupted(f"received {self._signal}")
+            raise LaunchInterrupted(self._signal)
 
     def _check_caps(self) -> None:
         self._check_signal()
@@ -649,9 +684,9 @@ class PodLauncher:
         def handler(signum: int, frame: Any) -> None:
             # remembered too: a raise that lands inside an ``except Exception`` (logging, an API call) is swallowed,
             # so every poll checks it again
-            self._signal = signal.Signals(signum).name
+            self._signal = signal.Signals(signum)
             if not self._saying:
-                raise LaunchInterrupted(f"received {self._signal}")
+                raise LaunchInterrupted(self._signal)
 
         with _handlers({s: handler for s in _catchable(*_ENDING_SIGNALS)}):
             yield

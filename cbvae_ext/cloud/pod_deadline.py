@@ -7,7 +7,8 @@ them the pod sends the same GraphQL ``podTerminate`` mutation as the launcher (`
 which honours ``RUNPOD_API_BASE_URL``), and falls back on ``runpodctl remove pod $RUNPOD_POD_ID`` (RunPod's
 documented CLI way) where that tool exists. The launcher passes the deadline as ``CBVAE_DEADLINE``
 (Unix time: pod creation + ``min(--max-hours, --max-cost / $/h)``); ``scripts/runpod_train.sh`` runs
-``watch`` in the background from container start, and after the job lingers for the download, then removes the pod.
+``watch`` in the background from container start, and after the job lingers for the download, then removes the pod;
+on any other exit of the script (PID 1 of the container, whose exit kills the watchdog) it runs ``remove`` at once.
 
     python -m cbvae_ext.cloud.pod_deadline watch --until UNIX_TIME [--reason TEXT]
     python -m cbvae_ext.cloud.pod_deadline remove [--reason TEXT]

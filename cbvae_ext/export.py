@@ -115,19 +115,21 @@ def has_conditional_mean_path(model: nn.Module) -> bool:
 
 
 def imputed_defaults(
-    model: nn.Module, dataset_info: Any, split: str = "train", batch_size: int = 32
+    model: nn.Module, dataset_info: Any, split: str = "train", max_maps: int = 2048, batch_size: int = 32
 ) -> dict[str, float]:
     """The value the decoder gets for a missing continuous field when there is no map to impute it from.
 
     In training, a missing field enters the decoder as the imputation head's prediction from the map
     (``complete_metadata``); without a map, the stand-in is the mean of those predictions over the
-    ``split`` maps (normalised units). A network without an imputation head (the baseline, whose decoder
-    ignores the conditions) gets 0, the training mean.
+    ``split`` maps (normalised units; at most ``max_maps`` of them, evenly spaced, so a large dataset is not
+    read a second time after ``write_latents``). A network without an imputation head (the baseline, whose
+    decoder ignores the conditions) gets 0, the training mean.
 
     Args:
         model: trained network (its mode is restored after).
         dataset_info: ``cbvae_ext.data.DatasetInfo`` of the training dataset.
         split: the rows averaged over.
+        max_maps: at most this many of them (the standard error of the mean is then ~sd / 45).
         batch_size: maps per forward pass.
 
     Returns:
@@ -136,6 +138,8 @@ def imputed_defaults(
     model = unwrap(model)
     names = [f.name for f in dataset_info.schema.fields]
     rows = dataset_info.rows(split)
+    if len(rows) > max_maps:
+        rows = rows[np.linspace(0, len(rows) - 1, max_maps).round().astype(int)]
     if not hasattr(model, "impute") or not len(rows):
         return dict.fromkeys(names, 0.0)
     device = next(model.parameters()).device

@@ -7,14 +7,15 @@ with z = 0 at load: every problem with the folder is a ``RunFolderError`` at ``l
 decode. Conditions are named raw values
 (``{"task": "working memory", "year": 2005, "sample_size": 20}``) validated by the run's
 ``MetadataSchema``. A condition left out is filled like a missing value in training: with the value the
-imputation head predicted for a real map when ``imputed`` is given (see ``encode``), else with the schema
-default (normalised 0, the training mean); its mask entry is 0 either way, and the result reports it.
+imputation head predicted for a real map when ``imputed`` is given (see ``encode``), else with the run's
+``imputed_defaults`` (the imputation head's mean over the training maps; 0, the training mean, for older
+exports); its mask entry is 0 either way, and the result reports it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,7 @@ class CounterfactualModel:
 
     # ----- conditions alone -------------------------------------------------------------------
     @property
-    def conditional_mean(self) -> Any:
+    def conditional_mean(self) -> Callable[..., DecodeResult]:
         """``conditional_mean(conditions=None, allow_extrapolation=False) -> DecodeResult``: the model's estimate
         of the mean map of studies with these conditions (no latent code), from ``conditional_mean.ts``.
 

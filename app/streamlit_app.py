@@ -176,7 +176,7 @@ def conditional_mean_cached(run_dir: str, stamp: float, qkey: str, _q: Query) ->
     """The model's estimate of the mean map of studies with these conditions (no latent code), or None
     for a model without it."""
     model = load_model(run_dir, stamp)
-    if not hasattr(model, "conditional_mean"):
+    if not model.has_conditional_mean:
         return None
     return model.conditional_mean(_q.conditions_dict(), allow_extrapolation=True).map
 

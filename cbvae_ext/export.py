@@ -2,8 +2,10 @@
 
 ``export_decoder`` writes ``RUN/decoder.ts`` (``forward(z [B, L], m [B, meta_dim + mask_dim]) -> maps
 [B, 1, D, H, W]`` in [0, 1]), ``RUN/conditional_mean.ts`` (``forward(m) -> maps``: the model's estimate
-of the mean map given the conditions alone), ``RUN/decoder_schema.json`` and a copy of the mask; ``write_latents`` writes
-``RUN/latents.parquet`` with every study's posterior mean. ``cbvae_ext.inference`` reads them back.
+of the mean map given the conditions alone; only for a network with a conditional-mean path),
+``RUN/decoder_schema.json`` (with the ``imputed_defaults`` the decoder gets for a missing field) and a copy
+of the mask; ``write_latents`` writes ``RUN/latents.parquet`` with every study's posterior mean.
+``cbvae_ext.run_folder.RunFolder`` reads them back.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import copy
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,17 @@ import torch.nn as nn
 
 from cbvae_ext.data import normalise_maps
 from cbvae_ext.errors import CbvaeError
-from cbvae_ext.networks import MODELS, unwrap
-from cbvae_ext.run_folder import COND_MEAN, DECODER, LATENTS, MASK, SCHEMA, replace_atomically, write_json_atomically
+from cbvae_ext.networks import MODELS, ConditionalBetaVAE, unwrap
+from cbvae_ext.run_folder import (
+    COND_MEAN,
+    DECODER,
+    LATENTS,
+    MASK,
+    SCHEMA,
+    remove_stale_temporaries,
+    replace_atomically,
+    write_json_atomically,
+)
 from cbvae_ext.schema import MetadataSchema
 
 __all__ = [
@@ -31,6 +42,8 @@ __all__ = [
     "DecoderModule",
     "ExportError",
     "export_decoder",
+    "has_conditional_mean_path",
+    "imputed_defaults",
     "latent_kl",
     "trace_conditional_mean",
     "trace_decoder",
@@ -95,6 +108,58 @@ def trace_decoder(model: nn.Module, cond_dim: int) -> torch.jit.ScriptModule:
         return torch.jit.freeze(torch.jit.trace(wrapper, example))
 
 
+def has_conditional_mean_path(model: nn.Module) -> bool:
+    """Whether ``model.conditional_mean`` is a fitted conditional-mean path (not ``decode(0, m)``)."""
+    model = unwrap(model)
+    return isinstance(model, ConditionalBetaVAE) and model.cond_mean is not None
+
+
+def imputed_defaults(
+    model: nn.Module, dataset_info: Any, split: str = "train", max_maps: int = 2048, batch_size: int = 32
+) -> dict[str, float]:
+    """The value the decoder gets for a missing continuous field when there is no map to impute it from.
+
+    In training, a missing field enters the decoder as the imputation head's prediction from the map
+    (``complete_metadata``); without a map, the stand-in is the mean of those predictions over the
+    ``split`` maps (normalised units; at most ``max_maps`` of them, evenly spaced, so a large dataset is not
+    read a second time after ``write_latents``). A network without an imputation head (the baseline, whose
+    decoder ignores the conditions) gets 0, the training mean.
+
+    Args:
+        model: trained network (its mode is restored after).
+        dataset_info: ``cbvae_ext.data.DatasetInfo`` of the training dataset.
+        split: the rows averaged over.
+        max_maps: at most this many of them (the standard error of the mean is then ~sd / 45).
+        batch_size: maps per forward pass.
+
+    Returns:
+        field name -> normalised value, for every field of the dataset's schema.
+    """
+    model = unwrap(model)
+    names = [f.name for f in dataset_info.schema.fields]
+    rows = dataset_info.rows(split)
+    if len(rows) > max_maps:
+        rows = rows[np.linspace(0, len(rows) - 1, max_maps).round().astype(int)]
+    if not hasattr(model, "impute") or not len(rows):
+        return dict.fromkeys(names, 0.0)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(len(names), dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                x = normalise_maps(dataset_info.maps[batch]).unsqueeze(1).to(device)
+                total += model.impute(x)[0].double().sum(dim=0).cpu()
+    finally:
+        model.train(was_training)
+    mean = (total / len(rows)).tolist()
+    if not all(np.isfinite(mean)):
+        raise ExportError(f"the imputation head gives NaN/infinite values on the {split} maps; the run diverged")
+    return dict(zip(names, mean, strict=True))
+
+
 def export_decoder(
     model: nn.Module,
     schema: MetadataSchema,
@@ -104,8 +169,9 @@ def export_decoder(
     run_dir: str | Path,
     latent_kl: Sequence[float] | np.ndarray | None = None,
     dataset_dir: str | Path | None = None,
+    imputed: Mapping[str, float] | None = None,
 ) -> Path:
-    """Write ``decoder.ts``, ``decoder_schema.json`` and ``mask.nii.gz`` into ``run_dir``.
+    """Write ``decoder.ts``, ``conditional_mean.ts``, ``decoder_schema.json`` and ``mask.nii.gz`` into ``run_dir``.
 
     Args:
         model: a ``ConditionalBetaVAE`` or ``BaselineVAE`` (any device, any mode).
@@ -116,6 +182,8 @@ def export_decoder(
         run_dir: run folder.
         latent_kl: mean KL per latent dimension on the training split (``write_latents`` returns it).
         dataset_dir: the training dataset folder, recorded so the app can show a study's real map.
+        imputed: ``imputed_defaults`` of the model (normalised, by field name); when None they are
+            computed from the training maps of ``dataset_dir``, or 0 (the training mean) without one.
 
     Returns:
         Path of ``decoder.ts``.
@@ -137,10 +205,23 @@ def export_decoder(
             f"schema gives a conditioning vector of {cond_dim} values but the decoder takes "
             f"{film.mlp[0].in_features}; export with the schema of the dataset the model was trained on"
         )
+    if imputed is None and dataset_dir is not None:
+        from cbvae_ext.data import load_dataset_info
+
+        imputed = imputed_defaults(model, load_dataset_info(dataset_dir))
+    defaults = {f.name: 0.0 for f in schema.fields} if imputed is None else {k: float(v) for k, v in imputed.items()}
+    if sorted(defaults) != sorted(f.name for f in schema.fields) or not all(map(np.isfinite, defaults.values())):
+        raise ExportError(f"imputed defaults {defaults} do not give a finite value for every field of the schema")
     decoder = trace_decoder(model, cond_dim)
     path = replace_atomically(run_dir / DECODER, lambda tmp: torch.jit.save(decoder, tmp))
-    cond_mean = trace_conditional_mean(model, cond_dim)
-    replace_atomically(run_dir / COND_MEAN, lambda tmp: torch.jit.save(cond_mean, tmp))
+    with_path = has_conditional_mean_path(model)
+    if with_path:
+        cond_mean = trace_conditional_mean(model, cond_dim)
+        replace_atomically(run_dir / COND_MEAN, lambda tmp: torch.jit.save(cond_mean, tmp))
+    else:
+        # a file left by an earlier export into this folder would claim a path this network lacks
+        (run_dir / COND_MEAN).unlink(missing_ok=True)
+        remove_stale_temporaries(run_dir / COND_MEAN)
     meta = schema.to_dict()
     info: dict[str, Any] = {
         "latent_size": int(model.latent_size),
@@ -149,10 +230,10 @@ def export_decoder(
         "decoder_input_layout": meta["meta_layout"] + meta["mask_layout"],
         "grid": {"shape": grid, "affine": np.asarray(affine, dtype=float).tolist()},
         "mask_file": MASK,
-        "conditional_mean_file": COND_MEAN,
+        "conditional_mean_file": COND_MEAN if with_path else None,
         "latent_kl": None if latent_kl is None else [float(v) for v in latent_kl],
-        # a missing field enters the decoder as normalised 0 (the training mean) with mask 0
-        "imputed_defaults": {spec.name: 0.0 for spec in schema.fields},
+        # a missing field enters the decoder with mask 0 and this value (see ``imputed_defaults``)
+        "imputed_defaults": defaults,
         "dataset_dir": None if dataset_dir is None else str(Path(dataset_dir).resolve()),
     }
     write_json_atomically(run_dir / SCHEMA, info)

@@ -1,18 +1,21 @@
 """Counterfactual decoding from a run folder: ``load(RUN).decode(z, {"task": ..., "year": ...})``.
 
-``load`` needs ``decoder.ts``, ``decoder_schema.json`` and ``mask.nii.gz``; ``encode`` also needs
-``network_config.json`` and ``model.pt`` (read on first use). The folder is opened and checked by
-``cbvae_ext.run_folder.RunFolder``; every problem with it is a ``RunFolderError``. Conditions are named raw values
+``load`` needs ``decoder.ts``, ``decoder_schema.json`` and ``mask.nii.gz`` (and ``conditional_mean.ts`` where
+the run has a conditional-mean path); ``encode`` also needs ``network_config.json`` and ``model.pt`` (read on
+first use). The folder is opened and checked by ``cbvae_ext.run_folder.RunFolder``, which also decodes once
+with z = 0 at load: every problem with the folder is a ``RunFolderError`` at ``load``, not at the first
+decode. Conditions are named raw values
 (``{"task": "working memory", "year": 2005, "sample_size": 20}``) validated by the run's
 ``MetadataSchema``. A condition left out is filled like a missing value in training: with the value the
-imputation head predicted for a real map when ``imputed`` is given (see ``encode``), else with the schema
-default (normalised 0, the training mean); its mask entry is 0 either way, and the result reports it.
+imputation head predicted for a real map when ``imputed`` is given (see ``encode``), else with the run's
+``imputed_defaults`` (the imputation head's mean over the training maps; 0, the training mean, for older
+exports); its mask entry is 0 either way, and the result reports it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,21 +26,29 @@ import torch
 
 from cbvae_ext.data import normalise_maps
 from cbvae_ext.errors import CbvaeError
-from cbvae_ext.run_folder import (
-    COND_MEAN,
-    EVALUATION_FILES,
-    INFERENCE_FILES,
-    TRAIN_COMMAND,
-    RunFolder,
-    RunFolderError,
-)
-from cbvae_ext.schema import MetadataSchema
+from cbvae_ext.run_folder import EVALUATION_FILES, INFERENCE_FILES, TRAIN_COMMAND, RunFolder, RunFolderError
 
-__all__ = ["TRAIN_COMMAND", "CounterfactualModel", "InferenceError", "DecodeResult", "RunFolderError", "load"]
+__all__ = [
+    "TRAIN_COMMAND",
+    "CounterfactualModel",
+    "DecodeResult",
+    "InferenceError",
+    "NoConditionalMeanError",
+    "RunFolderError",
+    "load",
+]
 
 
 class InferenceError(CbvaeError, ValueError):
     """A latent vector, map or conditions the run's networks cannot turn into a finite result."""
+
+
+class NoConditionalMeanError(InferenceError, AttributeError):
+    """``conditional_mean`` of a run without a conditional-mean path.
+
+    Also an ``AttributeError``, so ``hasattr(model, "conditional_mean")`` is False for such a run; new code
+    reads ``model.has_conditional_mean``.
+    """
 
 
 @dataclass
@@ -66,30 +77,44 @@ class DecodeResult:
 class CounterfactualModel:
     """A run's TorchScript decoder (and, on demand, its encoder) behind named conditions.
 
+    Made by ``load``; everything about the run is read through its ``RunFolder``.
+
     Args:
-        run_dir: the run folder.
-        decoder: the loaded ``decoder.ts``.
-        info: the content of ``decoder_schema.json``.
+        run: the opened run folder.
+        decoder: the loaded (and probed) ``decoder.ts``.
         mask: bool brain mask on the grid.
+        cond_mean: the loaded ``conditional_mean.ts``, None for a run without a conditional-mean path.
     """
 
-    def __init__(self, run_dir: Path, decoder: torch.jit.ScriptModule, info: dict[str, Any], mask: np.ndarray) -> None:
-        self.run_dir = run_dir
+    def __init__(
+        self,
+        run: RunFolder,
+        decoder: torch.jit.ScriptModule,
+        mask: np.ndarray,
+        cond_mean: torch.jit.ScriptModule | None = None,
+    ) -> None:
+        self.run = run
+        self.run_dir = run.path
         self.decoder = decoder
-        self.info = info
+        self.info = run.decoder_schema or {}
         self.mask = mask
-        self.schema = MetadataSchema.from_dict(info["meta_schema"])
-        self.latent_size = int(info["latent_size"])
-        self.affine = np.asarray(info["grid"]["affine"], dtype=np.float64)
-        self.grid_shape = tuple(int(s) for s in info["grid"]["shape"])
-        self.latent_kl = info.get("latent_kl")
+        self.schema = run.schema
+        self.latent_size = run.latent_size
+        self.affine = run.affine
+        self.grid_shape = run.grid_shape
+        self.latent_kl = run.latent_kl
+        self.imputed_defaults = run.imputed_defaults
         self._network: torch.nn.Module | None = None
-        self._cond_mean: torch.jit.ScriptModule | None = None
-        self._cond_mean_read = False
+        self._cond_mean = cond_mean
 
     @property
     def categories(self) -> list[str]:
         return list(self.schema.categories)
+
+    @property
+    def has_conditional_mean(self) -> bool:
+        """Whether ``conditional_mean`` is available (the run has a conditional-mean path)."""
+        return self._cond_mean is not None
 
     # ----- conditions -----------------------------------------------------------------------
     def conditioning(
@@ -116,7 +141,7 @@ class CounterfactualModel:
                 meta[j] = float(spec.forward(float(value)))
                 filled[spec.name] = float(value)
             else:
-                meta[j] = float(self.info.get("imputed_defaults", {}).get(spec.name, 0.0))
+                meta[j] = self.imputed_defaults[spec.name]
                 defaulted[spec.name] = float(spec.inverse(meta[j]))
         if "task" not in conditions:
             defaulted["task"] = None
@@ -184,23 +209,35 @@ class CounterfactualModel:
         ]
 
     # ----- conditions alone -------------------------------------------------------------------
-    def conditional_mean(
+    @property
+    def conditional_mean(self) -> Callable[..., DecodeResult]:
+        """``conditional_mean(conditions=None, allow_extrapolation=False) -> DecodeResult``: the model's estimate
+        of the mean map of studies with these conditions (no latent code), from ``conditional_mean.ts``.
+
+        Conditions left out are unknown, as in ``decode``. Only a run with a conditional-mean path has it
+        (``has_conditional_mean``): ``decode(0, conditions)`` would be a typical map, not the mean.
+
+        Raises:
+            NoConditionalMeanError: the run has no conditional-mean path.
+        """
+        if self._cond_mean is None:
+            raise NoConditionalMeanError(
+                f"run {self.run_dir} ({self.run.model_kind}) has no conditional-mean path; check "
+                "model.has_conditional_mean, and use decode(0, conditions) for a typical map instead"
+            )
+        return self._conditional_mean
+
+    def _conditional_mean(
         self, conditions: Mapping[str, Any] | None = None, allow_extrapolation: bool = False
     ) -> DecodeResult:
-        """The model's estimate of the mean map of studies with these conditions (no latent code).
-
-        Read from ``conditional_mean.ts`` (the conditional-mean path); a run exported without it uses
-        ``decode(0, conditions)``. Conditions left out are unknown, as in ``decode``.
-        """
-        if not self._cond_mean_read:
-            path = self.run_dir / self.info.get("conditional_mean_file", COND_MEAN)
-            self._cond_mean = torch.jit.load(str(path), map_location="cpu").eval() if path.is_file() else None
-            self._cond_mean_read = True
-        if self._cond_mean is None:
-            return self.decode(np.zeros(self.latent_size, np.float32), conditions, allow_extrapolation)
         m, filled, defaulted = self.conditioning(conditions, allow_extrapolation)
         with torch.no_grad():
             out = self._cond_mean(torch.from_numpy(m[None]))[0, 0].numpy()
+        if not np.isfinite(out[self.mask]).all():
+            raise InferenceError(
+                f"the conditional mean gave NaN/infinite values for conditions {dict(conditions or {})}; use "
+                "conditions nearer the training range"
+            )
         return DecodeResult(
             np.where(self.mask, out, 0.0).astype(np.float32), self.affine, dict(conditions or {}), filled, defaulted
         )
@@ -278,9 +315,12 @@ def load(run_dir: str | Path) -> CounterfactualModel:
     ``weights_only=True``.
 
     Raises:
-        RunFolderError: a required file is missing, unreadable or inconsistent with the others.
+        RunFolderError: a required file is missing, unreadable or inconsistent with the others, or
+            ``decoder.ts`` (or ``conditional_mean.ts``) does not give a map in [0, 1] on the grid for z = 0
+            and unknown conditions.
     """
     run = RunFolder.open(run_dir, require=INFERENCE_FILES)
     mask = run.mask()
     decoder = run.load_decoder()
-    return CounterfactualModel(run.path, decoder, run.decoder_schema or {}, mask)
+    cond_mean = run.load_conditional_mean() if run.has_conditional_mean else None
+    return CounterfactualModel(run, decoder, mask, cond_mean)

@@ -1,10 +1,14 @@
 """A training run folder: its file names and the checks every reader of a run makes (formats.md "Run folder").
 
 ``RunFolder.open(path, require=...)`` checks that the named files are present and that
-``decoder_schema.json`` and ``network_config.json`` are readable and agree with each other; the other
-checks run where their file is read (``mask``, ``latents``, ``load_network``, ``load_decoder``) or
-against a dataset (``check_dataset``). Every failure is a one-line ``RunFolderError`` naming the file
-and the fix; ``err.missing`` lists absent files, so a caller can show how to make them.
+``decoder_schema.json`` and ``network_config.json`` are readable and agree with each other (latent size,
+grid, a finite affine, the conditioning layout, ``imputed_defaults``, file names that stay inside the
+folder); the other checks run where their file is read (``mask``, ``latents``, ``load_network``, and
+``load_decoder`` / ``load_conditional_mean``, which decode once with z = 0 and the default conditions and
+check the output's shape and range) or against a dataset (``check_dataset``). Every failure is a one-line
+``RunFolderError`` naming the file and the fix; ``err.missing`` lists absent files, so a caller can show
+how to make them. ``RunFolder`` is the one reader of a run: inference, evaluation and the app use its
+typed accessors instead of the raw JSON.
 
 A run folder from someone else must be trusted like code: ``decoder.ts`` is a TorchScript program that
 runs with your permissions when loaded (``model.pt`` loads with ``weights_only=True`` and is safe).
@@ -13,10 +17,13 @@ runs with your permissions when loaded (``model.pt`` loads with ``weights_only=T
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,7 @@ from cbvae_ext.schema import MetadataSchema, SchemaError
 __all__ = [
     "APP_FILES",
     "CHECKPOINTS",
+    "COND_MEAN",
     "DECODER",
     "EVALUATION_FILES",
     "HISTORY",
@@ -43,6 +51,7 @@ __all__ = [
     "TRAIN_COMMAND",
     "RunFolder",
     "RunFolderError",
+    "remove_stale_temporaries",
     "replace_atomically",
     "trained_on_checksum",
     "write_json_atomically",
@@ -89,10 +98,54 @@ class RunFolderError(CbvaeError, ValueError):
         self.missing = tuple(missing)
 
 
+def _temporary_pattern(path: Path) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]+\.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files of ``path`` left by writers that were killed (their PID is gone).
+
+    ``replace_atomically`` names a temporary ``.NAME.PID-RANDOM.tmp``; a SIGKILL or a power cut leaves it
+    beside the file. Temporaries of live processes (another writer at work) are kept.
+
+    Returns:
+        The files removed.
+    """
+    path = Path(path)
+    pattern, removed = _temporary_pattern(path), []
+    try:
+        candidates = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for candidate in candidates:
+        match = pattern.fullmatch(candidate.name)
+        if match and not _alive(int(match.group(1))):
+            try:
+                candidate.unlink()
+                removed.append(candidate)
+            except OSError:  # gone already, or not ours to delete: leave it
+                pass
+    return removed
+
+
 def replace_atomically(path: str | Path, write: Any) -> Path:
     """Write a file through a temporary file in the same folder, then rename it over ``path``.
 
-    A kill leaves either the old file or the new one, never a half-written file under the final name.
+    A kill leaves either the old file or the new one, never a half-written file under the final name;
+    the temporary a kill leaves behind is removed by the next write of the same file
+    (``remove_stale_temporaries``).
 
     Args:
         path: the final file.
@@ -100,14 +153,15 @@ def replace_atomically(path: str | Path, write: Any) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    remove_stale_temporaries(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # claim the name before writing
     try:
-        write(tmp)
+        write(str(tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -122,9 +176,18 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
 
 
+def _script_error(err: BaseException) -> str:
+    """The informative line of a TorchScript error (its first line is "The following operation failed ...")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if re.match(r"^\w+(Error|Exception):", line)), None)
+    return cause[:200] if cause else _first_line(err)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
+    except RecursionError:
+        raise RunFolderError(f"{path} is nested too deeply to be a run file; {_REEXPORT}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RunFolderError(f"{path} is not readable JSON ({_first_line(err)}); {_REEXPORT}") from None
     if not isinstance(value, dict):
@@ -224,12 +287,39 @@ class RunFolder:
                 f"{where}: latent_size {latent_size}, grid shape {shape} or a {affine.shape} affine is invalid "
                 f"(need latent_size >= 1, 3 positive sizes, a 4x4 affine); {_REEXPORT}"
             )
-        kl = spec.get("latent_kl")
-        if kl is not None and np.asarray(kl, dtype=np.float64).size != latent_size:
+        if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
             raise RunFolderError(
-                f"{where}: latent_kl has {np.asarray(kl).size} entries but latent_size is {latent_size}; {_REEXPORT}"
+                f"{where}: the grid affine is not finite and invertible (maps would be placed nowhere); {_REEXPORT}"
             )
-        self.schema  # noqa: B018 - parse the metadata schema now, so a bad one fails at open
+        kl = spec.get("latent_kl")
+        if kl is not None:
+            try:
+                kl = np.asarray(kl, dtype=np.float64)
+            except (TypeError, ValueError) as err:
+                raise RunFolderError(
+                    f"{where}: latent_kl is not a list of numbers ({_first_line(err)}); {_REEXPORT}"
+                ) from None
+            if kl.size != latent_size:
+                raise RunFolderError(
+                    f"{where}: latent_kl has {kl.size} entries but latent_size is {latent_size}; {_REEXPORT}"
+                )
+            if not np.isfinite(kl).all():
+                raise RunFolderError(f"{where}: latent_kl holds NaN or infinite values; {_REEXPORT}")
+        schema = self.schema  # parse the metadata schema now, so a bad one fails at open
+        layout = schema.to_dict()
+        for key, recorded, derived in (
+            ("decoder_input_layout", spec.get("decoder_input_layout"), layout["meta_layout"] + layout["mask_layout"]),
+            ("meta_layout", spec["meta_schema"].get("meta_layout"), layout["meta_layout"]),
+        ):
+            # an edited category or field list no longer gives the layout the decoder was trained on
+            if recorded is not None and recorded != derived:
+                raise RunFolderError(
+                    f"{where}: meta_schema's categories or fields do not give its recorded {key} (the decoder "
+                    f"was trained on that layout); restore {SCHEMA} as exported, or re-export the run"
+                )
+        self._member("mask_file", MASK)
+        self._member("conditional_mean_file", COND_MEAN)
+        self.imputed_defaults  # noqa: B018 - check them now
 
     def _check_network_config(self) -> None:
         config, spec = self._config(), self.decoder_schema
@@ -243,14 +333,27 @@ class RunFolder:
                     f"{label} mismatch: {self.path / SCHEMA} has {key} {theirs} but {NETWORK_CONFIG} has {ours}; {fix}"
                 )
         grid = config.get("spatial_shape")
-        if grid is not None and [int(s) for s in grid] != self.grid_shape_list:
+        if grid is not None and grid != self.grid_shape_list:
             raise RunFolderError(
-                f"{self.path / NETWORK_CONFIG} has spatial_shape {list(grid)} but {SCHEMA} has grid "
-                f"{self.grid_shape_list}; keep both files from the same run or re-export it"
+                f"{self.path / NETWORK_CONFIG} has spatial_shape {grid} but {SCHEMA} has grid "
+                f"{self.grid_shape_list}; {fix}"
             )
+        schema = self.schema
+        for key, expected in (
+            ("meta_dim", schema.meta_dim),
+            ("mask_dim", schema.mask_dim),
+            ("n_continuous", schema.n_continuous),
+        ):
+            # the network was built for this many conditioning values: a category added to or removed from
+            # decoder_schema.json's meta_schema no longer fits it
+            if key in config and config[key] != expected:
+                raise RunFolderError(
+                    f"schema mismatch: {self.path / NETWORK_CONFIG} has {key}={config[key]} but the meta_schema of "
+                    f"{SCHEMA} gives {key}={expected}; {fix}"
+                )
 
     # ----- what the decoder schema says -----------------------------------------------------------
-    @property
+    @cached_property
     def schema(self) -> MetadataSchema:
         """The metadata schema the decoder was trained with."""
         try:
@@ -299,11 +402,94 @@ class RunFolder:
 
     @property
     def imputed_defaults(self) -> dict[str, float]:
-        """Normalised value the decoder gets for each missing continuous field (0, the training mean, if unset)."""
-        recorded = self._spec().get("imputed_defaults") or {}
-        if not isinstance(recorded, Mapping):
-            recorded = {}
-        return {f.name: float(recorded.get(f.name) or 0.0) for f in self.schema.fields}
+        """Normalised value the decoder gets for each missing continuous field, by field name.
+
+        Exports record the mean imputation-head prediction on the training maps (``export.imputed_defaults``);
+        a run exported without them (or before they were recorded) gets 0, the training mean.
+
+        Raises:
+            RunFolderError: ``imputed_defaults`` is not an object mapping every field to a finite number.
+        """
+        names = [f.name for f in self.schema.fields]
+        recorded = self._spec().get("imputed_defaults")
+        if recorded is None:
+            return dict.fromkeys(names, 0.0)
+        numbers = isinstance(recorded, Mapping) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in recorded.values()
+        )
+        if not numbers or sorted(recorded) != sorted(names):
+            text = json.dumps(recorded)[:80] if isinstance(recorded, (dict, list, str, int, float)) else type(recorded)
+            raise RunFolderError(
+                f"{self.path / SCHEMA}: imputed_defaults must map each of {', '.join(names)} to a finite number "
+                f"(normalised units), not {text}; {_REEXPORT}"
+            )
+        return {name: float(recorded[name]) for name in names}
+
+    @property
+    def imputed_default_vector(self) -> np.ndarray:
+        """``imputed_defaults`` as float32 ``[n_continuous]`` in the schema's field order (the decoder's ``imp_mu``)."""
+        defaults = self.imputed_defaults
+        return np.array([defaults[f.name] for f in self.schema.fields], dtype=np.float32)
+
+    @property
+    def imputed_defaults_raw(self) -> dict[str, float]:
+        """``imputed_defaults`` in raw units (years, subjects, tesla, mm), as the app shows them."""
+        defaults = self.imputed_defaults
+        return {f.name: float(f.inverse(defaults[f.name])) for f in self.schema.fields}
+
+    def default_conditioning(self) -> np.ndarray:
+        """Decoder input ``m [meta_dim + mask_dim]`` with every condition unknown: each continuous field at its
+        imputed default, every mask entry 0."""
+        schema = self.schema
+        meta = np.zeros(schema.meta_dim, np.float32)
+        meta[: schema.n_continuous] = self.imputed_default_vector
+        return np.concatenate([meta, np.zeros(schema.mask_dim, np.float32)])
+
+    def _member(self, key: str, default: str) -> str | None:
+        """The file name ``decoder_schema.json`` gives under ``key`` (``default`` if absent, None if null);
+        only a bare name is accepted, so a run folder cannot make a reader open a file outside it."""
+        spec = self._spec()
+        if key not in spec:
+            return default
+        name = spec[key]
+        if name is None:
+            return None
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise RunFolderError(
+                f"{self.path / SCHEMA}: {key} {str(name)[:80]!r} is not a file name inside the run folder; {_REEXPORT}"
+            )
+        return name
+
+    @property
+    def conditional_mean_file(self) -> Path | None:
+        """``conditional_mean.ts``, or None when the run has no conditional-mean path.
+
+        The path exists for a C-β-VAE built with ``cond_mean``; exports of other networks record
+        ``conditional_mean_file: null`` (older exports wrote a file for every network: their
+        ``network_config.json`` and model name decide).
+
+        Raises:
+            RunFolderError: ``decoder_schema.json`` names a file that is absent.
+        """
+        name = self._member("conditional_mean_file", COND_MEAN)
+        config = self.network_config or {}
+        if name is None or self.model_kind != "cbvae" or not config.get("cond_mean", True):
+            return None
+        path = self.path / name
+        if not path.is_file():
+            if "conditional_mean_file" not in self._spec():
+                return None  # exported before the path existed
+            raise RunFolderError(
+                f"run folder {self.path} has no {name} although {SCHEMA} names it; copy it with the run's other "
+                f"files, or re-export the run",
+                missing=(name,),
+            )
+        return path
+
+    @property
+    def has_conditional_mean(self) -> bool:
+        """Whether the run has a conditional-mean path (``load_conditional_mean``)."""
+        return self.conditional_mean_file is not None
 
     @property
     def dataset_dir(self) -> Path | None:
@@ -321,8 +507,7 @@ class RunFolder:
         """Bool brain mask ``[D, H, W]``, checked against the grid."""
         import nibabel as nib
 
-        name = str((self.decoder_schema or {}).get("mask_file") or MASK)
-        path = self.path / Path(name).name  # a name, never a path out of the folder
+        path = self.path / (self._member("mask_file", MASK) or MASK)
         try:
             mask = np.asarray(nib.load(path).dataobj) > 0
         except Exception as err:  # noqa: BLE001 - nibabel raises many types; all mean "unreadable"
@@ -369,13 +554,66 @@ class RunFolder:
 
         return file_sha256(self.path / MODEL)
 
-    def load_decoder(self) -> torch.jit.ScriptModule:
-        """The TorchScript decoder on CPU in eval mode. It is code: load only runs you trust."""
-        path = self.path / DECODER
+    def load_decoder(self, probe: bool = True) -> torch.jit.ScriptModule:
+        """The TorchScript decoder on CPU in eval mode. It is code: load only runs you trust.
+
+        Args:
+            probe: decode once with z = 0 and ``default_conditioning()`` and check the output, so a decoder
+                of another run (latent size, conditioning layout, grid) or a broken one fails here.
+        """
+        decoder = self._load_script(self.path / DECODER)
+        if probe:
+            z = torch.zeros(1, self.latent_size)
+            self._probe(decoder, self.path / DECODER, f"z [1, {self.latent_size}] and ", z)
+        return decoder
+
+    def load_conditional_mean(self, probe: bool = True) -> torch.jit.ScriptModule:
+        """The TorchScript conditional-mean path ``m -> map`` (checked as ``load_decoder``).
+
+        Raises:
+            RunFolderError: the run has none (``has_conditional_mean``), or the file is broken.
+        """
+        path = self.conditional_mean_file
+        if path is None:
+            raise RunFolderError(
+                f"run {self.path} has no conditional-mean path (a {self.model_kind} network without cond_mean); "
+                "decode z = 0 instead, or train a C-β-VAE with cond_mean: true"
+            )
+        module = self._load_script(path)
+        if probe:
+            self._probe(module, path, "")
+        return module
+
+    def _load_script(self, path: Path) -> torch.jit.ScriptModule:
         try:
             return torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as err:  # noqa: BLE001 - torch.jit raises RuntimeError, ValueError, zip errors
             raise RunFolderError(f"{path} is not a TorchScript file ({_first_line(err)}); {_REEXPORT}") from None
+
+    def _probe(self, module: torch.jit.ScriptModule, path: Path, takes: str, *latent: torch.Tensor) -> None:
+        """Run ``module(*latent, m)`` once for the default conditions; refuse a wrong shape or a value outside [0, 1]."""
+        m = torch.from_numpy(self.default_conditioning()[None])
+        fix = f"keep {path.name} and {SCHEMA} from the same export, or re-export the run"
+        try:
+            with torch.no_grad():
+                out = module(*latent, m)
+        except Exception as err:  # noqa: BLE001 - a foreign TorchScript program can raise anything
+            raise RunFolderError(
+                f"{path} does not decode {takes}conditions [1, {m.shape[1]}] as {SCHEMA} describes "
+                f"({_script_error(err)}); {fix}"
+            ) from None
+        want = (1, 1, *self.grid_shape)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise RunFolderError(f"{path} gives maps of shape {got}, not {want} (the grid of {SCHEMA}); {fix}")
+        out = out.float()
+        if not torch.isfinite(out).all() or out.min() < 0 or out.max() > 1:
+            finite = out[torch.isfinite(out)]
+            spread = f"{float(finite.min()):.3g}..{float(finite.max()):.3g}" if finite.numel() else "none finite"
+            raise RunFolderError(
+                f"{path} gives values outside [0, 1] or NaN for z = 0 and unknown conditions (range {spread}); a "
+                f"cbvae export ends in a sigmoid, so re-export the run"
+            )
 
     def load_network(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """Rebuild the network from ``network_config.json`` and load ``model.pt`` with ``weights_only=True``.

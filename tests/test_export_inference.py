@@ -318,3 +318,28 @@ def test_run_folder_offers_what_evaluation_and_the_app_read(run, schema: Metadat
     frame.assign(mu=[[0.5] * 32]).to_parquet(copy / "latents.parquet")
     table, mu = RunFolder.open(copy, require=APP_FILES).latents()
     assert "mu" not in table and mu.shape == (1, 32) and mu.dtype == np.float32
+
+
+def test_export_records_imputed_defaults_and_the_conditional_mean_path(run, schema: MetadataSchema, tmp_path: Path):
+    path, net = run
+    copy = _copy_run(run, tmp_path / "copy")
+    defaults = {"year": 0.25, "sample_size": -0.5, "field_strength": 1.5, "fwhm": -2.0}
+    export_decoder(net, schema, GRID, AFFINE, copy / "mask.nii.gz", copy, imputed=defaults)
+    folder = RunFolder.open(copy)
+    assert folder.imputed_defaults == defaults and folder.has_conditional_mean  # was zeros whatever was given
+    model = load(copy)
+    m, _, defaulted = model.conditioning({"task": "emotion"})
+    np.testing.assert_allclose(m[:4], [0.25, -0.5, 1.5, -2.0])
+    assert defaulted["year"] == pytest.approx(float(schema.field("year").inverse(0.25)))
+    with pytest.raises(ValueError, match="do not give a finite value for every field"):
+        export_decoder(net, schema, GRID, AFFINE, copy / "mask.nii.gz", copy, imputed={"year": 0.0})
+
+    # a network without the path: the earlier export's conditional_mean.ts goes, the schema says null
+    config = json.loads((path / "network_config.json").read_text())
+    plain = build_network({**config, "cond_mean": False}).eval()
+    export_decoder(plain, schema, GRID, AFFINE, copy / "mask.nii.gz", copy)
+    assert not (copy / "conditional_mean.ts").exists()
+    assert json.loads((copy / "decoder_schema.json").read_text())["conditional_mean_file"] is None
+    assert not load(copy).has_conditional_mean and not RunFolder.open(copy).has_conditional_mean
+    with pytest.raises(InferenceError, match="has no conditional-mean path"):
+        load(copy).conditional_mean({"task": "emotion"})

@@ -1,17 +1,61 @@
 """Markdown tables of a ``test_results.json`` (the bundle README's results section is pasted from this).
 
-python -m cbvae_ext.evaluation.report EVAL/test_results.json
+python -m cbvae_ext.evaluation.report EVAL/test_results.json   (or the folder EVAL)
+
+A missing, truncated or foreign file, or one of another layout version, ends in one ``error:`` line.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_report"]
+from cbvae_ext.errors import CbvaeError
+from cbvae_ext.evaluation import RESULTS_LAYOUT, RESULTS_LAYOUT_VERSION
+
+__all__ = ["ReportError", "load_results", "main", "markdown_report"]
+
+RESULTS = "test_results.json"
+_RERUN = "rerun the evaluation: python -m monai.bundle run evaluate --config_file bundle/configs/evaluate.yaml"
+
+
+class ReportError(CbvaeError, ValueError):
+    """A results file that is missing, unreadable or not a ``test_results.json`` of this layout version."""
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read and check a ``test_results.json`` (or the evaluation folder holding one).
+
+    Raises:
+        ReportError: the file is missing, not JSON, not an object, or of another layout or version.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ReportError(f"{path} does not exist; {_RERUN}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"{path} is unreadable ({type(err).__name__}: {err}); {_RERUN}") from None
+    try:
+        res = json.loads(text)
+    except RecursionError:
+        raise ReportError(f"{path} is nested too deeply to be a {RESULTS}; {_RERUN}") from None
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path} is not complete JSON ({err}); {_RERUN}") from None
+    if not isinstance(res, dict):
+        raise ReportError(f"{path} holds a JSON {type(res).__name__}, not a {RESULTS} object; {_RERUN}")
+    layout, version = res.get("layout"), res.get("layout_version")
+    if layout != RESULTS_LAYOUT or version != RESULTS_LAYOUT_VERSION:
+        raise ReportError(
+            f"{path} has layout {layout!r} version {version!r} but this cbvae_ext reads {RESULTS_LAYOUT!r} "
+            f"version {RESULTS_LAYOUT_VERSION} (bundle/docs/formats.md); {_RERUN}"
+        )
+    return res
 
 
 def _ci(summary: Mapping[str, Any] | None, digits: int = 3) -> str:
@@ -184,7 +228,28 @@ def markdown_report(res: Mapping[str, Any]) -> str:
     return "\n\n".join(out) + "\n"
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: print the report of one results file; one ``error:`` line and exit 2 on bad input."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print("usage: python -m cbvae_ext.evaluation.report EVAL/test_results.json", file=sys.stderr)
+        return 2
+    try:
+        res = load_results(args[0])
+        try:
+            text = markdown_report(res)
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+            # the layout version matched but a section has the wrong shape: edited or damaged by hand
+            raise ReportError(
+                f"{args[0]} does not have the {RESULTS} layout version {RESULTS_LAYOUT_VERSION} "
+                f"({type(err).__name__}: {str(err)[:120]}); {_RERUN}"
+            ) from None
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.write(text)
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m cbvae_ext.evaluation.report EVAL/test_results.json")
-    sys.stdout.write(markdown_report(json.loads(Path(sys.argv[1]).read_text())))
+    sys.exit(main())

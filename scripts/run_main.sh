@@ -31,7 +31,7 @@ Options override the environment variables in brackets:
   --kernel-fwhm MM      ALE kernel FWHM in mm (default: the builder's); --fwhm is an alias
   --neurosynth-dir DIR  [CBVAE_NEUROSYNTH_DIR] local Neurosynth v7 (default ../shared/data/neurosynth
                         when present, else NiMARE's fetcher downloads it)
-  --no-terms            build without NeuroQuery's terms (the evaluation then reports NeuroQuery absent)
+  --no-terms            [CBVAE_TERMS=0] build without NeuroQuery's terms (the evaluation then reports NeuroQuery absent)
   --neuroquery-dir DIR  [CBVAE_NEUROQUERY_DIR] local NeuroQuery term counts (default ../shared/data/neuroquery
                         when present, else NiMARE's fetcher downloads them)
   --no-setup            use $PYTHON (default python) as it is; default: create ./.venv and install
@@ -53,7 +53,7 @@ kernel=ale
 kernel_fwhm=""
 ns_dir="${CBVAE_NEUROSYNTH_DIR:-}"
 nq_dir="${CBVAE_NEUROQUERY_DIR:-}"
-terms=1
+terms="${CBVAE_TERMS:-1}"
 setup=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -85,6 +85,7 @@ done
 [[ $kernel == ale || $kernel == mkda ]] || bad "--kernel must be ale or mkda, got '$kernel'"
 [[ -z $kernel_fwhm || $kernel_fwhm =~ ^[0-9]+([.][0-9]+)?$ ]] || bad "--kernel-fwhm must be a number of mm, got '$kernel_fwhm'"
 [[ -z $ns_dir || -d $ns_dir ]] || bad "--neurosynth-dir $ns_dir does not exist; omit it to download Neurosynth"
+[[ $terms == 0 || $terms == 1 ]] || bad "CBVAE_TERMS must be 0 or 1, got '$terms'"
 [[ -z $nq_dir || -d $nq_dir ]] || bad "--neuroquery-dir $nq_dir does not exist; omit it to download NeuroQuery's term counts"
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

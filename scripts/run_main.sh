@@ -8,10 +8,11 @@ usage() {
   cat <<'USAGE'
 usage: scripts/run_main.sh [--out DIR] [--data-dir DIR] [--subset N|all] [--epochs N] [--preset gpu|cpu]
                            [--resolution 2|4] [--kernel ale|mkda] [--kernel-fwhm MM] [--neurosynth-dir DIR]
-                           [--no-setup] [--help]
+                           [--no-terms] [--no-setup] [--help]
 
-Always calls the dataset builder: it reuses DATA only when inputs, options and version match its cache
-key, and rebuilds otherwise (a changed kernel or subset never trains on old maps).
+Always calls the dataset builder: it reuses DATA only when inputs, options, schema and version match its
+cache key, and rebuilds otherwise (a changed kernel, subset or metadata field never trains on old maps).
+The dataset carries NeuroQuery's term tf-idf (terms.npz) for the evaluation's NeuroQuery baseline.
 Options override the environment variables in brackets:
 
   --out DIR             [OUT_ROOT] everything the job writes (default ./runs):
@@ -30,6 +31,9 @@ Options override the environment variables in brackets:
   --kernel-fwhm MM      ALE kernel FWHM in mm (default: the builder's); --fwhm is an alias
   --neurosynth-dir DIR  [CBVAE_NEUROSYNTH_DIR] local Neurosynth v7 (default ../shared/data/neurosynth
                         when present, else NiMARE's fetcher downloads it)
+  --no-terms            [CBVAE_TERMS=0] build without NeuroQuery's terms (the evaluation then reports NeuroQuery absent)
+  --neuroquery-dir DIR  [CBVAE_NEUROQUERY_DIR] local NeuroQuery term counts (default ../shared/data/neuroquery
+                        when present, else NiMARE's fetcher downloads them)
   --no-setup            use $PYTHON (default python) as it is; default: create ./.venv and install
 
 Extra bundle overrides: CBVAE_TRAIN_ARGS (every training) and CBVAE_EVAL_ARGS (the evaluation), split
@@ -48,12 +52,15 @@ resolution=4
 kernel=ale
 kernel_fwhm=""
 ns_dir="${CBVAE_NEUROSYNTH_DIR:-}"
+nq_dir="${CBVAE_NEUROQUERY_DIR:-}"
+terms="${CBVAE_TERMS:-1}"
 setup=1
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --no-setup) setup=0; shift; continue ;;
-    --out|--data-dir|--subset|--epochs|--preset|--resolution|--kernel|--kernel-fwhm|--fwhm|--neurosynth-dir)
+    --no-terms) terms=0; shift; continue ;;
+    --out|--data-dir|--subset|--epochs|--preset|--resolution|--kernel|--kernel-fwhm|--fwhm|--neurosynth-dir|--neuroquery-dir)
       [ $# -ge 2 ] || bad "$1 needs a value (see --help)" ;;
     *) bad "unknown option $1 (see --help)" ;;
   esac
@@ -67,6 +74,7 @@ while [ $# -gt 0 ]; do
     --kernel) kernel="$2" ;;
     --kernel-fwhm|--fwhm) kernel_fwhm="$2" ;;
     --neurosynth-dir) ns_dir="$2" ;;
+    --neuroquery-dir) nq_dir="$2" ;;
   esac
   shift 2
 done
@@ -77,6 +85,8 @@ done
 [[ $kernel == ale || $kernel == mkda ]] || bad "--kernel must be ale or mkda, got '$kernel'"
 [[ -z $kernel_fwhm || $kernel_fwhm =~ ^[0-9]+([.][0-9]+)?$ ]] || bad "--kernel-fwhm must be a number of mm, got '$kernel_fwhm'"
 [[ -z $ns_dir || -d $ns_dir ]] || bad "--neurosynth-dir $ns_dir does not exist; omit it to download Neurosynth"
+[[ $terms == 0 || $terms == 1 ]] || bad "CBVAE_TERMS must be 0 or 1, got '$terms'"
+[[ -z $nq_dir || -d $nq_dir ]] || bad "--neuroquery-dir $nq_dir does not exist; omit it to download NeuroQuery's term counts"
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
@@ -105,7 +115,9 @@ step() {
   echo "[main] $name: $*"
   "$py" -m cbvae_ext.cloud.job_status "$out" running "$name" "$*"
   local rc=0
-  "$@" 2>&1 | tee "$out/logs/$name.log" || rc=${PIPESTATUS[0]}
+  # the console gets the live progress bars; the log keeps each line's final state (no \r-joined bars)
+  # (fd 3 is the console; tee appends to it so a redirected console file is never truncated)
+  { "$@" 2>&1 | tee -a /dev/fd/3 | sed -u 's/.*\r//' > "$out/logs/$name.log" || rc=${PIPESTATUS[0]}; } 3>&1
   if [ "$rc" != 0 ]; then
     "$py" -m cbvae_ext.cloud.job_status "$out" failed "$name" "exit code $rc; see logs/$name.log"
     touch "$out/FAILED"
@@ -119,6 +131,9 @@ echo "[main] out=$out data=$data_dir subset=$subset epochs=$epochs preset=$prese
 build=("$py" -m cbvae_ext.data build --out "$data_dir" --resolution "$resolution" --kernel "$kernel")
 [ -n "$kernel_fwhm" ] && build+=(--kernel-fwhm "$kernel_fwhm")
 [ -n "$ns_dir" ] && build+=(--neurosynth-dir "$ns_dir")
+if [ "$terms" = 1 ]; then
+  if [ -n "$nq_dir" ]; then build+=(--neuroquery-dir "$nq_dir"); else build+=(--terms); fi
+fi
 [ "$subset" != all ] && build+=(--subset "$subset")
 step dataset "${build[@]}"
 
@@ -151,4 +166,9 @@ step evaluate "$py" -m monai.bundle run evaluate --config_file bundle/configs/ev
 
 "$py" -m cbvae_ext.cloud.job_status "$out" done evaluate "outputs in $out"
 touch "$out/DONE"
-echo "[main] done: results in $out/eval/test_results.json; demo: streamlit run app/streamlit_app.py -- --run_dir $out/cbvae --dataset_dir $data_dir"
+# the numbers, readable (the same tables as bundle/docs/README.md's results)
+[ -s "$out/eval/test_results.json" ] && "$py" -m cbvae_ext.evaluation.report "$out/eval/test_results.json" || echo "[main] the report could not be printed; see $out/eval/test_results.json" >&2
+streamlit_bin=streamlit
+[ "$setup" = 1 ] && streamlit_bin=.venv/bin/streamlit
+echo "[main] done: results in $out/eval/test_results.json; demo:" \
+  "$streamlit_bin run app/streamlit_app.py --server.address 127.0.0.1 -- --run_dir $out/cbvae --dataset_dir $data_dir"

@@ -14,6 +14,7 @@ RECORDER = """#!/bin/sh
 case "$1 $2" in
   "-m cbvae_ext.data"|"-m monai.bundle")
     printf '%s\\n' "$*" >> {log}
+    printf 'progress 10%%\\rprogress 100%%\\n'  # a progress bar's carriage returns
     case " $* " in *" run training "*)
       out=$(printf '%s\\n' "$@" | sed -n '/^--output_dir$/{{n;p;}}')
       mkdir -p "$out" && echo ts > "$out/decoder.ts" && echo {{}} > "$out/decoder_schema.json" ;;
@@ -58,7 +59,7 @@ def test_pipeline_builds_trains_every_run_and_evaluates_them_all(repo_root: Path
     out, data = tmp_path / "out", tmp_path / "out" / "data_30"
     build, *trainings, evaluate = commands
     assert build.startswith(f"-m cbvae_ext.data build --out {data} --resolution 2 --kernel mkda --kernel-fwhm 9")
-    assert build.endswith("--subset 30")
+    assert build.endswith("--subset 30") and " --terms " in build  # NeuroQuery's terms for the evaluation
     # the twins are trained exactly when their overlays exist (bundle/configs/train_uncond.yaml, ...)
     twins = [n for n in ("uncond", "nolambda") if (repo_root / "bundle" / "configs" / f"train_{n}.yaml").is_file()]
     names = ["cbvae", "baseline", *twins]
@@ -77,6 +78,21 @@ def test_pipeline_builds_trains_every_run_and_evaluates_them_all(repo_root: Path
     assert {p.stem for p in (out / "logs").iterdir()} == {"dataset", "check_decoder", "evaluate"} | {
         f"train_{n}" for n in names
     }
+    # the console keeps the live bars, the log each line's final state
+    assert "progress 10%" in proc.stdout
+    assert (out / "logs" / "dataset.log").read_text() == "progress 100%\n"
+    assert "--server.address 127.0.0.1" in proc.stdout.splitlines()[-1]
+
+
+def test_no_terms_and_a_local_neuroquery_copy(repo_root: Path, tmp_path: Path):
+    proc, commands = run_pipeline(repo_root, tmp_path, "--subset", "30", "--no-terms")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--terms" not in commands[0] and "--neuroquery-dir" not in commands[0]
+    second, nq = tmp_path / "second", tmp_path / "nq"
+    second.mkdir(), nq.mkdir()
+    proc, commands = run_pipeline(repo_root, second, "--subset", "30", "--neuroquery-dir", str(nq))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f" --neuroquery-dir {nq} " in commands[0] and "--terms" not in commands[0]
 
 
 def test_pipeline_rebuilds_through_the_builder_on_every_run(repo_root: Path, tmp_path: Path):

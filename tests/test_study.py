@@ -303,7 +303,7 @@ def test_map_on_another_grid_is_resampled(tmp_path: Path, real_studies: dict, co
     assert any("resampled with nilearn" in n and "[96, 112, 96] at 2x2x2 mm" in n for n in result.notes), result.notes
     expected, _ = context.render(xyz)
     r = np.corrcoef(result.ma_map[context.grid.mask], expected[context.grid.mask])[0, 1]
-    assert r > 0.95, r
+    assert r > 0.9, r  # the 2 mm kernel and mask, resampled to 4 mm
     # a map already on the run's grid is taken as it is
     nib.save(nib.Nifti1Image(expected, context.grid.affine), tmp_path / "map4mm.nii.gz")
     same = analyse_file(tmp_path / "map4mm.nii.gz", context=context).results[0]
@@ -336,6 +336,14 @@ def test_typicality_of_a_test_study_is_its_reference_score(
         len(result.posterior["mu"]) == context.model.latent_size and result.reconstruction.shape == context.grid.shape
     )
     assert report["conditions"] == {"sample_size": 20.0}
+    # the app's path: the uploaded bytes with their name, the same report, and the files as one zip
+    upload = analyse_file((tmp_path / "s.txt").read_bytes(), filename="mine.txt", context=context, readings=False)
+    assert upload.reports[0]["typicality"]["score_nats"] == pytest.approx(typ["score_nats"], rel=1e-6)
+    import io
+    import zipfile
+
+    names = zipfile.ZipFile(io.BytesIO(upload.zip_bytes())).namelist()
+    assert "report.json" in names and "001-a/reconstruction.nii.gz" in names and "001-a/ma_map.json" in names
 
 
 def test_run_without_encoder_says_so(
@@ -364,7 +372,7 @@ def test_cli_end_to_end(tmp_path: Path, tiny_runs: dict[str, Path], tiny_dataset
     assert proc.returncode == 0, proc.stderr[-2000:]
     index = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in index["studies"]] == ["mni study", "small study"]
-    assert list(tmp_path.glob(".out.partial-*")) == [] and list((tmp_path / "cache").glob("typicality-*.npz"))
+    assert list(tmp_path.glob(".out.partial-*")) == [] and list((tmp_path / "cache").glob("study/typicality-*.npz"))
     folder = out / index["studies"][0]["folder"]
     report = json.loads((folder / "report.json").read_text())
     assert report["format"] == "cbvae-study-report" and report["conditions"]["year"] == 2010.0

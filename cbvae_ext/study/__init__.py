@@ -67,6 +67,20 @@ class StudyAnalysis:
         """NIfTI maps, sidecars and reports under ``out`` (one folder per study), atomically."""
         return write_reports(self.results, self.context, out, self.source, self.options, self.seconds)
 
+    def zip_bytes(self) -> bytes:
+        """The files ``write`` makes, as one ``.zip`` (the app's download)."""
+        import io
+        import zipfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = self.write(Path(tmp) / "study")
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+                for path in sorted(out.rglob("*")):
+                    if path.is_file():
+                        zf.write(path, path.relative_to(out).as_posix())
+        return buffer.getvalue()
+
 
 def analyse_file(
     source: str | Path | bytes,

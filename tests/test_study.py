@@ -167,6 +167,15 @@ def test_many_studies_in_one_file_and_their_metadata(tmp_path: Path, real_studie
     assert s.metadata["sample_size"] == 17.0 and s.name == "Smith et al., 2010; faces"
 
 
+def test_three_talairach_peaks_log_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """NiMARE's tal2mni logs an "ambiguous 3x3 matrix" note for 3 peaks; the CLI's stderr must stay one line."""
+    xyz = np.array([[-18.0, -58.0, -24.0], [26.0, -64.0, -50.0], [12.0, -70.0, -42.0]])
+    with caplog.at_level("INFO"):
+        (study,) = read_studies(_sleuth(tmp_path / "t.txt", [("three", xyz)], "Talairach"))
+    assert study.space == "TAL" and study.xyz.shape == (3, 3) and not np.allclose(study.xyz, xyz)
+    assert not [r for r in caplog.records if r.name.startswith("nimare")]
+
+
 def test_nimare_shipped_files_are_read(tmp_path: Path) -> None:
     """The NiMARE resources' own studyset and dataset JSON (real files) through our readers."""
     import nimare

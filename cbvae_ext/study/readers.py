@@ -19,6 +19,7 @@ one-line ``StudyError`` naming the file and the fix.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import warnings
@@ -115,7 +116,13 @@ def to_mni(xyz: np.ndarray, space: str) -> np.ndarray:
         return xyz.copy()
     from nimare.utils import tal2mni
 
-    return np.asarray(tal2mni(xyz), dtype=np.float64)
+    log = logging.getLogger("nimare.utils")
+    level = log.level
+    log.setLevel(logging.WARNING)  # a 3-peak study is an "ambiguous 3x3 matrix" to NiMARE: rows are peaks, as here
+    try:
+        return np.asarray(tal2mni(xyz), dtype=np.float64)
+    finally:
+        log.setLevel(level)
 
 
 def _resolve_space(labels: list[Any], given: str | None, where: str) -> str:

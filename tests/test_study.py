@@ -401,11 +401,15 @@ def test_cli_end_to_end(tmp_path: Path, tiny_runs: dict[str, Path], tiny_dataset
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: ") and "unknown coordinate space" in proc.stderr
     assert not (tmp_path / "never").exists()
-    # an existing folder that is not a study report is never replaced
+    # an existing folder that is not a study report is never replaced (in process: the CLI calls the same write)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    proc = subprocess.run(
-        [*cli[:-1], str(tmp_path / "mine")], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 2 and "not an earlier study report" in proc.stderr
+    analysis = analyse_file(path, tiny_runs["cbvae"], tiny_dataset, readings=False)
+    with pytest.raises(StudyError) as e:
+        analysis.write(tmp_path / "mine")
+    _one_line(e, "not an earlier study report", "choose another --out")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert (
+        analysis.write(out) == out
+        and json.loads((out / "report.json").read_text())["studies"][0]["name"] == "mni study"
+    )

@@ -12,7 +12,10 @@ Parameters (all optional; anything else is ignored with a message):
 ``strength`` the condition strength
 ``sweep``    the continuous condition swept
 
-An invalid value yields a one-line message naming the parameter and the valid values, and its default.
+An invalid value yields a one-line message naming the parameter and the valid values, and its default; an
+unknown parameter yields a message naming the parameters the page reads (Streamlit's own ``embed`` and
+``embed_options`` are left to Streamlit). The messages are plain text: the page escapes them
+(``markup.md_escape``), since they quote the link.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_QUERY_CHARS", "STRENGTH_RANGE", "UrlState", "parse_state", "state_params"]
+__all__ = ["MAX_QUERY_CHARS", "STREAMLIT_PARAMS", "STRENGTH_RANGE", "UrlState", "parse_state", "state_params"]
 
 #: Longest "ask in words" text kept from a URL or the text box.
 MAX_QUERY_CHARS = 2000
 #: Range of the condition-strength control.
 STRENGTH_RANGE: tuple[float, float] = (0.0, 3.0)
+#: Query parameters Streamlit itself reads (``?embed=true``): not the page's, never reported.
+STREAMLIT_PARAMS = frozenset({"embed", "embed_options"})
+_PARAMS = ("run", "study", "seed", "z", "task", "q", "topics", "strength", "sweep")
 
 
 @dataclass
@@ -83,7 +89,15 @@ def parse_state(
     state, notes = UrlState(), []
 
     def bad(name: str, why: str) -> None:
-        notes.append(f"ignored `{name}={_shorten(params[name])}` in the link: {why}")
+        notes.append(f"ignored {name}={_shorten(params[name])} in the link: {why}")
+
+    known = (*_PARAMS, *fields)
+    for name in params:
+        if name not in known and name not in STREAMLIT_PARAMS:
+            notes.append(
+                f"ignored {_shorten(name)}={_shorten(params[name])} in the link: not a parameter of this page "
+                f"(it reads {', '.join(known)})"
+            )
 
     state.run = params.get("run")
     if "study" in params:

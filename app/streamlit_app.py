@@ -339,6 +339,8 @@ def url_overrides(info: al.RunInfo, url: us.UrlState) -> dict[str, Any]:
         out["sweep"] = url.sweep
     if url.query is not None:
         out["words"] = url.query
+    if url.contrast is not None:
+        out["contrast_a"], out["contrast_b"] = url.contrast
     if url.topics is not None:  # edited weights win over the words they came from
         weights = np.zeros(info.schema.n_topics)
         for t, w in url.topics.items():
@@ -429,14 +431,17 @@ def _listing(items: list[str], n: int = 12) -> str:
     return ", ".join(md_escape(i) for i in items[:n]) + more
 
 
+def match_words(vocab: TopicVocabulary, tokeniser: QueryTokeniser | str, text: str) -> TopicMatch:
+    """NeuroQuery's terms of ``text`` to topics when its vocabulary is available, else the topics' key words."""
+    return vocab.match(text) if isinstance(tokeniser, str) else vocab.match_terms(tokeniser(text))
+
+
 def read_words(vocab: TopicVocabulary, tokeniser: QueryTokeniser | str, text: str) -> TopicMatch:
-    """The words shown as read: NeuroQuery's terms when its vocabulary is available, else the topics' key words."""
+    """The words matched, and shown as read: recognised, recognised without a topic, ignored."""
     if isinstance(tokeniser, str):
         st.caption(f"NeuroQuery's vocabulary is not available ({md_escape(tokeniser)}): words are matched to the "
                    "topics' key words only.")  # fmt: skip
-        match = vocab.match(text)
-    else:
-        match = vocab.match_terms(tokeniser(text))
+    match = match_words(vocab, tokeniser, text)
     if not text.strip():
         st.caption("Type terms to set the topic mixture from words, or move the topic sliders.")
     elif match.empty and not match.no_topic:
@@ -610,7 +615,7 @@ def contrast_view(
         st.caption("Type two queries (e.g. pain minus touch): the map generated with A's topics minus B's, at the "
                    "current latents and other conditions.")  # fmt: skip
         return
-    matches = [vocab.match(t) if isinstance(tokeniser, str) else vocab.match_terms(tokeniser(t)) for t in texts]
+    matches = [match_words(vocab, tokeniser, t) for t in texts]
     for col, name, match in zip((c1, c2), "AB", matches, strict=True):
         said = _listing([term for term, _ in match.matched]) or "nothing"
         col.caption(
@@ -869,6 +874,7 @@ def main() -> None:
         z=z if moved else None,
         conditions=conditions,
         query=words,
+        contrast=(st.session_state.get("contrast_a", ""), st.session_state.get("contrast_b", "")),
         topics=None if topics is None else {t: float(w) for t, w in enumerate(topics)},
         strength=strength,
         sweep=st.session_state.get("sweep", "year"),

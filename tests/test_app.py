@@ -369,9 +369,10 @@ def test_url_state_round_trips() -> None:
     params = us.state_params(
         run="run1", study="ns:1", seed=None, z=np.array([0.5, -1.25, 2.0]), conditions=conditions,
         query="working memory", topics={1: 0.25, 3: 0.75, 4: 0.0}, strength=1.5, sweep="fwhm",
+        contrast=("pain", "touch"),
     )  # fmt: skip
     state, notes = _parse(params)
-    assert notes == []
+    assert notes == [] and state.contrast == ("pain", "touch")
     assert (state.run, state.study, state.seed, state.task) == ("run1", "ns:1", None, "pain")
     np.testing.assert_allclose(state.z, [0.5, -1.25, 2.0])
     assert state.values == {"year": 2005.0, "sample_size": None, "field_strength": 3.0, "fwhm": None}
@@ -394,6 +395,11 @@ def test_url_state_round_trips() -> None:
     )
     state, notes = _parse(unknown)
     assert notes == [] and state.seed == 7 and state.task == "unknown" and state.topics == {}
+    assert state.contrast is None and "qa" not in unknown
+    state, notes = _parse({"qb": "x" * 5000})
+    assert state.contrast == ("", "x" * us.MAX_QUERY_CHARS) and notes == [
+        f"query B in the link: cut to the first {us.MAX_QUERY_CHARS} characters"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -748,7 +754,7 @@ def test_url_state_round_trips_through_the_page(
     task = info.schema.categories[1]
     params = {
         "run": app_run.name, "study": study, "task": task, "year": "2003", "fwhm": "6.5", "q": "pain",
-        "topics": "32:0.7,26:0.3", "strength": "1.5", "sweep": "fwhm",
+        "topics": "32:0.7,26:0.3", "strength": "1.5", "sweep": "fwhm", "qa": "pain", "qb": "touch",
     }  # fmt: skip
     at = _app(monkeypatch, app_run, tiny_dataset, params)
     assert not at.warning or all("ignored" not in w.value for w in at.warning)
@@ -756,8 +762,9 @@ def test_url_state_round_trips_through_the_page(
     assert at.slider(key="year_value").value == 2003 and at.slider(key="fwhm_value").value == 6.5
     assert at.text_input(key="words").value == "pain" and at.slider(key="topic_32").value == 0.7
     assert at.slider(key="strength").value == 1.5 and at.selectbox(key="sweep").value == "fwhm"
+    assert (at.text_input(key="contrast_a").value, at.text_input(key="contrast_b").value) == ("pain", "touch")
     out = {k: at.query_params[k] for k in at.query_params}
-    for key in ("run", "study", "task", "year", "fwhm", "q", "strength", "sweep"):
+    for key in ("run", "study", "task", "year", "fwhm", "q", "strength", "sweep", "qa", "qb"):
         assert float(out[key]) == float(params[key]) if key in ("year", "fwhm", "strength") else out[key] == params[key]
     assert out["topics"] == "26:0.3,32:0.7"
 

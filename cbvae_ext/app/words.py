@@ -178,7 +178,7 @@ class TopicVocabulary:
             hit = self._lookup(word.casefold()) if why != "stop word" and word.casefold() not in stop else None
             if hit is None:
                 ignored.append((word, why))
-            else:  # NeuroQuery lacks it but a topic lists it (an abbreviation such as "fc")
+            else:  # NeuroQuery lacks it but a topic lists it (an abbreviation such as "fcmri")
                 matched.append((f"{word} (topic key word)", _add(scores, hit[1], 1)))
         return _result(scores, matched, ignored, tokens.truncated, no_topic)
 

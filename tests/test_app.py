@@ -319,6 +319,17 @@ def test_neuroquery_tokeniser_reads_the_first_words_only(tokeniser: QueryTokenis
     assert len(tokens.terms) == MAX_WORDS and tokens.truncated == 2_000 - MAX_WORDS
 
 
+def test_neuroquery_tokeniser_is_shared_safely_between_sessions(tokeniser: QueryTokeniser) -> None:
+    # the page's sessions share one cached tokeniser, and NeuroQuery's pipeline keeps positions on itself
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = ["theory of mind and pain", "reward anticipation " * 20, "nociception in the insula", "xyzzy faces"]
+    expected = [tokeniser(t) for t in texts]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(tokeniser, texts * 100))
+    assert results == expected * 100
+
+
 def test_terms_map_to_topics_through_their_words(tokeniser: QueryTokeniser) -> None:
     vocab = _vocab()
     # a phrase goes to the topics that list all its words; a synonym is looked up in NeuroQuery's form

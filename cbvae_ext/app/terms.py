@@ -15,6 +15,7 @@ it, the released model's synonym map ``neuroquery_model_vocabulary.csv_voc_mappi
 from __future__ import annotations
 
 import json
+import threading
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class QueryTokeniser:
     def __init__(
         self, vocabulary: Sequence[str], synonyms: Mapping[str, str] | None = None, max_words: int = MAX_WORDS
     ) -> None:
+        import regex
         from neuroquery import tokenization
 
         mapping = {
@@ -89,8 +91,10 @@ class QueryTokeniser:
         self._pipeline = tokenization.tokenizing_pipeline_from_vocabulary(
             list(vocabulary), out_of_voc="[]", voc_mapping=mapping
         )
-        self._words = self._pipeline.tokenizer_._compiled_regexp
-        self._stop = self._pipeline.stop_word_filter_.stop_words_
+        self._words = regex.compile(tokenization.WORD_PATTERN)  # the pipeline's own word pattern
+        self._stop = frozenset(w.lower() for w in tokenization.nltk_stop_words())  # and its stop words
+        # the pipeline keeps the last text's positions on itself; the page's sessions share one tokeniser
+        self._lock = threading.Lock()
         self.max_words = max_words
         self.n_terms = len(self._pipeline.get_vocabulary())
 
@@ -121,8 +125,10 @@ class QueryTokeniser:
             words = words[: self.max_words]
         found: list[tuple[int, Term | tuple[str, str]]] = []  # by position: a term, or (word, why ignored)
         inside: list[tuple[int, int]] = []  # spans of recognised terms: their stop words ("of") are part of them
-        phrases = self._pipeline(text, keep_pos=True)
-        for phrase, (start, end) in zip(phrases, self._pipeline.positions, strict=True):
+        with self._lock:
+            phrases = self._pipeline(text, keep_pos=True)
+            positions = self._pipeline.positions.reshape(-1, 2).tolist()
+        for phrase, (start, end) in zip(phrases, positions, strict=True):
             start, end = int(start), int(end)
             if phrase.startswith("[") and phrase.endswith("]"):
                 found.append((start, (_shown(text[start:end]), "not in NeuroQuery's vocabulary")))

@@ -19,7 +19,7 @@ from cbvae_ext.app import evidence as ev
 from cbvae_ext.app import keys
 from cbvae_ext.app import session as al
 from cbvae_ext.app import state as us
-from cbvae_ext.app.markup import md_escape
+from cbvae_ext.app.markup import WORD_JOINER, md_escape
 from cbvae_ext.app.regions import RegionLabeller
 from cbvae_ext.app.render import SliceRenderer
 from cbvae_ext.app.serving import ALLOW_REMOTE_ENV, remote_refusal
@@ -190,8 +190,12 @@ def test_damaged_dataset_is_one_line_error(tmp_path: Path) -> None:
 
 
 def _plain(text: str) -> str:
-    """Markdown source as it reads on the page (backslash escapes removed)."""
-    return re.sub(r"\\(.)", r"\1", text)
+    """Markdown source as it reads on the page (backslash escapes and word joiners removed)."""
+    return re.sub(r"\\(.)", r"\1", text).replace(WORD_JOINER, "")
+
+
+#: remark-gfm's autolink literals, applied to the text after escapes are resolved (as Streamlit's renderer does)
+GFM_AUTOLINKS = re.compile(r"(https?://|www(?=\.))[-.\w]+|[-.\w+]+@[-\w]+(\.[-\w]+)+", flags=re.IGNORECASE | re.ASCII)
 
 
 def _markup(source: str) -> list[str]:
@@ -202,14 +206,14 @@ def _markup(source: str) -> list[str]:
     plain = {"paragraph_open", "paragraph_close", "inline", "text", "text_special", "softbreak"}
     found = []
     for token in MarkdownIt("commonmark").parse(source):
-        found += [f"{t.type}: {t.content or t.attrs}" for t in [token, *(token.children or [])] if t.type not in plain]
-    # GFM (Streamlit's remark-gfm) links bare https://, www. and e-mail addresses; an escape breaks them
-    unescaped = r"(?<!\\)"
-    found += [
-        f"autolink: {m.group()}"
-        for m in re.finditer(rf"{unescaped}:{unescaped}/{unescaped}/|www{unescaped}\.|{unescaped}@", source)
-    ]
-    found += [f"directive: {m.group()}" for m in re.finditer(rf"{unescaped}:[\w/]+[\[:]", source)]
+        for t in [token, *(token.children or [])]:
+            if t.type not in plain:
+                found.append(f"{t.type}: {t.content or t.attrs}")
+            elif t.type in ("text", "text_special"):
+                found += [f"autolink: {m.group()}" for m in GFM_AUTOLINKS.finditer(t.content)]
+    text = "".join(t.content for token in MarkdownIt("commonmark").parse(source) for t in token.children or [])
+    found += [f"autolink: {m.group()}" for m in GFM_AUTOLINKS.finditer(text)]  # across escaped characters
+    found += [f"directive: {m.group()}" for m in re.finditer(r"(?<!\\):[\w/]+[\[:]", source)]
     return found
 
 

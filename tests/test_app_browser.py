@@ -80,12 +80,13 @@ def test_bad_link_shows_a_message_and_the_page(app_url: str, tmp_path: Path) -> 
         state = browser.open_app(link, min_images=8, timeout=300)
         bold = browser.evaluate("document.querySelectorAll('b').length")
         foreign = browser.evaluate(
-            "Array.from(document.querySelectorAll('a[href], img[src]')).map(e => e.href || e.src)"
-            ".filter(u => u.includes('ev.il'))"
+            "Array.from(document.querySelectorAll('a[href], img[src]')).map(e => new URL(e.href || e.src).hostname)"
+            ".filter(host => host.endsWith('ev.il'))"
         )
     finally:
         browser.close()
     assert all(view in state["text"] for view in VIEWS)
+    state["text"] = state["text"].replace("\u2060", "")  # the escape's word joiners, which break autolinks
     assert "ignored year=1e400 in the link" in state["text"] and "ignored sweep=<b>x</b> in the link" in state["text"]
     assert "ignored task=`[Log in](https://ev.il/x) ![t](https://… in the link" in state["text"]  # as given
     assert "not a parameter of this page" in state["text"]

@@ -608,17 +608,15 @@ def test_app_reports_schema_mismatch(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert "RunFolderError" in at.error[0].value and "differ from" in at.error[0].value
 
 
-@pytest.mark.parametrize("address", [None, "0.0.0.0", "::"])
-def test_page_refuses_to_serve_on_every_interface(
-    monkeypatch: pytest.MonkeyPatch, app_run: Path, address: str | None
-) -> None:
+def test_page_refuses_to_serve_on_every_interface(monkeypatch: pytest.MonkeyPatch, app_run: Path) -> None:
     """``streamlit run`` started outside the repository root binds every interface: the page refuses to serve."""
     from streamlit import config
 
-    config.set_option("server.address", address)
-    at = _app(monkeypatch, app_run)
-    assert [_plain(e.value) for e in at.error] == [_plain(remote_refusal(address, {}))]
-    assert not at.image and not at.text_input and not at.warning  # nothing of the run is shown
+    for address in (None, "0.0.0.0", "::"):
+        config.set_option("server.address", address)
+        at = _app(monkeypatch, app_run)
+        assert [_plain(e.value) for e in at.error] == [_plain(remote_refusal(address, {}))]
+        assert not at.image and not at.text_input and not at.warning  # nothing of the run is shown
     monkeypatch.setenv(ALLOW_REMOTE_ENV, "1")  # the operator's explicit opt-in
     at = _app(monkeypatch, app_run)
     assert not at.error and len(at.image) >= 4

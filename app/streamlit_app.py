@@ -1,8 +1,9 @@
 """The Counterfactual Machine: hold a study fixed, change its conditions (in words or with sliders) and see
 what the decoder generates, what changed, and the real studies the prediction stands on.
 
-Run with ``streamlit run app/streamlit_app.py [-- --run_dir RUN --dataset_dir DATA]`` (or the environment
-variables ``CBVAE_RUN_DIR`` / ``CBVAE_DATASET_DIR``); the default run is ``runs/cbvae`` as written by
+Run with ``streamlit run app/streamlit_app.py --server.address 127.0.0.1 [-- --run_dir RUN --dataset_dir DATA]``
+(or the environment variables ``CBVAE_RUN_DIR`` / ``CBVAE_DATASET_DIR``); the page refuses to serve on any
+other than a loopback address unless ``CBVAE_APP_ALLOW_REMOTE=1``; the default run is ``runs/cbvae`` as written by
 ``scripts/run_main.sh``. A run folder is code (``decoder.ts`` is TorchScript): open only runs you trust.
 See ``bundle/docs/app.md``.
 """
@@ -31,10 +32,14 @@ if str(REPO_ROOT) not in sys.path:  # `streamlit run` without an installed packa
 from cbvae_ext import __version__  # noqa: E402
 from cbvae_ext.app import downloads as dl  # noqa: E402
 from cbvae_ext.app import evidence as ev  # noqa: E402
+from cbvae_ext.app import keys  # noqa: E402
 from cbvae_ext.app import session as al  # noqa: E402
 from cbvae_ext.app import state as us  # noqa: E402
+from cbvae_ext.app.markup import md_escape  # noqa: E402
 from cbvae_ext.app.render import GENERATED_LABEL, SliceRenderer  # noqa: E402
-from cbvae_ext.app.words import MAX_WORDS, TopicVocabulary  # noqa: E402
+from cbvae_ext.app.serving import remote_refusal  # noqa: E402
+from cbvae_ext.app.terms import QueryTokeniser  # noqa: E402
+from cbvae_ext.app.words import MAX_WORDS, TopicMatch, TopicVocabulary  # noqa: E402
 from cbvae_ext.errors import CbvaeError  # noqa: E402
 from cbvae_ext.schema import CONTINUOUS_FIELDS, SchemaError  # noqa: E402
 
@@ -92,6 +97,25 @@ def load_regions(run_dir: str, stamp: float) -> Any:
 def load_vocabulary(run_dir: str, stamp: float) -> TopicVocabulary | None:
     schema = load_info(run_dir, stamp).schema
     return TopicVocabulary(schema.topic_keys, schema.topic_names) if schema.n_topics else None
+
+
+@st.cache_resource(show_spinner="Reading NeuroQuery's vocabulary…", max_entries=2)
+def load_tokeniser(directory: str) -> QueryTokeniser | str:
+    """NeuroQuery's tokeniser over the folder's vocabulary, or a one-line message why not."""
+    try:
+        return QueryTokeniser.from_directory(directory)
+    except (OSError, ValueError) as err:
+        return al.one_line(err)
+
+
+def find_tokeniser() -> QueryTokeniser | str:
+    """The tokeniser of ``CBVAE_NEUROQUERY_DIR``, else of ``../shared/data/neuroquery`` (never downloads)."""
+    from cbvae_ext.data.neuroquery import resolve_neuroquery_dir
+
+    try:
+        return load_tokeniser(str(resolve_neuroquery_dir(fetch=False)))
+    except CbvaeError as err:
+        return al.one_line(err)
 
 
 @st.cache_resource(show_spinner="Opening the dataset…", max_entries=2)
@@ -169,6 +193,17 @@ def sweep_cached(
     model = load_model(run_dir, stamp)
     z = np.asarray(_q.z, np.float32)
     return [r.map for r in model.decode_many(z, conds, allow_extrapolation=True, imputed=dict(_q.imputed))]
+
+
+@st.cache_resource(max_entries=16)
+def contrast_cached(run_dir: str, stamp: float, qkey: str, _pair: tuple[Query, Query]) -> tuple[np.ndarray, np.ndarray]:
+    """The maps of two queries that differ in their topics only, decoded in one batch."""
+    model = load_model(run_dir, stamp)
+    first, second = _pair
+    conds = [first.conditions_dict(), second.conditions_dict()]
+    z = np.asarray(first.z, np.float32)
+    maps = model.decode_many(z, conds, allow_extrapolation=first.allow, imputed=dict(first.imputed))
+    return maps[0].map, maps[1].map
 
 
 @st.cache_resource(max_entries=16)
@@ -262,14 +297,14 @@ def apply_start(
     state = st.session_state
     if latents:
         for d in range(info.latent_size):
-            state[f"z{d}"] = float(start.z[d])
+            state[keys.latent(d)] = float(start.z[d])
     if conditions:
         state["task"] = start.conditions["task"] or UNKNOWN
         for name in CONTINUOUS_FIELDS:
             value = start.conditions[name]
-            state[f"{name}_unknown"] = value is None
+            state[keys.field_unknown(name)] = value is None
             fallback = imputed.get(name, info.imputed_defaults[name])
-            state[f"{name}_value"] = al.slider_value(info.schema, name, fallback if value is None else value)
+            state[keys.field_value(name)] = al.slider_value(info.schema, name, fallback if value is None else value)
         set_topics(info, start.conditions.get("topics"))
 
 
@@ -284,7 +319,7 @@ def set_topics(info: al.RunInfo, weights: np.ndarray | None) -> None:
     state["_topic_order"] = [int(t) for t in np.argsort(-w, kind="stable")]
     state["_topic_version"] = state.get("_topic_version", 0) + 1
     for t in state["_topic_order"][:N_TOPIC_SLIDERS]:
-        state[f"topic_{t}"] = float(w[t])
+        state[keys.topic(t)] = float(w[t])
 
 
 def url_overrides(info: al.RunInfo, url: us.UrlState) -> dict[str, Any]:
@@ -293,17 +328,19 @@ def url_overrides(info: al.RunInfo, url: us.UrlState) -> dict[str, Any]:
     if url.task is not None:
         out["task"] = UNKNOWN if url.task == "unknown" else url.task
     for name, value in url.values.items():
-        out[f"{name}_unknown"] = value is None
+        out[keys.field_unknown(name)] = value is None
         if value is not None:
-            out[f"{name}_value"] = al.slider_value(info.schema, name, value)
+            out[keys.field_value(name)] = al.slider_value(info.schema, name, value)
     if url.z is not None:
-        out.update({f"z{d}": float(np.clip(v, *al.LATENT_RANGE)) for d, v in enumerate(url.z)})
+        out.update({keys.latent(d): float(np.clip(v, *al.LATENT_RANGE)) for d, v in enumerate(url.z)})
     if url.strength is not None:
         out["strength"] = float(url.strength)
     if url.sweep is not None:
         out["sweep"] = url.sweep
     if url.query is not None:
         out["words"] = url.query
+    if url.contrast is not None:
+        out["contrast_a"], out["contrast_b"] = url.contrast
     if url.topics is not None:  # edited weights win over the words they came from
         weights = np.zeros(info.schema.n_topics)
         for t, w in url.topics.items():
@@ -326,7 +363,7 @@ def read_url(info: al.RunInfo) -> tuple[dict[str, Any], us.UrlState]:
         n_topics=info.schema.n_topics,
     )
     if url.run is not None and url.run != info.run_dir.name:
-        notes.append(f"this link was made on the run `{al.md_escape(url.run)}`; it is shown on `{info.run_dir.name}`")
+        notes.append(f"this link was made on the run {url.run}; it is shown on {info.run_dir.name}")
     st.session_state["_url_notes"] = notes
     state = st.session_state
     if url.study is not None:
@@ -338,7 +375,7 @@ def read_url(info: al.RunInfo) -> tuple[dict[str, Any], us.UrlState]:
 
 def set_cut(cut: tuple[float, float, float]) -> None:
     for axis, value in zip("xyz", cut, strict=True):
-        st.session_state[f"cut_{axis}"] = float(value)
+        st.session_state[keys.cut(axis)] = float(value)
 
 
 # ----- page sections ------------------------------------------------------------------------------
@@ -380,57 +417,83 @@ def latent_sliders(info: al.RunInfo, start: al.StartPoint, imputed: dict[str, fl
     b2.button(
         "Reset conditions", on_click=apply_start, args=(info, start, imputed, False, True), key="reset_conditions"
     )
-    z = np.array([st.session_state.get(f"z{d}", start.z[d]) for d in range(n_max)], dtype=np.float32)
+    z = np.array([st.session_state.get(keys.latent(d), start.z[d]) for d in range(n_max)], dtype=np.float32)
     for d in info.kl_order[:n]:
-        key = f"z{d}"
+        key = keys.latent(d)
         st.session_state.setdefault(key, float(start.z[d]))
         z[d] = side.slider(f"z{d} · KL {info.latent_kl[d]:.2f}", *al.LATENT_RANGE, step=0.05, key=key)
     return z
 
 
-def ask_in_words(info: al.RunInfo, vocab: Any) -> tuple[np.ndarray | None, str]:
-    """The text box, the matched topics and the topic sliders; returns the topic condition and the text."""
+def _listing(items: list[str], n: int = 12) -> str:
+    """Escaped items joined by commas, the first ``n`` of them."""
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(md_escape(i) for i in items[:n]) + more
+
+
+def match_words(vocab: TopicVocabulary, tokeniser: QueryTokeniser | str, text: str) -> TopicMatch:
+    """NeuroQuery's terms of ``text`` to topics when its vocabulary is available, else the topics' key words."""
+    return vocab.match(text) if isinstance(tokeniser, str) else vocab.match_terms(tokeniser(text))
+
+
+def read_words(vocab: TopicVocabulary, tokeniser: QueryTokeniser | str, text: str) -> TopicMatch:
+    """The words matched, and shown as read: recognised, recognised without a topic, ignored."""
+    if isinstance(tokeniser, str):
+        st.caption(f"NeuroQuery's vocabulary is not available ({md_escape(tokeniser)}): words are matched to the "
+                   "topics' key words only.")  # fmt: skip
+    match = match_words(vocab, tokeniser, text)
+    if not text.strip():
+        st.caption("Type terms to set the topic mixture from words, or move the topic sliders.")
+    elif match.empty and not match.no_topic:
+        st.warning("Nothing in these words was recognised; the topics are unchanged.", icon="⚠️")
+    if match.matched:
+        found = [f"{term} → {len(ts)} topic{'s' * (len(ts) != 1)}" for term, ts in match.matched]
+        st.caption(f"Recognised: {_listing(found, 24)}")
+    if match.no_topic:
+        st.warning(
+            f"Recognised, but no topic lists it: {_listing(match.no_topic)}. This run is conditioned on topics, "
+            "not on terms, so these words do not change the map.", icon="⚠️",
+        )  # fmt: skip
+    if match.ignored:
+        st.caption(f"Ignored: {_listing([f'{w} ({why})' for w, why in match.ignored])}")
+    if match.truncated:
+        st.caption(f"Only the first {MAX_WORDS} words were read ({match.truncated} more ignored).")
+    return match
+
+
+def ask_in_words(info: al.RunInfo, vocab: Any, tokeniser: QueryTokeniser | str) -> tuple[np.ndarray | None, str]:
+    """The text box, what it was read as and the (folded) topic sliders; returns the topic condition and the text."""
     st.subheader("Ask in words")
     if vocab is None:
         st.info("This run was trained without topic conditioning (no Neurosynth topics in its schema).")
         return None, ""
     state = st.session_state
     text = st.text_input(
-        "Terms (e.g. working memory, pain, faces)", key="words", max_chars=us.MAX_QUERY_CHARS,
-        help="Words are matched to the key words of Neurosynth's 50 LDA topics; see bundle/docs/app.md.",
+        "Terms (e.g. working memory, pain, theory of mind)", key="words", max_chars=us.MAX_QUERY_CHARS,
+        help="Read with NeuroQuery's 7,547-term vocabulary and synonyms, then matched to the key words of "
+        "Neurosynth's 50 LDA topics; see bundle/docs/app.md.",
     )  # fmt: skip
-    match = vocab.match(text)
+    match = read_words(vocab, tokeniser, text)
     if text != state.get("_words_applied"):
         state["_words_applied"] = text
         if not match.empty:
             set_topics(info, match.weights)
-    if not text.strip():
-        st.caption("Type terms to set the topic mixture from words, or move the topic sliders.")
-    elif match.empty:
-        st.warning("No topic matched these words; the topics are unchanged.", icon="⚠️")
-    else:
-        found = "; ".join(f"{al.md_escape(term)} → {len(ts)} topic{'s' * (len(ts) != 1)}" for term, ts in match.matched)
-        st.caption(f"Matched: {found}")
-    if match.ignored:
-        shown = ", ".join(f"{al.md_escape(w)} ({why})" for w, why in match.ignored[:12])
-        more = f" and {len(match.ignored) - 12} more" if len(match.ignored) > 12 else ""
-        st.caption(f"Ignored: {shown}{more}")
-    if match.truncated:
-        st.caption(f"Only the first {MAX_WORDS} words were read ({match.truncated} more ignored).")
     known = st.checkbox("Condition on topics", key="topics_known", help="unticked: topics unknown (the model imputes)")
     n = info.schema.n_topics
     weights = np.asarray(state.get("_topic_w") or np.zeros(n), dtype=np.float64).copy()
     order = state.get("_topic_order") or list(range(n))
-    for col, t in zip(st.columns(N_TOPIC_SLIDERS), order[:N_TOPIC_SLIDERS], strict=False):
-        state.setdefault(f"topic_{t}", float(weights[t]))
-        label = f"{t}: {vocab.label(t, 3)}"
-        weights[t] = col.slider(label, 0.0, 1.0, step=0.01, key=f"topic_{t}", disabled=not known)
-    rest = order[N_TOPIC_SLIDERS:]
-    with st.expander(f"Other topics ({len(rest)})"):
+    with st.expander(f"Topic weights ({n} topics, set by the words above)"):
+        for col, t in zip(st.columns(N_TOPIC_SLIDERS), order[:N_TOPIC_SLIDERS], strict=False):
+            state.setdefault(keys.topic(t), float(weights[t]))
+            label = f"{t}: {vocab.label(t, 3)}"
+            weights[t] = col.slider(label, 0.0, 1.0, step=0.01, key=keys.topic(t), disabled=not known)
+        rest = order[N_TOPIC_SLIDERS:]
         # one table instead of 45 sliders: every widget costs milliseconds on each rerun
+        st.caption(f"Other topics ({len(rest)})")
         base = pd.DataFrame({"topic": rest, "key words": [vocab.label(t, 6) for t in rest], "weight": weights[rest]})
         table = st.data_editor(
-            base, key=f"topic_table_{state.get('_topic_version', 0)}", hide_index=True, disabled=["topic", "key words"],
+            base, key=keys.topic_table(state.get("_topic_version", 0)), hide_index=True,
+            disabled=["topic", "key words"],
             column_config={"weight": st.column_config.NumberColumn(min_value=0.0, max_value=1.0, step=0.01)},
         )  # fmt: skip
         if not known:
@@ -443,6 +506,9 @@ def ask_in_words(info: al.RunInfo, vocab: Any) -> tuple[np.ndarray | None, str]:
     if weights.sum() <= 0:
         st.warning("All topic weights are 0: topics are treated as unknown.", icon="⚠️")
         return None, text
+    heaviest = np.argsort(-weights, kind="stable")[:3]
+    mixture = [f"{t} ({', '.join(vocab.keys[t][:3])}) {weights[t] / weights.sum():.2f}" for t in heaviest if weights[t]]
+    st.caption(f"Topic mixture: {_listing(mixture)}")
     return weights, text
 
 
@@ -455,8 +521,8 @@ def condition_widgets(info: al.RunInfo, imputed: dict[str, float]) -> tuple[dict
     notes = []
     for col, name in zip(cols[1:], CONTINUOUS_FIELDS, strict=True):
         lo, hi, step = al.slider_spec(info.schema, name)
-        unknown = col.checkbox("unknown", key=f"{name}_unknown", help="let the model impute this field")
-        value = col.slider(al.field_label(name), lo, hi, step=step, key=f"{name}_value", disabled=unknown)
+        unknown = col.checkbox("unknown", key=keys.field_unknown(name), help="let the model impute this field")
+        value = col.slider(al.field_label(name), lo, hi, step=step, key=keys.field_value(name), disabled=unknown)
         conditions[name] = None if unknown else float(value)
         if unknown:
             if name in imputed:
@@ -478,12 +544,46 @@ def view_controls(renderer: SliceRenderer) -> tuple[tuple[float, float, float], 
     cols = st.columns(5)
     cut = []
     for col, axis, (lo, hi), default in zip(cols[:3], "xyz", bounds, DEFAULT_CUT, strict=True):
-        st.session_state.setdefault(f"cut_{axis}", float(np.clip(default, lo, hi)))
-        cut.append(col.slider(f"{axis} cut (mm)", float(lo), float(hi), step=1.0, key=f"cut_{axis}"))
+        st.session_state.setdefault(keys.cut(axis), float(np.clip(default, lo, hi)))
+        cut.append(col.slider(f"{axis} cut (mm)", float(lo), float(hi), step=1.0, key=keys.cut(axis)))
     threshold = cols[3].slider("Overlay threshold (fraction of the range)", 0.0, 0.95, 0.2, step=0.05, key="threshold")
     peak = st.session_state.get("_peak")
     cols[4].button("Cut at peak", on_click=set_cut, args=(peak,), disabled=peak is None, key="cut_peak")
     return (cut[0], cut[1], cut[2]), threshold
+
+
+def difference_panels(
+    info: al.RunInfo, renderer: SliceRenderer, regions: Any, diff: np.ndarray, peak_of: np.ndarray, cut: tuple,
+    threshold: float, stretch: bool, reference: str,
+) -> None:  # fmt: skip
+    """Slices and glass brain of a difference, its largest change against ``peak_of``'s peak, and what changed."""
+    peak = max(float(peak_of[info.mask].max()) if info.mask.any() else 0.0, 1e-6)
+    largest = float(np.abs(diff[info.mask]).max()) if info.mask.any() else 0.0
+    span = max(largest, 1e-9) if stretch else peak
+    left, right = st.columns([3, 2])
+    left.image(
+        renderer.ortho(
+            diff, cut, cmap="RdBu_r", vmin=-span, vmax=span, threshold=threshold * span, title=GENERATED_LABEL
+        ),
+        caption=f"Generated difference (red: more than {reference}) · colour scale "
+        + ("stretched to the difference" if stretch else "± the generated map's peak"),
+    )
+    right.image(
+        renderer.glass_brain(diff, cmap="RdBu_r", vmin=-span, vmax=span, threshold=threshold * span),
+        caption="Glass brain of the difference (largest change along each axis)",
+    )
+    st.markdown(
+        f"**Largest change: {largest:.2g}** = {100 * largest / peak:.1f} % of the generated map's peak ({peak:.2g})"
+        + (f" · identical to {reference}" if largest <= 1e-6 else "")
+    )
+    if isinstance(regions, str):
+        st.caption(f"What changed: no atlas ({md_escape(regions)})")
+    elif largest > 1e-6:
+        gained, lost = regions.summary(diff, n=3, floor=0.05 * largest)
+        fmt = lambda cs: ", ".join(f"{c.name} ({c.mean_change:+.2g})" for c in cs) or "none"  # noqa: E731
+        st.caption(
+            f"What changed (Harvard-Oxford cortical regions, mean change): gained {fmt(gained)}; lost {fmt(lost)}"
+        )
 
 
 def difference_view(
@@ -495,34 +595,40 @@ def difference_view(
     c1, c2 = st.columns([3, 2])
     against = c1.radio("Compare the generated map with", list(others), key="compare", horizontal=True)
     stretch = c2.checkbox("Stretch colours to the difference's own extremes", key="stretch")
-    diff = current - others[against]
-    peak = max(float(current[info.mask].max()) if info.mask.any() else 0.0, 1e-6)
-    largest = float(np.abs(diff[info.mask]).max()) if info.mask.any() else 0.0
-    span = max(largest, 1e-9) if stretch else peak
-    left, right = st.columns([3, 2])
-    left.image(
-        renderer.ortho(
-            diff, cut, cmap="RdBu_r", vmin=-span, vmax=span, threshold=threshold * span, title=GENERATED_LABEL
-        ),
-        caption="Generated difference (red: more than the reference) · colour scale "
-        + ("stretched to the difference" if stretch else "± the generated map's peak"),
+    difference_panels(
+        info, renderer, regions, current - others[against], current, cut, threshold, stretch, "the reference"
     )
-    right.image(
-        renderer.glass_brain(diff, cmap="RdBu_r", vmin=-span, vmax=span, threshold=threshold * span),
-        caption="Glass brain of the difference (largest change along each axis)",
+
+
+def contrast_view(
+    info: al.RunInfo, renderer: SliceRenderer, regions: Any, vocab: TopicVocabulary, tokeniser: QueryTokeniser | str,
+    query: Query, cut: tuple, threshold: float, key: str, stamp: float,
+) -> None:  # fmt: skip
+    """A contrast of two queries: the map of query A minus that of query B, at the same latents and conditions."""
+    st.subheader("Contrast of two queries")
+    c1, c2 = st.columns(2)
+    texts = (
+        c1.text_input("Query A", key="contrast_a", max_chars=us.MAX_QUERY_CHARS, placeholder="pain"),
+        c2.text_input("minus query B", key="contrast_b", max_chars=us.MAX_QUERY_CHARS, placeholder="touch"),
     )
-    st.markdown(
-        f"**Largest change: {largest:.2g}** = {100 * largest / peak:.1f} % of the generated map's peak ({peak:.2g})"
-        + (" · identical to the reference" if largest <= 1e-6 else "")
-    )
-    if isinstance(regions, str):
-        st.caption(f"What changed: no atlas ({regions})")
-    elif largest > 1e-6:
-        gained, lost = regions.summary(diff, n=3, floor=0.05 * largest)
-        fmt = lambda cs: ", ".join(f"{c.name} ({c.mean_change:+.2g})" for c in cs) or "none"  # noqa: E731
-        st.caption(
-            f"What changed (Harvard-Oxford cortical regions, mean change): gained {fmt(gained)}; lost {fmt(lost)}"
+    if not all(t.strip() for t in texts):
+        st.caption("Type two queries (e.g. pain minus touch): the map generated with A's topics minus B's, at the "
+                   "current latents and other conditions.")  # fmt: skip
+        return
+    matches = [match_words(vocab, tokeniser, t) for t in texts]
+    for col, name, match in zip((c1, c2), "AB", matches, strict=True):
+        said = _listing([term for term, _ in match.matched]) or "nothing"
+        col.caption(
+            f"{name} recognised: {said}" + (f"; no topic: {_listing(match.no_topic)}" if match.no_topic else "")
         )
+    if any(m.empty for m in matches):
+        st.warning("A query recognised nothing that a topic lists: no contrast to show.", icon="⚠️")
+        return
+    pair = tuple(make_query(np.asarray(query.z), query.conditions_dict(topics=m.weights), query.allow,
+                            dict(query.imputed)) for m in matches)  # fmt: skip
+    first, second = contrast_cached(key, stamp, pair[0].key + pair[1].key, pair)
+    stretch = st.checkbox("Stretch colours to the contrast's own extremes", key="contrast_stretch")
+    difference_panels(info, renderer, regions, first - second, first, cut, threshold, stretch, "query B")
 
 
 def evidence_view(
@@ -539,7 +645,7 @@ def evidence_view(
     if found is None:
         st.info("Set a task category or topics to see the real studies that match them.")
         return
-    st.caption(f"Chosen by: {found.rule}.")
+    st.caption(f"Chosen by: {md_escape(found.rule)}.")
     cols = st.columns(2)
     listed = []
     for col, name, table in (
@@ -629,6 +735,10 @@ def main() -> None:
     t_start = time.perf_counter()
     st.set_page_config(page_title="Counterfactual Machine", layout="wide")
     st.title("Counterfactual Machine")
+    refusal = remote_refusal(st.get_option("server.address"), os.environ)
+    if refusal:
+        st.error(refusal)
+        st.stop()
     run_dir, dataset_dir = al.resolve_paths(sys.argv[1:], os.environ, REPO_ROOT)
     key = str(run_dir)
     try:
@@ -638,39 +748,42 @@ def main() -> None:
         renderer = load_renderer(key, stamp)
         freeze_gc()
     except al.NoRunError as err:
-        st.warning(str(err))
+        st.warning(md_escape(err))
         return
     except SchemaError as err:
-        st.error(f"The decoder in `{run_dir}` does not match this app: {err}")
+        st.error(f"The decoder in {md_escape(run_dir)} does not match this app: {md_escape(err)}")
         return
     except (CbvaeError, OSError, RuntimeError, ValueError, KeyError) as err:
-        st.error(f"Could not load the run `{run_dir}`: {type(err).__name__}: {al.one_line(err, 300)}")
+        st.error(
+            f"Could not load the run {md_escape(run_dir)}: {type(err).__name__}: {md_escape(al.one_line(err, 300))}"
+        )
         return
     dataset_dir = dataset_dir or info.dataset_dir
     dataset = load_dataset(str(dataset_dir)) if dataset_dir else None
     if isinstance(dataset, str):
-        st.warning(f"Going on without the dataset: {dataset}", icon="⚠️")
+        st.warning(f"Going on without the dataset: {md_escape(dataset)}", icon="⚠️")
         dataset = None
     data_key = str(dataset_dir) if dataset is not None else None
     st.caption(
-        f"Loaded run `{run_dir}` · {info.export_id} · model `{info.model_kind}` · {info.latent_size} latents · "
-        f"{len(info.latents)} studies · dataset: {f'`{dataset_dir}`' if dataset is not None else 'not available'} · "
+        f"Loaded run {md_escape(run_dir)} · {md_escape(info.export_id)} · model {md_escape(info.model_kind)} · "
+        f"{info.latent_size} latents · {len(info.latents)} studies · dataset: "
+        f"{md_escape(dataset_dir) if dataset is not None else 'not available'} · "
         "a run folder is code: open only runs you trust"
     )
 
     first_run = "_start_key" not in st.session_state
     overrides, _ = read_url(info) if first_run else ({}, None)
     for note in st.session_state.get("_url_notes", []):
-        st.warning(note, icon="⚠️")
+        st.warning(md_escape(note), icon="⚠️")
     start = pick_start(info, dataset)
     imputed: dict[str, float] = {}
-    if data_key is not None and not start.key.startswith("prior:"):
+    if data_key is not None and start.study_id is not None:
         imputed, note = study_imputed(key, stamp, data_key, start.key)
         if note:
-            st.sidebar.caption(note)
+            st.sidebar.caption(md_escape(note))
     if info.schema.n_topics:  # the study's own topic mixture (None: unknown, or no dataset to read it from)
         study_topics = dataset_topics(key, stamp, data_key) if data_key is not None else None
-        start.conditions["topics"] = al.start_topics(info, study_topics, start.key)
+        start.conditions["topics"] = al.start_topics(info, study_topics, start.study_id)
     if st.session_state.get("_start_key") != start.key:
         apply_start(info, start, imputed)
         st.session_state.update(overrides)
@@ -679,7 +792,9 @@ def main() -> None:
         st.session_state["_start_key"] = start.key
     z = latent_sliders(info, start, imputed)
 
-    topics, words = ask_in_words(info, load_vocabulary(key, stamp))
+    vocab = load_vocabulary(key, stamp)
+    tokeniser = find_tokeniser() if vocab is not None else ""
+    topics, words = ask_in_words(info, vocab, tokeniser)
     conditions, notes = condition_widgets(info, imputed)
     if info.schema.n_topics:
         conditions["topics"] = topics
@@ -703,7 +818,7 @@ def main() -> None:
         if has_contrast:
             others["task & topics unknown"] = decode_pair(key, stamp, query.key, query)[1]
     except SchemaError as err:
-        st.error(f"These conditions are not valid for this decoder: {err}")
+        st.error(f"These conditions are not valid for this decoder: {md_escape(err)}")
         return
     decode_ms = (time.perf_counter() - t0) * 1000
     st.session_state["_peak"] = renderer.peak_mm(current)
@@ -711,7 +826,7 @@ def main() -> None:
     low, top = al.value_range([current], info.mask)
     level = low + threshold * (top - low)
     st.subheader("Generated map")
-    st.caption(f"{GENERATED_LABEL} · start: {al.md_escape(start.label)}")
+    st.caption(f"{GENERATED_LABEL} · start: {md_escape(start.label)}")
     left, right = st.columns([3, 2])
     left.image(
         renderer.ortho(current, cut, vmin=low, vmax=top, threshold=level, title=GENERATED_LABEL),
@@ -721,18 +836,20 @@ def main() -> None:
         renderer.glass_brain(current, vmin=low, vmax=top, threshold=level, title=GENERATED_LABEL),
         caption="Generated · glass brain (maximum-intensity projections)",
     )
-    real = real_map(data_key, start.key) if data_key is not None and not start.key.startswith("prior:") else None
+    real = real_map(data_key, start.study_id) if data_key is not None and start.study_id is not None else None
     if real is not None:
         st.image(
             renderer.ortho(real, cut, vmax=1.0, threshold=threshold),
             caption="Real map of the starting study (data: MA map, scaled to its peak)",
         )
-    elif start.key.startswith("prior:"):
+    elif start.seed is not None:
         st.info("A prior draw has no real map.")
     else:
         st.info("Real map not shown: pass `--dataset_dir DATA` (or `CBVAE_DATASET_DIR`) to see the study's own map.")
 
     difference_view(info, renderer, load_regions(key, stamp), current, others, cut, threshold)
+    if vocab is not None:
+        contrast_view(info, renderer, load_regions(key, stamp), vocab, tokeniser, query, cut, threshold, key, stamp)
     evidence_view(info, renderer, data_key, topics, query, current, cut, threshold, key, stamp)
     sweep_ms = sweep_view(info, renderer, query, z, conditions, start, cut, threshold, key, stamp)
 
@@ -752,11 +869,12 @@ def main() -> None:
     moved = not np.allclose(z, start.z, atol=1e-6)
     params = us.state_params(
         run=info.run_dir.name,
-        study=None if start.key.startswith("prior:") else start.key,
-        seed=int(start.key.split(":")[1]) if start.key.startswith("prior:") else None,
+        study=start.study_id,
+        seed=start.seed,
         z=z if moved else None,
         conditions=conditions,
         query=words,
+        contrast=(st.session_state.get("contrast_a", ""), st.session_state.get("contrast_b", "")),
         topics=None if topics is None else {t: float(w) for t, w in enumerate(topics)},
         strength=strength,
         sweep=st.session_state.get("sweep", "year"),
@@ -777,7 +895,7 @@ def run() -> None:
         main()
     except Exception as err:  # noqa: BLE001 - the page must stay usable; the traceback goes to the log
         logger.exception("app error")
-        st.error(f"error: {type(err).__name__}: {al.one_line(err, 300)}")
+        st.error(f"error: {type(err).__name__}: {md_escape(al.one_line(err, 300))}")
 
 
 run()

@@ -21,14 +21,32 @@ import numpy as np
 
 from cbvae_ext import inference
 from cbvae_ext.app import evidence as ev
+from cbvae_ext.app import keys
 from cbvae_ext.app import session as al
 from cbvae_ext.app.regions import RegionLabeller
 from cbvae_ext.app.render import SliceRenderer
-from cbvae_ext.app.words import TopicVocabulary
+from cbvae_ext.app.terms import QueryTokeniser
+from cbvae_ext.app.words import TopicMatch, TopicVocabulary
+from cbvae_ext.errors import CbvaeError
 
 __all__: list[str] = []
 
 APP = Path(__file__).resolve().parents[1] / "app" / "streamlit_app.py"
+
+
+def _tokeniser() -> QueryTokeniser | None:
+    """NeuroQuery's tokeniser as the page finds it (``CBVAE_NEUROQUERY_DIR`` or ``../shared``), or None."""
+    from cbvae_ext.data.neuroquery import resolve_neuroquery_dir
+
+    try:
+        return QueryTokeniser.from_directory(resolve_neuroquery_dir(fetch=False))
+    except CbvaeError:
+        return None
+
+
+def _ask(vocab: TopicVocabulary, tokeniser: QueryTokeniser | None, text: str) -> TopicMatch:
+    """A query read as the page reads it."""
+    return vocab.match(text) if tokeniser is None else vocab.match_terms(tokeniser(text))
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -79,9 +97,15 @@ def bench_parts(run_dir: Path, dataset_dir: Path | None, repeats: int) -> None:
         "what changed (atlas regions)": _median_ms(lambda: regions.summary(diff), repeats),
     }
     if vocab is not None:
-        figures["ask in words (match a query)"] = _median_ms(
+        figures["ask in words (topic key words)"] = _median_ms(
             lambda: vocab.match("n-back working memory faces"), repeats
         )
+        tokeniser = _tokeniser()
+        if tokeniser is not None:
+            text = "theory of mind, nociception and reward anticipation in n-back working memory"
+            figures["ask in words (NeuroQuery's tokeniser, then topics)"] = _median_ms(
+                lambda: _ask(vocab, tokeniser, text), repeats
+            )
     if dataset_dir is not None:
         data = al.load_dataset_rows(dataset_dir)
         if data is not None:
@@ -110,12 +134,13 @@ def words_effect(run_dir: Path, dataset_dir: Path) -> None:
     maps, meta = data
     topics = al.study_topics(info, meta)
     vocab = TopicVocabulary(info.schema.topic_keys, info.schema.topic_names)
-    queries = ["working memory", "pain", "faces", "reward", "language", "motor"]
+    tokeniser = _tokeniser()
+    queries = ["working memory", "pain", "faces", "reward", "language", "motor", "nociception", "theory of mind"]
     z = np.zeros(info.latent_size, np.float32)
     generated: dict[str, list[np.ndarray]] = {"decode(z=0, topics)": [], "conditional_mean(topics)": []}
     real = []
     for q in queries:
-        w = vocab.match(q).weights
+        w = _ask(vocab, tokeniser, q).weights
         generated["decode(z=0, topics)"].append(model.decode(z, {"topics": w}, allow_extrapolation=True).map)
         if hasattr(model, "conditional_mean"):
             generated["conditional_mean(topics)"].append(model.conditional_mean({"topics": w}, True).map)
@@ -150,15 +175,19 @@ def bench_page(run_dir: Path, dataset_dir: Path | None, repeats: int) -> None:
     steps: dict[str, Callable[[int], object]] = {
         "task category": lambda i: at.selectbox(key="task").set_value(cats[i % len(cats)]),
         "year": lambda i: at.slider(key="year_value").set_value(int(lo + (7 * i) % (hi - lo))),
-        "latent slider": lambda i: at.slider(key=f"z{d0}").set_value(round(-2.0 + 0.35 * i, 2)),
+        "latent slider": lambda i: at.slider(key=keys.latent(d0)).set_value(round(-2.0 + 0.35 * i, 2)),
         "condition strength": lambda i: at.slider(key="strength").set_value(round(0.5 + 0.1 * i, 1)),
-        "cut": lambda i: at.slider(key="cut_z").set_value(float(-20 + 4 * i)),
+        "cut": lambda i: at.slider(key=keys.cut("z")).set_value(float(-20 + 4 * i)),
     }
     if info.schema.n_topics:
-        words = ["working memory", "pain", "faces", "reward", "language", "motor", "attention", "fear"]
+        words = ["working memory", "pain", "theory of mind", "reward anticipation", "nociception", "motor", "fear"]
         steps["ask in words"] = lambda i: at.text_input(key="words").input(words[i % len(words)])
-        steps["topic slider"] = lambda i: next(w for w in at.slider if str(w.key).startswith("topic_")).set_value(
-            round(0.1 + 0.08 * i, 2)
+        steps["topic slider"] = lambda i: next(
+            w for w in at.slider if w.key in {keys.topic(t) for t in range(info.schema.n_topics)}
+        ).set_value(round(0.1 + 0.08 * i, 2))
+        steps["contrast of two queries (new B)"] = lambda i: (
+            at.text_input(key="contrast_a").input("pain"),
+            at.text_input(key="contrast_b").input(words[(i + 1) % len(words)]),
         )
     print("page reruns (AppTest, median; widgets, images, messages; wall and CPU time of this process):")
     for name, change in steps.items():

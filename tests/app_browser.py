@@ -75,8 +75,13 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def serve_app(run_dir: Path, dataset_dir: Path | None = None, timeout: float = 120.0) -> Iterator[str]:
+def serve_app(
+    run_dir: Path, dataset_dir: Path | None = None, timeout: float = 120.0, cwd: Path = REPO_ROOT
+) -> Iterator[str]:
     """``streamlit run app/streamlit_app.py`` on a free local port; yields its URL and stops it afterwards.
+
+    ``cwd``: the working directory Streamlit reads ``.streamlit/config.toml`` from (the repository root's binds
+    127.0.0.1; elsewhere the server binds every interface and the page refuses to serve).
 
     Raises:
         BrowserError: the server exited or did not answer ``/_stcore/health`` within ``timeout`` seconds.
@@ -89,9 +94,11 @@ def serve_app(run_dir: Path, dataset_dir: Path | None = None, timeout: float = 1
         "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
         "--", "--run_dir", str(run_dir), *(["--dataset_dir", str(dataset_dir)] if dataset_dir else []),
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("CBVAE_RUN_DIR", "CBVAE_DATASET_DIR")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("CBVAE_RUN_DIR", "CBVAE_DATASET_DIR", "CBVAE_APP_ALLOW_REMOTE")
+    }
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -15,10 +16,14 @@ import pytest
 
 from cbvae_ext.app import downloads as dl
 from cbvae_ext.app import evidence as ev
+from cbvae_ext.app import keys
 from cbvae_ext.app import session as al
 from cbvae_ext.app import state as us
+from cbvae_ext.app.markup import WORD_JOINER, md_escape
 from cbvae_ext.app.regions import RegionLabeller
 from cbvae_ext.app.render import SliceRenderer
+from cbvae_ext.app.serving import ALLOW_REMOTE_ENV, remote_refusal
+from cbvae_ext.app.terms import SYNONYMS_FILE, VOCABULARY_FILE, QueryTokeniser, Term
 from cbvae_ext.app.words import MAX_WORDS, TopicVocabulary
 from cbvae_ext.run_folder import RunFolderError
 from cbvae_ext.schema import MetadataSchema, SchemaError
@@ -27,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "app" / "streamlit_app.py"
 MNI4 = np.array([[-4.0, 0, 0, 90], [0, 4, 0, -126], [0, 0, 4, -72], [0, 0, 0, 1]])
 SHAPE4 = (46, 55, 46)
+#: NeuroQuery's test fixture (its 7,547-term vocabulary, unchanged) and two entries of its released synonym map.
+NEUROQUERY_FIXTURE = REPO / "tests" / "data" / "neuroquery"
+SYNONYMS = {"nociception": "nociceptive", "reaction times": "reaction time"}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +123,7 @@ def test_filter_studies_and_study_start(tmp_path: Path) -> None:
     prior = al.prior_start(info, 3)
     np.testing.assert_allclose(prior.z, al.prior_start(info, 3).z)
     assert prior.key == "prior:3" and all(v is None for v in prior.conditions.values())
+    assert (prior.seed, prior.study_id, start.seed, start.study_id) == (3, None, None, "a")
     # topic rows follow latents.parquet's order; unobserved rows are NaN
     info.schema.topic_names, info.schema.topic_keys = ["t0", "t1"], ["a b", "c d"]
     meta = pd.DataFrame(
@@ -127,7 +136,7 @@ def test_filter_studies_and_study_start(tmp_path: Path) -> None:
     np.testing.assert_allclose(al.start_topics(info, topics, "a"), [0.9, 0.1])
     meta.loc[1, "topic_00"] = 0.904
     np.testing.assert_allclose(al.start_topics(info, al.study_topics(info, meta), "a"), [0.9, 0.1])  # slider grid
-    assert al.start_topics(info, topics, "b") is None and al.start_topics(info, topics, "prior:1") is None
+    assert al.start_topics(info, topics, "b") is None and al.start_topics(info, topics, None) is None
 
 
 def test_load_run_info_reports_mismatches(tmp_path: Path) -> None:
@@ -180,10 +189,58 @@ def test_damaged_dataset_is_one_line_error(tmp_path: Path) -> None:
         al.load_dataset_rows(tmp_path)
 
 
-def test_markdown_escape_keeps_user_text_inert() -> None:
-    text = al.md_escape("<img src=x onerror=alert(1)> [link](javascript:x) **bold** `code`\nline")
-    assert re.search(r"(?<!\\)[<>\[\]()*`]", text) is None and "\n" not in text  # every markup character escaped
-    assert text.replace("\\", "") == "<img src=x onerror=alert(1)> [link](javascript:x) **bold** `code` line"
+def _plain(text: str) -> str:
+    """Markdown source as it reads on the page (backslash escapes and word joiners removed)."""
+    return re.sub(r"\\(.)", r"\1", text).replace(WORD_JOINER, "")
+
+
+#: remark-gfm's autolink literals, applied to the text after escapes are resolved (as Streamlit's renderer does)
+GFM_AUTOLINKS = re.compile(r"(https?://|www(?=\.))[-.\w]+|[-.\w+]+@[-\w]+(\.[-\w]+)+", flags=re.IGNORECASE | re.ASCII)
+
+
+def _markup(source: str) -> list[str]:
+    """Everything but plain text that CommonMark renders from ``source`` (links, images, HTML, code, emphasis,
+    headings, lists), GFM's autolink literals and Streamlit's ``:colour[...]`` / ``:icon:`` directives."""
+    from markdown_it import MarkdownIt
+
+    plain = {"paragraph_open", "paragraph_close", "inline", "text", "text_special", "softbreak"}
+    found = []
+    for token in MarkdownIt("commonmark").parse(source):
+        for t in [token, *(token.children or [])]:
+            if t.type not in plain:
+                found.append(f"{t.type}: {t.content or t.attrs}")
+            elif t.type in ("text", "text_special"):
+                found += [f"autolink: {m.group()}" for m in GFM_AUTOLINKS.finditer(t.content)]
+    text = "".join(t.content for token in MarkdownIt("commonmark").parse(source) for t in token.children or [])
+    found += [f"autolink: {m.group()}" for m in GFM_AUTOLINKS.finditer(text)]  # across escaped characters
+    found += [f"directive: {m.group()}" for m in re.finditer(r"(?<!\\):[\w/]+[\[:]", source)]
+    return found
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<img src=x onerror=alert(1)> [link](javascript:x) **bold** `code`\nline",
+        "`[Log in](https://ev.il/x)", "![t](https://ev.il/t.png)", "<https://ev.il>", "https://ev.il/x www.ev.il",
+        "mail me@ev.il", "[a]: https://ev.il\n[a]", ":red[alarm] :material/lock:", "# heading\n- list",
+    ],
+)  # fmt: skip
+def test_markdown_escape_keeps_user_text_inert(text: str) -> None:
+    assert _markup(text)  # each is markup when shown raw
+    escaped = md_escape(text)
+    assert _markup(escaped) == [] and _markup(f"ignored task={escaped} in the link: why") == []
+    assert re.search(r"(?<!\\)[<>\[\]()*`:/@]", escaped) is None and "\n" not in escaped
+    assert _plain(escaped) == text.replace("\n", " ")  # shown as typed
+
+
+def test_remote_refusal_allows_loopback_only() -> None:
+    for address in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"):
+        assert remote_refusal(address, {}) is None
+    for address in (None, "", "0.0.0.0", "::", "192.168.1.5", "example.org"):
+        why = remote_refusal(address, {})
+        assert why and "--server.address 127.0.0.1" in why and ALLOW_REMOTE_ENV in why and "\n" not in why
+        assert remote_refusal(address, {ALLOW_REMOTE_ENV: "1"}) is None
+        assert remote_refusal(address, {ALLOW_REMOTE_ENV: "yes"}) is not None  # only the documented opt-in
 
 
 # ----- ask in words -----------------------------------------------------------------------------------
@@ -217,6 +274,87 @@ def test_words_map_to_topics_by_the_documented_rule() -> None:
     assert n_back.empty and ("n", "too short") in n_back.ignored
 
 
+@pytest.fixture(scope="module")
+def tokeniser() -> QueryTokeniser:
+    return QueryTokeniser((NEUROQUERY_FIXTURE / VOCABULARY_FILE).read_text().splitlines(), SYNONYMS)
+
+
+def test_neuroquery_tokeniser_reads_phrases_synonyms_and_reports_the_rest(tokeniser: QueryTokeniser) -> None:
+    assert tokeniser.n_terms > 7000  # NeuroQuery's vocabulary, less the synonyms it maps away
+    tokens = tokeniser("Theory of Mind, nociception and reaction times: xyzzy!")
+    assert tokens.terms == [
+        Term("theory mind", "Theory of Mind"), Term("nociceptive", "nociception", True),
+        Term("reaction time", "reaction times", True),
+    ]  # fmt: skip
+    assert [str(t) for t in tokens.terms][1] == "nociception → nociceptive"
+    assert tokens.ignored == [("and", "stop word"), ("xyzzy", "not in NeuroQuery's vocabulary")]  # "of": in a term
+    assert tokeniser("reward anticipation").terms == [Term("reward anticipation", "reward anticipation")]
+    # the folder reader: the vocabulary file, and the synonym map when it lies beside it
+    assert QueryTokeniser.from_directory(NEUROQUERY_FIXTURE)("nociception").terms == [
+        Term("nociception", "nociception")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "terms", "ignored"),
+    [
+        ("", [], []),
+        ("   \n\t", [], []),
+        (
+            "<script>alert(1)</script> <b>pain</b> [touch](javascript:void) &amp; **faces**",
+            ["alert", "pain", "touch", "faces"],
+            ["script", "1", "script", "javascript", "void", "amp"],
+        ),  # markup is read as words, never as markup
+        ("記憶 痛み память amygdala", ["amygdala"], ["記憶", "痛み", "память"]),
+        ("x" * 10_000, [], ["x" * 40 + "…"]),
+        ("\x00\u202e pain\u200b", ["pain"], []),
+        ("ｐａｉｎ", ["pain"], []),  # full-width letters: NFKC
+    ],
+)
+def test_neuroquery_tokeniser_edge_cases(tokeniser: QueryTokeniser, text: str, terms: list, ignored: list) -> None:
+    tokens = tokeniser(text)
+    assert [t.term for t in tokens.terms] == terms
+    assert [w for w, _ in tokens.ignored][: len(ignored)] == ignored and tokens.truncated == 0
+    assert all(len(w) <= 41 for w, _ in tokens.ignored)
+
+
+def test_neuroquery_tokeniser_reads_the_first_words_only(tokeniser: QueryTokeniser) -> None:
+    tokens = tokeniser("pain " * 2_000)
+    assert len(tokens.terms) == MAX_WORDS and tokens.truncated == 2_000 - MAX_WORDS
+
+
+def test_neuroquery_tokeniser_is_shared_safely_between_sessions(tokeniser: QueryTokeniser) -> None:
+    # the page's sessions share one cached tokeniser, and NeuroQuery's pipeline keeps positions on itself
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = ["theory of mind and pain", "reward anticipation " * 20, "nociception in the insula", "xyzzy faces"]
+    expected = [tokeniser(t) for t in texts]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(tokeniser, texts * 100))
+    assert results == expected * 100
+
+
+def test_terms_map_to_topics_through_their_words(tokeniser: QueryTokeniser) -> None:
+    vocab = _vocab()
+    # a phrase goes to the topics that list all its words; a synonym is looked up in NeuroQuery's form
+    match = vocab.match_terms(tokeniser("working memory"))
+    assert match.top(1) == [(0, pytest.approx(1.0))] and match.matched == [("working memory", [0])]
+    faces = vocab.match_terms(tokeniser("Faces"))
+    assert faces.matched == [("Faces", [3])] and faces.top(1)[0][0] == 3
+    # no topic lists the whole phrase: its words count on their own; a term no topic lists is reported
+    match = vocab.match_terms(tokeniser("memory retrieval, theory of mind"))
+    assert match.matched == [("memory retrieval", [1])] and match.no_topic == ["theory of mind"]
+    match = vocab.match_terms(tokeniser("face recognition"))
+    assert match.matched == [("face recognition (by its words face, recognition)", [1, 3])]
+    assert {t for t, _ in match.top(5)} == {1, 3} and match.weights.sum() == pytest.approx(1.0)
+    # a word NeuroQuery lacks is still looked up among the topics' key words; stop words are not
+    rest = TopicVocabulary(["network state resting rsns fcmri"])  # two of LDA50's key words NeuroQuery lacks
+    match = rest.match_terms(tokeniser("fcmri the xyzzy"))
+    assert match.matched == [("fcmri (topic key word)", [0])] and match.top(1) == [(0, pytest.approx(1.0))]
+    assert match.ignored == [("the", "stop word"), ("xyzzy", "not in NeuroQuery's vocabulary")]
+    assert vocab.match_terms(tokeniser("")).empty
+
+
 @pytest.mark.parametrize(
     "text",
     ["", "   ", "<script>alert(1)</script>", "記憶 痛み память", "x" * 10_000, "memory " * 2_000, "\x00\u202e"],
@@ -246,9 +384,10 @@ def test_url_state_round_trips() -> None:
     params = us.state_params(
         run="run1", study="ns:1", seed=None, z=np.array([0.5, -1.25, 2.0]), conditions=conditions,
         query="working memory", topics={1: 0.25, 3: 0.75, 4: 0.0}, strength=1.5, sweep="fwhm",
+        contrast=("pain", "touch"),
     )  # fmt: skip
     state, notes = _parse(params)
-    assert notes == []
+    assert notes == [] and state.contrast == ("pain", "touch")
     assert (state.run, state.study, state.seed, state.task) == ("run1", "ns:1", None, "pain")
     np.testing.assert_allclose(state.z, [0.5, -1.25, 2.0])
     assert state.values == {"year": 2005.0, "sample_size": None, "field_strength": 3.0, "fwhm": None}
@@ -271,6 +410,11 @@ def test_url_state_round_trips() -> None:
     )
     state, notes = _parse(unknown)
     assert notes == [] and state.seed == 7 and state.task == "unknown" and state.topics == {}
+    assert state.contrast is None and "qa" not in unknown
+    state, notes = _parse({"qb": "x" * 5000})
+    assert state.contrast == ("", "x" * us.MAX_QUERY_CHARS) and notes == [
+        f"query B in the link: cut to the first {us.MAX_QUERY_CHARS} characters"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -285,8 +429,18 @@ def test_url_state_round_trips() -> None:
 )  # fmt: skip
 def test_invalid_url_parameters_give_a_message_and_the_default(params: dict[str, str], name: str) -> None:
     state, notes = _parse(params)
-    assert len(notes) == 1 and notes[0].startswith(f"ignored `{name}=") and "\n" not in notes[0]
+    assert len(notes) == 1 and notes[0].startswith(f"ignored {name}=") and "\n" not in notes[0]
     assert state == us.UrlState()  # every field at its default
+
+
+def test_unknown_url_parameters_are_reported() -> None:
+    # state.py promised a message for anything else; unknown parameters used to be dropped silently
+    state, notes = _parse({"yaer": "2003", "task": "pain", "embed": "true", "embed_options": "dark_theme"})
+    assert state.task == "pain" and len(notes) == 1  # Streamlit's own embed parameters are Streamlit's
+    assert notes[0].startswith("ignored yaer=2003 in the link: not a parameter of this page")
+    assert "task" in notes[0] and "fwhm" in notes[0]  # names the parameters it reads
+    state, notes = _parse({"x" * 100: "y" * 100})
+    assert len(notes) == 1 and len(notes[0]) < 300
 
 
 # ----- evidence, regions, downloads -------------------------------------------------------------------
@@ -384,6 +538,29 @@ def test_streamlit_config_binds_localhost_only() -> None:
 # ----- the page -------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def neuroquery_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """NeuroQuery's fixture files with two entries of its synonym map beside them (the page's vocabulary)."""
+    folder = tmp_path_factory.mktemp("neuroquery")
+    for file in NEUROQUERY_FIXTURE.iterdir():
+        (folder / file.name).symlink_to(file)
+    (folder / SYNONYMS_FILE).write_text(json.dumps(SYNONYMS))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _page_environment(monkeypatch: pytest.MonkeyPatch, neuroquery_dir: Path) -> Iterator[None]:
+    """Every page reads the fixture vocabulary, and is served on loopback whatever the working directory."""
+    from streamlit import config
+
+    monkeypatch.setenv("CBVAE_NEUROQUERY_DIR", str(neuroquery_dir))
+    monkeypatch.delenv(ALLOW_REMOTE_ENV, raising=False)
+    address = config.get_option("server.address")
+    config.set_option("server.address", "127.0.0.1")
+    yield
+    config.set_option("server.address", address)
+
+
 def _app(monkeypatch: pytest.MonkeyPatch, run_dir: Path, dataset_dir: Path | None = None, params: dict | None = None):
     from streamlit.testing.v1 import AppTest
 
@@ -404,10 +581,18 @@ def _texts(at, kind: str) -> list[str]:
     return [e.value for e in getattr(at, kind)]
 
 
+#: Elements whose text Streamlit renders as markdown.
+MARKDOWN_ELEMENTS = ("markdown", "caption", "warning", "info", "error", "success", "subheader", "title")
+
+
+def _page_markdown(at) -> list[str]:
+    return [e.value for kind in MARKDOWN_ELEMENTS for e in [*getattr(at, kind), *getattr(at.sidebar, kind)]]
+
+
 def test_app_without_run_shows_the_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     at = _app(monkeypatch, tmp_path / "missing")
     assert not at.error
-    text = at.warning[0].value
+    text = _plain(at.warning[0].value)
     assert "No trained run found" in text and "python -m monai.bundle run training" in text
     assert str(tmp_path / "missing") in text
 
@@ -423,7 +608,24 @@ def test_app_reports_schema_mismatch(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert "RunFolderError" in at.error[0].value and "differ from" in at.error[0].value
 
 
-SECTIONS = ["Ask in words", "Conditions", "Generated map", "Counterfactual difference", "Evidence", "Sweep"]
+def test_page_refuses_to_serve_on_every_interface(monkeypatch: pytest.MonkeyPatch, app_run: Path) -> None:
+    """``streamlit run`` started outside the repository root binds every interface: the page refuses to serve."""
+    from streamlit import config
+
+    for address in (None, "0.0.0.0", "::"):
+        config.set_option("server.address", address)
+        at = _app(monkeypatch, app_run)
+        assert [_plain(e.value) for e in at.error] == [_plain(remote_refusal(address, {}))]
+        assert not at.image and not at.text_input and not at.warning  # nothing of the run is shown
+    monkeypatch.setenv(ALLOW_REMOTE_ENV, "1")  # the operator's explicit opt-in
+    at = _app(monkeypatch, app_run)
+    assert not at.error and len(at.image) >= 4
+
+
+SECTIONS = [
+    "Ask in words", "Conditions", "Generated map", "Counterfactual difference", "Contrast of two queries", "Evidence",
+    "Sweep",
+]  # fmt: skip
 
 
 def test_app_counterfactuals(monkeypatch: pytest.MonkeyPatch, app_run: Path, tiny_dataset: Path) -> None:
@@ -431,7 +633,7 @@ def test_app_counterfactuals(monkeypatch: pytest.MonkeyPatch, app_run: Path, tin
     assert not at.error, _texts(at, "error")
     assert [h.value.split(":")[0] for h in at.subheader] == SECTIONS
     info = al.load_run_info(app_run)
-    caption = at.caption[0].value  # which folder and which export the page loaded
+    caption = _plain(at.caption[0].value)  # which folder and which export the page loaded
     assert str(app_run) in caption and info.export_id in caption and "open only runs you trust" in caption
     generated, glass = at.image[0], at.image[1]
     assert "orthogonal slices on the 2 mm MNI152" in generated.captions[0] and "glass brain" in glass.captions[0]
@@ -466,7 +668,7 @@ def test_app_counterfactuals(monkeypatch: pytest.MonkeyPatch, app_run: Path, tin
 
     # latent reset returns to the starting point: no difference to it
     at.radio(key="compare").set_value("the starting point").run()
-    at.slider(key=f"z{int(info.kl_order[0])}").set_value(3.0).run()
+    at.slider(key=keys.latent(int(info.kl_order[0]))).set_value(3.0).run()
     at.button(key="reset_latents").click().run()
     at.button(key="reset_conditions").click().run()
     assert "identical to the reference" in next(m.value for m in at.markdown if m.value.startswith("**Largest"))
@@ -485,21 +687,76 @@ def test_ask_in_words(monkeypatch: pytest.MonkeyPatch, app_run: Path, tiny_datas
     before = at.image[0].value
     at.text_input(key="words").input("working memory").run()
     assert not at.exception and not at.error
-    assert at.checkbox(key="topics_known").value and at.slider(key=f"topic_{wm}").value == 1.0
-    assert any(c.value.startswith("Matched: working memory") for c in at.caption)
+    assert at.checkbox(key="topics_known").value and at.slider(key=keys.topic(wm)).value == 1.0
+    assert any(c.value == "Recognised: working memory → 1 topic" for c in at.caption)
+    assert at.slider(key=keys.topic(wm)) in at.expander[0].slider  # the sliders are folded away
     assert at.image[0].value != before  # the generated map follows the words
     assert at.query_params["q"] == "working memory" and at.query_params["topics"] == f"{wm}:1"
 
     at.text_input(key="words").input("").run()
     assert any("Type terms" in c.value for c in at.caption)
     at.text_input(key="words").input("xyzzy qwerty").run()
-    assert any("No topic matched" in w.value for w in at.warning)
-    assert any("Ignored: xyzzy (not in the topics)" in c.value for c in at.caption)
-    for text in ("<script>alert(1)</script> [x](javascript:y) pain", "痛み " * 500, "a" * 10_000):
+    assert any("Nothing in these words was recognised" in w.value for w in at.warning)
+    assert any(_plain(c.value).startswith("Ignored: xyzzy (not in NeuroQuery's vocabulary)") for c in at.caption)
+    for text in (
+        "<script>alert(1)</script> [x](javascript:y) ![t](https://ev.il/t.png) pain", "痛み " * 500, "a" * 10_000,
+    ):  # fmt: skip
         at.text_input(key="words").input(text[: us.MAX_QUERY_CHARS]).run()
         assert not at.exception and not at.error
-        shown = " ".join(_texts(at, "caption") + _texts(at, "warning") + _texts(at, "markdown"))
-        assert "<script>" not in shown and "[x](" not in shown  # markup reaches the page escaped
+        assert not [m for source in _page_markdown(at) for m in _markup(source) if "ev.il" in m or "script" in m]
+
+
+def test_ask_in_words_with_neuroquery_terms(monkeypatch: pytest.MonkeyPatch, app_run: Path) -> None:
+    """NeuroQuery's vocabulary: phrases, synonyms and what was ignored are listed; each query gives its own map."""
+    at = _app(monkeypatch, app_run, None, {"seed": "1"})
+    maps = {}
+    for text, recognised in (
+        ("nociception", "Recognised: nociception → nociceptive → 1 topic"),
+        ("Theory of Mind", "Recognised: Theory of Mind → 1 topic"),
+        ("reward anticipation", "Recognised: reward anticipation → 1 topic"),
+    ):
+        at.text_input(key="words").input(text).run()
+        assert not at.exception and not at.error
+        assert recognised in [_plain(c.value) for c in at.caption]
+        maps[text] = tuple(at.image[0].value)
+    assert len(set(maps.values())) == 3  # three queries, three generated maps
+    at.text_input(key="words").input("the brain of pain").run()
+    assert any(_plain(c.value) == "Ignored: the (stop word), of (stop word)" for c in at.caption)
+    said = next(_plain(w.value) for w in at.warning if w.value.startswith("Recognised, but no topic"))
+    assert said.startswith("Recognised, but no topic lists it: brain.") and "do not change the map" in said
+    # the contrast of two queries: A's map minus B's at the same latents and conditions
+    assert not [m for m in at.markdown if m.value.startswith("**Largest")][1:]  # no contrast before two queries
+    at.text_input(key="contrast_a").input("pain").run()
+    at.text_input(key="contrast_b").input("touch").run()
+    assert {"A recognised: pain", "B recognised: touch"} <= {c.value for c in at.caption}
+    contrast = [m.value for m in at.markdown if m.value.startswith("**Largest")][1]
+    assert float(contrast.split("**Largest change: ")[1].split("**")[0]) > 0  # pain and touch differ
+    assert any("red: more than query B" in i.captions[0] for i in at.image)
+    at.text_input(key="contrast_b").input("xyzzy").run()
+    assert any("A query recognised nothing" in w.value for w in at.warning)
+    # without NeuroQuery's files the topics' key words are still read, and the page says so
+    monkeypatch.setenv("CBVAE_NEUROQUERY_DIR", str(app_run))
+    at = _app(monkeypatch, app_run, None, {"seed": "1", "q": "working memory"})
+    assert any(
+        _plain(c.value).startswith("NeuroQuery's vocabulary is not available (CBVAE_NEUROQUERY_DIR") for c in at.caption
+    )
+    assert "Recognised: working memory → 1 topic" in [_plain(c.value) for c in at.caption]
+
+
+def test_hostile_link_renders_no_markup(monkeypatch: pytest.MonkeyPatch, app_run: Path) -> None:
+    """Every URL parameter echoed on the page stays text: no link, image, HTML or formatting."""
+    hostile = "`[Log in](https://ev.il/x) ![t](https://ev.il/t.png) <img src=https://ev.il/i> www.ev.il a@ev.il"
+    params = {
+        "seed": "1", "run": hostile, "task": hostile, "year": hostile, "z": hostile, "topics": hostile,
+        "strength": hostile, "sweep": hostile, "study": hostile, "q": hostile, hostile: hostile, "embed": "true",
+    }  # fmt: skip
+    at = _app(monkeypatch, app_run, None, params)
+    notes = [_plain(w.value) for w in at.warning if w.value.startswith("ignored")]
+    assert len(notes) == 8 and all("in the link" in n for n in notes)  # every bad parameter, "embed" left out
+    assert any(n.startswith(f"ignored task={hostile[:40]}… in the link") for n in notes)  # shown as given
+    assert any("this link was made on the run" in _plain(w.value) for w in at.warning)
+    found = [m for source in _page_markdown(at) for m in _markup(source) if "ev.il" in m or "img" in m]
+    assert found == []
 
 
 def test_url_state_round_trips_through_the_page(
@@ -510,7 +767,7 @@ def test_url_state_round_trips_through_the_page(
     task = info.schema.categories[1]
     params = {
         "run": app_run.name, "study": study, "task": task, "year": "2003", "fwhm": "6.5", "q": "pain",
-        "topics": "32:0.7,26:0.3", "strength": "1.5", "sweep": "fwhm",
+        "topics": "32:0.7,26:0.3", "strength": "1.5", "sweep": "fwhm", "qa": "pain", "qb": "touch",
     }  # fmt: skip
     at = _app(monkeypatch, app_run, tiny_dataset, params)
     assert not at.warning or all("ignored" not in w.value for w in at.warning)
@@ -518,8 +775,9 @@ def test_url_state_round_trips_through_the_page(
     assert at.slider(key="year_value").value == 2003 and at.slider(key="fwhm_value").value == 6.5
     assert at.text_input(key="words").value == "pain" and at.slider(key="topic_32").value == 0.7
     assert at.slider(key="strength").value == 1.5 and at.selectbox(key="sweep").value == "fwhm"
+    assert (at.text_input(key="contrast_a").value, at.text_input(key="contrast_b").value) == ("pain", "touch")
     out = {k: at.query_params[k] for k in at.query_params}
-    for key in ("run", "study", "task", "year", "fwhm", "q", "strength", "sweep"):
+    for key in ("run", "study", "task", "year", "fwhm", "q", "strength", "sweep", "qa", "qb"):
         assert float(out[key]) == float(params[key]) if key in ("year", "fwhm", "strength") else out[key] == params[key]
     assert out["topics"] == "26:0.3,32:0.7"
 
@@ -527,9 +785,11 @@ def test_url_state_round_trips_through_the_page(
 @pytest.mark.parametrize("bad", ["inf", "1e400", "-inf", "nan"])
 def test_bad_url_values_keep_the_page(monkeypatch: pytest.MonkeyPatch, app_run: Path, bad: str) -> None:
     # ?year=inf / 1e400 used to end the session with an OverflowError and no widgets
-    at = _app(monkeypatch, app_run, None, {"seed": "2", "year": bad, "task": "no such task", "z": "1,2"})
-    notes = [w.value for w in at.warning if w.value.startswith("ignored")]
-    assert len(notes) == 3 and any(f"`year={bad}`" in n for n in notes)
+    params = {"seed": "2", "year": bad, "task": "no such task", "z": "1,2", "yaer": "2003", "embed": "true"}
+    at = _app(monkeypatch, app_run, None, params)
+    notes = [_plain(w.value) for w in at.warning if w.value.startswith("ignored")]
+    assert len(notes) == 4 and any(f"ignored year={bad} in the link" in n for n in notes)
+    assert any(n.startswith("ignored yaer=2003 in the link: not a parameter") for n in notes)
     assert at.checkbox(key="year_unknown").value  # the default: a prior draw's year is unknown
     assert len(at.image) >= 4 and not at.error
 
@@ -571,7 +831,7 @@ def test_damaged_dataset_and_model_keep_the_page(
     (run / "model.pt").write_bytes(b"\x80\x04cos\nsystem\n(S'echo pwned'\ntR.")
     at = _app(monkeypatch, run, tiny_dataset)
     assert not at.error, _texts(at, "error")
-    note = next(c.value for c in at.sidebar.caption if "per-study imputation unavailable" in c.value)
+    note = next(_plain(c.value) for c in at.sidebar.caption if "per-study imputation unavailable" in _plain(c.value))
     assert "model.pt" in note and "\n" not in note
     assert len(at.image) >= 4
 

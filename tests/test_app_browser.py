@@ -15,7 +15,9 @@ from app_browser import VIEWS, HeadlessChromium, find_chromium, serve_app
 
 pytestmark = pytest.mark.browser
 
-WORDS_LABEL = "Terms (e.g. working memory, pain, faces)"
+WORDS_LABEL = "Terms (e.g. working memory, pain, theory of mind)"
+#: A shared link that used to close the warning's code span and render a link and a remote image.
+HOSTILE = "%60%5BLog%20in%5D(https://ev.il/x)%20!%5Bt%5D(https://ev.il/t.png)"
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,8 @@ def test_type_a_query_then_open_the_shared_link(app_url: str, tmp_path: Path) ->
         for view in VIEWS:
             assert view in state["text"], f"{view!r} not rendered; the page says: {state.get('text', '')[:800]}"
         browser.type_into(WORDS_LABEL, "working memory")
-        state = browser.wait_for_text("Matched: working memory", timeout=120)
-        assert "Matched: working memory" in state["text"], state["text"][:800]
+        state = browser.wait_for_text("Recognised: working memory", timeout=120)
+        assert "Recognised: working memory" in state["text"], state["text"][:800]
         assert "glass brain" in state["text"] and "GENERATED" in state["text"]
         assert state["exceptions"] == 0 and "Traceback" not in state["text"]
         # the page writes its state into the address bar at the end of each rerun
@@ -67,20 +69,46 @@ def test_type_a_query_then_open_the_shared_link(app_url: str, tmp_path: Path) ->
     finally:
         other.close()
     assert value == "working memory"
-    assert "prior draw, seed 3" in state["text"] and "Matched: working memory" in state["text"]
+    assert "prior draw, seed 3" in state["text"] and "Recognised: working memory" in state["text"]
     assert "in the link:" not in state["text"]  # every parameter of the shared link was valid
 
 
 def test_bad_link_shows_a_message_and_the_page(app_url: str, tmp_path: Path) -> None:
     browser = HeadlessChromium(tmp_path / "profile")
     try:
-        state = browser.open_app(f"{app_url}/?seed=3&year=1e400&task=%3Cb%3Ex%3C/b%3E", min_images=8, timeout=300)
+        link = f"{app_url}/?seed=3&year=1e400&sweep=%3Cb%3Ex%3C/b%3E&task={HOSTILE}&q={HOSTILE}&{HOSTILE}=1"
+        state = browser.open_app(link, min_images=8, timeout=300)
         bold = browser.evaluate("document.querySelectorAll('b').length")
+        foreign = browser.evaluate(
+            "Array.from(document.querySelectorAll('a[href], img[src]')).map(e => new URL(e.href || e.src).hostname)"
+            ".filter(host => host.endsWith('ev.il'))"
+        )
     finally:
         browser.close()
     assert all(view in state["text"] for view in VIEWS)
-    assert "ignored year=1e400 in the link" in state["text"] and "ignored task=<b>x</b> in the link" in state["text"]
-    assert bold == 0  # the markup in the link is shown as text, not rendered
+    state["text"] = state["text"].replace("\u2060", "")  # the escape's word joiners, which break autolinks
+    assert "ignored year=1e400 in the link" in state["text"] and "ignored sweep=<b>x</b> in the link" in state["text"]
+    assert "ignored task=`[Log in](https://ev.il/x) ![t](https://… in the link" in state["text"]  # as given
+    assert "not a parameter of this page" in state["text"]
+    assert bold == 0 and foreign == []  # the markup in the link is shown as text: no bold, no link, no image
+
+
+def test_served_on_every_interface_the_page_refuses(tiny_runs: dict[str, Path], tmp_path: Path) -> None:
+    """Started outside the repository root, Streamlit finds no config and binds every interface: the page
+    says so and shows nothing of the run."""
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run does this)")
+    with serve_app(tiny_runs["cbvae"], cwd=tmp_path) as url:
+        browser = HeadlessChromium(tmp_path / "profile")
+        try:
+            browser.call("Page.navigate", url=url)
+            state = browser.wait_for_text("Not serving", timeout=120)
+            images = browser.evaluate("document.images.length")
+        finally:
+            browser.close()
+    assert "Not serving: this page would be reachable from other machines" in state["text"], state["text"][:800]
+    assert "--server.address 127.0.0.1" in state["text"] and "CBVAE_APP_ALLOW_REMOTE=1" in state["text"]
+    assert not any(view in state["text"] for view in VIEWS) and images == 0
 
 
 def _outside_address() -> str | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,6 @@ __all__ = [
     "filter_studies",
     "load_dataset_rows",
     "load_run_info",
-    "md_escape",
     "no_run_message",
     "one_line",
     "prior_start",
@@ -226,12 +224,19 @@ class StartPoint:
         z: latent code ``[L]`` (inside ``LATENT_RANGE``).
         conditions: ``{"task": str | None, "year": float | None, ...}``.
         label: human-readable description.
+        seed: the prior draw's seed; None for a real study.
     """
 
     key: str
     z: np.ndarray
     conditions: dict[str, Any]
     label: str
+    seed: int | None = None
+
+    @property
+    def study_id(self) -> str | None:
+        """The real study started from; None for a prior draw."""
+        return None if self.seed is not None else self.key
 
 
 def _missing(value: Any) -> bool:
@@ -270,7 +275,7 @@ def prior_start(info: RunInfo, seed: int) -> StartPoint:
     """A draw ``z ~ N(0, I)`` (reproducible by seed) with every condition unknown."""
     z = np.random.default_rng(seed).standard_normal(info.latent_size).astype(np.float32)
     conditions: dict[str, Any] = {"task": None, **{name: None for name in CONTINUOUS_FIELDS}}
-    return StartPoint(f"prior:{seed}", np.clip(z, *LATENT_RANGE), conditions, f"prior draw, seed {seed}")
+    return StartPoint(f"prior:{seed}", np.clip(z, *LATENT_RANGE), conditions, f"prior draw, seed {seed}", seed)
 
 
 def slider_spec(schema: MetadataSchema, name: str) -> tuple[float, float, float]:
@@ -339,15 +344,6 @@ def field_label(name: str) -> str:
     return next(d.label for d in FIELDS if d.name == name)
 
 
-_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$&])")
-
-
-def md_escape(text: str) -> str:
-    """Text shown inside Streamlit markdown as itself: markup characters escaped, so that a typed query
-    or a study title can neither format the page nor add a link or HTML."""
-    return _MARKDOWN.sub(r"\\\1", str(text)).replace("\n", " ")
-
-
 def study_topics(info: RunInfo, dataset_meta: pd.DataFrame) -> np.ndarray | None:
     """``[N, T]`` topic weights of the run's studies (rows of ``latents.parquet``), NaN where unknown;
     None when the dataset has no topic columns."""
@@ -366,10 +362,10 @@ def study_topics(info: RunInfo, dataset_meta: pd.DataFrame) -> np.ndarray | None
     return topics
 
 
-def start_topics(info: RunInfo, topics: np.ndarray | None, study_id: str) -> np.ndarray | None:
-    """A study's own topic mixture on the topic sliders' 0.01 grid (None when unknown or for a prior draw),
-    so that the sliders reproduce the starting point exactly."""
-    if topics is None or study_id.startswith("prior:"):
+def start_topics(info: RunInfo, topics: np.ndarray | None, study_id: str | None) -> np.ndarray | None:
+    """A study's own topic mixture on the topic sliders' 0.01 grid (None when unknown or for a prior draw,
+    ``study_id`` None), so that the sliders reproduce the starting point exactly."""
+    if topics is None or study_id is None:
         return None
     rows = np.flatnonzero(info.latents["id"].to_numpy() == study_id)
     if not rows.size or not np.isfinite(topics[rows[0]]).all() or topics[rows[0]].sum() <= 0:

@@ -8,11 +8,15 @@ Parameters (all optional; anything else is ignored with a message):
 ``task``     a task category or ``unknown``
 ``year``, ``sample_size``, ``field_strength``, ``fwhm``   a number, or ``unknown``
 ``q``        the "ask in words" text
+``qa``, ``qb`` the two queries of the contrast view (A minus B)
 ``topics``   topic weights, ``index:weight`` pairs (``9:0.6,33:0.4``), or ``unknown``
 ``strength`` the condition strength
 ``sweep``    the continuous condition swept
 
-An invalid value yields a one-line message naming the parameter and the valid values, and its default.
+An invalid value yields a one-line message naming the parameter and the valid values, and its default; an
+unknown parameter yields a message naming the parameters the page reads (Streamlit's own ``embed`` and
+``embed_options`` are left to Streamlit). The messages are plain text: the page escapes them
+(``markup.md_escape``), since they quote the link.
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_QUERY_CHARS", "STRENGTH_RANGE", "UrlState", "parse_state", "state_params"]
+__all__ = ["MAX_QUERY_CHARS", "STREAMLIT_PARAMS", "STRENGTH_RANGE", "UrlState", "parse_state", "state_params"]
 
 #: Longest "ask in words" text kept from a URL or the text box.
 MAX_QUERY_CHARS = 2000
 #: Range of the condition-strength control.
 STRENGTH_RANGE: tuple[float, float] = (0.0, 3.0)
+#: Query parameters Streamlit itself reads (``?embed=true``): not the page's, never reported.
+STREAMLIT_PARAMS = frozenset({"embed", "embed_options"})
+_TEXTS = {"q": "the words", "qa": "query A", "qb": "query B"}
+_PARAMS = ("run", "study", "seed", "z", "task", *_TEXTS, "topics", "strength", "sweep")
 
 
 @dataclass
@@ -43,6 +51,7 @@ class UrlState:
     task: str | None = None  # a category or "unknown"
     values: dict[str, float | None] = field(default_factory=dict)  # None = explicitly unknown
     query: str | None = None
+    contrast: tuple[str, str] | None = None  # the contrast view's queries A and B ("" = not given)
     topics: dict[int, float] | None = None  # {} = explicitly unknown
     strength: float | None = None
     sweep: str | None = None
@@ -83,7 +92,15 @@ def parse_state(
     state, notes = UrlState(), []
 
     def bad(name: str, why: str) -> None:
-        notes.append(f"ignored `{name}={_shorten(params[name])}` in the link: {why}")
+        notes.append(f"ignored {name}={_shorten(params[name])} in the link: {why}")
+
+    known = (*_PARAMS, *fields)
+    for name in params:
+        if name not in known and name not in STREAMLIT_PARAMS:
+            notes.append(
+                f"ignored {_shorten(name)}={_shorten(params[name])} in the link: not a parameter of this page "
+                f"(it reads {', '.join(known)})"
+            )
 
     state.run = params.get("run")
     if "study" in params:
@@ -119,10 +136,13 @@ def parse_state(
             bad(name, f"must be a number from {low:g} to {high:g}, or unknown")
         else:
             state.values[name] = value
+    for name, what in _TEXTS.items():
+        if len(params.get(name, "")) > MAX_QUERY_CHARS:
+            notes.append(f"{what} in the link: cut to the first {MAX_QUERY_CHARS} characters")
     if "q" in params:
         state.query = params["q"][:MAX_QUERY_CHARS]
-        if len(params["q"]) > MAX_QUERY_CHARS:
-            notes.append(f"the words in the link were cut to their first {MAX_QUERY_CHARS} characters")
+    if "qa" in params or "qb" in params:
+        state.contrast = (params.get("qa", "")[:MAX_QUERY_CHARS], params.get("qb", "")[:MAX_QUERY_CHARS])
     if params.get("topics") == "unknown":
         state.topics = {}
     elif "topics" in params:
@@ -161,6 +181,7 @@ def state_params(
     z: np.ndarray | None,
     conditions: Mapping[str, Any],
     query: str,
+    contrast: tuple[str, str] = ("", ""),
     topics: Mapping[int, float] | None,
     strength: float,
     sweep: str,
@@ -178,8 +199,9 @@ def state_params(
         if name in ("task", "topics"):
             continue
         params[name] = "unknown" if value is None else f"{float(value):g}"
-    if query:
-        params["q"] = query[:MAX_QUERY_CHARS]
+    for name, text in zip(_TEXTS, (query, *contrast), strict=True):
+        if text:
+            params[name] = text[:MAX_QUERY_CHARS]
     if topics is None:
         params["topics"] = "unknown"
     elif any(w > 0 for w in topics.values()):

@@ -18,6 +18,13 @@ The rule (documented in ``bundle/docs/app.md``), deterministic and offline:
 
 Limits: only words among the topics' top 100 key words count; no synonyms, no spelling correction, no
 negation ("not pain" is "pain"), and no other language than the English of the abstracts.
+
+With NeuroQuery's vocabulary (``terms.QueryTokeniser``, the page's default when its files are found),
+``match_terms`` replaces steps 1, 2 and 4: the terms are NeuroQuery's (phrases of any length, synonyms
+resolved), and a term of several words goes to the topics that list all of them (a product of their
+weights, counted once per word); failing that, each of its words counts on its own. A recognised term that
+no topic lists is reported: it cannot change the map of a run conditioned on topics. Words NeuroQuery does
+not know are still looked up among the topics' key words (``wm``, ``fc``).
 """
 
 from __future__ import annotations
@@ -29,8 +36,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # terms.py imports this module's MAX_WORDS
+    from cbvae_ext.app.terms import Tokens
 
 __all__ = ["MAX_WORDS", "TopicMatch", "TopicVocabulary", "stop_words"]
 
@@ -58,12 +69,14 @@ class TopicMatch:
         matched: ``(term, [topic indices])`` per word or phrase that counted.
         ignored: words that did not count, with the reason (``"stop word"``, ``"not in the topics"``, ...).
         truncated: number of words beyond ``MAX_WORDS`` that were not read.
+        no_topic: recognised terms (NeuroQuery's) that no topic lists.
     """
 
     weights: np.ndarray
     matched: list[tuple[str, list[int]]] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)
     truncated: int = 0
+    no_topic: list[str] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -133,15 +146,52 @@ class TopicVocabulary:
         while i < len(hits):
             hit, nxt = hits[i], hits[i + 1] if i + 1 < len(hits) else None
             if hit is not None and nxt is not None and (hit[1] * nxt[1]).any():
-                joint = hit[1] * nxt[1]
-                scores += 2.0 * joint / joint.sum()
-                matched.append((f"{hit[0]} {nxt[0]}", np.flatnonzero(joint).tolist()))
+                matched.append((f"{hit[0]} {nxt[0]}", _add(scores, hit[1] * nxt[1], 2)))
                 i += 2
                 continue
             if hit is not None:
-                scores += hit[1] / hit[1].sum()
-                matched.append((hit[0], np.flatnonzero(hit[1]).tolist()))
+                matched.append((hit[0], _add(scores, hit[1], 1)))
             i += 1
-        total = scores.sum()
-        weights = scores / total if total > 0 else scores
-        return TopicMatch(weights.astype(np.float32), matched, ignored, truncated)
+        return _result(scores, matched, ignored, truncated)
+
+    def match_terms(self, tokens: Tokens) -> TopicMatch:
+        """Topic mixture of NeuroQuery's terms of a query (``terms.QueryTokeniser``; the rule above)."""
+        scores = np.zeros(self.n_topics)
+        matched: list[tuple[str, list[int]]] = []
+        no_topic: list[str] = []
+        stop = stop_words()
+        for term in tokens.terms:
+            said = str(term)
+            words = [w for w in term.term.split() if w not in stop] or term.term.split()
+            hits = [self._lookup(w) for w in words]
+            found = [h for h in hits if h is not None]
+            joint = np.prod([h[1] for h in found], axis=0) if len(found) == len(words) else np.zeros(self.n_topics)
+            if joint.any():
+                matched.append((said, _add(scores, joint, len(words))))
+            elif found:  # no topic lists the whole phrase: its words count on their own
+                topics = sorted({t for h in found for t in _add(scores, h[1], 1)})
+                matched.append((f"{said} (by its words {', '.join(h[0] for h in found)})", topics))
+            else:
+                no_topic.append(said)
+        ignored: list[tuple[str, str]] = []
+        for word, why in tokens.ignored:
+            hit = self._lookup(word.casefold()) if why != "stop word" and word.casefold() not in stop else None
+            if hit is None:
+                ignored.append((word, why))
+            else:  # NeuroQuery lacks it but a topic lists it (an abbreviation such as "fcmri")
+                matched.append((f"{word} (topic key word)", _add(scores, hit[1], 1)))
+        return _result(scores, matched, ignored, tokens.truncated, no_topic)
+
+
+def _add(scores: np.ndarray, row: np.ndarray, count: float) -> list[int]:
+    """Add ``count`` to ``scores``, spread over ``row``'s topics in proportion; returns those topics."""
+    scores += count * row / row.sum()
+    return np.flatnonzero(row).tolist()
+
+
+def _result(
+    scores: np.ndarray, matched: list, ignored: list, truncated: int, no_topic: list[str] | None = None
+) -> TopicMatch:
+    total = scores.sum()
+    weights = scores / total if total > 0 else scores
+    return TopicMatch(weights.astype(np.float32), matched, ignored, truncated, no_topic or [])

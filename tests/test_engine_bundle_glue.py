@@ -1,19 +1,40 @@
-"""Bundle glue: text switches, the knob checks (one-line errors), and the presets read from the bundle configs."""
+"""Bundle glue and the training knobs: text switches, the knob checks (one-line errors, also through the real bundle
+CLI), the logged hyper-parameters, the documented knob table, and the presets read from the bundle configs."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 
 import pytest
 import yaml
+from conftest import REPO_ROOT
 
-from cbvae_ext.engine.bundle_glue import BundleConfigError, check_knobs, flag
+from cbvae_ext.engine.bundle_glue import BundleConfigError, flag
+from cbvae_ext.engine.knobs import TrainKnobs, knob_table, network_keys, train_knobs
 from cbvae_ext.errors import CbvaeError
 from cbvae_ext.presets import CONFIG_DIR, PresetError, architecture_preset, training_preset
 
-#: The knobs as train.yaml sets them (the values check_knobs receives from the bundle).
 TRAIN = yaml.safe_load((CONFIG_DIR / "train.yaml").read_text())
-KNOBS = {k: TRAIN[k] for k in TRAIN["knobs"] if not k.startswith("_")}
+FIELDS = [f.name for f in dataclasses.fields(TrainKnobs)]
+
+
+def _parser(*files: str, **overrides):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIG_DIR / f) for f in files])
+    parser.update(overrides)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def knobs(tmp_path_factory) -> dict:
+    """The knobs as train.yaml sets them (the values ``train_knobs`` receives from the bundle)."""
+    out = tmp_path_factory.mktemp("knobs") / "run"
+    parser = _parser("train.yaml", output_dir=str(out))
+    return {name: parser.get_parsed_content(name) for name in FIELDS}
 
 
 @pytest.mark.parametrize(("value", "expected"), [(True, True), ("false", False), ("FALSE", False), ("0", False),
@@ -28,8 +49,38 @@ def test_flag_rejects_anything_else() -> None:
     assert issubclass(BundleConfigError, CbvaeError) and issubclass(BundleConfigError, ValueError)
 
 
-def test_train_yaml_defaults_pass_the_knob_check() -> None:
-    assert check_knobs(**KNOBS) == KNOBS
+def test_train_yaml_defaults_pass_the_knob_check(knobs) -> None:
+    checked = train_knobs(**knobs)
+    assert checked.resume is True and checked.autocast_dtype is None and checked.epoch_length is None
+    assert checked.betas == (0.9, 0.995) and checked.device.type in ("cpu", "cuda")
+    # command-line text becomes the field's type: "false" a bool, "null" None
+    text = train_knobs(**{**knobs, "resume": "false", "epoch_length": "null", "channels_last": "FALSE"})
+    assert text.resume is False and text.epoch_length is None and text.channels_last is False
+
+
+def test_one_declaration_of_the_knobs() -> None:
+    # the config passes every TrainKnobs field once, under its own name, and nothing else
+    block = {k: v for k, v in TRAIN["knobs"].items() if not k.startswith("_")}
+    assert list(block) == FIELDS and all(v == f"@{k}" for k, v in block.items())
+    # every top-level key declared above the knobs item is a knob (but MONAI's and the derived ones)
+    above = list(TRAIN)[: list(TRAIN).index("knobs")]
+    assert set(above) - {"imports", "bundle_root", "architecture", "ckpt_dir"} == set(FIELDS)
+    assert TRAIN["hyper_params"] == "$@knobs.hyper_params()"
+
+
+def test_every_knob_is_logged(knobs) -> None:
+    params = train_knobs(**knobs).hyper_params()
+    assert list(params) == FIELDS and params["free_bits"] == 32.0  # free_bits was never logged
+    assert json.loads(json.dumps(params)) == params  # MLflow, W&B and TensorBoard take it as it is
+
+
+def test_the_documented_knob_table_is_generated() -> None:
+    doc = (REPO_ROOT / "bundle" / "docs" / "architecture.md").read_text()
+    found = re.search(r"<!-- knobs:begin -->\n(.*?)\n<!-- knobs:end -->", doc, re.S)
+    assert found, "architecture.md lost its knob table markers"
+    table = knob_table()
+    assert found.group(1) == table, "run `python -m cbvae_ext.engine.knobs` and paste its table into architecture.md"
+    assert {f"`{name}`" for name in FIELDS} <= {row.split(" | ")[0][2:] for row in table.splitlines()[2:]}
 
 
 @pytest.mark.parametrize(
@@ -37,28 +88,45 @@ def test_train_yaml_defaults_pass_the_knob_check() -> None:
     [
         ({"lr": "nan"}, "--lr must be a number > 0, got 'nan'"),  # fire passes nan as text
         ({"lr": float("inf")}, "--lr must be a number > 0, got inf"),
+        ({"free_bits": float("nan")}, "--free_bits must be a number >= 0, got nan"),  # was accepted
+        ({"free_bits": -5}, "--free_bits must be a number >= 0, got -5"),
         ({"epochs": "abc"}, "--epochs must be a whole number >= 1, got 'abc'"),
         ({"epochs": 2.5}, "--epochs must be a whole number >= 1, got 2.5"),
         ({"latent_size": 0}, "--latent_size must be a whole number >= 1, got 0"),  # trained, then decode divided by 0
         ({"batch_size": -4}, "--batch_size must be a whole number >= 1, got -4"),
         ({"kl_factor": 1.0}, "--kl_factor must be a number > 1, got 1.0"),
         ({"lr_min_factor": 2}, "--lr_min_factor must be a number >= 0 and <= 1, got 2"),
-        ({"betas": [0.9]}, "--betas must be two numbers in [0, 1), got [0.9]"),
+        ({"betas": [0.9]}, r"--betas must be 2 numbers >= 0 and < 1, got \[0.9\]"),
+        ({"betas": [0.9, 1.0]}, r"--betas must be 2 numbers >= 0 and < 1, got \[0.9, 1.0\]"),
         ({"autocast_dtype": "float8"}, "--autocast_dtype must be null, bfloat16 or float16, got 'float8'"),
         ({"resume": "maybe"}, "--resume must be true or false, got 'maybe'"),
+        ({"kl_scale": "x"}, "--kl_scale must be excess or total, got 'x'"),
+        ({"model": "unet"}, "--model must be one of cbvae, baseline, got 'unet'"),
+        ({"experiment_name": ""}, "--experiment_name must be a non-empty text, got ''"),
+        ({"channels": [8, 0, 32]}, r"--channels must be a non-empty list of whole numbers >= 1, got \[8, 0, 32\]"),
+        ({"block_layers": [2]}, r"--block_layers \[2\] needs len\(channels\) - 1 = 2 entries"),
+        ({"network_overrides": "[1]"}, "--network_overrides must be a mapping like"),
+        ({"network_overrides": {"channels": []}}, r"--network_overrides\['channels'\] must be a non-empty list"),
+        ({"device": "tpu"}, "--device must be cpu, cuda or cuda:N, present on this machine, got 'tpu'"),
         ({"beta": 9.0}, r"--kl_cap \(8.0\) must be >= --beta \(9.0\)"),
         ({"preset": "tpu"}, "--preset must be one of cpu, gpu, got 'tpu'"),
         # "--preset gpu" alone used to relabel a CPU-preset run
         ({"preset": "gpu"}, r"--preset gpu does not change the settings; add the overlay instead"),
     ],
 )
-def test_bad_knobs_are_one_line_errors(override, message, capsys) -> None:
+def test_bad_knobs_are_one_line_errors(knobs, override, message, capsys) -> None:
     with pytest.raises(SystemExit) as stop:
-        check_knobs(**{**KNOBS, **override})
+        train_knobs(**{**knobs, **override})
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert re.search(message, err), err
+
+
+def test_network_override_keys_are_the_models_arguments() -> None:
+    keys = network_keys()
+    assert {"latent_size", "condition_dropout", "cond_mean_rank", "dilations", "resnet_widen"} <= set(keys)
+    assert "self" not in keys and "bogus_key" not in keys
 
 
 def test_presets_are_the_bundle_configs() -> None:
@@ -74,20 +142,11 @@ def test_presets_are_the_bundle_configs() -> None:
         training_preset("tpu")
 
 
-def _parser(*files: str, **overrides):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(CONFIG_DIR / f) for f in files])
-    parser.update(overrides)
-    return parser
-
-
 def test_gpu_overlay_through_monai_config_parser(capsys) -> None:
     gpu = _parser("train.yaml", "preset_gpu.yaml")
     assert gpu.get_parsed_content("architecture") == architecture_preset("gpu")
     knobs = gpu.get_parsed_content("knobs")  # the config's own check passes on the overlay's values
-    assert knobs["preset"] == "gpu" and knobs["batch_size"] == 64 and knobs["autocast_dtype"] == "bfloat16"
+    assert knobs.preset == "gpu" and knobs.batch_size == 64 and knobs.autocast_dtype == "bfloat16"
     # the command line "--preset gpu" without the overlay is refused before anything is built
     with pytest.raises(SystemExit):
         _parser("train.yaml", preset="gpu").get_parsed_content("knobs")

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from conftest import BUNDLE_ENV, REPO_ROOT
 
 from cbvae_ext.engine.bundle_glue import BundleConfigError, flag
 from cbvae_ext.engine.knobs import TrainKnobs, knob_table, network_keys, train_knobs
@@ -151,3 +156,97 @@ def test_gpu_overlay_through_monai_config_parser(capsys) -> None:
     with pytest.raises(SystemExit):
         _parser("train.yaml", preset="gpu").get_parsed_content("knobs")
     assert "add the overlay instead" in capsys.readouterr().err
+
+
+# ---- the same checks through the real bundle CLI: each case costs only the CLI start-up (no training) ----
+
+#: case -> (extra arguments, the start of the one error line). ``OUT`` stands for the case's output folder.
+CLI_CASES = {
+    "free_bits_nan": (["--free_bits", "nan"], "--free_bits must be a number >= 0, got 'nan'"),  # was accepted
+    "free_bits_negative": (["--free_bits", "-5"], "--free_bits must be a number >= 0, got -5"),  # was a traceback
+    "kl_scale": (["--kl_scale", "x"], "--kl_scale must be excess or total, got 'x'"),
+    "kl_control": (["--kl_control", "maybe"], "--kl_control must be true or false, got 'maybe'"),
+    "channels": (["--channels", "[]"], "--channels must be a non-empty list of whole numbers >= 1, got []"),
+    "growth_rate": (["--growth_rate", "0"], "--growth_rate must be a whole number >= 1, got 0"),
+    "film_hidden": (["--film_hidden", "0"], "--film_hidden must be a whole number >= 1, got 0"),  # was accepted
+    "network_overrides_key": (  # was accepted silently
+        ["--network_overrides", "{'bogus_key': 1}"],
+        "--network_overrides: unknown key(s) 'bogus_key'; known keys: act, adversary_hidden,",
+    ),
+    # a value the constructor refuses (dilations too short for the bottleneck grid): caught before any write
+    "network_unbuildable": (["--network_overrides", "{'dilations': [1]}"], "cannot build the network"),
+    "device": (["--device", "cuda"], "--device cuda: this machine has no CUDA device"),
+    "output_file": ([], "--output_dir OUT is a file; choose a folder"),
+    "output_dataset": ([], "--output_dir OUT is the dataset folder"),
+    "output_read_only": ([], "--output_dir OUT: OUT is not writable (read-only)"),
+}
+
+
+def _snapshot(path: Path) -> dict:
+    if path.is_file():
+        return {"": path.read_bytes()}
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))}
+
+
+def _read_only(folder: Path) -> bool:
+    """Make ``folder`` read-only for this process (chmod; for root, which ignores modes, the immutable flag)."""
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False)
+    return not os.access(folder, os.W_OK)
+
+
+@pytest.fixture(scope="module")
+def cli_results(tiny_dataset, tmp_path_factory):
+    """Run every ``CLI_CASES`` command at once (as many at a time as there are cores); case -> (proc, out, before)."""
+    import torch
+
+    root = tmp_path_factory.mktemp("bad_knobs")
+    runs, skipped = {}, {}
+    for case, (extra, _) in CLI_CASES.items():
+        out = root / case / "run"
+        out.parent.mkdir()
+        if case == "output_file":
+            out.write_text("not a folder")
+        elif case == "output_dataset":
+            out = tiny_dataset
+        elif case == "output_read_only":
+            out.mkdir()
+            if not _read_only(out):
+                skipped[case] = "cannot make a folder read-only here"
+                continue
+        elif case == "device" and torch.cuda.is_available():
+            skipped[case] = "this machine has CUDA"
+            continue
+        args = ["-m", "monai.bundle", "run", "training", "--config_file", "bundle/configs/train.yaml"]
+        args += ["--dataset_dir", str(tiny_dataset), "--output_dir", str(out), "--epochs", "1", *extra]
+        runs[case] = (args, out, _snapshot(out))
+
+    def launch(args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, *args], cwd=REPO_ROOT, env=BUNDLE_ENV, capture_output=True, text=True, timeout=600
+        )
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        procs = dict(zip(runs, pool.map(launch, [args for args, _, _ in runs.values()]), strict=True))
+    yield {case: (procs[case], out, before) for case, (_, out, before) in runs.items()}, skipped
+    ro = root / "output_read_only" / "run"
+    if ro.exists():
+        subprocess.run(["chattr", "-i", str(ro)], capture_output=True, check=False)
+        ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_bad_knob_on_the_bundle_cli_is_one_line_before_any_write(cli_results, case) -> None:
+    results, skipped = cli_results
+    if case in skipped:
+        pytest.skip(skipped[case])
+    proc, out, before = results[case]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("error: " + CLI_CASES[case][1].replace("OUT", str(out))), errors[0]
+    assert _snapshot(out) == before  # nothing created, nothing changed (the dataset folder included)

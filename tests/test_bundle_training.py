@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import fcntl
 import json
 import os
@@ -20,6 +22,7 @@ import pytest
 import torch
 from conftest import BUNDLE_ENV, run_bundle, training_command
 
+from cbvae_ext.engine.knobs import TrainKnobs
 from cbvae_ext.engine.resume import LOCK_FILE, resume_checkpoint
 from cbvae_ext.networks import build_network, initialise_from_data
 
@@ -45,8 +48,11 @@ def _assert_run_folder(out: Path, epochs: int) -> pd.DataFrame:
 def test_train_cbvae_with_tracking(tiny_dataset, repo_root, tmp_path):
     out = tmp_path / "run"
     run_bundle(
-        training_command(tiny_dataset, out, 2, "--use_mlflow", "true", "--use_wandb", "true", "--log_every", "1")
-    )
+        training_command(
+            tiny_dataset, out, 2, "--use_mlflow", "true", "--use_wandb", "true", "--use_tensorboard", "true",
+            "--log_every", "1",
+        )
+    )  # fmt: skip
     hist = _assert_run_folder(out, 2)
     # per-term values are finite and the total is their weighted sum (weights 1)
     row = hist.iloc[-1]
@@ -74,6 +80,32 @@ def test_train_cbvae_with_tracking(tiny_dataset, repo_root, tmp_path):
     assert {"grl_lambda", "loss"} <= keys  # per-iteration records
     # W&B: an offline run folder
     assert list((out / "wandb").glob("offline-run-*")), list((out / "wandb").iterdir())
+
+    # every knob is a hyper-parameter of every tracker (was: a separate list, free_bits never logged)
+    knobs = [f.name for f in dataclasses.fields(TrainKnobs)]
+    with sqlite3.connect(out / "mlflow.db") as db:
+        params = dict(db.execute("SELECT key, value FROM params"))
+    assert set(knobs) <= set(params), set(knobs) - set(params)
+    assert params["free_bits"] == "32.0" and params["epochs"] == "2" and params["use_tensorboard"] == "True"
+    # the config wandb.init received, as its offline debug log records it
+    log = next((out / "wandb").glob("offline-run-*/logs/debug.log")).read_text()
+    wandb_config = ast.literal_eval(re.findall(r"config: (\{'.*\})$", log, re.M)[-1])
+    assert [k for k in wandb_config if k != "_wandb"] == knobs and wandb_config["free_bits"] == 32.0
+    assert set(knobs) == _tensorboard_hparams(out / "tensorboard")
+
+
+def _tensorboard_hparams(log_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    names: set[str] = set()
+    for path in log_dir.glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    names |= set(data.session_start_info.hparams)
+    return names
 
 
 def test_train_baseline_overlay(tiny_runs):

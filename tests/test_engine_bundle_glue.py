@@ -141,8 +141,9 @@ def test_presets_are_the_bundle_configs() -> None:
     assert gpu["resident"] and gpu["autocast_dtype"] == "bfloat16" and gpu["batch_size"] == gpu_overlay["batch_size"]
     assert architecture_preset("cpu") == {k: TRAIN[k] for k in TRAIN["architecture"]}
     assert architecture_preset("gpu")["channels"] == gpu_overlay["channels"] == [16, 32, 64, 128]
-    # the overlay sets every architecture and batch key the CPU preset has, so it is a complete preset
-    assert set(TRAIN["architecture"]) | set(cpu) <= set(gpu_overlay)
+    # the overlay sets only what differs; the rest of the GPU preset is train.yaml's
+    assert all(gpu_overlay[k] != TRAIN[k] for k in gpu_overlay if k != "preset"), gpu_overlay
+    assert architecture_preset("gpu")["latent_size"] == TRAIN["latent_size"] and gpu["compile"] is TRAIN["compile"]
     with pytest.raises(PresetError, match="unknown network preset 'tpu'; valid presets: cpu, gpu"):
         training_preset("tpu")
 

@@ -69,7 +69,7 @@ def test_one_declaration_of_the_knobs() -> None:
     assert list(block) == FIELDS and all(v == f"@{k}" for k, v in block.items())
     # every top-level key declared above the knobs item is a knob (but MONAI's and the derived ones)
     above = list(TRAIN)[: list(TRAIN).index("knobs")]
-    assert set(above) - {"imports", "bundle_root", "architecture", "ckpt_dir"} == set(FIELDS)
+    assert set(above) - {"imports", "bundle_root", "architecture", "conditioning_keys", "ckpt_dir"} == set(FIELDS)
     assert TRAIN["hyper_params"] == "$@knobs.hyper_params()"
 
 
@@ -106,6 +106,7 @@ def test_the_documented_knob_table_is_generated() -> None:
         ({"autocast_dtype": "float8"}, "--autocast_dtype must be null, bfloat16 or float16, got 'float8'"),
         ({"resume": "maybe"}, "--resume must be true or false, got 'maybe'"),
         ({"kl_scale": "x"}, "--kl_scale must be excess or total, got 'x'"),
+        ({"condition_dropout": 1.0}, "--condition_dropout must be a number >= 0 and < 1, got 1.0"),
         ({"model": "unet"}, "--model must be one of cbvae, baseline, got 'unet'"),
         ({"experiment_name": ""}, "--experiment_name must be a non-empty text, got ''"),
         ({"channels": [8, 0, 32]}, r"--channels must be a non-empty list of whole numbers >= 1, got \[8, 0, 32\]"),

@@ -96,6 +96,7 @@ def network_config(
     model: str = "cbvae",
     architecture: Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    conditioning: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``build_network`` config for the dataset's grid and schema plus the manifest checksum and grid.
 
@@ -105,6 +106,8 @@ def network_config(
         model: ``"cbvae"`` or ``"baseline"``.
         architecture: the config's architecture keys (``train.yaml``'s ``architecture`` block).
         overrides: more ``build_network`` keys, applied last (``network_overrides``).
+        conditioning: keys of the C-β-VAE's conditioning (``train.yaml``'s ``conditioning_keys``: condition
+            dropout, conditional-mean rank), applied for ``model="cbvae"`` only, before ``overrides``.
 
     Raises:
         BundleConfigError, DataError: (printed as one ``error:`` line, exit status 2) an unknown model or
@@ -123,7 +126,11 @@ def network_config(
     grid = info.manifest["grid"]
     try:
         config = preset_config(
-            preset, info.schema, grid["shape"], model=model, **{**(architecture or {}), **(overrides or {})}
+            preset,
+            info.schema,
+            grid["shape"],
+            model=model,
+            **{**(architecture or {}), **((conditioning or {}) if model == "cbvae" else {}), **(overrides or {})},
         )
     except ValueError as err:
         raise BundleConfigError(f"{err}; fix the override") from None

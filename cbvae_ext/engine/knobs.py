@@ -83,8 +83,12 @@ class TrainKnobs:
     adversary_hidden: int = _knob("hidden width of the year adversary", 1)
     resnet_widen: float = _knob("ResNet-10 width factor (baseline only)", 0.0, open_low=True)
     resnet_conv1_size: int = _knob("kernel size of ResNet-10's first convolution (baseline only)", 1)
+    condition_dropout: float = _knob(
+        "probability each condition group is hidden in training (cbvae)", 0.0, 1.0, open_high=True
+    )
+    cond_mean_rank: int = _knob("rank of the conditional-mean path (cbvae)", 1)
     network_overrides: dict[str, Any] = _knob(
-        "further build_network keys, applied last, e.g. \"{'condition_dropout': 0.5}\" (network_keys())"
+        "further build_network keys, applied last, e.g. \"{'decoder_cond_input': True}\" (network_keys())"
     )
     # ---- batches and device
     batch_size: int = _knob("maps per step (per process under torchrun)", 1)
@@ -319,8 +323,12 @@ def _check_overrides(overrides: Mapping[str, Any], specs: Mapping[str, _Spec]) -
         raise BundleConfigError(
             f"--network_overrides: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}"
         )
-    # a key that is also a knob gets the knob's check (e.g. "{'channels': []}")
-    return {k: _value(f"network_overrides['{k}']", specs[k], v) if k in specs else v for k, v in overrides.items()}
+    # a key that is also a knob gets the knob's check (e.g. "{'channels': []}"); a per-group mapping of
+    # condition_dropout is the network's own form (cbvae_ext.networks.ConditionalBetaVAE)
+    return {
+        k: _value(f"network_overrides['{k}']", specs[k], v) if k in specs and not isinstance(v, Mapping) else v
+        for k, v in overrides.items()
+    }
 
 
 def _nearest_existing(path: Path) -> Path:

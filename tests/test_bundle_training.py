@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -19,6 +22,8 @@ import pytest
 import torch
 from conftest import BUNDLE_ENV, run_bundle, training_command
 
+from cbvae_ext.engine.knobs import TrainKnobs
+from cbvae_ext.engine.resume import LOCK_FILE, resume_checkpoint
 from cbvae_ext.networks import build_network, initialise_from_data
 
 pytestmark = pytest.mark.slow
@@ -43,8 +48,11 @@ def _assert_run_folder(out: Path, epochs: int) -> pd.DataFrame:
 def test_train_cbvae_with_tracking(tiny_dataset, repo_root, tmp_path):
     out = tmp_path / "run"
     run_bundle(
-        training_command(tiny_dataset, out, 2, "--use_mlflow", "true", "--use_wandb", "true", "--log_every", "1")
-    )
+        training_command(
+            tiny_dataset, out, 2, "--use_mlflow", "true", "--use_wandb", "true", "--use_tensorboard", "true",
+            "--log_every", "1",
+        )
+    )  # fmt: skip
     hist = _assert_run_folder(out, 2)
     # per-term values are finite and the total is their weighted sum (weights 1)
     row = hist.iloc[-1]
@@ -72,6 +80,32 @@ def test_train_cbvae_with_tracking(tiny_dataset, repo_root, tmp_path):
     assert {"grl_lambda", "loss"} <= keys  # per-iteration records
     # W&B: an offline run folder
     assert list((out / "wandb").glob("offline-run-*")), list((out / "wandb").iterdir())
+
+    # every knob is a hyper-parameter of every tracker (was: a separate list, free_bits never logged)
+    knobs = [f.name for f in dataclasses.fields(TrainKnobs)]
+    with sqlite3.connect(out / "mlflow.db") as db:
+        params = dict(db.execute("SELECT key, value FROM params"))
+    assert set(knobs) <= set(params), set(knobs) - set(params)
+    assert params["free_bits"] == "32.0" and params["epochs"] == "2" and params["use_tensorboard"] == "True"
+    # the config wandb.init received, as its offline debug log records it
+    log = next((out / "wandb").glob("offline-run-*/logs/debug.log")).read_text()
+    wandb_config = ast.literal_eval(re.findall(r"config: (\{'.*\})$", log, re.M)[-1])
+    assert [k for k in wandb_config if k != "_wandb"] == knobs and wandb_config["free_bits"] == 32.0
+    assert set(knobs) == _tensorboard_hparams(out / "tensorboard")
+
+
+def _tensorboard_hparams(log_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    names: set[str] = set()
+    for path in log_dir.glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "hparams":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    names |= set(data.session_start_info.hparams)
+    return names
 
 
 def test_train_baseline_overlay(tiny_runs):
@@ -178,6 +212,9 @@ def test_resume_skips_a_damaged_checkpoint_and_keeps_the_best_model(tiny_runs, t
     shutil.copytree(tiny_runs["cbvae"], run)
     best = (run / "model.pt").read_bytes()
     (run / "checkpoints" / "checkpoint_epoch=2.pt").write_bytes(b"")  # a kill during the old in-place write
+    # what a kill during an atomic write leaves: ignite's temporary checkpoint, run_folder's temporary file
+    (run / "checkpoints" / "tmpk1ll3d_0").write_bytes(b"partial")
+    (run / ".history.json.abcd1234.tmp").write_bytes(b"partial")
     # a large learning rate makes epoch 2 worse on validation than epoch 1
     proc = run_bundle(training_command(tiny_dataset, run, 2, *OFF, "--lr", "1.0"))
     text = proc.stdout + proc.stderr
@@ -186,6 +223,42 @@ def test_resume_skips_a_damaged_checkpoint_and_keeps_the_best_model(tiny_runs, t
     hist = _assert_run_folder(run, 2)
     assert hist["val_loss"].iloc[1] > hist["val_loss"].iloc[0]
     assert (run / "model.pt").read_bytes() == best  # was replaced by the first validation after the resume
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint_epoch=2.pt"]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint_epoch=2.pt"]  # was: tmp* left
+    assert not list(run.glob("*.tmp"))
     state = torch.load(run / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=True)
     assert state["best_model"]["best_metric"] == pytest.approx(hist["val_loss"].iloc[0], rel=1e-6)
+
+
+def test_resume_false_archives_the_previous_runs_checkpoints(tiny_runs, tiny_dataset, tmp_path):
+    """Was: ``--resume false`` left the old checkpoints, and a later plain rerun resumed the run before it.
+
+    The previous run's checkpoint is named for a later epoch (3) than the new run reaches (1), as when a run
+    killed after its first epoch follows a finished three-epoch run.
+    """
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["cbvae"], run)
+    old = run / "checkpoints" / "checkpoint_epoch=3.pt"
+    (run / "checkpoints" / "checkpoint_epoch=1.pt").rename(old)
+    old_bytes = old.read_bytes()
+    proc = run_bundle(training_command(tiny_dataset, run, 1, *OFF, "--resume", "false"))
+    assert "Restored all variables" not in proc.stdout + proc.stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint_epoch=1.pt"]  # this run's only
+    archived = list(run.glob("checkpoints.old-*"))
+    assert len(archived) == 1 and (archived[0] / old.name).read_bytes() == old_bytes  # kept, not deleted
+    # what a plain rerun resumes from: this run's epoch 1 (was: the previous run's "epoch 3")
+    config = json.loads((run / "network_config.json").read_text())
+    assert resume_checkpoint(run / "checkpoints", True, config) == str(run / "checkpoints" / "checkpoint_epoch=1.pt")
+
+
+def test_second_training_into_a_locked_output_dir_is_refused(tiny_dataset, tmp_path):
+    """Was: two trainings into one --output_dir both exited 0, files last-writer-wins."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / LOCK_FILE, "a") as held:  # the first training, as the CLI holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        err = _one_line_error(_bundle(training_command(tiny_dataset, run, 1, *OFF)))
+    assert err == (
+        f"error: --output_dir {run} is in use by another training (it holds {run / LOCK_FILE}); wait for it to "
+        "finish or choose another --output_dir"
+    )
+    assert [p.name for p in run.iterdir()] == [LOCK_FILE]  # nothing written

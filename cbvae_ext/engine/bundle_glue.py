@@ -1,5 +1,5 @@
-"""Python side of the bundle configs (``bundle/configs/*.yaml``): knob checks, switches, the network config,
-data loaders, run metadata and run finalisation.
+"""Python side of the bundle configs (``bundle/configs/*.yaml``): switches, the network config and network,
+data loaders, run metadata and run finalisation (the knob checks: ``cbvae_ext.engine.knobs``).
 
 Named for what it is; MONAI's own ``monai.engines.workflow`` is the engine base class, unrelated.
 Functions the configs call at the start of a run are wrapped in ``exit_on_error``: a bad input prints
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +22,7 @@ from cbvae_ext.errors import CbvaeError
 __all__ = [
     "BundleConfigError",
     "brain_mask",
-    "check_knobs",
+    "build",
     "exit_on_error",
     "finalize_run",
     "flag",
@@ -72,114 +71,6 @@ def flag(value: Any, name: str = "flag") -> bool:
     raise BundleConfigError(f"--{name} must be true or false, got {value!r}")
 
 
-def _number(
-    name: str, value: Any, low: float, high: float = math.inf, integer: bool = False, open_low: bool = False
-) -> None:
-    kind = "a whole number" if integer else "a number"
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = (
-        ok
-        and (not integer or float(value).is_integer())
-        and (value > low if open_low else value >= low)
-        and value <= high
-    )
-    if not ok:
-        bound = f"> {low:g}" if open_low else f">= {low:g}"
-        bound += f" and <= {high:g}" if math.isfinite(high) else ""
-        raise BundleConfigError(f"--{name} must be {kind} {bound}, got {value!r}")
-
-
-#: Knobs that must be whole numbers ``>= low`` (``None`` allowed where marked).
-_WHOLE: dict[str, tuple[int, bool]] = {
-    "epochs": (1, False),
-    "seed": (0, False),
-    "batch_size": (1, False),
-    "num_workers": (0, False),
-    "latent_size": (1, False),
-    "kl_patience": (1, False),
-    "log_every": (1, False),
-    "epoch_length": (1, True),
-    "val_epoch_length": (1, True),
-}
-#: Knobs that must be finite numbers: (lowest, highest, lowest excluded).
-_REAL: dict[str, tuple[float, float, bool]] = {
-    "lr": (0.0, math.inf, True),
-    "weight_decay": (0.0, math.inf, False),
-    "lr_min_factor": (0.0, 1.0, False),
-    "grad_clip": (0.0, math.inf, True),
-    "beta": (0.0, math.inf, False),
-    "kl_threshold": (0.0, math.inf, False),
-    "kl_factor": (1.0, math.inf, True),
-    "kl_cap": (0.0, math.inf, False),
-    "grl_gamma": (0.0, math.inf, False),
-    "grl_lambda_max": (0.0, math.inf, False),
-    "imputation_weight": (0.0, math.inf, False),
-    "adversary_weight": (0.0, math.inf, False),
-    "prior_sigma": (0.0, math.inf, True),
-}
-_SWITCHES = ("resident", "channels_last", "compile", "resume", "progress", "use_mlflow", "use_wandb", "use_tensorboard")
-_AUTOCAST = (None, "bfloat16", "float16")
-
-
-@exit_on_error
-def check_knobs(**knobs: Any) -> dict[str, Any]:
-    """Check the training knobs once, before anything is built or written (``initialize`` calls it first).
-
-    Knobs it does not know are accepted (overlays add their own). A CUDA device with the CPU preset
-    logs a hint to add ``preset_gpu.yaml``.
-
-    Returns:
-        The knobs, unchanged.
-
-    Raises:
-        BundleConfigError: (printed as one ``error:`` line, exit status 2) a value the training cannot use,
-            e.g. ``--lr nan``, ``--epochs abc``, ``--latent_size 0``.
-    """
-    for name, (low, nullable) in _WHOLE.items():
-        if name in knobs and not (nullable and knobs[name] is None):
-            _number(name, knobs[name], low, integer=True)
-    for name, (low, high, open_low) in _REAL.items():
-        if name in knobs and not (name == "grad_clip" and knobs[name] is None):
-            _number(name, knobs[name], low, high, open_low=open_low)
-    for name in _SWITCHES:
-        if name in knobs:
-            flag(knobs[name], name)
-    betas = knobs.get("betas", (0.9, 0.999))
-    if not (isinstance(betas, list | tuple) and len(betas) == 2):
-        raise BundleConfigError(f"--betas must be two numbers in [0, 1), got {betas!r}")
-    for value in betas:
-        _number("betas", value, 0.0, 0.999999)
-    if knobs.get("autocast_dtype") not in _AUTOCAST:
-        raise BundleConfigError(f"--autocast_dtype must be null, bfloat16 or float16, got {knobs['autocast_dtype']!r}")
-    if "kl_cap" in knobs and "beta" in knobs and knobs["kl_cap"] < knobs["beta"]:
-        raise BundleConfigError(f"--kl_cap ({knobs['kl_cap']}) must be >= --beta ({knobs['beta']})")
-    _check_preset(knobs)
-    return knobs
-
-
-def _check_preset(knobs: Mapping[str, Any]) -> None:
-    from cbvae_ext.presets import PRESET_NAMES, preset_values
-
-    name = knobs.get("preset")
-    if name is None:
-        return
-    if name not in PRESET_NAMES:
-        raise BundleConfigError(f"--preset must be one of {', '.join(PRESET_NAMES)}, got {name!r}")
-    if name != "cpu":
-        # "--preset gpu" alone only relabels the run: the GPU values live in the overlay
-        cpu, named = preset_values("cpu"), preset_values(name)
-        changed = [k for k in named if named[k] != cpu.get(k)]
-        if changed and all(knobs.get(k) == cpu.get(k) for k in changed if k in knobs):
-            raise BundleConfigError(
-                f"--preset {name} does not change the settings; add the overlay instead: --config_file "
-                f"\"['bundle/configs/train.yaml','bundle/configs/preset_{name}.yaml']\""
-            )
-    elif torch.cuda.is_available():
-        logger.warning(
-            "CUDA is available but the CPU preset is in use; add bundle/configs/preset_gpu.yaml for the GPU one"
-        )
-
-
 def rank() -> int:
     """Process rank (0 without torch.distributed)."""
     dist = torch.distributed
@@ -205,6 +96,7 @@ def network_config(
     model: str = "cbvae",
     architecture: Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    conditioning: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``build_network`` config for the dataset's grid and schema plus the manifest checksum and grid.
 
@@ -214,6 +106,8 @@ def network_config(
         model: ``"cbvae"`` or ``"baseline"``.
         architecture: the config's architecture keys (``train.yaml``'s ``architecture`` block).
         overrides: more ``build_network`` keys, applied last (``network_overrides``).
+        conditioning: keys of the C-β-VAE's conditioning (``train.yaml``'s ``conditioning_keys``: condition
+            dropout, conditional-mean rank), applied for ``model="cbvae"`` only, before ``overrides``.
 
     Raises:
         BundleConfigError, DataError: (printed as one ``error:`` line, exit status 2) an unknown model or
@@ -232,13 +126,35 @@ def network_config(
     grid = info.manifest["grid"]
     try:
         config = preset_config(
-            preset, info.schema, grid["shape"], model=model, **{**(architecture or {}), **(overrides or {})}
+            preset,
+            info.schema,
+            grid["shape"],
+            model=model,
+            **{**(architecture or {}), **((conditioning or {}) if model == "cbvae" else {}), **(overrides or {})},
         )
     except ValueError as err:
         raise BundleConfigError(f"{err}; fix the override") from None
     config["dataset_manifest_sha256"] = file_sha256(Path(dataset_dir) / "manifest.json")
     config["grid"] = grid
     return config
+
+
+@exit_on_error
+def build(config: Mapping[str, Any]) -> torch.nn.Module:
+    """``cbvae_ext.networks.build_network(config)``; a config the network cannot be built from is one ``error:`` line.
+
+    The knob check catches the values that are wrong alone; this catches combinations (e.g. a
+    ``--network_overrides`` value the constructor refuses) before anything is written.
+    """
+    from cbvae_ext.networks import build_network
+
+    try:
+        return build_network(config)
+    except (ValueError, TypeError, RuntimeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BundleConfigError(
+            f"cannot build the network from these settings ({first}); fix the architecture knobs or --network_overrides"
+        ) from None
 
 
 def save_network_config(config: dict[str, Any], output_dir: str | Path) -> Path:

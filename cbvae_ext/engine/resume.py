@@ -8,13 +8,19 @@
   every checkpoint.
 - ``resume_checkpoint``: the newest readable checkpoint (a damaged one is skipped with a warning),
   refused with a one-line error when it was made for another dataset build, model or architecture.
+- ``claim_output_dir``: the run folder's lock (a second training into it is refused in one line), the
+  temporary files a killed run left removed, and with ``--resume false`` the previous run's
+  ``checkpoints/`` archived, so that a later plain rerun cannot resume a run it did not make.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import re
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,10 +35,12 @@ from cbvae_ext.engine.bundle_glue import exit_on_error, flag
 from cbvae_ext.errors import CbvaeError
 
 __all__ = [
+    "LOCK_FILE",
     "AtomicCheckpointSaver",
     "ResumeError",
     "RunFingerprint",
     "checkpoints",
+    "claim_output_dir",
     "last_checkpoint",
     "resume_checkpoint",
 ]
@@ -40,6 +48,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _EPOCH = re.compile(r"_epoch=(\d+)\.pt$")
+#: The run folder's lock file: ``fcntl.flock`` held by the training that writes the folder, released on exit.
+LOCK_FILE = ".training.lock"
+#: Temporary files of an interrupted atomic write: ignite's ``DiskSaver`` (``tmpXXXXXXXX``, ``tempfile``'s
+#: names) and ``run_folder.replace_atomically`` (``.NAME.XXXXXXXX.tmp``).
+_TEMPORARY = re.compile(r"^(tmp[a-z0-9_]{8}|\..+\.[a-z0-9_]{8}\.tmp)$")
+#: Open lock files, by run folder: kept for the life of the process (closing one would release it).
+_LOCKS: dict[str, Any] = {}
 
 #: ``network_config`` keys that may differ on resume (none today: every key describes the model or its data).
 _FREE_KEYS: frozenset[str] = frozenset()
@@ -162,6 +177,80 @@ def resume_checkpoint(
         logger.info(f"resuming from {path}")
         return str(path)
     return None
+
+
+def _launch_rank() -> int:
+    # torchrun sets RANK before the process group exists (the lock is taken before init_process_group)
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _lock(folder: Path) -> None:
+    key = str(folder.resolve())
+    if key in _LOCKS:
+        return
+    handle = open(folder / LOCK_FILE, "a")  # noqa: SIM115 - held open until the process exits
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ResumeError(
+            f"--output_dir {folder} is in use by another training (it holds {folder / LOCK_FILE}); wait for it to "
+            "finish or choose another --output_dir"
+        ) from None
+    _LOCKS[key] = handle
+
+
+def _remove_temporary(folder: Path) -> list[str]:
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if _TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def _archive(checkpoint_dir: Path) -> Path | None:
+    if not checkpoints(checkpoint_dir):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = checkpoint_dir.with_name(f"{checkpoint_dir.name}.old-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = checkpoint_dir.with_name(f"{checkpoint_dir.name}.old-{stamp}-{n}")
+    checkpoint_dir.rename(target)
+    return target
+
+
+@exit_on_error
+def claim_output_dir(output_dir: str | Path, checkpoint_dir: str | Path, resume: Any = True) -> Path:
+    """Take the run folder for this training (rank 0; other ranks only return the path).
+
+    Creates ``output_dir``, locks it (``LOCK_FILE``, held until the process exits), removes the temporary
+    files an interrupted write left in it and in ``checkpoint_dir``, and when ``resume`` is off moves the
+    previous run's checkpoints to ``checkpoints.old-<time>`` (kept, not deleted), so that a later rerun
+    resumes this run, never the one before it. Call it after every check has passed.
+
+    Raises:
+        ResumeError: (printed as one ``error:`` line, exit status 2) another training holds the lock, or the
+            folder cannot be written (read-only, full disk).
+    """
+    folder, ckpt = Path(output_dir), Path(checkpoint_dir)
+    if _launch_rank() > 0:
+        return folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _lock(folder)
+        removed = _remove_temporary(folder) + _remove_temporary(ckpt)
+        if removed:
+            logger.info(f"removed {len(removed)} temporary file(s) an interrupted run left: {', '.join(removed)}")
+        if not flag(resume, "resume") and (archived := _archive(ckpt)) is not None:
+            logger.warning(f"--resume false: moved the previous run's checkpoints to {archived}")
+    except OSError as err:
+        raise ResumeError(
+            f"cannot write to --output_dir {folder} ({err.strerror or type(err).__name__}); choose a writable folder"
+        ) from None
+    return folder
 
 
 class _AtomicDiskSaver(DiskSaver):

@@ -1,4 +1,7 @@
-"""Experiment tracking: W&B through ignite's ``WandBLogger`` and the MLflow store location for MONAI's ``MLFlowHandler``."""
+"""Experiment tracking: W&B through ignite's ``WandBLogger``, the MLflow store location for MONAI's ``MLFlowHandler``,
+and the hyper-parameters for TensorBoard (``TensorBoardHParams``). Every tracker records the same
+hyper-parameters: ``TrainKnobs.hyper_params()``, every training knob.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-__all__ = ["WandBTracker", "mlflow_uri", "wandb_mode"]
+__all__ = ["TensorBoardHParams", "WandBTracker", "mlflow_uri", "wandb_mode"]
 
 
 def mlflow_uri(output_dir: str | Path) -> str:
@@ -91,3 +94,31 @@ class WandBTracker:
                 self.evaluator, Events.EPOCH_COMPLETED, tag="epoch", metric_names="all", global_step_transform=step
             )
         engine.add_event_handler(Events.COMPLETED, lambda _: self.logger.close())
+
+
+class TensorBoardHParams:
+    """Write the run's hyper-parameters to TensorBoard's HParams plugin, in ``log_dir``, when training starts.
+
+    MONAI's ``TensorBoardStatsHandler`` records scalars only. Lists and mappings are written as text (the
+    plugin takes numbers, bools and text).
+
+    Args:
+        log_dir: the TensorBoard folder (the one ``TensorBoardStatsHandler`` writes).
+        hparams: the hyper-parameters (``TrainKnobs.hyper_params()``).
+    """
+
+    def __init__(self, log_dir: str | Path, hparams: Mapping[str, Any]) -> None:
+        self.log_dir = Path(log_dir)
+        self.hparams = {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in hparams.items()}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._write)
+
+    def _write(self, _: Engine) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        # the plugin's experiment, session start and session end records, in the scalars' folder
+        with SummaryWriter(log_dir=str(self.log_dir)) as writer:
+            for summary in hparams(self.hparams, metric_dict={}):
+                writer.file_writer.add_summary(summary)

@@ -47,12 +47,13 @@ __all__ = [
 
 
 def set_fast_path(module: nn.Module, enabled: bool = True) -> nn.Module:
-    """Switch every fast-path block under ``module`` (see the module docstring); returns ``module``.
+    """Switch the fast path of every submodule of ``module`` that has one (a ``fast`` attribute: the blocks
+    here, ``FiLMNormAct``, ``ConditionalMean``, ``CBVAELoss``); returns ``module``.
 
     Both paths share parameters and state dict, so a checkpoint loads into either.
     """
     for m in module.modules():
-        if isinstance(m, (FiLMNormAct, SpaceToDepthStem, FiLMTransition, DenseDecoder)):
+        if hasattr(m, "fast"):
             m.fast = bool(enabled)
     return module
 
@@ -142,6 +143,8 @@ class SpaceToDepthStem(nn.Module):
         act: MONAI activation name/args.
     """
 
+    fast = True  # set_fast_path
+
     def __init__(
         self,
         spatial_dims: int,
@@ -156,7 +159,6 @@ class SpaceToDepthStem(nn.Module):
         self.conv = FiLMConv(spatial_dims, in_channels * 2**spatial_dims, out_channels, 1, norm=norm, act=act)
         self.channels = out_channels
         self.in_channels = in_channels
-        self.fast = True
 
     def forward(self, x: torch.Tensor, params: FiLMParams = None) -> torch.Tensor:
         if not self.fast:
@@ -183,6 +185,8 @@ class FiLMTransition(nn.Module):
         act: MONAI activation name/args.
     """
 
+    fast = True  # set_fast_path
+
     def __init__(
         self, spatial_dims: int, in_channels: int, out_channels: int, norm: str | tuple, act: str | tuple
     ) -> None:
@@ -191,7 +195,6 @@ class FiLMTransition(nn.Module):
         self.pre = FiLMNormAct(spatial_dims, in_channels, norm, act)
         self.conv = Convolution(spatial_dims, in_channels, out_channels, kernel_size=1, bias=False, conv_only=True)
         self.pool = Pool[Pool.AVG, spatial_dims](kernel_size=2, stride=2)
-        self.fast = True
 
     def forward(self, x: torch.Tensor, params: FiLMParams = None) -> torch.Tensor:
         h = self.pre(x, params)
@@ -336,6 +339,8 @@ class DenseDecoder(nn.Module):
             bottleneck grid itself rather than only rescaling its channels.
     """
 
+    fast = True  # set_fast_path
+
     def __init__(
         self,
         spatial_shape: Sequence[int],
@@ -399,7 +404,6 @@ class DenseDecoder(nn.Module):
             film_channels += [conv.channels, mix.channels]
         self.film = FiLMGenerator(cond_dim, film_channels, film_hidden) if cond_dim else None
         self.n_film = len(film_channels)
-        self.fast = True
 
     def forward(self, z: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
         params = _film_params(self.film, m, self.n_film)

@@ -117,7 +117,7 @@ class FiLMNormAct(nn.Module):
         fast: modulate with ``norm_film`` (see the module docstring); ``dense3d.set_fast_path`` sets it.
     """
 
-    fast = True
+    fast = True  # dense3d.set_fast_path
 
     def __init__(self, spatial_dims: int, channels: int, norm: str | tuple, act: str | tuple) -> None:
         super().__init__()

@@ -56,6 +56,22 @@ done
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
+setup_s=0
+if [ "$setup" = 1 ]; then
+  source scripts/setup_env.sh
+  setup_s=$SECONDS
+  py=python
+else
+  py="${PYTHON:-python}"
+fi
+py="$(command -v "$py")" || bad "no Python interpreter '${PYTHON:-python}'; set PYTHON or drop --no-setup"
+device=cpu
+if [ "$tiny" = 0 ]; then
+  device=cuda
+  "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || bad "torch sees no CUDA device here; run on a GPU machine, or add --tiny for the CPU smoke run"
+fi
+
 out="${out:-$repo_root/runs/gpu_check}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
@@ -73,15 +89,6 @@ timed() {
   [ "$rc" = 0 ] || { echo "[gpu_check] $name failed; see $out/$name.txt" >&2; exit "$rc"; }
 }
 
-if [ "$setup" = 1 ]; then
-  start=$SECONDS
-  source scripts/setup_env.sh
-  note "setup: wall $((SECONDS - start)) s"
-  py=python
-else
-  py="${PYTHON:-python}"
-fi
-py="$(command -v "$py")"
 
 # every step runs through this wrapper (run_main.sh through $PYTHON): it appends each benchmark, dataset and
 # bundle command's wall time and CPU time (user, sys of the process and its children) to DIR/step_times.tsv
@@ -108,18 +115,14 @@ main_args=(--no-setup --out "$out/main")
 train_args=()
 eval_args=()
 if [ "$tiny" = 1 ]; then
-  device=cpu
   [ -n "$ns_dir" ] || ns_dir="$repo_root/tests/data/neurosynth"
   main_args+=(--preset cpu --subset 120 --epochs "${epochs:-1}")
   # no spaces inside a value: run_main.sh splits CBVAE_TRAIN_ARGS on spaces
   train_args=(--epoch_length 2 --val_epoch_length 1 --batch_size 4 --progress false --use_wandb false
               --use_mlflow false --network_overrides "{'channels':[4,8],'block_layers':[1],'growth_rate':4}")
   eval_args=(--n_bootstrap 20 --n_permutations 5 --iwae_k 2 --n_prior_samples 2 --max_train_maps 100)
-  bench=(--preset cpu --device cpu --steps 2 --warmup 1 --batch-size 4 --decode-maps 2)
+  bench=(--preset cpu --device cpu --steps 1 --warmup 1 --batch-size 2 --decode-maps 1)
 else
-  device=cuda
-  "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
-    || bad "torch sees no CUDA device here; run on a GPU machine, or add --tiny for the CPU smoke run"
   main_args+=(--preset gpu --subset all --epochs "${epochs:-5}")
   # the GPU preset keeps the whole training split resident: the bench allocates as many maps
   bench=(--preset gpu --device cuda --steps 50 --warmup 5 --resident-maps 11500)
@@ -137,6 +140,7 @@ else:
 PY
 note "[gpu_check] $(date -u +%FT%TZ) out=$out device=$device tiny=$tiny"
 note "$(cat "$out/env.txt")"
+[ "$setup" = 1 ] && note "setup (scripts/setup_env.sh): wall $setup_s s"
 
 timed bench_train "$out/timed_python" scripts/bench_train.py "${bench[@]}"
 note "$(grep -E '^(device|preset|train step|peak)' "$out/bench_train.txt")"

@@ -117,6 +117,22 @@ def _val_elbo(engine: SimpleNamespace, loader: Any, step: EvalStep, samples: int
     return terms
 
 
+def _loader_ms(dataset_dir: str, batch_size: int, device: torch.device) -> dict[bool, float]:
+    """ms per training batch of ``make_loader``, memory-mapped (MONAI DataLoader) and resident, interleaved."""
+    from cbvae_ext.engine.bundle_glue import make_loader
+
+    loaders = {
+        r: make_loader(dataset_dir, "train", batch_size, shuffle=True, resident=r, device=device) for r in (False, True)
+    }
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(2):
+        for resident, loader in loaders.items():
+            start = time.perf_counter()
+            n = sum(1 for _ in loader)
+            times[resident].append(1000 * (time.perf_counter() - start) / n)
+    return {r: min(t) for r, t in times.items()}
+
+
 def compare(args: argparse.Namespace, device: torch.device) -> int:
     """Train the plain and the fast path side by side (see the module docstring); print the ratio last."""
     from cbvae_ext.engine.bundle_glue import make_loader
@@ -187,6 +203,11 @@ def compare(args: argparse.Namespace, device: torch.device) -> int:
             f"{t['loss']:10.1f}"
         )
     (_, plain, t0), (_, fast, t1) = rows
+    loading = _loader_ms(args.dataset_dir, batch_size, device)
+    print(
+        f"loader, ms per batch (not in the step times): memory-mapped {loading[False]:.1f}, "
+        f"resident (--resident true) {loading[True]:.1f}"
+    )
     print(
         f"validation -ELBO, fast - plain: {t1['neg_elbo'] - t0['neg_elbo']:+.2f} nats/map ({t0['neg_elbo']:.1f} plain)"
     )

@@ -57,7 +57,7 @@ class CBVAELoss(nn.Module):
     Attributes:
         fast: compute the map terms on the in-mask voxels alone, gathered once (about a fifth of the 4 mm
             grid); False: on the whole grid times the mask. Same values up to rounding
-            (``cbvae_ext.networks.set_fast_path`` switches it).
+            (``cbvae_ext.networks.dense3d.set_fast_path`` switches it).
 
     Raises:
         LossError: for a non-positive ``prior_sigma`` or negative weights.

@@ -115,13 +115,16 @@ main_args=(--no-setup --out "$out/main")
 train_args=()
 eval_args=()
 if [ "$tiny" = 1 ]; then
+  # OpenMP threads that spin while waiting make a CPU shared with other jobs several times slower
+  # (bench_train.py --compare, 2 threads on a busy 2-core machine: 3.3 maps/s spinning, 30 passive)
+  export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
   [ -n "$ns_dir" ] || ns_dir="$repo_root/tests/data/neurosynth"
   main_args+=(--preset cpu --subset 120 --epochs "${epochs:-1}")
   # no spaces inside a value: run_main.sh splits CBVAE_TRAIN_ARGS on spaces
   train_args=(--epoch_length 2 --val_epoch_length 1 --batch_size 4 --progress false --use_wandb false
               --use_mlflow false --network_overrides "{'channels':[4,8],'block_layers':[1],'growth_rate':4}")
   eval_args=(--n_bootstrap 20 --n_permutations 5 --iwae_k 2 --n_prior_samples 2 --max_train_maps 100)
-  bench=(--preset cpu --device cpu --steps 1 --warmup 1 --batch-size 2 --decode-maps 1)
+  bench=(--preset cpu --device cpu --steps 1 --warmup 0 --batch-size 2 --decode-maps 1)
 else
   main_args+=(--preset gpu --subset all --epochs "${epochs:-5}")
   # the GPU preset keeps the whole training split resident: the bench allocates as many maps

@@ -116,7 +116,7 @@ train_args=()
 eval_args=()
 if [ "$tiny" = 1 ]; then
   # OpenMP threads that spin while waiting make a CPU shared with other jobs several times slower
-  # (bench_train.py --compare, 2 threads on a busy 2-core machine: 3.3 maps/s spinning, 30 passive)
+  # (a CPU-preset train step, 2 threads on a busy 2-core machine: 3.3 maps/s spinning, 30 passive)
   export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
   [ -n "$ns_dir" ] || ns_dir="$repo_root/tests/data/neurosynth"
   main_args+=(--preset cpu --subset 120 --epochs "${epochs:-1}")

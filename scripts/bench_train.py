@@ -2,34 +2,52 @@
 
     python scripts/bench_train.py --preset cpu --device cpu [--dataset-dir OUT]
     python scripts/bench_train.py --preset gpu --device cuda --resident-maps 11500
+    python scripts/bench_train.py --preset cpu --compare --dataset-dir OUT [--maps 1600]
 
 Without ``--dataset-dir`` the maps are random in [0, 1] on the 4 mm grid (48 x 56 x 48) with a synthetic
 schema of the production layout (4 continuous fields, 50 topics, 15 categories): speed does not depend on
 the values. Decoding is timed for ``decoder.ts`` and ``conditional_mean.ts`` as exported. ``--resident-maps`` allocates that many float16 maps on the
 device first (the GPU preset keeps the whole split resident) so the peak memory includes them.
+
+``--compare`` trains the plain path (the network and loss before the fast path, ``fast_path=False``) and
+the fast path (``cbvae_ext.networks.set_fast_path``, the default) side by side from the same weights,
+conditional-mean fit and random streams, on the same training batches of a real dataset, one step of
+each in turn, so a shared or busy machine slows both alike. After ``--maps`` presentations each, it
+prints each path's median maps/s over those steps and its validation ELBO (β = 1, averaged over
+``--val-samples`` posterior draws per map), then the speed-up ratio on the last lines. Set the CPU
+threads with ``OMP_NUM_THREADS`` (and ``OMP_WAIT_POLICY=PASSIVE`` on a machine shared with other jobs:
+threads that spin while waiting make a busy machine several times slower).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import resource
+import statistics
 import sys
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
 
 from cbvae_ext.engine.losses import CBVAELoss
-from cbvae_ext.engine.step import TrainStep
+from cbvae_ext.engine.step import EvalStep, TrainStep, unwrap
 from cbvae_ext.export import trace_conditional_mean, trace_decoder
 from cbvae_ext.networks import build_network, count_parameters, preset_config
+from cbvae_ext.networks.dense3d import set_fast_path
 from cbvae_ext.presets import training_preset
 from cbvae_ext.schema import MetadataSchema
 
 __all__ = ["main"]
 
 GRID_4MM = (48, 56, 48)
+#: train.yaml's optimiser and objective (the comparison trains as the bundle does, without its schedules).
+TRAIN_KW = {"lr": 1e-3, "betas": (0.9, 0.995), "weight_decay": 1e-4}
+LOSS_KW = {"free_bits": 32.0, "prior_sigma": 3.0}
 
 
 def _schema_and_mask(dataset_dir: str | None) -> tuple[MetadataSchema, torch.Tensor]:
@@ -61,6 +79,142 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _engine(network: torch.nn.Module, mask: torch.Tensor, device: torch.device) -> SimpleNamespace:
+    """What ``TrainStep``/``EvalStep`` read of a MONAI engine, with train.yaml's optimiser and loss."""
+    return SimpleNamespace(
+        network=network,
+        optimizer=torch.optim.AdamW(network.parameters(), **TRAIN_KW),
+        loss_function=CBVAELoss(mask=mask, **LOSS_KW).to(device),
+        state=SimpleNamespace(device=device, iteration=0),
+    )
+
+
+def _steps(settings: dict[str, Any], device: torch.device) -> tuple[TrainStep, str | None, bool]:
+    dtype = settings.get("autocast_dtype") if device.type == "cuda" else None
+    channels_last = bool(settings.get("channels_last"))  # as the bundle: on CPU too (oneDNN's 3D conv)
+    return TrainStep(grad_clip=1.0, autocast_dtype=dtype, channels_last=channels_last), dtype, channels_last
+
+
+def _place(network: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    return network.to(device=device, memory_format=fmt)
+
+
+def _val_elbo(engine: SimpleNamespace, loader: Any, step: EvalStep, samples: int, seed: int) -> dict[str, float]:
+    """Validation terms at β = 1 (EvalStep: one posterior draw per map), averaged over ``samples`` draws."""
+    totals: dict[str, float] = {}
+    n = 0
+    for s in range(samples):
+        torch.manual_seed(seed + s)
+        for batch in loader:
+            out = step(engine, batch)
+            k = len(batch["image"])
+            for key in ("loss", "recon", "kl", "imp"):
+                totals[key] = totals.get(key, 0.0) + out[key] * k
+            n += k
+    terms = {key: value / n for key, value in totals.items()}
+    terms["neg_elbo"] = terms["recon"] + terms["kl"]
+    return terms
+
+
+def _loader_ms(dataset_dir: str, batch_size: int, device: torch.device) -> dict[bool, float]:
+    """ms per training batch of ``make_loader``, memory-mapped (MONAI DataLoader) and resident, interleaved."""
+    from cbvae_ext.engine.bundle_glue import make_loader
+
+    loaders = {
+        r: make_loader(dataset_dir, "train", batch_size, shuffle=True, resident=r, device=device) for r in (False, True)
+    }
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(2):
+        for resident, loader in loaders.items():
+            start = time.perf_counter()
+            n = sum(1 for _ in loader)
+            times[resident].append(1000 * (time.perf_counter() - start) / n)
+    return {r: min(t) for r, t in times.items()}
+
+
+def compare(args: argparse.Namespace, device: torch.device) -> int:
+    """Train the plain and the fast path side by side (see the module docstring); print the ratio last."""
+    from cbvae_ext.engine.bundle_glue import make_loader
+    from cbvae_ext.networks import initialise_from_data
+
+    settings = training_preset(args.preset)
+    batch_size = args.batch_size or settings["batch_size"]
+    schema, mask = _schema_and_mask(args.dataset_dir)
+    train_step, _, channels_last = _steps(settings, device)
+    eval_step = EvalStep(CBVAELoss(mask=mask).to(device), train_step.autocast_dtype, channels_last)
+    torch.manual_seed(args.seed)
+    base = build_network(preset_config(args.preset, schema, tuple(mask.shape)))
+    print(f"fitting the conditional-mean path on {args.dataset_dir} (shared by both paths) ...", flush=True)
+    initialise_from_data(base, args.dataset_dir, seed=args.seed)
+    legs = {}
+    for name, fast in (("plain (today)", False), ("fast path (new)", True)):
+        network = _place(set_fast_path(copy.deepcopy(base), fast), device, channels_last)
+        engine = _engine(network, mask, device)
+        set_fast_path(engine.loss_function, fast)
+        legs[name] = SimpleNamespace(engine=engine, fast=fast, times=[], rng=None)
+
+    loader = make_loader(args.dataset_dir, "train", batch_size, shuffle=True, seed=args.seed, device=device)
+    val = make_loader(args.dataset_dir, "val", batch_size, device=device)
+    steps_per_epoch = len(loader)
+    n_steps = max(1, -(-args.maps // batch_size))
+    print(
+        f"device: {device} ({torch.get_num_threads()} CPU threads, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')})  preset: {args.preset}  batch: {batch_size}  "
+        f"params: {count_parameters(base):,}"
+    )
+    print(
+        f"training both paths {n_steps} steps = {n_steps * batch_size} map presentations each "
+        f"({n_steps / steps_per_epoch:.1f} epochs of {len(loader.dataset)} training maps), interleaved",
+        flush=True,
+    )
+    done = 0
+    torch.manual_seed(args.seed)
+    for leg in legs.values():  # the same random streams (condition dropout, posterior draws) in each leg
+        leg.rng = torch.get_rng_state()
+    while done < n_steps:
+        for batch in loader:
+            if done == n_steps:
+                break
+            for leg in legs.values():
+                torch.set_rng_state(leg.rng)
+                _sync(device)
+                start = time.perf_counter()
+                train_step(leg.engine, batch)
+                _sync(device)
+                leg.times.append(time.perf_counter() - start)
+                leg.rng = torch.get_rng_state()
+                leg.engine.state.iteration += 1
+            done += 1
+            if done % max(1, n_steps // 10) == 0:
+                rates = "  ".join(f"{n}: {batch_size / statistics.median(v.times):.1f}" for n, v in legs.items())
+                print(f"  step {done}/{n_steps}  median maps/s  {rates}", flush=True)
+    warm = min(args.warmup, n_steps - 1)
+    rows = []
+    for name, leg in legs.items():
+        rate = batch_size / statistics.median(leg.times[warm:])
+        terms = _val_elbo(leg.engine, val, eval_step, args.val_samples, args.seed)
+        rows.append((name, rate, terms))
+    print(f"\nvalidation after {n_steps * batch_size} presentations ({args.val_samples} draws per map, β = 1):")
+    print(f"{'path':18s} {'maps/s':>8s} {'-ELBO':>10s} {'recon':>10s} {'KL':>8s} {'imp':>7s} {'val loss':>10s}")
+    for name, rate, t in rows:
+        print(
+            f"{name:18s} {rate:8.1f} {t['neg_elbo']:10.1f} {t['recon']:10.1f} {t['kl']:8.2f} {t['imp']:7.3f} "
+            f"{t['loss']:10.1f}"
+        )
+    (_, plain, t0), (_, fast, t1) = rows
+    loading = _loader_ms(args.dataset_dir, batch_size, device)
+    print(
+        f"loader, ms per batch (not in the step times): memory-mapped {loading[False]:.1f}, "
+        f"resident (--resident true) {loading[True]:.1f}"
+    )
+    print(
+        f"validation -ELBO, fast - plain: {t1['neg_elbo'] - t0['neg_elbo']:+.2f} nats/map ({t0['neg_elbo']:.1f} plain)"
+    )
+    print(f"speed-up (fast path / plain, median over {n_steps - warm} interleaved steps): {fast / plain:.2f}x")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=("cpu", "gpu"), default="cpu")
@@ -72,12 +226,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-maps", type=int, default=16)
     parser.add_argument("--resident-maps", type=int, default=0)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--plain", action="store_true", help="time the plain path instead of the fast path")
+    parser.add_argument("--compare", action="store_true", help="plain vs fast path, trained side by side")
+    parser.add_argument("--maps", type=int, default=1600, help="--compare: map presentations per path")
+    parser.add_argument("--val-samples", type=int, default=4, help="--compare: posterior draws per val map")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda requested but no CUDA device is available here", file=sys.stderr)
         return 2
+    if args.compare:
+        if not args.dataset_dir:
+            print(
+                "error: --compare trains on a real dataset; pass --dataset-dir (build one with: "
+                "python -m cbvae_ext.data build --out DIR --subset 1000)",
+                file=sys.stderr,
+            )
+            return 2
+        return compare(args, device)
     torch.manual_seed(0)
     settings = training_preset(args.preset)
     batch_size = args.batch_size or settings["batch_size"]
@@ -87,21 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.resident_maps:
         resident = torch.empty((args.resident_maps, 1, *shape), dtype=torch.float16, device=device)
 
-    network = build_network(preset_config(args.preset, schema, shape)).to(device)
-    if settings["channels_last"] and device.type == "cuda":
-        network = network.to(memory_format=torch.channels_last_3d)
+    step, _, channels_last = _steps(settings, device)
+    network = build_network(preset_config(args.preset, schema, shape, fast_path=not args.plain))
+    network = _place(network, device, channels_last)
     if args.compile:
         network = torch.compile(network)
-    engine = SimpleNamespace(
-        network=network,
-        optimizer=torch.optim.AdamW(network.parameters(), lr=1e-3, betas=(0.9, 0.995)),
-        loss_function=CBVAELoss(mask=mask).to(device),
-        state=SimpleNamespace(device=device, iteration=0),
-    )
-    dtype = settings["autocast_dtype"] if device.type == "cuda" else None
-    step = TrainStep(
-        grad_clip=1.0, autocast_dtype=dtype, channels_last=settings["channels_last"] and device.type == "cuda"
-    )
+    engine = _engine(network, mask, device)
+    set_fast_path(engine.loss_function, not args.plain)
     batch = _batch(schema, shape, batch_size, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -116,8 +276,6 @@ def main(argv: list[str] | None = None) -> int:
     maps_per_s = args.steps * batch_size / train_s
 
     # decode through TorchScript, one map at a time (the app's use)
-    from cbvae_ext.engine.step import unwrap
-
     model = unwrap(network).eval().to("cpu").float()
     z = torch.randn(1, model.latent_size)
     m = model.decoder_input(batch["meta"][:1].cpu(), batch["meta_mask"][:1].cpu(), None)
@@ -139,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
           f"({torch.get_num_threads()} CPU threads)")  # fmt: skip
-    print(f"preset: {args.preset}  grid: {shape}  batch: {batch_size}  params: {count_parameters(model):,}")
+    path = "plain" if args.plain else "fast path"
+    print(f"preset: {args.preset}  grid: {shape}  batch: {batch_size}  params: {count_parameters(model):,}  {path}")
     print(f"train step: {maps_per_s:.1f} maps/s  ({1000 * train_s / args.steps:.1f} ms/step, {args.steps} steps)")
     print(f"decode (TorchScript, CPU, batch 1): {decode_ms:.1f} ms/map")
     print(f"conditional mean (TorchScript, CPU, batch 1): {cond_mean_ms:.1f} ms/map")

@@ -54,9 +54,16 @@ class CBVAELoss(nn.Module):
         prior_sigma: standard deviation σ_p of the weak prior on a missing field (normalised units).
         free_bits: total nats of KL (spread evenly over the latent dimensions) the objective does not charge.
 
+    Attributes:
+        fast: compute the map terms on the in-mask voxels alone, gathered once (about a fifth of the 4 mm
+            grid); False: on the whole grid times the mask. Same values up to rounding
+            (``cbvae_ext.networks.dense3d.set_fast_path`` switches it).
+
     Raises:
         LossError: for a non-positive ``prior_sigma`` or negative weights.
     """
+
+    fast = True
 
     def __init__(
         self,
@@ -79,19 +86,33 @@ class CBVAELoss(nn.Module):
         self.prior_sigma = float(prior_sigma)
         mask_t = torch.ones(1) if mask is None else torch.as_tensor(mask) != 0
         self.register_buffer("mask", mask_t.to(torch.float32), persistent=False)
+        inside = torch.nonzero(mask_t.flatten()).flatten() if mask_t.dim() > 1 else None
+        self.register_buffer("inside", inside, persistent=False)  # flat indices of the in-mask voxels
+
+    def _in_mask(self, maps: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, D, H, W]`` -> ``[B, V]`` float32: the in-mask voxels (fast), else the whole grid."""
+        if self.mask.dim() > 1 and tuple(maps.shape[-3:]) != tuple(self.mask.shape):
+            raise LossError(f"recon grid {tuple(maps.shape[-3:])} differs from mask grid {tuple(self.mask.shape)}")
+        flat = maps.float().flatten(1)
+        return flat.index_select(1, self.inside) if self.fast and self.inside is not None else flat
+
+    def _sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-map sum over the in-mask voxels of ``_in_mask`` values, ``[B]``."""
+        return (values if self.fast and self.inside is not None else values * self.mask.flatten()).sum(1)
+
+    def _bce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._sum(F.binary_cross_entropy_with_logits(logits, target, reduction="none"))
+
+    def _entropy(self, x: torch.Tensor) -> torch.Tensor:
+        return self._sum(-(torch.special.xlogy(x, x) + torch.special.xlogy(1.0 - x, 1.0 - x)))
 
     def reconstruction(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Per-map Bernoulli NLL over in-mask voxels, ``[B]``."""
-        if self.mask.dim() > 1 and tuple(logits.shape[-3:]) != tuple(self.mask.shape):
-            raise LossError(f"recon grid {tuple(logits.shape[-3:])} differs from mask grid {tuple(self.mask.shape)}")
-        bce = F.binary_cross_entropy_with_logits(logits.float(), image.float(), reduction="none")
-        return (bce * self.mask).flatten(1).sum(1)
+        return self._bce(self._in_mask(logits), self._in_mask(image))
 
     def floor(self, image: torch.Tensor) -> torch.Tensor:
         """Per-map summed entropy of the soft targets over in-mask voxels (the minimum of ``reconstruction``), ``[B]``."""
-        x = image.float()
-        entropy = -(torch.special.xlogy(x, x) + torch.special.xlogy(1.0 - x, 1.0 - x))
-        return (entropy * self.mask).flatten(1).sum(1)
+        return self._entropy(self._in_mask(image))
 
     @staticmethod
     def kl(mu: torch.Tensor, logvar: torch.Tensor, per_dim: bool = False) -> torch.Tensor:
@@ -134,7 +155,8 @@ class CBVAELoss(nn.Module):
             image, logits, mu, logvar = batch["image"], out["recon"], out["mu"], out["logvar"]
         except KeyError as err:
             raise LossError(f"missing {err} in the network output or batch; see formats.md") from None
-        recon = self.reconstruction(logits, image).mean()
+        voxels = self._in_mask(image)  # gathered once for the three terms that read it
+        recon = self._bce(self._in_mask(logits), voxels).mean()
         kl_dims = self.kl(mu, logvar, per_dim=True).mean(0)
         kl = kl_dims.sum()
         # free bits shape the training objective only; a given beta (validation) gets the plain ELBO
@@ -144,7 +166,7 @@ class CBVAELoss(nn.Module):
         cm, imp, adv, adv_acc = zero, zero, zero, recon.new_full((), float("nan"))
         if out.get("cond_mean") is not None:
             with torch.no_grad():
-                cm = self.reconstruction(out["cond_mean"], image).mean()
+                cm = self._bce(self._in_mask(out["cond_mean"]), voxels).mean()
         if out.get("imp_mu") is not None:
             n_cont = out["imp_mu"].shape[1]
             target = batch["meta"][:, :n_cont].float()
@@ -161,7 +183,7 @@ class CBVAELoss(nn.Module):
         loss = recon + (self.beta if beta is None else float(beta)) * kl_objective + self.imputation_weight * imp
         if adversary:
             loss = loss + self.adversary_weight * adv
-        floor = self.floor(image).mean()
+        floor = self._entropy(voxels).mean()
         return {
             "loss": loss,
             "recon": recon,

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from cbvae_ext.networks.conditioning import ConditionalMean, UnknownTokens, check_groups, drop_conditions
-from cbvae_ext.networks.dense3d import DenseDecoder, DenseEncoder
+from cbvae_ext.networks.dense3d import DenseDecoder, DenseEncoder, set_fast_path
 from cbvae_ext.networks.heads import GradientReversal, ImputationHead, YearAdversary, sample_latent
 
 __all__ = ["ConditionalBetaVAE", "complete_metadata"]
@@ -72,6 +72,8 @@ class ConditionalBetaVAE(nn.Module):
         decoder_cond_input: also feed ``m`` into the decoder's first (linear) layer.
         encoder_groups: names of the groups the encoder sees (None: all).
         condition_dropout: probability of hiding each condition group in training (or per group name).
+        fast_path: run the encoder and decoder on their fast path (``dense3d.set_fast_path``: same
+            parameters and function, fewer passes over the finest grids); False: the plain path.
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class ConditionalBetaVAE(nn.Module):
         decoder_cond_input: bool = False,
         encoder_groups: Sequence[str] | None = None,
         condition_dropout: float | Mapping[str, float] = 0.0,
+        fast_path: bool = True,
     ) -> None:
         super().__init__()
         self.latent_size = latent_size
@@ -159,6 +162,7 @@ class ConditionalBetaVAE(nn.Module):
             if kind == "vector":
                 scale[start:stop] = float(stop - start) ** 0.5
         self.register_buffer("cond_scale", scale, persistent=False)
+        set_fast_path(self, fast_path)
 
     def encode(self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mu, logvar)`` of ``x`` given the observed metadata (of ``encoder_groups``)."""

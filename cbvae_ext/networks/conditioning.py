@@ -160,7 +160,13 @@ class ConditionalMean(nn.Module):
         spatial_shape: output grid ``(D, H, W)``.
         rank: rank of ``U·W`` (ignored when ``cond_dim`` is 0).
         eps: probability clip before the logit.
+
+    Attributes:
+        fast: one ``addmm`` and one ``logit`` pass over the grid (``dense3d.set_fast_path``); False: the
+            plain ``mm``, add, clip, ``log - log1p``.
     """
+
+    fast = True
 
     def __init__(self, cond_dim: int, spatial_shape: Sequence[int], rank: int, eps: float = 1e-4) -> None:
         super().__init__()
@@ -175,6 +181,10 @@ class ConditionalMean(nn.Module):
     def forward(self, m: torch.Tensor | None) -> torch.Tensor:
         n = 1 if m is None else m.shape[0]
         p = self.intercept.expand(n, -1)
+        if self.fast:  # one fused pass each (addmm; logit with its clip): this runs on the grid every step
+            if self.rank and m is not None:
+                p = torch.addmm(self.intercept, m.to(self.weight.dtype) @ self.weight.T, self.basis)
+            return torch.logit(p, self.eps).reshape(n, 1, *self.shape)
         if self.rank and m is not None:
             p = p + (m.to(self.weight.dtype) @ self.weight.T) @ self.basis
         p = p.clamp(self.eps, 1.0 - self.eps)

@@ -8,6 +8,13 @@ to logits on the input grid. No convolution runs at full resolution: 3D convolut
 
 The bottleneck block uses dilations (MONAI ``ConvDenseBlock``) so that every bottleneck voxel sees every
 other one; ``DilatedDenseBlock`` checks this against the grid it runs on.
+
+The fast path (``set_fast_path``, on by default) computes the same function with the same parameters in
+fewer passes over the two finest grids, where a CPU step spends most of its time: the stem's space-to-depth
++ 1x1 conv runs as the equivalent kernel-2 stride-2 conv (no space-to-depth copy); a transition pools before
+its 1x1 conv (both linear, so they commute: the conv runs on an 8x smaller grid); a decoder level without
+dense layers mixes channels before the upsampling (same argument); FiLM is fused into the batch norm
+(``film.norm_film``). ``scripts/bench_train.py --compare`` measures it against the plain path.
 """
 
 from __future__ import annotations
@@ -35,7 +42,20 @@ __all__ = [
     "SpaceToDepth",
     "SpaceToDepthStem",
     "encoder_shapes",
+    "set_fast_path",
 ]
+
+
+def set_fast_path(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch the fast path of every submodule of ``module`` that has one (a ``fast`` attribute: the blocks
+    here, ``FiLMNormAct``, ``ConditionalMean``, ``CBVAELoss``); returns ``module``.
+
+    Both paths share parameters and state dict, so a checkpoint loads into either.
+    """
+    for m in module.modules():
+        if hasattr(m, "fast"):
+            m.fast = bool(enabled)
+    return module
 
 
 def encoder_shapes(spatial_shape: Sequence[int], n_levels: int) -> list[tuple[int, ...]]:
@@ -110,8 +130,9 @@ class SpaceToDepth(nn.Module):
 class SpaceToDepthStem(nn.Module):
     """2x downsampling stem: ``SpaceToDepth``, then 1x1 conv, normalisation, FiLM, activation.
 
-    Equivalent to a kernel-2 stride-2 convolution without a full-resolution convolution (slow to
-    back-propagate on CPU, above all with one input channel); the decoder's pixel-shuffle head mirrors it.
+    Equivalent to a kernel-2 stride-2 convolution, which the fast path runs instead (its 1x1 weight read
+    as the kernel-2 one; the input needs no gradient, so only the weight's is computed); the decoder's
+    pixel-shuffle head mirrors it.
 
     Args:
         spatial_dims: number of spatial dimensions.
@@ -121,6 +142,8 @@ class SpaceToDepthStem(nn.Module):
         norm: MONAI normalisation name/args.
         act: MONAI activation name/args.
     """
+
+    fast = True  # set_fast_path
 
     def __init__(
         self,
@@ -135,9 +158,20 @@ class SpaceToDepthStem(nn.Module):
         self.down = SpaceToDepth(spatial_shape)
         self.conv = FiLMConv(spatial_dims, in_channels * 2**spatial_dims, out_channels, 1, norm=norm, act=act)
         self.channels = out_channels
+        self.in_channels = in_channels
 
     def forward(self, x: torch.Tensor, params: FiLMParams = None) -> torch.Tensor:
-        return self.conv(self.down(x), params)
+        if not self.fast:
+            return self.conv(self.down(x), params)
+        conv = self.conv.conv.conv
+        sd = x.ndim - 2
+        # space-to-depth puts offset (i, j, k) of input channel c into channel c * 8 + 4i + 2j + k: the 1x1
+        # weight [out, c * 8 + 4i + 2j + k] is the kernel-2 weight [out, c, i, j, k]
+        weight = conv.weight.view(conv.out_channels, self.in_channels, *([2] * sd))
+        if any(self.down.pad):
+            x = F.pad(x, self.down.pad)
+        conv_nd = (F.conv1d, F.conv2d, F.conv3d)[sd - 1]
+        return self.conv.post(conv_nd(x, weight, conv.bias, stride=2), params)
 
 
 class FiLMTransition(nn.Module):
@@ -151,6 +185,8 @@ class FiLMTransition(nn.Module):
         act: MONAI activation name/args.
     """
 
+    fast = True  # set_fast_path
+
     def __init__(
         self, spatial_dims: int, in_channels: int, out_channels: int, norm: str | tuple, act: str | tuple
     ) -> None:
@@ -161,7 +197,9 @@ class FiLMTransition(nn.Module):
         self.pool = Pool[Pool.AVG, spatial_dims](kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor, params: FiLMParams = None) -> torch.Tensor:
-        return self.pool(self.conv(self.pre(x, params)))
+        h = self.pre(x, params)
+        # the fast path pools first: a bias-free 1x1 conv commutes with average pooling
+        return self.conv(self.pool(h)) if self.fast else self.pool(self.conv(h))
 
 
 class DilatedDenseBlock(nn.Module):
@@ -301,6 +339,8 @@ class DenseDecoder(nn.Module):
             bottleneck grid itself rather than only rescaling its channels.
     """
 
+    fast = True  # set_fast_path
+
     def __init__(
         self,
         spatial_shape: Sequence[int],
@@ -372,5 +412,11 @@ class DenseDecoder(nn.Module):
         h = self.fc(z).view(-1, self.bottleneck_channels, *self.grid)
         h = self.bottleneck(self.fc_post(h, params[0]), params[1])
         for i, (conv, up, block, mix) in enumerate(zip(self.convs, self.ups, self.blocks, self.mixes, strict=True)):
-            h = mix(block(up(conv(h, params[2 + 2 * i]))), params[3 + 2 * i])
+            h = conv(h, params[2 + 2 * i])
+            if self.fast and len(block) == 0:
+                # no dense layers: the mix's bias-free 1x1 conv commutes with the (linear) upsampling, so it
+                # runs on the 8x smaller grid
+                h = mix.post(up(mix.conv(h)), params[3 + 2 * i])
+            else:
+                h = mix(block(up(h)), params[3 + 2 * i])
         return self.head(h)[(..., *(slice(0, s) for s in self.out_shape))]

@@ -1,0 +1,62 @@
+"""scripts/gpu_check.sh on CPU with its tiny setting: the real benchmark, dataset step, four trainings and evaluation
+(through run_main.sh), every figure and time under one folder; bad options are one error line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import BUNDLE_ENV
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+
+
+def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**BUNDLE_ENV, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_check_on_cpu_writes_every_figure_under_one_folder(
+    tmp_path: Path, tiny_dataset: Path, neurosynth_dir: Path
+) -> None:
+    out = tmp_path / "check"
+    # the session's tiny dataset has the tiny setting's build options: run_main.sh's builder reuses it
+    proc = _run("--tiny", "--no-setup", "--out", str(out), "--data-dir", str(tiny_dataset),
+                "--neurosynth-dir", str(neurosynth_dir))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert "device cpu" in summary and "train step:" in summary and "maps/s" in summary
+    rows = [line.split("\t") for line in (out / "step_times.tsv").read_text().splitlines()[1:]]
+    steps = [r[0] for r in rows]
+    trained = [f"training {n}" for n in ("cbvae", "baseline", "uncond", "nolambda")]
+    assert steps == ["bench_train", "cbvae_ext.data build", *trained, "evaluate eval"]
+    for name, wall, cpu in rows:
+        user, _ = cpu.split()
+        assert int(wall) >= 0 and user.endswith("s") and user != "0m0.000s", (name, cpu)  # a real process ran
+    results = json.loads((out / "main" / "eval" / "test_results.json").read_text())
+    assert set(results["models"]) == {"cbvae", "baseline", "uncond", "nolambda"}  # evaluated together
+    assert results["n_test"] > 0
+    for name in results["models"]:
+        assert (out / "main" / name / "decoder.ts").is_file(), name
+    assert (out / "main" / "DONE").is_file() and not (out / "main" / "data_120").exists()  # the dataset reused
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "error: --epochs must be a positive integer, got '0'"),
+        (["--frobnicate"], "error: unknown option --frobnicate (see --help)"),
+        ([], "error: torch sees no CUDA device here; run on a GPU machine, or add --tiny for the CPU smoke run"),
+    ],
+)
+def test_bad_options_and_a_missing_gpu_are_one_error_line(tmp_path: Path, args: list[str], message: str) -> None:
+    if not args and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the check would run")
+    proc = _run(*args, "--no-setup", "--out", str(tmp_path / "x"), timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [message]
+    assert not (tmp_path / "x").exists()  # nothing written before the checks pass

@@ -60,9 +60,9 @@ N_MITCHELL_PAIRS = 10_000
 class NeuroQueryBaseline:
     """NeuroQuery's ``SmoothedRegression`` from a study's term tf-idf to its map (fitted on training studies).
 
-    The library's own parts, in its order: ``CovarianceSmoothing`` (NMF) of the tf-idf, ``AdaptiveRidge``'s
-    feature penalty (terms whose positive z-map energy stands out are kept), then ``RidgeGCV`` on the kept
-    terms for every voxel. One change for memory and time: the feature penalty (a mean of squared z over
+    The library's own parts, in its order: ``CovarianceSmoothing`` (NMF) of the tf-idf (applied to a query
+    when predicting), ``AdaptiveRidge``'s feature penalty (terms whose positive z-map energy stands out are
+    kept), then ``RidgeGCV`` on the kept terms for every voxel. One change for memory and time: the feature penalty (a mean of squared z over
     voxels) is estimated on a systematic subsample of at most ``max_selection_voxels`` voxels, instead of a
     ``[terms x voxels]`` fit over all of them (1.7 GB and minutes at 4 mm); the final ridge sees every voxel.
 
@@ -87,16 +87,16 @@ class NeuroQueryBaseline:
         x = scipy.sparse.csr_matrix(tfidf, dtype=np.float64).toarray()
         y = np.asarray(maps, np.float64)
         model = SmoothedRegression(n_components=min(self.n_components, len(x)), smoothing_weight=self.smoothing_weight)
+        # as SmoothedRegression.fit: the ridge is fitted on the raw tf-idf, the smoothing applied when predicting
         model.smoothing_ = nmf.CovarianceSmoothing(model.n_components, model.smoothing_weight).fit(x)
-        xs = model.smoothing_.transform(x)
         step = max(1, -(-y.shape[1] // self.max_selection_voxels))
-        adapt = ridge.AdaptiveRidge(alphas=model.alphas).fit(xs, y[:, ::step])
+        adapt = ridge.AdaptiveRidge(alphas=model.alphas).fit(x, y[:, ::step])
         reg = ridge.SelectiveRidge(alphas=model.alphas)
-        reg.original_n_features_ = xs.shape[1]
+        reg.original_n_features_ = x.shape[1]
         reg.selected_features_ = np.flatnonzero(adapt.feat_penalty_ < adapt.feat_penalty_.max())
         reg.feat_penalty_ = adapt.feat_penalty_[reg.selected_features_]
         # SelectiveRidge.fit minus its all-voxel AdaptiveRidge: the GCV ridge on the kept terms
-        ridge.RidgeGCV.fit(reg, xs[:, reg.selected_features_], y)
+        ridge.RidgeGCV.fit(reg, x[:, reg.selected_features_], y)
         model.regression_ = reg
         self.model = model
         return self

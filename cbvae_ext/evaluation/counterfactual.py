@@ -60,8 +60,13 @@ def counterfactual_section(data: EvalData) -> Section:
     present = sorted(counts)
     # the study's own category mean leaves it out, so that category needs another test map
     sources = [c for c in present if counts[c] >= 2]
-    if len(present) < 2 or not sources:
+    if len(present) < 2:
         return Section("counterfactual", {"absent": "fewer than two task categories in the test split"})
+    if not sources:
+        return Section(
+            "counterfactual",
+            {"absent": "no task category has two test maps (a study is left out of its own category's held-out mean)"},
+        )
     cap = data.opts.get("n_counterfactual")
     rng = data.rng(23)
     sums = {c: te.maps[te.categories == c].sum(axis=0, dtype=np.float64) for c in present}

@@ -4,6 +4,7 @@ NeuroStore n-back / flanker studyset as out-of-distribution maps."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO_ROOT, full_data_available
 
 from cbvae_ext.evaluation import (
     PAIRED_CRITERIA,
@@ -58,11 +60,31 @@ def ood_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def results(repo_root, tiny_dataset, tiny_runs, ood_dataset, tmp_path_factory) -> tuple[dict, Path]:
+def terms_dataset(tiny_dataset, tmp_path_factory) -> Path:
+    """The tiny dataset with NeuroQuery's text (terms.npz) added, as ``build --terms`` writes it (same maps,
+    same manifest.json, so runs trained on the tiny dataset evaluate on it)."""
+    from cbvae_ext.data.neuroquery import TERMS_FILE, build_terms, save_terms
+
+    nq = (
+        REPO_ROOT.parent / "shared/data/neuroquery"
+        if full_data_available()
+        else Path(__file__).parent / "data/neuroquery"
+    )
+    out = tmp_path_factory.mktemp("terms") / "tiny_terms"
+    shutil.copytree(tiny_dataset, out, copy_function=os.link)
+    meta = pd.read_parquet(out / "metadata.parquet")
+    terms, _ = build_terms(nq, list(meta["id"]), (meta["split"] == "train").to_numpy())
+    save_terms(out / TERMS_FILE, terms)
+    assert 10 <= terms.observed[(meta["split"] == "train").to_numpy()].sum() and terms.observed.sum() < len(meta)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(repo_root, terms_dataset, tiny_runs, ood_dataset, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("eval")
     proc = _evaluate(
         repo_root,
-        tiny_dataset,
+        terms_dataset,
         out,
         "--run_dir",
         str(tiny_runs["cbvae"]),
@@ -169,6 +191,51 @@ def test_criteria_recompute_from_the_per_map_table(results):
     assert len(prov["runs"]["baseline"]["checkpoint_sha256"]) == 64 and prov["packages"]["torch"]
 
 
+def test_neuroquery_baseline_and_the_fields_protocols(results, terms_dataset):
+    from cbvae_ext.data.neuroquery import load_terms
+
+    res, out = results
+    table = pd.read_parquet(out / "per_map_test.parquet")
+    meta = pd.read_parquet(terms_dataset / "metadata.parquet").set_index("id")
+    terms = load_terms(terms_dataset)
+    has_text = terms.observed[meta.index.get_indexer(table["id"])]
+    nq = res["neuroquery"]
+    assert nq["n_test_with_text"] == has_text.sum() and nq["n_test_without_text"] == (~has_text).sum()
+    assert nq["n_fit_maps"] == terms.observed[(meta["split"] == "train").to_numpy()].sum()
+    assert 0 < nq["n_selected_terms"] <= len(terms.vocabulary)
+    for metric in ("pearson_r", "peak_auc"):
+        values = table[f"neuroquery/{metric}"].to_numpy()
+        assert np.isfinite(values[has_text]).all() and np.isnan(values[~has_text]).all()  # text only, never invented
+        _check_summary(nq[metric], -1.0, 1.0)
+        # the criterion is paired on the studies with text, recomputable from the table
+        crit = res["criteria"][
+            {"pearson_r": "cond_only_r_above_neuroquery", "peak_auc": "peak_auc_above_neuroquery"}[metric]
+        ]
+        assert crit["n"] == has_text.sum() and crit["passed"] == (crit["ci95"][0] > 0)
+        assert crit["mean_diff"] == pytest.approx(
+            np.mean(table[f"cbvae/cond/{metric}"].to_numpy()[has_text] - values[has_text])
+        )
+    proto = res["protocols"]
+    # trivial answers first: the training mean map is the log-likelihood's zero and Mitchell's chance
+    assert proto["peak_loglik"]["mean_map"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert proto["mitchell"]["mean_map"]["accuracy"] == 0.5
+    for name in ("cbvae/cond", "neuroquery", "category_mean", "topic_ridge"):
+        assert 0.0 <= proto["mitchell"][name]["accuracy"] <= 1.0
+        assert np.isfinite(proto["peak_loglik"][name]["mean"])
+        assert f"{name}/mitchell" in table and f"{name}/peak_loglik" in table
+    assert proto["mitchell"]["neuroquery"]["n_maps"] == has_text.sum()
+    paired = proto["mitchell"]["model_vs_neuroquery_on_studies_with_text"]
+    assert paired["n"] == has_text.sum() and paired["neuroquery_accuracy"] == pytest.approx(paired["mean_b"])
+    title = res["title_only"]
+    assert title["n_with_title"] == res["n_test"] and title["neuroquery"]["n_titles_with_a_term"] > 0
+    assert title["cbvae"]["n_titles_matched"] > 0
+    for prefix in ("neuroquery/title", "cbvae/title"):
+        assert np.isfinite(table[f"{prefix}/peak_auc"]).all()
+    assert "passed" in title["model_vs_neuroquery"]["peak_auc"]
+    # the tiny test split has one map per category: no held-out mean to switch to, said so
+    assert "absent" in res["counterfactual"] or res["counterfactual"]["n_studies"] > 0
+
+
 def test_markdown_report_of_the_results(results):
     res, _ = results
     text = markdown_report(res)
@@ -206,13 +273,29 @@ def test_mean_map_baseline_matches_a_direct_computation(results, tiny_dataset):
 
 
 def test_missing_baseline_is_reported_absent(tiny_dataset, tiny_runs, tmp_path):
-    res = Evaluation(tiny_dataset, tiny_runs["cbvae"], tmp_path, **SMALL).run()
+    # another run's results in the folder; Neurosynth maps as "OOD" have no sample size anywhere, so the
+    # imputation's reference median is NaN: it used to fail json.dumps after the whole run, beside a new table
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "test_results.json").write_text('{"run": "old"}')
+    (out / "per_map_ood.parquet").write_bytes(b"old")
+    res = Evaluation(tiny_dataset, tiny_runs["cbvae"], out, ood_dataset_dir=tiny_dataset, **SMALL).run()
     assert res["models"]["baseline"] == {"absent": "no --baseline_run_dir given"}
     crit = res["criteria"]["baseline_iwae_above_mean_map"]
     assert crit["passed"] is None and crit["reason"] == "no --baseline_run_dir given"
     assert res["criteria"]["r_above_pca"]["passed"] is not None
-    assert res["ood"]["absent"].startswith("no --ood_dataset_dir given")
-    assert json.loads((tmp_path / "test_results.json").read_text())["n_test"] == res["n_test"]
+    written = json.loads((out / "test_results.json").read_text())
+    assert written["n_test"] == res["n_test"]
+    assert written["ood"]["sample_size_imputation"]["median_value"] is None  # NaN as JSON null
+    assert len(pd.read_parquet(out / "per_map_ood.parquet")) == written["ood"]["n_maps"]  # the new run's table
+    # no terms.npz: NeuroQuery and everything it feeds reported absent, never an error
+    assert res["neuroquery"]["absent"].startswith("the dataset has no terms.npz")
+    for name in ("peak_auc_above_neuroquery", "cond_only_r_above_neuroquery"):
+        assert res["criteria"][name]["passed"] is None
+        assert res["criteria"][name]["reason"].startswith("the dataset has no terms.npz")
+    assert "neuroquery" not in res["protocols"]["mitchell"] and res["title_only"]["neuroquery"]["absent"]
+    assert res["protocols"]["mitchell"]["cbvae/cond"]["n_maps"] == res["n_test"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no partial folder left
 
 
 def test_runs_that_do_not_belong_together(tiny_dataset, tiny_runs, tmp_path):

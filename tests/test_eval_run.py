@@ -138,3 +138,56 @@ def test_output_dir_on_a_file_is_a_one_line_error(tmp_path, capsys):
 
 def test_evaluation_error_is_a_cbvae_error():
     assert issubclass(EvaluationError, CbvaeError) and issubclass(EvaluationError, ValueError)
+
+
+def test_a_device_this_evaluation_cannot_use_is_one_line(tmp_path, capsys):
+    for device, message in (
+        ("tpu", "--device 'tpu' is not a device this evaluation runs on; give cpu or cuda"),
+        ("meta", "--device 'meta' is not supported; give cpu or cuda"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            Evaluation(tmp_path / "data", tmp_path / "run", tmp_path / "eval", device=device).run_cli()
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_folder_holding_other_files_is_not_replaced(tmp_path, capsys):
+    target = tmp_path / "run_folder"
+    target.mkdir()
+    (target / "model.pt").write_bytes(b"weights")
+    with pytest.raises(SystemExit):
+        Evaluation(tmp_path / "data", tmp_path / "run", target).run_cli()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds 'model.pt', not an evaluation's file" in err[0]
+    assert (target / "model.pt").read_bytes() == b"weights"
+
+
+def test_the_folder_is_written_as_a_set(tmp_path):
+    from cbvae_ext.evaluation.run import _folder_set
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "test_results.json").write_text('{"run": "old"}')
+    (out / "per_map_test.parquet").write_bytes(b"old table")
+    with pytest.raises(RuntimeError, match="late failure"), _folder_set(out) as tmp:
+        (tmp / "per_map_test.parquet").write_bytes(b"new table")
+        raise RuntimeError("late failure")
+    # a failed run leaves the other run's folder whole and no partial folder behind
+    assert (out / "per_map_test.parquet").read_bytes() == b"old table"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+    with _folder_set(out) as tmp:
+        (tmp / "test_results.json").write_text('{"run": "new"}')
+    assert [p.name for p in out.iterdir()] == ["test_results.json"]  # the old table went with its run
+    assert json.loads((out / "test_results.json").read_text()) == {"run": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+    (tmp_path / "plain").mkdir()
+    assert (out.stat().st_mode & 0o777) == ((tmp_path / "plain").stat().st_mode & 0o777)  # not mkdtemp's 0700
+
+
+def test_json_safe_makes_nan_and_infinity_null():
+    from cbvae_ext.evaluation.run import json_safe
+
+    value = {"rho": float("nan"), "x": np.float32(np.inf), "a": np.array([1.0, np.nan]), "n": np.int64(3), "s": "ok"}
+    text = json.dumps(json_safe(value), allow_nan=False)
+    assert json.loads(text) == {"rho": None, "x": None, "a": [1.0, None], "n": 3, "s": "ok"}

@@ -32,9 +32,16 @@ from cbvae_ext.evaluation.run import (
     Evaluation,
     EvaluationError,
     LoadedRun,
+    json_safe,
     load_run,
 )
 from cbvae_ext.evaluation.stats import balanced_accuracy_terms, bootstrap_summary, paired_bootstrap
+from cbvae_ext.evaluation.text_protocols import (
+    NeuroQueryBaseline,
+    mitchell_scores,
+    peak_log_likelihood,
+    title_tfidf,
+)
 
 __all__ = [
     "PAIRED_CRITERIA",
@@ -47,6 +54,7 @@ __all__ = [
     "EvaluationError",
     "LoadedRun",
     "MeanMapBaseline",
+    "NeuroQueryBaseline",
     "PCABaseline",
     "TopicRidgeBaseline",
     "adversary_balanced_accuracy",
@@ -63,16 +71,20 @@ __all__ = [
     "importance_weighted_bound",
     "imputation_scores",
     "latent_free_nll",
+    "json_safe",
     "load_run",
     "make_probes",
     "masked_vectors",
+    "mitchell_scores",
     "nearest_train_r",
     "paired_bootstrap",
     "pearson_r",
     "peak_auc",
+    "peak_log_likelihood",
     "probe_with_null",
     "score_maps",
     "ssim_masked",
+    "title_tfidf",
     "to_volumes",
     "topk_dice",
     "year_probes",

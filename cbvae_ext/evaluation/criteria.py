@@ -2,8 +2,8 @@
 
 A paired criterion compares two columns of the per-map table on the same maps (``stats.paired_bootstrap``)
 and passes only when the 95% CI of the mean difference lies on the claimed side of 0 (or of ``-margin``).
-A criterion whose columns are absent (a run or the topic weights not given) is ``passed: null`` with the
-reason. Anyone can recompute every criterion from ``per_map_test.parquet``.
+A criterion whose columns are absent (a run, the topic weights or the dataset's NeuroQuery text not given) is
+``passed: null`` with the reason. Anyone can recompute every criterion from ``per_map_test.parquet``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cbvae_ext.evaluation.columns import MODEL_COND, NEUROQUERY, PEAK_AUC, PEARSON_R, column
 from cbvae_ext.evaluation.stats import paired_bootstrap
 
 __all__ = ["PAIRED_CRITERIA", "PairedRule", "count_criterion", "evaluate_criteria", "threshold_criterion"]
@@ -103,6 +104,21 @@ def _rules(latent_size: int) -> tuple[PairedRule, ...]:
             "category_mean/peak_auc",
             "greater",
             "NeuroQuery protocol: conditional map ranks the study's peak voxels higher (AUC) than the category mean",
+        ),
+        PairedRule(
+            "peak_auc_above_neuroquery",
+            column(MODEL_COND, PEAK_AUC),
+            column(NEUROQUERY, PEAK_AUC),
+            "greater",
+            "conditional-only map peak AUC > NeuroQuery's (fitted on the training studies with text), paired on the "
+            "test studies with text",
+        ),
+        PairedRule(
+            "cond_only_r_above_neuroquery",
+            column(MODEL_COND, PEARSON_R),
+            column(NEUROQUERY, PEARSON_R),
+            "greater",
+            "conditional-only map r > NeuroQuery's, paired on the test studies with text",
         ),
         PairedRule(
             "all_hidden_within_0.03",

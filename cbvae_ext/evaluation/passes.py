@@ -161,13 +161,13 @@ def score_network(
     Returns:
         ``columns``: per-map arrays keyed ``recon/<metric>``, ``cond/<metric>``, ``hidden_<group>/<metric>``,
         ``loglik_iwae``, ``loglik_elbo``, ``log_px_z`` (NaN beyond ``iwae_rows``); ``mu``, ``imp_mu`` (raw units per
-        continuous field, or None), ``year_logits`` (or None), ``cond_source`` and ``examples`` (the first
+        continuous field, or None), ``year_logits`` (or None), ``cond_source``, ``cond_maps`` (the conditional-only maps ``[N, V]``, or None) and ``examples`` (the first
         ``n_examples`` reconstructions as ``[n, V]``) and ``seconds`` (total, and spent on the bound, the
         conditional maps and the hidden-condition passes).
     """
     inside = torch.as_tensor(np.flatnonzero(np.asarray(mask).ravel()), device=device)
     cols: dict[str, list[np.ndarray]] = {}
-    mus, imps, years, examples = [], [], [], []
+    mus, imps, years, examples, cond_maps = [], [], [], [], []
     cond_source = None
     seconds = dict.fromkeys(("total", "iwae", "conditional", "hidden"), 0.0)
     started = time.perf_counter()
@@ -223,7 +223,8 @@ def score_network(
         tic = time.perf_counter()
         if options.conditional:
             probs, cond_source = conditional_mean_probs(model, m0, options.n_prior_samples, generator)
-            add_scores("cond", masked_vectors(probs.cpu().numpy(), mask), target, peaks_b, False)
+            cond_maps.append(masked_vectors(probs.cpu().numpy(), mask))
+            add_scores("cond", cond_maps[-1], target, peaks_b, False)
         seconds["conditional"] += time.perf_counter() - tic
         tic = time.perf_counter()
         if options.hidden:
@@ -244,6 +245,7 @@ def score_network(
         "imp_mu": np.concatenate(imps) if imps else None,
         "year_logits": np.concatenate(years) if years else None,
         "cond_source": cond_source,
+        "cond_maps": np.concatenate(cond_maps) if cond_maps else None,
         "examples": np.concatenate(examples) if examples else np.zeros((0, data.maps.shape[1]), np.float32),
     }
 

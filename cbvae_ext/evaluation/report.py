@@ -163,6 +163,8 @@ def markdown_report(res: Mapping[str, Any]) -> str:
                 f"Topic identification: {topics['model']['n_correct']} of {topics['model']['n_groups']} dominant topics."
             )
 
+    out.extend(_protocol_report(res))
+
     deb = res.get("debiasing", {})
     rows = []
     for name, probes in deb.get("probes", {}).items():
@@ -226,6 +228,59 @@ def markdown_report(res: Mapping[str, Any]) -> str:
             f"MAE {_num(imp.get('mae'))} vs {_num(imp.get('median_mae'))} ({imp.get('reference')})."
         )
     return "\n\n".join(out) + "\n"
+
+
+def _protocol_report(res: Mapping[str, Any]) -> list[str]:
+    """NeuroQuery beside the model and the baselines under the field's protocols, title-only, counterfactuals."""
+    proto = res.get("protocols")
+    if proto is None:  # results written before these sections
+        return []
+    base, nq = res["baselines"], res.get("neuroquery", {})
+    cond = res["models"].get("cbvae", {}).get("conditional_only", {})
+    scores = {
+        "cbvae/cond": ("C-β-VAE conditional-only", cond),
+        "neuroquery": (f"NeuroQuery ({nq.get('n_test_with_text', 0)} test studies with text)", nq),
+        "category_mean": ("category mean map", base.get("category_mean", {})),
+        "topic_ridge": ("LDA50 topic ridge", base.get("topic_ridge", {})),
+        "mean_map": ("training mean map", base.get("mean_map", {})),
+    }
+    rows = []
+    for key, (label, s) in scores.items():
+        if "absent" in s or not s:
+            continue
+        mitchell = proto["mitchell"].get(key)
+        rows.append(
+            [
+                label,
+                _ci(s.get("pearson_r")),
+                _ci(s.get("peak_auc")),
+                _ci(proto["peak_loglik"].get(key), 2),
+                "—" if mitchell is None else f"{mitchell['accuracy']:.3f} ({mitchell['n_pairs']} pairs)",
+            ]
+        )
+    out = [_table(["predictor (test split)", "Pearson r", "peak AUC", "peak log-lik. vs mean", "Mitchell"], rows)]
+    if "absent" in nq:
+        out.append(f"NeuroQuery: absent ({nq['absent']}).")
+    title = res.get("title_only", {})
+    parts = [
+        f"{name} r {_ci(title[name].get('pearson_r'))}, peak AUC {_ci(title[name].get('peak_auc'))}"
+        for name in ("cbvae", "neuroquery")
+        if name in title and "absent" not in title[name]
+    ]
+    if parts:
+        out.append(f"Title only ({title['n_with_title']} titles): " + "; ".join(parts) + ".")
+    cf = res.get("counterfactual", {})
+    if "absent" in cf:
+        out.append(f"Counterfactual direction: absent ({cf['absent']}).")
+    elif cf:
+        g, c = cf["generated"], cf["conditional_mean"]
+        out.append(
+            f"Counterfactual direction ({cf['n_studies']} held-out studies, {cf['n_changes']} task switches): "
+            f"generated change vs the held-out mean difference median r {_num(g['median_r'])}, size ratio "
+            f"{_num(g['median_size_ratio'])}; conditional mean's change median r {_num(c['median_r'])}, size ratio "
+            f"{_num(c['median_size_ratio'])}."
+        )
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

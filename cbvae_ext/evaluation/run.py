@@ -10,12 +10,16 @@ selection during training only), fits the non-neural baselines on the training s
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -37,12 +41,14 @@ from cbvae_ext.evaluation.baselines import (
     TopicRidgeBaseline,
     equivalent_dimension,
 )
+from cbvae_ext.evaluation.columns import CATEGORY_MEAN, MEAN_MAP, MODEL_COND, NEUROQUERY, TOPIC_RIDGE
 from cbvae_ext.evaluation.conditional import (
     ConditionGroup,
     condition_groups,
     conditional_mean_probs,
     identification,
 )
+from cbvae_ext.evaluation.counterfactual import counterfactual_section
 from cbvae_ext.evaluation.criteria import count_criterion, evaluate_criteria, threshold_criterion
 from cbvae_ext.evaluation.duplicates import duplicate_report
 from cbvae_ext.evaluation.figures import (
@@ -66,7 +72,9 @@ from cbvae_ext.evaluation.passes import (
     score_network,
 )
 from cbvae_ext.evaluation.probes import adversary_balanced_accuracy, year_probes, year_r2
+from cbvae_ext.evaluation.section import EvalData, Section, SectionFn
 from cbvae_ext.evaluation.stats import balanced_accuracy_terms, bootstrap_summary, paired_bootstrap
+from cbvae_ext.evaluation.text_protocols import neuroquery_section, protocols_section, title_section
 from cbvae_ext.run_folder import EVALUATION_FILES, RunFolder, trained_on_checksum
 from cbvae_ext.schema import CONTINUOUS_FIELDS, MetadataSchema, SchemaError
 
@@ -77,6 +85,7 @@ __all__ = [
     "Evaluation",
     "EvaluationError",
     "LoadedRun",
+    "json_safe",
     "load_run",
 ]
 
@@ -183,6 +192,82 @@ def _spread(values: np.ndarray) -> list[float] | None:
     return [float(v) for v in np.quantile(values, [0.05, 0.95])] if values.size else None
 
 
+def _check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this machine has, or a one-line ``EvaluationError``."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise EvaluationError(
+            f"--device {device!r} is not a device this evaluation runs on; give cpu or cuda"
+        ) from None
+    if dev.type not in ("cpu", "cuda"):
+        raise EvaluationError(f"--device {device!r} is not supported; give cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {device!r}: no CUDA device on this machine; give --device cpu")
+    return dev
+
+
+#: Files an evaluation writes; a folder holding anything else is not replaced.
+_OUTPUT_SUFFIXES = (".json", ".parquet", ".png")
+
+
+def _check_output_dir(out_dir: Path) -> None:
+    """Refuse a file, or a folder holding anything an evaluation does not write (it is replaced on success)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvaluationError(f"--output_dir {out_dir} is a file; give a folder (it is created if missing)")
+    if out_dir.is_dir():
+        foreign = [p.name for p in out_dir.iterdir() if p.is_dir() or p.suffix not in _OUTPUT_SUFFIXES]
+        if foreign:
+            raise EvaluationError(
+                f"--output_dir {out_dir} holds {foreign[0]!r}, not an evaluation's file; give a new or an evaluation "
+                "folder (it is replaced when the evaluation succeeds)"
+            )
+
+
+@contextlib.contextmanager
+def _folder_set(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out_dir`` to write into, renamed to ``out_dir`` when the block succeeds.
+
+    An existing ``out_dir`` is moved aside and removed only after the rename; on failure the temporary
+    folder is removed and ``out_dir`` is untouched.
+    """
+    out_dir = out_dir.absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the results folder is an ordinary one
+    try:
+        yield tmp
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with numpy scalars and arrays as Python values and every NaN or infinity as None (JSON null)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
 class Evaluation:
     """Score a trained C-β-VAE, its twins and the baseline VAE on the test split, with paired statistics.
 
@@ -206,6 +291,7 @@ class Evaluation:
         n_examples: held-out studies shown in ``recon_examples.png``.
         max_train_maps: cap on training maps (seeded subsample) used to fit PCA, the mean maps, the ridge,
             the probes and the duplicate search; None = all.
+        n_counterfactual: held-out studies per category whose task is switched (seeded); None = all.
         seed: seed of every resampling, permutation and latent sample.
         num_workers: kept for config compatibility (maps are read in the main process).
     """
@@ -229,6 +315,7 @@ class Evaluation:
         n_prior_samples: int = 32,
         n_examples: int = 3,
         max_train_maps: int | None = None,
+        n_counterfactual: int | None = 20,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -242,6 +329,7 @@ class Evaluation:
         }
         self.ood_dataset_dir = ood_dataset_dir
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.n_counterfactual = n_counterfactual
         self.options = {
             "batch_size": batch_size,
             "n_bootstrap": n_bootstrap,
@@ -252,6 +340,7 @@ class Evaluation:
             "n_prior_samples": n_prior_samples,
             "n_examples": n_examples,
             "max_train_maps": max_train_maps,
+            "n_counterfactual": n_counterfactual,
             "seed": seed,
         }
         self.num_workers = num_workers
@@ -277,12 +366,13 @@ class Evaluation:
             "n_prior_samples": 1,
             "n_examples": 0,
             "max_train_maps": 2,
+            "n_counterfactual": 1,
             "seed": 0,
         }
         out: dict[str, Any] = {}
         for key, low in minimum.items():
             value = self.options[key]
-            if value is None and key in ("iwae_max_maps", "max_train_maps"):
+            if value is None and key in ("iwae_max_maps", "max_train_maps", "n_counterfactual"):
                 out[key] = None
                 continue
             try:
@@ -298,16 +388,20 @@ class Evaluation:
     def run(self) -> dict[str, Any]:
         """Evaluate and write ``test_results.json``, ``per_map_test.parquet`` and the figures; returns the results.
 
+        The folder is written as a set: everything goes to a temporary sibling folder, renamed to
+        ``output_dir`` at the end; an existing evaluation folder is replaced only then, so a failed run
+        leaves the previous results whole and never mixes files of two runs.
+
         Raises:
             EvaluationError: bad options, missing arguments, or runs that do not match the dataset or each other.
         """
         started = time.time()
         opts = self._check_options()
+        self.device = _check_device(self.device)
         if self.dataset_dir is None or self.output_dir is None:
             raise EvaluationError("--dataset_dir and --output_dir are required")
         out_dir = Path(self.output_dir)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise EvaluationError(f"--output_dir {out_dir} is a file; give a folder (it is created if missing)")
+        _check_output_dir(out_dir)
         if self.run_dirs["cbvae"] is None and self.run_dirs["baseline"] is None:
             raise EvaluationError("give --run_dir (C-β-VAE run) and/or --baseline_run_dir (baseline VAE run)")
         from cbvae_ext.data import load_dataset_info  # the loader pulls in NiMARE: import on use
@@ -322,7 +416,6 @@ class Evaluation:
             train_rows = np.sort(rng.choice(train_rows, opts["max_train_maps"], replace=False))
         if len(train_rows) == 0 or len(test_rows) == 0:
             raise EvaluationError(f"{self.dataset_dir}: the train and test splits must both hold maps")
-        out_dir.mkdir(parents=True, exist_ok=True)
         train, test = load_split(info, train_rows), load_split(info, test_rows)
         peaks, peak_source = peak_indicator(info, test.maps)
         ctx = _Context(self, opts, info, schema, mask, runs, train, test, peaks, latent_size)
@@ -342,6 +435,10 @@ class Evaluation:
         for name, step in (
             ("baselines", ctx.baselines),
             ("models", ctx.models),
+            ("neuroquery", ctx.section(neuroquery_section)),
+            ("protocols", ctx.section(protocols_section)),
+            ("title_only", ctx.section(title_section)),
+            ("counterfactual", ctx.section(counterfactual_section)),
             ("conditional_maps", ctx.conditional_maps),
             ("debiasing", ctx.debiasing),
             ("missing_conditions", ctx.missing_conditions),
@@ -356,19 +453,17 @@ class Evaluation:
             step(results)
             timings[name] = round(time.perf_counter() - tic, 2)
         results["metric_definitions"] = _definitions(opts)
-        table = pd.DataFrame(ctx.columns)
-        table.to_parquet(out_dir / "per_map_test.parquet", index=False)
-        tables = ["per_map_test.parquet"]
-        if ctx.ood_columns:
-            pd.DataFrame(ctx.ood_columns).to_parquet(out_dir / "per_map_ood.parquet", index=False)
-            tables.append("per_map_ood.parquet")
-        results["per_map_tables"] = tables
-        results["figures"] = ctx.figures(out_dir, results)
-        results["provenance"] = {**self._provenance(runs, opts, started), "section_seconds": timings}
-        path = out_dir / "test_results.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2, allow_nan=False, default=_json_default))
-        tmp.replace(path)  # never a half-written results file
+        with _folder_set(out_dir) as tmp_dir:
+            pd.DataFrame(ctx.columns).to_parquet(tmp_dir / "per_map_test.parquet", index=False)
+            tables = ["per_map_test.parquet"]
+            if ctx.ood_columns:
+                pd.DataFrame(ctx.ood_columns).to_parquet(tmp_dir / "per_map_ood.parquet", index=False)
+                tables.append("per_map_ood.parquet")
+            results["per_map_tables"] = tables
+            results["figures"] = ctx.figures(tmp_dir, results)
+            results["provenance"] = {**self._provenance(runs, opts, started), "section_seconds": timings}
+            results = json_safe(results)
+            (tmp_dir / "test_results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
         return results
 
     def _load_runs(self, info: Any, schema: MetadataSchema, mask: np.ndarray) -> dict[str, LoadedRun]:
@@ -494,6 +589,24 @@ class _Context:
         self.ood_columns: dict[str, Any] = {}
         self.scores: dict[str, dict[str, Any]] = {}
         self.figure_data: dict[str, Any] = {}
+        # the sections written as functions (section.py) read this; ``cache["predictions"]``: per predictor
+        # (columns.PROTOCOL_PREDICTORS) its [N_test, V] test maps, NaN rows where it predicts nothing
+        self.data = EvalData(opts, info, schema, mask, runs, train, test, peaks, latent_size, ev.device)
+        self.data.cache.update(predictions={}, columns=self.columns)
+
+    def section(self, fn: SectionFn) -> Callable[[dict[str, Any]], None]:
+        """A ``section(data) -> Section`` as a workflow step: its results under its name, its columns joined."""
+
+        def step(results: dict[str, Any]) -> None:
+            sec: Section = fn(self.data)
+            if sec.top_level:
+                results.update(sec.results)
+            else:
+                results[sec.name] = sec.results
+            self.columns.update({k: np.asarray(v, dtype=np.float64) for k, v in sec.columns.items()})
+            self.figure_data.update(sec.figure_data)
+
+        return step
 
     # ----- helpers ------------------------------------------------------------------------
     def summary(self, values: np.ndarray) -> dict[str, Any]:
@@ -560,6 +673,9 @@ class _Context:
         category = CategoryMeanBaseline().fit(tr.maps, tr.categories)
         self.category_baseline = category
         predictions["category_mean"] = category.predict(te.categories)
+        self.data.cache["predictions"].update(
+            {MEAN_MAP: predictions["mean_map"], CATEGORY_MEAN: predictions["category_mean"]}
+        )
         for name, pred in predictions.items():
             scores = score_maps(pred, te.maps, mask, ssim=name == "mean_map")
             if self.peaks is not None:
@@ -582,6 +698,7 @@ class _Context:
             return {"absent": "too few training or test maps with topic weights"}
         ridge = TopicRidgeBaseline(seed=self.opts["seed"]).fit(x_tr[obs_tr], self.train.maps[obs_tr])
         pred = ridge.predict(x_te)
+        self.data.cache["predictions"][TOPIC_RIDGE] = np.where(obs_te[:, None], pred, np.nan).astype(np.float32)
         scores = score_maps(pred, self.test.maps, self.mask)
         if self.peaks is not None:
             scores["peak_auc"] = peak_auc(pred, self.peaks)
@@ -620,6 +737,8 @@ class _Context:
                 )
             self.scores[role] = sc
             self.add(role, sc["columns"])
+            if role == "cbvae":
+                self._cache_model(run, sc)
             res: dict[str, Any] = {
                 "label": spec.label,
                 "run_dir": str(run.run_dir),
@@ -642,6 +761,44 @@ class _Context:
             res["per_category_r"] = _per_category(sc["columns"]["recon/pearson_r"], self.test.categories, self.schema)
             out[role] = res
         results["models"] = out
+
+    def _cache_model(self, run: LoadedRun, sc: dict[str, Any]) -> None:
+        """What the function sections need of the C-β-VAE: its conditional maps, μ, and the title rule."""
+        cache = self.data.cache
+        cache["predictions"][MODEL_COND] = sc["cond_maps"]
+        task = self.group("task")
+        cache["counterfactual"] = {
+            "model": run.model,
+            "mu": sc["mu"],
+            "imputed_defaults": _imputed_defaults(run, self.schema.n_continuous),
+            "task": task,
+        }
+        topics = self.group("topics")
+        if topics is None or not self.schema.topic_keys:
+            return
+        from cbvae_ext.app.words import TopicVocabulary  # the app's own words -> topics rule
+
+        vocabulary = TopicVocabulary(self.schema.topic_keys, self.schema.topic_names)
+
+        def title_maps(titles: list[str | None]) -> tuple[np.ndarray, int]:
+            matches = [vocabulary.match(t or "") for t in titles]
+            meta = np.zeros((len(titles), self.schema.meta_dim), np.float32)
+            meta_mask = np.zeros((len(titles), self.schema.mask_dim), np.float32)
+            hit = np.array([not m.empty for m in matches])
+            if hit.any():
+                meta[hit, topics.meta_slice] = np.stack([m.weights for m in matches if not m.empty])
+            meta_mask[hit, topics.mask_index] = 1.0  # no matched word: every condition missing
+            maps = np.concatenate(
+                [
+                    self._conditional_mean(run, meta[sl], meta_mask[sl])[0]
+                    for sl in (
+                        slice(s, s + self.opts["batch_size"]) for s in range(0, len(titles), self.opts["batch_size"])
+                    )
+                ]
+            )
+            return maps, int(hit.sum())
+
+        cache["title_model"] = title_maps
 
     def _imputation(self, imp_mu: np.ndarray | None) -> dict[str, Any]:
         if imp_mu is None:
@@ -944,8 +1101,11 @@ class _Context:
     def criteria(self, results: dict[str, Any]) -> dict[str, Any]:
         absent = {role: f"no --{spec.key} given" for role, spec in ROLES.items() if role not in self.runs}
         absent["topic_ridge"] = results["baselines"]["topic_ridge"].get("absent", "")
+        if "absent" in results["neuroquery"]:
+            absent[NEUROQUERY] = results["neuroquery"]["absent"]
         if self.peaks is None:
-            absent["cbvae/cond/peak_auc"] = absent["category_mean/peak_auc"] = "peak voxels unknown for this kernel"
+            for name in (MODEL_COND, CATEGORY_MEAN, NEUROQUERY):
+                absent[f"{name}/peak_auc"] = "peak voxels unknown for this kernel"
         table = pd.DataFrame({k: v for k, v in self.columns.items() if k not in ("id", "category")})
         crit = evaluate_criteria(table, self.latent_size, self.opts["n_bootstrap"], self.opts["seed"], absent)
         n_bins = self.schema.n_year_bins or 10
@@ -1030,13 +1190,3 @@ def _per_category(values: np.ndarray, categories: np.ndarray, schema: MetadataSc
         label = names[int(c)] if c >= 0 else "(missing)"
         out[label] = {"mean": float(values[sel].mean()) if sel.any() else None, "n": int(sel.sum())}
     return out
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,47 @@
+"""Names of the per-map test table's columns written by the text baseline and the field's protocols.
+
+A column is ``<predictor>/<metric>``; the sections that write these columns and ``criteria.py`` that reads
+them both take the names from here, so a rename is one edit.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CATEGORY_MEAN",
+    "COUNTERFACTUAL",
+    "MEAN_MAP",
+    "MITCHELL",
+    "MODEL_COND",
+    "NEUROQUERY",
+    "PEAK_AUC",
+    "PEAK_LOGLIK",
+    "PEARSON_R",
+    "PROTOCOL_PREDICTORS",
+    "TITLE",
+    "TOPIC_RIDGE",
+    "column",
+]
+
+#: Predictors (column prefixes).
+MODEL_COND = "cbvae/cond"  # the C-β-VAE's conditional-only map
+CATEGORY_MEAN = "category_mean"
+MEAN_MAP = "mean_map"
+TOPIC_RIDGE = "topic_ridge"
+NEUROQUERY = "neuroquery"
+#: Every predictor the protocols score, in report order.
+PROTOCOL_PREDICTORS = (MODEL_COND, NEUROQUERY, CATEGORY_MEAN, TOPIC_RIDGE, MEAN_MAP)
+
+#: Metrics (column suffixes).
+PEARSON_R = "pearson_r"
+PEAK_AUC = "peak_auc"
+PEAK_LOGLIK = "peak_loglik"  # NeuroQuery's held-out peak log-likelihood, minus the training mean density's
+MITCHELL = "mitchell"  # per map: share of its Mitchell pairs decided right
+#: Title-only predictions: ``<model>/title/<metric>`` (``cbvae/title/...``, ``neuroquery/title/...``).
+TITLE = "title"
+#: Counterfactual direction: ``cbvae/counterfactual/<metric>`` and ``cbvae/counterfactual_cond_mean/<metric>``.
+COUNTERFACTUAL = "counterfactual"
+
+
+def column(predictor: str, metric: str) -> str:
+    """The per-map column of ``predictor``'s ``metric`` (``column(NEUROQUERY, PEAK_AUC) == "neuroquery/peak_auc"``)."""
+    return f"{predictor}/{metric}"

@@ -106,6 +106,8 @@ fi
 [ -n "$epochs" ] || epochs=$([ "$preset" = gpu ] && echo 100 || echo 10)
 out="${out:-$repo_root/runs}"
 data_dir="${data_dir:-$out/data_$subset}"
+# OpenMP threads that spin while waiting cost up to 9x on a busy CPU (scripts/bench_train.py; set it to override)
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 mkdir -p "$out/logs"
 rm -f "$out/DONE" "$out/FAILED"
 

@@ -10,7 +10,7 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "[test] chromium could not be installed: the browser test will skip"
 fi
-export WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg
+export WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 ruff check .
 ruff format --check .
 python -m pytest -q "$@"

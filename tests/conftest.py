@@ -90,6 +90,8 @@ BUNDLE_ENV = {
     "WANDB_MODE": "offline",
     "WANDB_SILENT": "true",
     "PYTHONUNBUFFERED": "1",
+    # OpenMP threads that spin while waiting steal the cores of the other processes a test starts
+    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
 }
 
 

@@ -189,6 +189,17 @@ def test_damaged_dataset_is_one_line_error(tmp_path: Path) -> None:
         al.load_dataset_rows(tmp_path)
 
 
+def test_dataset_edited_after_its_build_is_refused(tmp_path: Path, tiny_dataset: Path) -> None:
+    copy = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, copy)
+    assert al.load_dataset_rows(copy) is not None  # intact: opens
+    meta = pd.read_parquet(copy / "metadata.parquet")
+    meta.iloc[::-1].reset_index(drop=True).to_parquet(copy / "metadata.parquet")  # every map another study's row
+    with pytest.raises(al.DatasetUnreadable, match=r"metadata.parquet") as err:
+        al.load_dataset_rows(copy)
+    assert "\n" not in str(err.value) and "rebuild" in str(err.value)
+
+
 def _plain(text: str) -> str:
     """Markdown source as it reads on the page (backslash escapes and word joiners removed)."""
     return re.sub(r"\\(.)", r"\1", text).replace(WORD_JOINER, "")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cbvae_ext.data.folder import check_dataset_files
 from cbvae_ext.errors import CbvaeError
 from cbvae_ext.run_folder import APP_FILES, DECODER, RunFolder, RunFolderError
 from cbvae_ext.schema import CONTINUOUS_FIELDS, FIELDS, MetadataSchema, SchemaError
@@ -198,7 +199,12 @@ def load_dataset_rows(dataset_dir: Path) -> tuple[np.ndarray, pd.DataFrame] | No
     dataset_dir = Path(dataset_dir)
     if not ((dataset_dir / "maps.npy").is_file() and (dataset_dir / "metadata.parquet").is_file()):
         return None
-    fix = "rebuild it with python -m cbvae_ext.data.build, or start the app without --dataset_dir"
+    fix = "rebuild it with python -m cbvae_ext.data build, or start the app without --dataset_dir"
+    if (dataset_dir / "manifest.json").is_file():  # a built folder: its files must match their checksums
+        try:
+            check_dataset_files(dataset_dir)
+        except CbvaeError as err:
+            raise DatasetUnreadable(f"dataset {dataset_dir}: {one_line(err)}") from None
     try:
         maps = np.load(dataset_dir / "maps.npy", mmap_mode="r", allow_pickle=False)
         meta = pd.read_parquet(dataset_dir / "metadata.parquet")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from cbvae_ext.evaluation.metrics import pearson_r
+from cbvae_ext.export import has_conditional_mean_path
 
 __all__ = [
     "ConditionGroup",
@@ -64,9 +65,8 @@ def conditional_mean_probs(
     Returns:
         ``(probabilities, source)`` where ``source`` says which estimate was used.
     """
-    # ConditionalBetaVAE.conditional_mean falls back to decode(0, m) -- a typical map, not the mean -- when
-    # the network was built without the path, so only a network that has the path (``cond_mean``) uses it
-    if getattr(model, "cond_mean", None) is not None:
+    # only a fitted path is a conditional mean; the baseline's would be decode(0, m), a typical map
+    if has_conditional_mean_path(model):
         return torch.sigmoid(model.conditional_mean(m).float()), "conditional-mean path of the network"
     latent = int(model.latent_size)
     total = None

@@ -66,13 +66,30 @@ def neurosynth_dir() -> Path:
     return path
 
 
+#: NeuroQuery's term counts: ../shared/data/neuroquery when it is there, else the committed fixture's rows.
+_SHARED_NEUROQUERY = REPO_ROOT.parent / "shared" / "data" / "neuroquery"
+NEUROQUERY_DIR = (
+    _SHARED_NEUROQUERY
+    if (_SHARED_NEUROQUERY / "data-neuroquery_version-1_metadata.tsv.gz").is_file()
+    else Path(__file__).parent / "data" / "neuroquery"
+)
+
+
+@pytest.fixture(scope="session")
+def neuroquery_dir() -> Path:
+    """NeuroQuery's files the session dataset's terms.npz comes from (pass it on as CBVAE_NEUROQUERY_DIR)."""
+    return NEUROQUERY_DIR
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, neurosynth_dir: Path) -> Path:
-    """A 120-study stratified subset at 4 mm, built once per session by the real builder."""
+    """A 120-study stratified subset at 4 mm with NeuroQuery's terms, built once per session by the real builder."""
     from cbvae_ext.data import build_dataset
 
     out = tmp_path_factory.mktemp("data") / "tiny"
-    return Path(build_dataset(neurosynth_dir=neurosynth_dir, out=out, subset=120, resolution=4))
+    return Path(
+        build_dataset(neurosynth_dir=neurosynth_dir, out=out, subset=120, resolution=4, neuroquery_dir=NEUROQUERY_DIR)
+    )
 
 
 #: Tiny network and 2 iterations per epoch: tests of the training plumbing, not of the model.

@@ -4,7 +4,6 @@ NeuroStore n-back / flanker studyset as out-of-distribution maps."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT, full_data_available
 
 from cbvae_ext.evaluation import (
     PAIRED_CRITERIA,
@@ -60,23 +58,10 @@ def ood_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def terms_dataset(tiny_dataset, tmp_path_factory) -> Path:
-    """The tiny dataset with NeuroQuery's text (terms.npz) added, as ``build --terms`` writes it (same maps,
-    same manifest.json, so runs trained on the tiny dataset evaluate on it)."""
-    from cbvae_ext.data.neuroquery import TERMS_FILE, build_terms, save_terms
-
-    nq = (
-        REPO_ROOT.parent / "shared/data/neuroquery"
-        if full_data_available()
-        else Path(__file__).parent / "data/neuroquery"
-    )
-    out = tmp_path_factory.mktemp("terms") / "tiny_terms"
-    shutil.copytree(tiny_dataset, out, copy_function=os.link)
-    meta = pd.read_parquet(out / "metadata.parquet")
-    terms, _ = build_terms(nq, list(meta["id"]), (meta["split"] == "train").to_numpy())
-    save_terms(out / TERMS_FILE, terms)
-    assert 10 <= terms.observed[(meta["split"] == "train").to_numpy()].sum() and terms.observed.sum() < len(meta)
-    return out
+def terms_dataset(tiny_dataset) -> Path:
+    """The session's tiny dataset: built with NeuroQuery's text (terms.npz) by the real builder."""
+    assert (tiny_dataset / "terms.npz").is_file()
+    return tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +264,9 @@ def test_missing_baseline_is_reported_absent(tiny_dataset, tiny_runs, tmp_path):
     out.mkdir()
     (out / "test_results.json").write_text('{"run": "old"}')
     (out / "per_map_ood.parquet").write_bytes(b"old")
-    res = Evaluation(tiny_dataset, tiny_runs["cbvae"], out, ood_dataset_dir=tiny_dataset, **SMALL).run()
+    res = Evaluation(
+        tiny_dataset, tiny_runs["cbvae"], out, ood_dataset_dir=tiny_dataset, neuroquery="false", **SMALL
+    ).run()
     assert res["models"]["baseline"] == {"absent": "no --baseline_run_dir given"}
     crit = res["criteria"]["baseline_iwae_above_mean_map"]
     assert crit["passed"] is None and crit["reason"] == "no --baseline_run_dir given"
@@ -288,11 +275,11 @@ def test_missing_baseline_is_reported_absent(tiny_dataset, tiny_runs, tmp_path):
     assert written["n_test"] == res["n_test"]
     assert written["ood"]["sample_size_imputation"]["median_value"] is None  # NaN as JSON null
     assert len(pd.read_parquet(out / "per_map_ood.parquet")) == written["ood"]["n_maps"]  # the new run's table
-    # no terms.npz: NeuroQuery and everything it feeds reported absent, never an error
-    assert res["neuroquery"]["absent"].startswith("the dataset has no terms.npz")
+    # NeuroQuery switched off: it and everything it feeds reported absent, never an error
+    assert res["neuroquery"]["absent"] == "switched off (--neuroquery false)"
     for name in ("peak_auc_above_neuroquery", "cond_only_r_above_neuroquery"):
         assert res["criteria"][name]["passed"] is None
-        assert res["criteria"][name]["reason"].startswith("the dataset has no terms.npz")
+        assert res["criteria"][name]["reason"] == "switched off (--neuroquery false)"
     assert "neuroquery" not in res["protocols"]["mitchell"] and res["title_only"]["neuroquery"]["absent"]
     assert res["protocols"]["mitchell"]["cbvae/cond"]["n_maps"] == res["n_test"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no partial folder left

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.conftest import BUNDLE_ENV
+from conftest import BUNDLE_ENV, NEUROQUERY_DIR
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 
 
 def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**BUNDLE_ENV, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    # CBVAE_NEUROQUERY_DIR: where the session's tiny dataset took its terms from (so the builder reuses it)
+    env = {**BUNDLE_ENV, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "CBVAE_NEUROQUERY_DIR": str(NEUROQUERY_DIR)}
     return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import NEUROQUERY_DIR
 from runpod_stub import RunPodStub
 
 from cbvae_ext.cloud.launcher import POD_VALUES, LaunchConfig, LaunchConfigError
@@ -219,8 +220,11 @@ def test_entry_script_end_to_end_on_cpu(repo_root: Path, tmp_path: Path, tiny_da
     # the tiny dataset's own build options: the builder finds the same cache key and reuses it
     (tmp_path / "dataset").symlink_to(tiny_dataset, target_is_directory=True)
     train_args = "--use_mlflow false --epoch_length 2 --val_epoch_length 1 --batch_size 4 --progress false"
-    # CBVAE_TERMS=0: the tiny dataset has no terms.npz, and terms are in the cache key
-    env = {"CBVAE_TRAIN_ARGS": train_args, "CBVAE_EVAL_ARGS": "--n_bootstrap 20 --n_permutations 5", "CBVAE_TERMS": "0"}
+    env = {
+        "CBVAE_TRAIN_ARGS": train_args,
+        "CBVAE_EVAL_ARGS": "--n_bootstrap 20 --n_permutations 5",
+        "CBVAE_NEUROQUERY_DIR": str(NEUROQUERY_DIR),  # the tiny dataset's terms came from there
+    }
     args = ["--root", str(tmp_path), "--subset", "120", "--epochs", "1", "--neurosynth-dir", str(neurosynth_dir)]
     proc = run_entry(repo_root, args, env, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -147,14 +148,20 @@ def build(config: Mapping[str, Any]) -> torch.nn.Module:
     ``--network_overrides`` value the constructor refuses) before anything is written.
     """
     from cbvae_ext.networks import build_network
+    from cbvae_ext.networks.dense3d import set_fast_path
 
     try:
-        return build_network(config)
+        net = build_network(config)
     except (ValueError, TypeError, RuntimeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BundleConfigError(
             f"cannot build the network from these settings ({first}); fix the architecture knobs or --network_overrides"
         ) from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's; the process group does not exist yet
+        # under DDP with bf16 autocast the fast path gave a non-finite loss at the second step (the DDP test);
+        # until that is understood, several processes train on the plain path (same function, same parameters)
+        set_fast_path(net, False)
+    return net
 
 
 def save_network_config(config: dict[str, Any], output_dir: str | Path) -> Path:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from cbvae_ext.data.errors import DataError
 from cbvae_ext.data.sources import file_sha256
+from cbvae_ext.engine.bundle_glue import flag
 from cbvae_ext.engine.history import plot_schedules
 from cbvae_ext.errors import CbvaeError
 from cbvae_ext.evaluation.baselines import (
@@ -292,6 +293,7 @@ class Evaluation:
         max_train_maps: cap on training maps (seeded subsample) used to fit PCA, the mean maps, the ridge,
             the probes and the duplicate search; None = all.
         n_counterfactual: held-out studies per category whose task is switched (seeded); None = all.
+        neuroquery: fit the NeuroQuery baseline when the dataset has ``terms.npz`` (False: reported absent).
         seed: seed of every resampling, permutation and latent sample.
         num_workers: kept for config compatibility (maps are read in the main process).
     """
@@ -316,6 +318,7 @@ class Evaluation:
         n_examples: int = 3,
         max_train_maps: int | None = None,
         n_counterfactual: int | None = 20,
+        neuroquery: bool | str = True,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -343,6 +346,7 @@ class Evaluation:
             "n_counterfactual": n_counterfactual,
             "seed": seed,
         }
+        self.neuroquery = neuroquery
         self.num_workers = num_workers
 
     # ----- entry points -------------------------------------------------------------------
@@ -383,6 +387,7 @@ class Evaluation:
             if not ok:
                 raise EvaluationError(f"--{key} {value!r} is invalid; give an integer >= {low}")
             out[key] = number
+        out["neuroquery"] = flag(self.neuroquery, "neuroquery")
         return out
 
     def run(self) -> dict[str, Any]:

@@ -221,12 +221,18 @@ NO_TERMS = (
 )
 
 
+#: Why NeuroQuery is absent when the evaluation was told not to fit it.
+NEUROQUERY_OFF = "switched off (--neuroquery false)"
+
+
 def neuroquery_section(data: EvalData) -> Section:
     """NeuroQuery fitted on the training studies with text, scored on the test studies with text.
 
     Writes ``data.cache["neuroquery"]`` (``{"model", "terms", "predictions"}``, predictions ``[N_test, V]``
     with NaN rows for studies without text) for the protocols and the title-only section.
     """
+    if not data.opts.get("neuroquery", True):
+        return Section("neuroquery", {"absent": NEUROQUERY_OFF})
     found = _terms_rows(data)
     if found is None:
         return Section("neuroquery", {"absent": NO_TERMS})
@@ -352,7 +358,7 @@ def title_section(data: EvalData) -> Section:
 
     nq = data.cache.get("neuroquery")
     if nq is None:
-        out["neuroquery"] = {"absent": NO_TERMS}
+        out["neuroquery"] = {"absent": NO_TERMS if data.opts.get("neuroquery", True) else NEUROQUERY_OFF}
     else:
         x = title_tfidf(titles, nq["terms"].vocabulary, nq["terms"].idf)
         recognised = np.asarray(x.getnnz(axis=1)) > 0

@@ -219,10 +219,12 @@ def test_pod_removes_itself_after_the_job_and_the_linger(repo_root: Path, tmp_pa
 def test_entry_script_end_to_end_on_cpu(repo_root: Path, tmp_path: Path, tiny_dataset: Path, neurosynth_dir: Path):
     # the tiny dataset's own build options: the builder finds the same cache key and reuses it
     (tmp_path / "dataset").symlink_to(tiny_dataset, target_is_directory=True)
+    # a tiny network and a short evaluation: the pipeline's wiring on a real run (run_main.sh splits on spaces)
     train_args = "--use_mlflow false --epoch_length 2 --val_epoch_length 1 --batch_size 4 --progress false"
+    train_args += " --network_overrides {'channels':[4,8],'block_layers':[1],'growth_rate':4}"
     env = {
         "CBVAE_TRAIN_ARGS": train_args,
-        "CBVAE_EVAL_ARGS": "--n_bootstrap 20 --n_permutations 5",
+        "CBVAE_EVAL_ARGS": "--n_bootstrap 20 --n_permutations 5 --iwae_k 2 --n_prior_samples 2 --n_counterfactual 1",
         "CBVAE_NEUROQUERY_DIR": str(NEUROQUERY_DIR),  # the tiny dataset's terms came from there
     }
     args = ["--root", str(tmp_path), "--subset", "120", "--epochs", "1", "--neurosynth-dir", str(neurosynth_dir)]

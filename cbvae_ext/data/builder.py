@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from cbvae_ext.folders import replace_folder
 from cbvae_ext.schema import CONTINUOUS_FIELDS, TOPICS, MetadataSchema, declaration_fingerprint, plausible
 
 from .categories import CATEGORIES, category_table
@@ -472,11 +473,7 @@ def _build(
             "build_seconds": round(time.perf_counter() - start, 2),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(

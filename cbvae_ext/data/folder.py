@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .errors import DataError
+from .sources import file_sha256
 
 __all__ = [
     "DATASET_FILES",
@@ -85,14 +86,6 @@ def sampled_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class HashingWriter:
     """A binary file that hashes what is written through it (``maps.npy``'s full sha256 without re-reading it)."""
 
@@ -116,7 +109,7 @@ def file_checksums(folder: Path, names: list[str], known: Mapping[str, str] | No
     out = {}
     for name in names:
         path = folder / name
-        record: dict[str, Any] = {"size": path.stat().st_size, "sha256": (known or {}).get(name) or _sha256(path)}
+        record: dict[str, Any] = {"size": path.stat().st_size, "sha256": (known or {}).get(name) or file_sha256(path)}
         if name in _SAMPLED:
             record["sampled_sha256"] = sampled_sha256(path)
         out[name] = record
@@ -150,7 +143,7 @@ def verify_files(path: Path, manifest: Mapping[str, Any], full: bool = False) ->
         elif name in _SAMPLED and not full:
             changed = "" if sampled_sha256(file) == record["sampled_sha256"] else "has another sampled sha256"
         else:
-            changed = "" if _sha256(file) == record["sha256"] else "has another sha256"
+            changed = "" if file_sha256(file) == record["sha256"] else "has another sha256"
         if changed:
             if changed.startswith("has"):
                 changed += " than manifest.json records"

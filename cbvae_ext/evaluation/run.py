@@ -76,6 +76,7 @@ from cbvae_ext.evaluation.probes import adversary_balanced_accuracy, year_probes
 from cbvae_ext.evaluation.section import EvalData, Section, SectionFn
 from cbvae_ext.evaluation.stats import balanced_accuracy_terms, bootstrap_summary, paired_bootstrap
 from cbvae_ext.evaluation.text_protocols import neuroquery_section, protocols_section, title_section
+from cbvae_ext.folders import replace_folder
 from cbvae_ext.run_folder import EVALUATION_FILES, RunFolder, trained_on_checksum
 from cbvae_ext.schema import CONTINUOUS_FIELDS, MetadataSchema, SchemaError
 
@@ -240,13 +241,7 @@ def _folder_set(out_dir: Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the results folder is an ordinary one
     try:
         yield tmp
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -21,6 +21,7 @@ import numpy as np
 
 from cbvae_ext.app.downloads import GENERATED_DESCRIPTION, generated_nifti
 from cbvae_ext.data.builder import package_version
+from cbvae_ext.folders import replace_folder
 
 from .analysis import StudyContext, StudyResult
 from .readers import StudyError
@@ -192,11 +193,7 @@ def write_reports(
             "studies": index,
         }
         (tmp / "report.json").write_text(json.dumps(_plain(summary), indent=1))
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise StudyError(f"cannot write {out} ({err.strerror or err}); check free space and permissions") from None

@@ -76,7 +76,7 @@ from cbvae_ext.evaluation.probes import adversary_balanced_accuracy, year_probes
 from cbvae_ext.evaluation.section import EvalData, Section, SectionFn
 from cbvae_ext.evaluation.stats import balanced_accuracy_terms, bootstrap_summary, paired_bootstrap
 from cbvae_ext.evaluation.text_protocols import neuroquery_section, protocols_section, title_section
-from cbvae_ext.folders import replace_folder
+from cbvae_ext.folders import json_safe, replace_folder
 from cbvae_ext.run_folder import EVALUATION_FILES, RunFolder, trained_on_checksum
 from cbvae_ext.schema import CONTINUOUS_FIELDS, MetadataSchema, SchemaError
 
@@ -245,23 +245,6 @@ def _folder_set(out_dir: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with numpy scalars and arrays as Python values and every NaN or infinity as None (JSON null)."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 class Evaluation:

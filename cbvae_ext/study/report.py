@@ -21,7 +21,7 @@ import numpy as np
 
 from cbvae_ext.app.downloads import GENERATED_DESCRIPTION, generated_nifti
 from cbvae_ext.data.builder import package_version
-from cbvae_ext.folders import replace_folder
+from cbvae_ext.folders import json_safe, replace_folder
 
 from .analysis import StudyContext, StudyResult
 from .readers import StudyError
@@ -38,23 +38,6 @@ MAP_FILES = {
 }
 
 
-def _plain(value: Any) -> Any:
-    """JSON-ready copy (arrays to lists, numpy scalars to Python, NaN to None)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return None if not np.isfinite(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
-
-
 def _slug(name: str, index: int) -> str:
     text = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:48] or "study"
     return f"{index + 1:03d}-{text}"
@@ -63,7 +46,7 @@ def _slug(name: str, index: int) -> str:
 def study_report(result: StudyResult, context: StudyContext, source: str | None = None) -> dict[str, Any]:
     """The ``report.json`` of one study."""
     s, model = result.study, context.model
-    return _plain(
+    return json_safe(
         {
             "format": REPORT_FORMAT,
             "format_version": REPORT_VERSION,
@@ -112,7 +95,7 @@ def _sidecar(name: str, result: StudyResult, context: StudyContext) -> dict[str,
     }
     if name == "ma_map" and result.study.image is not None:
         doc["what"] = "the given map on the run's grid (resampled where its grid differed)"
-    return _plain(doc)
+    return json_safe(doc)
 
 
 def _write_study(folder: Path, result: StudyResult, context: StudyContext, source: str | None) -> dict[str, Any]:
@@ -192,7 +175,7 @@ def write_reports(
             "notes": context.notes,
             "studies": index,
         }
-        (tmp / "report.json").write_text(json.dumps(_plain(summary), indent=1))
+        (tmp / "report.json").write_text(json.dumps(json_safe(summary), indent=1))
         replace_folder(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -45,7 +45,7 @@ from cbvae_ext.schema import CONTINUOUS_FIELDS, SchemaError  # noqa: E402
 
 __all__: list[str] = []
 
-logger = logging.getLogger("cbvae.app")
+logger = logging.getLogger("cbvae_ext.app.page")
 DEFAULT_CUT = (0.0, -18.0, 18.0)
 UNKNOWN = "unknown (model imputes)"
 N_TOPIC_SLIDERS = 5

@@ -79,7 +79,15 @@ def results(repo_root, terms_dataset, tiny_runs, ood_dataset, tmp_path_factory) 
         str(ood_dataset),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out.parent / "evaluate.log").write_text(proc.stdout + proc.stderr)
     return json.loads((out / "test_results.json").read_text()), out
+
+
+def test_the_evaluation_logs_each_section_and_its_time(results):
+    res, out = results
+    log = (out.parent / "evaluate.log").read_text()
+    for name, seconds in res["provenance"]["section_seconds"].items():
+        assert f"evaluation section {name} done in {seconds:.1f} s" in log, name
 
 
 def _check_summary(summary: dict, low: float, high: float, n_bootstrap: int = 200) -> None:

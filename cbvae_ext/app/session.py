@@ -173,7 +173,7 @@ def load_run_info(run_dir: Path) -> RunInfo:
         latent_size=run.latent_size,
         kl_order=np.argsort(-latent_kl, kind="stable"),
         latent_kl=latent_kl,
-        imputed_defaults={f.name: float(f.inverse(run.imputed_defaults[f.name])) for f in run.schema.fields},
+        imputed_defaults=run.imputed_defaults_raw,
         latents=latents,
         mu_array=mu,
         mask=run.mask(),

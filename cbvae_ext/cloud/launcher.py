@@ -87,7 +87,7 @@ _OWN_ENV = {
 #: a value whose variable name holds one of these is shown as <redacted> in the plan
 _SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 
-log = logging.getLogger("cbvae.cloud")
+log = logging.getLogger(__name__)
 
 Transfer = Callable[[SSHEndpoint, str, Path], Any]
 StatusReader = Callable[[SSHEndpoint, str], "dict[str, Any] | None"]

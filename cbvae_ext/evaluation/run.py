@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import shutil
@@ -77,8 +78,9 @@ from cbvae_ext.evaluation.section import EvalData, Section, SectionFn
 from cbvae_ext.evaluation.stats import balanced_accuracy_terms, bootstrap_summary, paired_bootstrap
 from cbvae_ext.evaluation.text_protocols import neuroquery_section, protocols_section, title_section
 from cbvae_ext.folders import json_safe, replace_folder
+from cbvae_ext.logs import log_to_console
 from cbvae_ext.run_folder import EVALUATION_FILES, RunFolder, trained_on_checksum
-from cbvae_ext.schema import CONTINUOUS_FIELDS, MetadataSchema, SchemaError
+from cbvae_ext.schema import MetadataSchema, SchemaError
 
 __all__ = [
     "RESULTS_LAYOUT",
@@ -91,6 +93,8 @@ __all__ = [
     "load_run",
 ]
 
+logger = logging.getLogger(__name__)
+
 _PACKAGES = ("cbvae", "torch", "monai", "numpy", "scikit-learn", "scikit-image", "scipy", "nilearn", "nimare", "pandas")
 
 
@@ -100,22 +104,39 @@ class EvaluationError(CbvaeError, ValueError):
 
 @dataclass
 class LoadedRun:
-    """A trained network ready for evaluation, with what it was checked against."""
+    """A trained network ready for evaluation, with the run folder it was read from (the one reader, ``RunFolder``)."""
 
-    run_dir: Path
+    folder: RunFolder
     model: torch.nn.Module
-    config: dict[str, Any]
-    decoder_schema: dict[str, Any] | None
     checkpoint_sha256: str
     history: pd.DataFrame | None = field(default=None)
 
     @property
+    def run_dir(self) -> Path:
+        return self.folder.path
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.folder.network_config or {}
+
+    @property
+    def decoder_schema(self) -> dict[str, Any] | None:
+        return self.folder.decoder_schema
+
+    @property
     def kind(self) -> str:
-        return str(self.config.get("model", "cbvae"))
+        return self.folder.model_kind
 
     @property
     def latent_size(self) -> int:
-        return int(self.config["latent_size"])
+        return self.folder.latent_size
+
+    @property
+    def imputed_defaults(self) -> torch.Tensor | None:
+        """The normalised value the decoder gets for each missing continuous field (None: not exported)."""
+        if self.folder.decoder_schema is None:
+            return None
+        return torch.from_numpy(self.folder.imputed_default_vector)
 
 
 def load_run(
@@ -143,7 +164,7 @@ def load_run(
     run.check_dataset(schema, grid_shape, manifest_sha256)
     # channels_last_3d: oneDNN's 3D convolutions run ~2.7x faster on CPU (scripts/bench_eval.py)
     model = run.load_network(device).to(memory_format=torch.channels_last_3d).eval()
-    return LoadedRun(run.path, model, run.network_config, run.decoder_schema, run.checkpoint_sha256(), run.history())
+    return LoadedRun(run, model, run.checkpoint_sha256(), run.history())
 
 
 @dataclass(frozen=True)
@@ -167,15 +188,6 @@ ROLES: dict[str, Role] = {
 RESULTS_LAYOUT = "cbvae-test-results"
 RESULTS_LAYOUT_VERSION = 2
 METRICS = ("pearson_r", "dice_top5", "dice_top1")
-
-
-def _imputed_defaults(run: LoadedRun, n_continuous: int) -> torch.Tensor | None:
-    """The normalised value the run's decoder uses for a missing field (None: the schema's 0)."""
-    defaults = (run.decoder_schema or {}).get("imputed_defaults")
-    if defaults is None:
-        return None
-    values = [defaults[f] for f in CONTINUOUS_FIELDS] if isinstance(defaults, dict) else list(defaults)
-    return torch.tensor(values[:n_continuous], dtype=torch.float32)
 
 
 def _package_versions() -> dict[str, str | None]:
@@ -330,6 +342,7 @@ class Evaluation:
     # ----- entry points -------------------------------------------------------------------
     def run_cli(self) -> dict[str, Any]:
         """``run()`` for the bundle command: a bad input prints one ``error: ...`` line and exits with status 2."""
+        log_to_console()
         try:
             return self.run()
         except (CbvaeError, SchemaError, DataError, FileNotFoundError) as err:
@@ -432,9 +445,11 @@ class Evaluation:
             ("ood", lambda r: r.update(ood=ctx.ood(self.ood_dataset_dir))),
             ("criteria", lambda r: r.update(criteria=ctx.criteria(r))),
         ):
+            logger.info("evaluation section %s ...", name)
             tic = time.perf_counter()
             step(results)
             timings[name] = round(time.perf_counter() - tic, 2)
+            logger.info("evaluation section %s done in %.1f s", name, timings[name])
         results["metric_definitions"] = _definitions(opts)
         with _folder_set(out_dir) as tmp_dir:
             pd.DataFrame(ctx.columns).to_parquet(tmp_dir / "per_map_test.parquet", index=False)
@@ -612,14 +627,14 @@ class _Context:
         return next((g for g in self.groups if g.name == name), None)
 
     def pass_options(self, run: LoadedRun, **overrides: Any) -> PassOptions:
-        defaults = _imputed_defaults(run, self.schema.n_continuous)
+        defaults = run.imputed_defaults
         base = {"n_prior_samples": self.opts["n_prior_samples"], "imputed_defaults": defaults}
         return PassOptions(**{**base, **overrides})
 
     def decoder_conditions(self, run: LoadedRun, meta: np.ndarray, meta_mask: np.ndarray) -> torch.Tensor:
         """The decoder's conditioning vectors for ``(meta, meta_mask)``, missing fields at the run's default."""
         device = self.ev.device
-        imp0 = _imputed_defaults(run, self.schema.n_continuous)
+        imp0 = run.imputed_defaults
         imp0 = None if imp0 is None else imp0.to(device).expand(len(meta), -1)
         return run.model.decoder_input(torch.from_numpy(meta).to(device), torch.from_numpy(meta_mask).to(device), imp0)
 
@@ -753,7 +768,7 @@ class _Context:
         cache["counterfactual"] = {
             "model": run.model,
             "mu": sc["mu"],
-            "imputed_defaults": _imputed_defaults(run, self.schema.n_continuous),
+            "imputed_defaults": run.imputed_defaults,
             "task": task,
         }
         topics = self.group("topics")

@@ -189,7 +189,11 @@ def test_calibration_section_and_its_figure(data, tmp_path):
         brier = sec.columns[column(p, CALIBRATION_BRIER)]
         assert np.isfinite(brier).sum() == res["n_studies"] and np.nanmax(brier) <= 1
     crit = generative_criteria({"calibration": res})["ece_below_0_01"]
-    assert crit["passed"] == (res["predictors"][MODEL]["ece"] <= 0.01)
+    ece = res["predictors"][MODEL]["ece"]
+    assert crit["passed"] == (ece <= 0.01 and ece < res["ece_of_zero"])
+    # a model whose draws never reach the event predicts 0 everywhere: below 0.01 when events are rare, not passed
+    zero = {**res, "predictors": {MODEL: {"ece": res["ece_of_zero"]}}}
+    assert res["ece_of_zero"] < 0.01 and generative_criteria({"calibration": zero})["ece_below_0_01"]["passed"] is False
     assert generative_criteria({"calibration": {"absent": "x"}})["ece_below_0_01"]["passed"] is None
     path = plot_reliability(sec.figure_data["reliability"], tmp_path / "calibration_reliability.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -505,5 +505,12 @@ def generative_criteria(results: dict[str, Any]) -> dict[str, Any]:
     """The criteria of ``results["calibration"]`` that are not paired columns (``ece_below_0_01``)."""
     cal = results.get("calibration", {})
     ece = None if "absent" in cal else cal["predictors"][MODEL]["ece"]
-    rule = f"expected calibration error of the sampled per-voxel event probability <= {ECE_GOAL:g}"
-    return {"ece_below_0_01": threshold_criterion(ece, ECE_GOAL, rule, cal.get("absent"))}
+    rule = (
+        f"expected calibration error of the sampled per-voxel event probability <= {ECE_GOAL:g} and below the ECE of "
+        "predicting 0 everywhere (the event rate, which is itself below the goal when events are rare)"
+    )
+    crit = threshold_criterion(ece, ECE_GOAL, rule, cal.get("absent"))
+    if ece is not None:
+        crit["ece_of_zero"] = cal["ece_of_zero"]
+        crit["passed"] = bool(ece <= ECE_GOAL and ece < cal["ece_of_zero"])
+    return {"ece_below_0_01": crit}

@@ -28,9 +28,12 @@ pytestmark = pytest.mark.slow
 
 FAST = [
     "--n_bootstrap", "200", "--n_permutations", "5", "--n_examples", "2", "--batch_size", "16",
-    "--iwae_k", "3", "--n_prior_samples", "2",
+    "--iwae_k", "3", "--n_prior_samples", "2", "--joint_k", "3", "--n_calibration_samples", "3",
 ]  # fmt: skip
-SMALL = {"n_bootstrap": 50, "n_permutations": 2, "n_examples": 0, "batch_size": 16, "iwae_k": 2, "n_prior_samples": 2}
+SMALL = {
+    "n_bootstrap": 50, "n_permutations": 2, "n_examples": 0, "batch_size": 16, "iwae_k": 2, "n_prior_samples": 2,
+    "joint_k": 2, "n_calibration_samples": 2, "n_half_splits": 1,
+}  # fmt: skip
 
 
 def _evaluate(repo_root: Path, dataset: Path, output: Path, *args: str) -> subprocess.CompletedProcess:
@@ -137,7 +140,7 @@ def test_results_layout_and_every_section(results):
     assert "predictions" not in res["debiasing"]["probes"]["cbvae"]["logistic"]
     figures = {
         "recon_examples.png", "training_curves.png", "per_category_r.png", "probes.png",
-        "category_identification.png", "category_maps.png", "pca_curve.png",
+        "category_identification.png", "category_maps.png", "pca_curve.png", "calibration_reliability.png",
     }  # fmt: skip
     assert set(res["figures"]) == figures
     for name in res["figures"]:

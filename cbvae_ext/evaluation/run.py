@@ -60,6 +60,13 @@ from cbvae_ext.evaluation.figures import (
     plot_per_category_r,
     plot_probes,
     plot_recon_examples,
+    plot_reliability,
+)
+from cbvae_ext.evaluation.generative import (
+    calibration_section,
+    completion_section,
+    generative_criteria,
+    joint_likelihood_section,
 )
 from cbvae_ext.evaluation.imputation import imputation_scores
 from cbvae_ext.evaluation.likelihood import entropy_floor, latent_free_nll
@@ -284,6 +291,11 @@ class Evaluation:
             the probes and the duplicate search; None = all.
         n_counterfactual: held-out studies per category whose task is switched (seeded); None = all.
         neuroquery: fit the NeuroQuery baseline when the dataset has ``terms.npz`` (False: reported absent).
+        n_half_splits: random half splits of each study's peaks for completion (>= 1).
+        joint_k: importance samples of the joint peak likelihood (>= 1).
+        n_calibration_samples: prior draws per study for the calibrated peak probability (>= 1).
+        generative_max_maps: test maps (seeded subsample) of completion, joint likelihood and calibration, and
+            training maps fitting the calibration's isotonic map; None = all.
         seed: seed of every resampling, permutation and latent sample.
         num_workers: kept for config compatibility (maps are read in the main process).
     """
@@ -309,6 +321,10 @@ class Evaluation:
         max_train_maps: int | None = None,
         n_counterfactual: int | None = 20,
         neuroquery: bool | str = True,
+        n_half_splits: int = 2,
+        joint_k: int = 16,
+        n_calibration_samples: int = 16,
+        generative_max_maps: int | None = 200,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -334,6 +350,10 @@ class Evaluation:
             "n_examples": n_examples,
             "max_train_maps": max_train_maps,
             "n_counterfactual": n_counterfactual,
+            "n_half_splits": n_half_splits,
+            "joint_k": joint_k,
+            "n_calibration_samples": n_calibration_samples,
+            "generative_max_maps": generative_max_maps,
             "seed": seed,
         }
         self.neuroquery = neuroquery
@@ -362,12 +382,16 @@ class Evaluation:
             "n_examples": 0,
             "max_train_maps": 2,
             "n_counterfactual": 1,
+            "n_half_splits": 1,
+            "joint_k": 1,
+            "n_calibration_samples": 1,
+            "generative_max_maps": 1,
             "seed": 0,
         }
         out: dict[str, Any] = {}
         for key, low in minimum.items():
             value = self.options[key]
-            if value is None and key in ("iwae_max_maps", "max_train_maps", "n_counterfactual"):
+            if value is None and key in ("iwae_max_maps", "max_train_maps", "n_counterfactual", "generative_max_maps"):
                 out[key] = None
                 continue
             try:
@@ -435,6 +459,9 @@ class Evaluation:
             ("protocols", ctx.section(protocols_section)),
             ("title_only", ctx.section(title_section)),
             ("counterfactual", ctx.section(counterfactual_section)),
+            ("completion", ctx.section(completion_section)),
+            ("joint_peak_likelihood", ctx.section(joint_likelihood_section)),
+            ("calibration", ctx.section(calibration_section)),
             ("conditional_maps", ctx.conditional_maps),
             ("debiasing", ctx.debiasing),
             ("missing_conditions", ctx.missing_conditions),
@@ -654,7 +681,7 @@ class _Context:
             raise EvaluationError(f"PCA with {latent} components needs more than {tr.n} training maps; use more")
         self.pca_dims = [d for d in (latent, 2 * latent, 4 * latent, 8 * latent) if d <= limit]
         pca = PCABaseline(max(self.pca_dims), seed=self.opts["seed"]).fit(tr.maps)
-        self.pca = pca
+        self.pca = self.data.cache["pca"] = pca
         curve = []
         for d in self.pca_dims:
             self.add(f"pca_{d}", score_maps(pca.predict(te.maps, d), te.maps, mask, ssim=d == latent))
@@ -1124,6 +1151,7 @@ class _Context:
             "training category means manage",
             cm.get("absent"),
         )
+        crit.update(generative_criteria(results))
         return crit
 
     def figures(self, out_dir: Path, results: dict[str, Any]) -> list[str]:
@@ -1172,6 +1200,8 @@ class _Context:
                     out_dir / "category_maps.png",
                 )
             )
+        if "reliability" in self.figure_data:
+            written.append(plot_reliability(self.figure_data["reliability"], out_dir / "calibration_reliability.png"))
         if "cbvae" in self.runs:
             written.append(
                 plot_pca_curve(results["baselines"]["pca_curve"], results["pca_equivalent"], out_dir / "pca_curve.png")

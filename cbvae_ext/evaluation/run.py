@@ -362,9 +362,9 @@ class Evaluation:
     # ----- entry points -------------------------------------------------------------------
     def run_cli(self) -> dict[str, Any]:
         """``run()`` for the bundle command: a bad input prints one ``error: ...`` line and exits with status 2."""
-        log_to_console()
         try:
-            return self.run()
+            with log_to_console():
+                return self.run()
         except (CbvaeError, SchemaError, DataError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None

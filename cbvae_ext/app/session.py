@@ -231,6 +231,7 @@ class StartPoint:
         conditions: ``{"task": str | None, "year": float | None, ...}``.
         label: human-readable description.
         seed: the prior draw's seed; None for a real study.
+        upload: a study the user brought (``cbvae_ext.app.upload``), not one of the dataset.
     """
 
     key: str
@@ -238,11 +239,12 @@ class StartPoint:
     conditions: dict[str, Any]
     label: str
     seed: int | None = None
+    upload: bool = False
 
     @property
     def study_id(self) -> str | None:
-        """The real study started from; None for a prior draw."""
-        return None if self.seed is not None else self.key
+        """The dataset study started from; None for a prior draw or an uploaded study."""
+        return None if self.seed is not None or self.upload else self.key
 
 
 def _missing(value: Any) -> bool:

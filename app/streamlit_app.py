@@ -22,12 +22,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import streamlit as st
-import streamlit.components.v1 as components
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `streamlit run` without an installed package
     sys.path.insert(0, str(REPO_ROOT))
+
+from cbvae_ext.extras import MissingExtraError, require  # noqa: E402
+
+try:  # the app extra: pip install "cbvae[app]"
+    st = require("streamlit", needed_by="the Counterfactual Machine page")
+    components = require("streamlit.components.v1", needed_by="the Counterfactual Machine page")
+except MissingExtraError as err:
+    raise SystemExit(f"error: {err}") from None
 
 from cbvae_ext import __version__  # noqa: E402
 from cbvae_ext.app import downloads as dl  # noqa: E402

@@ -8,16 +8,23 @@ from __future__ import annotations
 
 __all__ = [
     "CATEGORY_MEAN",
+    "CORRELATION_DECODER",
     "COUNTERFACTUAL",
+    "DECODING",
     "MEAN_MAP",
     "MITCHELL",
+    "MODEL",
     "MODEL_COND",
     "NEUROQUERY",
     "PEAK_AUC",
     "PEAK_LOGLIK",
     "PEARSON_R",
     "PROTOCOL_PREDICTORS",
+    "QC",
+    "TERM_RECALL",
     "TITLE",
+    "TOP1",
+    "TOP5",
     "TOPIC_RIDGE",
     "column",
 ]
@@ -45,3 +52,15 @@ COUNTERFACTUAL = "counterfactual"
 def column(predictor: str, metric: str) -> str:
     """The per-map column of ``predictor``'s ``metric`` (``column(NEUROQUERY, PEAK_AUC) == "neuroquery/peak_auc"``)."""
     return f"{predictor}/{metric}"
+
+
+#: The C-β-VAE's prefix for what is not a map prediction (``cbvae/decoding/top5``, ``cbvae/qc/score_clean``).
+MODEL = "cbvae"
+#: Decoding (``decoding.py``): ``cbvae/decoding/<metric>`` and ``correlation_decoder/<metric>``, 1/0 per study.
+DECODING = "decoding"
+CORRELATION_DECODER = "correlation_decoder"
+TOP1 = "top1"
+TOP5 = "top5"
+TERM_RECALL = "term_recall"
+#: Quality control (``quality_control.py``): ``cbvae/qc/score_<copy>`` typicality score per test study and copy.
+QC = "qc"

@@ -11,7 +11,9 @@ __all__ = [
     "CATEGORY_MEAN",
     "COMPLETION_AUC",
     "COMPLETION_R",
+    "CORRELATION_DECODER",
     "COUNTERFACTUAL",
+    "DECODING",
     "HALF_MAP",
     "JOINT_PEAK_LOGLIK",
     "JOINT_PEAK_LOGLIK_PRIOR",
@@ -26,7 +28,11 @@ __all__ = [
     "PEAK_RATE",
     "PEARSON_R",
     "PROTOCOL_PREDICTORS",
+    "QC",
+    "TERM_RECALL",
     "TITLE",
+    "TOP1",
+    "TOP5",
     "TOPIC_RIDGE",
     "column",
 ]
@@ -65,3 +71,15 @@ CALIBRATION_BRIER = "calibration_brier"  # per-study Brier score of the per-voxe
 def column(predictor: str, metric: str) -> str:
     """The per-map column of ``predictor``'s ``metric`` (``column(NEUROQUERY, PEAK_AUC) == "neuroquery/peak_auc"``)."""
     return f"{predictor}/{metric}"
+
+
+#: The C-β-VAE's prefix for what is not a map prediction (``cbvae/decoding/top5``, ``cbvae/qc/score_clean``).
+MODEL = "cbvae"
+#: Decoding (``decoding.py``): ``cbvae/decoding/<metric>`` and ``correlation_decoder/<metric>``, 1/0 per study.
+DECODING = "decoding"
+CORRELATION_DECODER = "correlation_decoder"
+TOP1 = "top1"
+TOP5 = "top5"
+TERM_RECALL = "term_recall"
+#: Quality control (``quality_control.py``): ``cbvae/qc/score_<copy>`` typicality score per test study and copy.
+QC = "qc"

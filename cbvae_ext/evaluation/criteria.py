@@ -28,7 +28,14 @@ from cbvae_ext.evaluation.columns import (
 )
 from cbvae_ext.evaluation.stats import paired_bootstrap
 
-__all__ = ["PAIRED_CRITERIA", "PairedRule", "count_criterion", "evaluate_criteria", "threshold_criterion"]
+__all__ = [
+    "PAIRED_CRITERIA",
+    "PairedRule",
+    "count_criterion",
+    "evaluate_criteria",
+    "section_criteria",
+    "threshold_criterion",
+]
 
 
 @dataclass(frozen=True)
@@ -237,3 +244,14 @@ def count_criterion(value: int | None, reference: int | None, rule: str, reason:
     if value is None or reference is None:
         return _absent(rule, reason or "no value")
     return {"rule": rule, "value": int(value), "reference": int(reference), "passed": bool(value >= reference)}
+
+
+def section_criteria(results: dict[str, Any], sections: tuple[str, ...]) -> dict[str, Any]:
+    """The criteria function sections computed themselves (their ``criteria`` entry; none when absent)."""
+    out: dict[str, Any] = {}
+    for name in sections:
+        res = results.get(name) or {}
+        if "absent" in res:
+            continue
+        out.update(res.get("criteria") or {})
+    return out

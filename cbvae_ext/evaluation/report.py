@@ -165,6 +165,7 @@ def markdown_report(res: Mapping[str, Any]) -> str:
 
     out.extend(_protocol_report(res))
     out.extend(_generative_report(res))
+    out.extend(_decoding_qc_report(res))
 
     deb = res.get("debiasing", {})
     rows = []
@@ -334,6 +335,64 @@ def _generative_report(res: Mapping[str, Any]) -> list[str]:
             f"Calibration of the per-voxel peak probability ({cal['n_studies']} test studies, event rate "
             f"{cal['event_rate_test']:.4f} = the ECE of predicting 0): ECE " + "; ".join(parts) + "."
         )
+    return out
+
+
+def _decoding_qc_report(res: Mapping[str, Any]) -> list[str]:
+    """The Bayesian decoder beside NiMARE's CorrelationDecoder, and the quality-control AUC per corruption."""
+    out = []
+    dec = res.get("decoding", {})
+    if "absent" in dec:
+        out.append(f"Decoding: absent ({dec['absent']}).")
+    elif dec:
+        rows = []
+        cats = dec.get("categories", {})
+        if "absent" not in cats:
+            for m, label in (("top1", "own category, top 1"), ("top5", "own category, top 5")):
+                rows.append(
+                    [
+                        f"{label} ({cats['n_candidates']} categories)",
+                        _ci(cats["model"][m]),
+                        _ci(cats["correlation_decoder"][m]),
+                        _num(cats["prior_only"][m]),
+                        _num(cats["chance"][m]),
+                    ]
+                )
+        terms = dec.get("terms", {})
+        if "absent" not in terms:
+            rows.append(
+                [
+                    f"own top-5 terms in top 10 ({terms['n_candidates']} terms)",
+                    _ci(terms["model"]),
+                    _ci(terms["correlation_decoder"]),
+                    _ci(terms["prior_only"]),
+                    _num(terms["chance"]),
+                ]
+            )
+        header = [
+            "decoding (test split)",
+            "C-β-VAE Bayesian decoder",
+            "NiMARE CorrelationDecoder",
+            "prior only",
+            "chance",
+        ]
+        out.append(_table(header, rows))
+    qc = res.get("quality_control", {})
+    if "absent" in qc:
+        out.append(f"Quality control: absent ({qc['absent']}).")
+    elif qc:
+        rows = []
+        for kind, c in qc["corruptions"].items():
+            lo, hi = c["ci95"]
+            auc = "—" if c["auc"] is None else f"{c['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
+            rows.append([kind, auc, _num(c["median_percentile"]), _ci(c["score_drop_nats"], 1)])
+        out.append(_table(["corruption", "ROC AUC [95% CI]", "median percentile", "score drop (nats)"], rows))
+        sym = qc["corruptions"].get("flip_x", {}).get("nearly_symmetric")
+        if sym:
+            out.append(
+                f"Flipped x: {sym['n']} of {qc['n_maps']} studies are nearly symmetric (r(clean, flipped) > 0.9); "
+                f"AUC without them {_num(sym['auc_without']['auc'])}."
+            )
     return out
 
 

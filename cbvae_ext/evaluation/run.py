@@ -51,7 +51,8 @@ from cbvae_ext.evaluation.conditional import (
     identification,
 )
 from cbvae_ext.evaluation.counterfactual import counterfactual_section
-from cbvae_ext.evaluation.criteria import count_criterion, evaluate_criteria, threshold_criterion
+from cbvae_ext.evaluation.criteria import count_criterion, evaluate_criteria, section_criteria, threshold_criterion
+from cbvae_ext.evaluation.decoding import decoding_section
 from cbvae_ext.evaluation.duplicates import duplicate_report
 from cbvae_ext.evaluation.figures import (
     plot_category_maps,
@@ -81,6 +82,7 @@ from cbvae_ext.evaluation.passes import (
     score_network,
 )
 from cbvae_ext.evaluation.probes import adversary_balanced_accuracy, year_probes, year_r2
+from cbvae_ext.evaluation.quality_control import quality_control_section
 from cbvae_ext.evaluation.section import EvalData, Section, SectionFn
 from cbvae_ext.evaluation.stats import balanced_accuracy_terms, bootstrap_summary, paired_bootstrap
 from cbvae_ext.evaluation.text_protocols import neuroquery_section, protocols_section, title_section
@@ -266,6 +268,17 @@ def _folder_set(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+#: Options where None means "all".
+_OPTIONAL = (
+    "iwae_max_maps",
+    "max_train_maps",
+    "n_counterfactual",
+    "generative_max_maps",
+    "decoding_max_maps",
+    "qc_max_maps",
+)
+
+
 class Evaluation:
     """Score a trained C-β-VAE, its twins and the baseline VAE on the test split, with paired statistics.
 
@@ -296,6 +309,11 @@ class Evaluation:
         n_calibration_samples: prior draws per study for the calibrated peak probability (>= 1).
         generative_max_maps: test maps (seeded subsample) of completion, joint likelihood and calibration, and
             training maps fitting the calibration's isotonic map; None = all.
+        decoding_k: importance samples of each candidate's ``log p(x | c)`` in the decoding section (>= 1).
+        decoding_n_terms: terms (most used in training) the decoding section decodes over (>= 1).
+        decoding_max_maps: test maps (the first ones) decoded; None = all.
+        qc_k: posterior samples of the typicality score in the quality-control section (>= 1).
+        qc_max_maps: test maps (the first ones) corrupted and scored; None = all.
         seed: seed of every resampling, permutation and latent sample.
         num_workers: kept for config compatibility (maps are read in the main process).
     """
@@ -325,6 +343,11 @@ class Evaluation:
         joint_k: int = 16,
         n_calibration_samples: int = 16,
         generative_max_maps: int | None = 200,
+        decoding_k: int = 4,
+        decoding_n_terms: int = 50,
+        decoding_max_maps: int | None = None,
+        qc_k: int = 4,
+        qc_max_maps: int | None = None,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -354,6 +377,11 @@ class Evaluation:
             "joint_k": joint_k,
             "n_calibration_samples": n_calibration_samples,
             "generative_max_maps": generative_max_maps,
+            "decoding_k": decoding_k,
+            "decoding_n_terms": decoding_n_terms,
+            "decoding_max_maps": decoding_max_maps,
+            "qc_k": qc_k,
+            "qc_max_maps": qc_max_maps,
             "seed": seed,
         }
         self.neuroquery = neuroquery
@@ -386,12 +414,17 @@ class Evaluation:
             "joint_k": 1,
             "n_calibration_samples": 1,
             "generative_max_maps": 1,
+            "decoding_k": 1,
+            "decoding_n_terms": 1,
+            "decoding_max_maps": 1,
+            "qc_k": 1,
+            "qc_max_maps": 1,
             "seed": 0,
         }
         out: dict[str, Any] = {}
         for key, low in minimum.items():
             value = self.options[key]
-            if value is None and key in ("iwae_max_maps", "max_train_maps", "n_counterfactual", "generative_max_maps"):
+            if value is None and key in _OPTIONAL:
                 out[key] = None
                 continue
             try:
@@ -462,6 +495,8 @@ class Evaluation:
             ("completion", ctx.section(completion_section)),
             ("joint_peak_likelihood", ctx.section(joint_likelihood_section)),
             ("calibration", ctx.section(calibration_section)),
+            ("decoding", ctx.section(decoding_section)),
+            ("quality_control", ctx.section(quality_control_section)),
             ("conditional_maps", ctx.conditional_maps),
             ("debiasing", ctx.debiasing),
             ("missing_conditions", ctx.missing_conditions),
@@ -1152,6 +1187,7 @@ class _Context:
             cm.get("absent"),
         )
         crit.update(generative_criteria(results))
+        crit.update(section_criteria(results, ("decoding", "quality_control")))
         return crit
 
     def figures(self, out_dir: Path, results: dict[str, Any]) -> list[str]:

@@ -68,6 +68,7 @@ class StudyResult:
         decode_info: what the decoder filled in (``imputed``/``defaulted`` fields).
         nearest: the most correlated dataset studies (id, title, year, category, split, r).
         typicality: the score, its percentile among the test studies and how it was computed (or ``None``).
+        decoding: the task categories and terms that most raise the model's likelihood of the map (or ``None``).
         readings: typicality of alternative readings of the peaks.
         warnings: plain-language warnings.
         notes: what was done to the input on the way.
@@ -83,6 +84,7 @@ class StudyResult:
     decode_info: dict[str, Any] = field(default_factory=dict)
     nearest: list[dict[str, Any]] = field(default_factory=list)
     typicality: dict[str, Any] | None = None
+    decoding: dict[str, Any] | None = None
     readings: dict[str, dict[str, float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -107,6 +109,8 @@ class StudyContext:
         k: posterior samples of the typicality ELBO.
         seed: seed of those samples.
         n_nearest: dataset studies listed as nearest.
+        n_terms: terms (most used in training) the decoding ranks.
+        decoding_k: importance samples of each candidate's ``log p(x | c)`` in the decoding.
         cache: keep the test studies' typicality scores in the user's cache folder.
     """
 
@@ -121,6 +125,8 @@ class StudyContext:
         seed: int = 0,
         n_nearest: int = 10,
         cache: bool = True,
+        n_terms: int = 50,
+        decoding_k: int = 4,
     ) -> None:
         self.model = model
         self.grid = grid
@@ -131,6 +137,9 @@ class StudyContext:
         self.seed = int(seed)
         self.n_nearest = int(n_nearest)
         self.cache = cache
+        self.n_terms = int(n_terms)
+        self.decoding_k = int(decoding_k)
+        self._candidates: list[Any] | None = None
         self.run = RunFolder.open(model.run_dir, require=())
         self.has_encoder = all((model.run_dir / f).is_file() for f in EVALUATION_FILES)
         self.dtype = np.dtype(dataset.manifest.get("dtype", "float32")) if dataset is not None else np.dtype("float32")
@@ -149,6 +158,8 @@ class StudyContext:
         seed: int = 0,
         n_nearest: int = 10,
         cache: bool = True,
+        n_terms: int = 50,
+        decoding_k: int = 4,
     ) -> StudyContext:
         """Open a run folder and its dataset (``dataset_dir``, else the one the run recorded, when it exists).
 
@@ -184,7 +195,7 @@ class StudyContext:
                 "kernel: the builder's default (ALE, FWHM 10 mm) - no dataset given, so the run's own kernel is not "
                 "known; pass --dataset_dir"
             )
-        return cls(model, grid, kernel, dataset, notes, k, seed, n_nearest, cache)
+        return cls(model, grid, kernel, dataset, notes, k, seed, n_nearest, cache, n_terms, decoding_k)
 
     # ----- maps ---------------------------------------------------------------------------------
     def render(self, xyz: np.ndarray, outside: str = "drop") -> tuple[np.ndarray, dict[str, int]]:
@@ -347,6 +358,53 @@ class StudyContext:
             )
         return out
 
+    # ----- decoding -----------------------------------------------------------------------------
+    def candidates(self) -> list[Any]:
+        """The decoding candidates (``evaluation.decoding.Candidates``) the training split defines, built once."""
+        if self._candidates is not None or self.dataset is None:
+            return self._candidates or []
+        from cbvae_ext.data.neuroquery import load_terms
+        from cbvae_ext.evaluation.decoding import category_candidates, term_candidates
+        from cbvae_ext.evaluation.passes import load_split
+
+        rows = self.dataset.rows("train")
+        train = load_split(self.dataset, rows, schema=self.model.schema)
+        found = [category_candidates(self.model.schema, train.categories, train.maps)]
+        terms = load_terms(self.dataset.path)
+        if terms is not None:
+            found.append(
+                term_candidates(
+                    self.model.schema,
+                    terms.tfidf[rows],
+                    terms.vocabulary,
+                    train.meta,
+                    train.meta_mask,
+                    train.maps,
+                    self.n_terms,
+                )
+            )
+        self._candidates = [c for c in found if c is not None]
+        return self._candidates
+
+    def decoding(self, ma_map: np.ndarray, top: int = 5) -> dict[str, Any] | None:
+        """The ``top`` task categories and terms by posterior ``p(c | x)`` (``evaluation.decoding``), or ``None``."""
+        from cbvae_ext.evaluation.decoding import RULE, candidate_loglik, posterior, ranked
+
+        candidates = self.candidates()
+        if not candidates:
+            return None
+        volume = normalise_maps(np.asarray(ma_map, np.float32)[None]).numpy()
+        imp0 = torch.tensor([self.run.imputed_defaults[f.name] for f in self.model.schema.fields], dtype=torch.float32)
+        out: dict[str, Any] = {"rule": RULE, "k": self.decoding_k, "seed": self.seed}
+        for cands in candidates:
+            ll = candidate_loglik(
+                self._network(), volume, self._inside.numpy(), cands, imp0, self.decoding_k, self.seed
+            )
+            post = posterior(ll, cands.log_prior)
+            out[f"{cands.kind}_candidates"] = len(cands)
+            out[{"category": "categories", "term": "terms"}[cands.kind]] = ranked(post[0], ll[0], cands.names, top)
+        return out
+
     # ----- nearest ------------------------------------------------------------------------------
     def _standardised(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of the dataset as centred unit-norm in-mask vectors (float32)."""
@@ -465,6 +523,7 @@ class StudyContext:
         result.posterior = {"mu": mu.astype(float).tolist(), "sd": np.exp(0.5 * logvar).astype(float).tolist()}
         result.reconstruction = decoded.map
         result.decode_info = {"imputed": decoded.imputed, "defaulted": decoded.defaulted}
+        result.decoding = self.decoding(ma_map)
         alternatives = self._alternatives(study, outside) if readings and self.reference() is not None else {}
         scored = self.typicality(np.stack([ma_map, *(a[0] for a in alternatives.values())]))
         if scored is None:

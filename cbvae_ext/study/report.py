@@ -73,6 +73,7 @@ def study_report(result: StudyResult, context: StudyContext, source: str | None 
             "decode": result.decode_info,
             "nearest": result.nearest,
             "typicality": result.typicality,
+            "decoding": result.decoding,
             "readings": result.readings,
             "warnings": result.warnings,
             "notes": [*context.notes, *result.notes],

@@ -43,12 +43,7 @@ from cbvae_ext.evaluation.baselines import (
     equivalent_dimension,
 )
 from cbvae_ext.evaluation.columns import CATEGORY_MEAN, MEAN_MAP, MODEL_COND, NEUROQUERY, TOPIC_RIDGE
-from cbvae_ext.evaluation.conditional import (
-    ConditionGroup,
-    condition_groups,
-    conditional_mean_probs,
-    identification,
-)
+from cbvae_ext.evaluation.conditional import conditional_mean_probs, identification
 from cbvae_ext.evaluation.counterfactual import counterfactual_section
 from cbvae_ext.evaluation.criteria import count_criterion, evaluate_criteria, threshold_criterion
 from cbvae_ext.evaluation.duplicates import duplicate_report
@@ -78,7 +73,7 @@ from cbvae_ext.evaluation.stats import balanced_accuracy_terms, bootstrap_summar
 from cbvae_ext.evaluation.text_protocols import neuroquery_section, protocols_section, title_section
 from cbvae_ext.folders import json_safe, replace_folder
 from cbvae_ext.run_folder import EVALUATION_FILES, RunFolder, trained_on_checksum
-from cbvae_ext.schema import CONTINUOUS_FIELDS, MetadataSchema, SchemaError
+from cbvae_ext.schema import CONTINUOUS_FIELDS, ConditionGroup, MetadataSchema, SchemaError
 
 __all__ = [
     "RESULTS_LAYOUT",
@@ -558,7 +553,7 @@ class _Context:
     ) -> None:
         self.ev, self.opts, self.info, self.schema, self.mask = ev, opts, info, schema, mask
         self.runs, self.train, self.test, self.peaks, self.latent_size = runs, train, test, peaks, latent_size
-        self.groups = condition_groups(schema)
+        self.groups = schema.groups
         self.generator = torch.Generator().manual_seed(opts["seed"])
         names = schema.categories
         self.columns: dict[str, Any] = {

@@ -22,12 +22,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import streamlit as st
-import streamlit.components.v1 as components
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `streamlit run` without an installed package
     sys.path.insert(0, str(REPO_ROOT))
+
+from cbvae_ext.extras import MissingExtraError, require  # noqa: E402
+
+try:  # the app extra: pip install "cbvae[app]"
+    st = require("streamlit", needed_by="the Counterfactual Machine page")
+    components = require("streamlit.components.v1", needed_by="the Counterfactual Machine page")
+except MissingExtraError as err:
+    raise SystemExit(f"error: {err}") from None
 
 from cbvae_ext import __version__  # noqa: E402
 from cbvae_ext.app import downloads as dl  # noqa: E402
@@ -35,17 +41,19 @@ from cbvae_ext.app import evidence as ev  # noqa: E402
 from cbvae_ext.app import keys  # noqa: E402
 from cbvae_ext.app import session as al  # noqa: E402
 from cbvae_ext.app import state as us  # noqa: E402
+from cbvae_ext.app import upload as up  # noqa: E402
 from cbvae_ext.app.markup import md_escape  # noqa: E402
 from cbvae_ext.app.render import GENERATED_LABEL, SliceRenderer  # noqa: E402
 from cbvae_ext.app.serving import remote_refusal  # noqa: E402
 from cbvae_ext.app.terms import QueryTokeniser  # noqa: E402
+from cbvae_ext.app.uncertainty import N_SAMPLES, prior_spread  # noqa: E402
 from cbvae_ext.app.words import MAX_WORDS, TopicMatch, TopicVocabulary  # noqa: E402
 from cbvae_ext.errors import CbvaeError  # noqa: E402
 from cbvae_ext.schema import CONTINUOUS_FIELDS, SchemaError  # noqa: E402
 
 __all__: list[str] = []
 
-logger = logging.getLogger("cbvae.app")
+logger = logging.getLogger("cbvae_ext.app.page")
 DEFAULT_CUT = (0.0, -18.0, 18.0)
 UNKNOWN = "unknown (model imputes)"
 N_TOPIC_SLIDERS = 5
@@ -82,7 +90,7 @@ def load_renderer(run_dir: str, stamp: float) -> SliceRenderer:
     return SliceRenderer(info.affine, info.mask.shape, info.mask)
 
 
-@st.cache_resource(show_spinner="Reading the Harvard-Oxford atlas…", max_entries=4)
+@st.cache_resource(show_spinner="Reading the Harvard-Oxford and Seitzman atlases…", max_entries=4)
 def load_regions(run_dir: str, stamp: float) -> Any:
     from cbvae_ext.app.regions import RegionLabeller
 
@@ -134,6 +142,29 @@ def dataset_topics(run_dir: str, stamp: float, dataset_dir: str) -> np.ndarray |
     if not isinstance(data, tuple):
         return None
     return al.study_topics(info, data[1])
+
+
+@st.cache_resource(show_spinner="Opening the run for your study (first time: scoring the test studies)…", max_entries=2)
+def load_study_context(run_dir: str, stamp: float, dataset_dir: str | None) -> Any:
+    """The study package's ``StudyContext`` of the run (once per run: the test studies' typicality scores are
+    computed or read from the cache here), or a one-line message why not."""
+    from cbvae_ext.study import StudyContext
+
+    try:
+        return StudyContext.open(run_dir, dataset_dir)
+    except (CbvaeError, OSError, ValueError) as err:
+        return al.one_line(err, 300)
+
+
+@st.cache_resource(max_entries=8)
+def analyse_cached(
+    run_dir: str, stamp: float, dataset_dir: str | None, digest: str, _data: bytes, filename: str, metadata: tuple
+) -> Any:
+    """``cbvae_ext.study``'s analysis of an upload (``digest`` stands for its bytes), or its one-line error."""
+    context = load_study_context(run_dir, stamp, dataset_dir)
+    if isinstance(context, str):
+        return context
+    return up.analyse_upload(context, _data, filename, dict(metadata))
 
 
 @dataclass(frozen=True)
@@ -204,6 +235,13 @@ def contrast_cached(run_dir: str, stamp: float, qkey: str, _pair: tuple[Query, Q
     z = np.asarray(first.z, np.float32)
     maps = model.decode_many(z, conds, allow_extrapolation=first.allow, imputed=dict(first.imputed))
     return maps[0].map, maps[1].map
+
+
+@st.cache_resource(max_entries=16)
+def spread_cached(run_dir: str, stamp: float, qkey: str, _q: Query) -> np.ndarray:
+    """Per-voxel standard deviation of ``N_SAMPLES`` maps decoded from prior draws under the query's conditions
+    (``qkey`` is the digest of the conditions alone: moving a latent slider does not recompute it)."""
+    return prior_spread(load_model(run_dir, stamp), _q.conditions_dict(), _q.allow, dict(_q.imputed))
 
 
 @st.cache_resource(max_entries=16)
@@ -381,10 +419,15 @@ def set_cut(cut: tuple[float, float, float]) -> None:
 # ----- page sections ------------------------------------------------------------------------------
 
 
-def pick_start(info: al.RunInfo, dataset: Any) -> al.StartPoint:
+def pick_start(
+    info: al.RunInfo, dataset: Any, key: str, stamp: float, data_key: str | None
+) -> tuple[al.StartPoint | None, Any]:
+    """The starting point, and for an uploaded study its ``(analysis, result)`` or a one-line error (``str``)."""
     side = st.sidebar
     side.header("Starting point")
-    mode = side.radio("Start from", ["Real study", "Prior sample"], key="mode", horizontal=True)
+    mode = side.radio("Start from", ["Real study", "Prior sample", "Your study"], key="mode", horizontal=True)
+    if mode == "Your study":
+        return your_study_start(info, key, stamp, data_key)
     if mode == "Real study":
         query = side.text_input("Search title", key="query", max_chars=200)
         category = side.selectbox("Task category", ["any", *info.schema.categories], key="filter_category")
@@ -400,11 +443,45 @@ def pick_start(info: al.RunInfo, dataset: Any) -> al.StartPoint:
             if st.session_state.get("study") not in labels:
                 st.session_state.pop("study", None)
             study = side.selectbox(f"Study ({len(table)} shown)", list(labels), format_func=labels.get, key="study")
-            return al.study_start(info, study, dataset[1] if isinstance(dataset, tuple) else None)
+            return al.study_start(info, study, dataset[1] if isinstance(dataset, tuple) else None), None
         side.info("No study matches these filters; starting from a prior draw instead.")
     st.session_state.setdefault("seed", 0)
     seed = side.number_input("Prior seed", min_value=0, max_value=2**31 - 1, step=1, key="seed")
-    return al.prior_start(info, int(seed))
+    return al.prior_start(info, int(seed)), None
+
+
+def your_study_start(
+    info: al.RunInfo, key: str, stamp: float, data_key: str | None
+) -> tuple[al.StartPoint | None, Any]:
+    """An uploaded file read by ``cbvae_ext.study``: its (chosen) study as the starting point, or why not."""
+    side = st.sidebar
+    file = side.file_uploader(
+        "Study file: Sleuth/GingerALE .txt, CSV/TSV of x, y, z, space; NiMARE dataset .json; NIfTI map",
+        type=list(up.UPLOAD_TYPES), key="upload",
+        help="Read and analysed with cbvae_ext.study (bundle/docs/study.md): the same reader, kernel and grid as "
+        "the dataset builder.",
+    )  # fmt: skip
+    text = side.text_area("Text (title or abstract, optional)", key="upload_text", max_chars=us.MAX_QUERY_CHARS)
+    c1, c2 = side.columns(2)
+    year = c1.number_input("Year (optional)", min_value=1900, max_value=2100, value=None, step=1, key="upload_year")
+    n = c2.number_input("Sample size (optional)", min_value=1, max_value=100000, value=None, step=1, key="upload_n")
+    task = side.selectbox("Task (optional)", ["(as the file says)", *info.schema.categories], key="upload_task")
+    if file is None:
+        return None, None
+    data = file.getvalue()
+    metadata = up.upload_metadata(text, year, n, None if task.startswith("(") else task)
+    digest = hashlib.sha1(data + repr(sorted(metadata.items())).encode()).hexdigest()[:16]
+    analysis = analyse_cached(key, stamp, data_key, digest, data, file.name, tuple(sorted(metadata.items())))
+    if isinstance(analysis, str):
+        return None, analysis
+    names = [r.study.name for r in analysis.results]
+    index = 0
+    if len(names) > 1:
+        index = side.selectbox(
+            f"Study in the file ({len(names)})", range(len(names)), format_func=lambda i: names[i], key="upload_study"
+        )  # fmt: skip
+    result = analysis.results[int(index)]
+    return up.upload_start(info, result, f"upload:{digest}:{index}", file.name), (analysis, result)
 
 
 def latent_sliders(info: al.RunInfo, start: al.StartPoint, imputed: dict[str, float]) -> np.ndarray:
@@ -582,7 +659,8 @@ def difference_panels(
         gained, lost = regions.summary(diff, n=3, floor=0.05 * largest)
         fmt = lambda cs: ", ".join(f"{c.name} ({c.mean_change:+.2g})" for c in cs) or "none"  # noqa: E731
         st.caption(
-            f"What changed (Harvard-Oxford cortical regions, mean change): gained {fmt(gained)}; lost {fmt(lost)}"
+            f"What changed (Harvard-Oxford cortical regions; hippocampus, amygdala, basal ganglia, thalamus and "
+            f"cerebellum from Seitzman et al. 2018's ROI spheres; mean change): gained {fmt(gained)}; lost {fmt(lost)}"
         )
 
 
@@ -731,6 +809,60 @@ def sweep_view(
     return decode_ms
 
 
+def your_study_view(
+    info: al.RunInfo, renderer: SliceRenderer, analysis: Any, result: Any, cut: tuple, threshold: float
+) -> None:
+    """The uploaded study: typicality and warnings, its MA map and reconstruction, the nearest dataset studies and
+    the study package's files (NIfTI + JSON sidecars, generated maps labelled) as one download."""
+    st.subheader("Your study")
+    st.markdown(md_escape(up.typicality_sentence(result)))
+    for warning in result.warnings:
+        st.warning(md_escape(warning), icon="⚠️")
+    c1, c2 = st.columns(2)
+    ma = result.ma_map
+    top = float(ma.max()) or 1.0
+    c1.image(
+        renderer.ortho(ma, cut, vmax=top, threshold=threshold * top),
+        caption="Your study's MA map (data: its peaks with the run's kernel on the run's grid)",
+    )
+    if result.reconstruction is not None:
+        low, high = al.value_range([result.reconstruction], info.mask)
+        c2.image(
+            renderer.ortho(result.reconstruction, cut, vmin=low, vmax=high, threshold=low + threshold * (high - low),
+                           title=GENERATED_LABEL),
+            caption="Reconstruction (generated: decode of its posterior mean under its conditions); the latents "
+            "above start at that posterior",
+        )  # fmt: skip
+    near = up.nearest_table(result)
+    if len(near):
+        st.markdown("**Nearest dataset studies** (Pearson r of the MA maps inside the brain mask)")
+        st.dataframe(near, hide_index=True, width="stretch")
+    notes = [*analysis.context.notes, *result.notes]
+    if notes:
+        st.caption("Notes: " + "; ".join(md_escape(n) for n in notes))
+    st.download_button(
+        "Download your study's maps and report (.zip: NIfTI + JSON sidecars, generated maps labelled)",
+        data=analysis.zip_bytes, file_name="your_study.zip", mime="application/zip", key="download_study",
+    )  # fmt: skip
+
+
+def uncertainty_view(
+    info: al.RunInfo, renderer: SliceRenderer, spread: np.ndarray, cut: tuple, threshold: float
+) -> None:
+    """Per-voxel standard deviation of maps sampled for the current conditions, beside the generated map."""
+    top = max(float(spread[info.mask].max()) if info.mask.any() else 0.0, 1e-6)
+    left, right = st.columns([3, 2])
+    left.image(
+        renderer.ortho(spread, cut, cmap="viridis", vmax=top, threshold=threshold * top, title=GENERATED_LABEL),
+        caption=f"Uncertainty (generated): per-voxel standard deviation of {N_SAMPLES} maps decoded from prior draws "
+        "z ~ N(0, I) under the current conditions; bright where studies with these conditions differ most",
+    )
+    right.markdown(
+        f"**Spread of sampled maps: up to {top:.2g}** (standard deviation; the generated map's own scale is above). "
+        "It depends on the conditions only, not on the latent sliders."
+    )
+
+
 def main() -> None:
     t_start = time.perf_counter()
     st.set_page_config(page_title="Counterfactual Machine", layout="wide")
@@ -775,13 +907,22 @@ def main() -> None:
     overrides, _ = read_url(info) if first_run else ({}, None)
     for note in st.session_state.get("_url_notes", []):
         st.warning(md_escape(note), icon="⚠️")
-    start = pick_start(info, dataset)
+    start, upload = pick_start(info, dataset, key, stamp, data_key)
+    if start is None:  # "Your study" without a file read
+        if isinstance(upload, str):
+            st.error(md_escape(upload))
+        else:
+            st.info("Upload a study in the sidebar: a Sleuth/GingerALE text file, a CSV/TSV of x, y, z with a space "
+                    "column, a NiMARE dataset JSON or a NIfTI map (bundle/docs/study.md lists the formats).")  # fmt: skip
+        return
     imputed: dict[str, float] = {}
+    if upload is not None:  # the imputation head's values for the uploaded map's missing fields
+        imputed = {k: float(v) for k, v in (upload[1].decode_info.get("imputed") or {}).items()}
     if data_key is not None and start.study_id is not None:
         imputed, note = study_imputed(key, stamp, data_key, start.key)
         if note:
             st.sidebar.caption(md_escape(note))
-    if info.schema.n_topics:  # the study's own topic mixture (None: unknown, or no dataset to read it from)
+    if info.schema.n_topics and not start.upload:  # the study's own topic mixture (None: unknown or no dataset)
         study_topics = dataset_topics(key, stamp, data_key) if data_key is not None else None
         start.conditions["topics"] = al.start_topics(info, study_topics, start.study_id)
     if st.session_state.get("_start_key") != start.key:
@@ -836,8 +977,11 @@ def main() -> None:
         renderer.glass_brain(current, vmin=low, vmax=top, threshold=level, title=GENERATED_LABEL),
         caption="Generated · glass brain (maximum-intensity projections)",
     )
+    spread = spread_cached(key, stamp, make_query(np.zeros_like(z), conditions, allow, imputed).key, query)
     real = real_map(data_key, start.study_id) if data_key is not None and start.study_id is not None else None
-    if real is not None:
+    if upload is not None:
+        your_study_view(info, renderer, upload[0], upload[1], cut, threshold)
+    elif real is not None:
         st.image(
             renderer.ortho(real, cut, vmax=1.0, threshold=threshold),
             caption="Real map of the starting study (data: MA map, scaled to its peak)",
@@ -846,6 +990,7 @@ def main() -> None:
         st.info("A prior draw has no real map.")
     else:
         st.info("Real map not shown: pass `--dataset_dir DATA` (or `CBVAE_DATASET_DIR`) to see the study's own map.")
+    uncertainty_view(info, renderer, spread, cut, threshold)
 
     difference_view(info, renderer, load_regions(key, stamp), current, others, cut, threshold)
     if vocab is not None:
@@ -871,7 +1016,7 @@ def main() -> None:
         run=info.run_dir.name,
         study=start.study_id,
         seed=start.seed,
-        z=z if moved else None,
+        z=z if moved or start.upload else None,  # an upload is not in the run: the link carries its code
         conditions=conditions,
         query=words,
         contrast=(st.session_state.get("contrast_a", ""), st.session_state.get("contrast_b", "")),

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from cbvae_ext.configs import config_dir
 from cbvae_ext.errors import CbvaeError
 
 __all__ = [
@@ -30,7 +31,7 @@ __all__ = [
     "training_preset",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "bundle" / "configs"
+CONFIG_DIR = config_dir()  # installed package data or the checkout's bundle/configs (cbvae_ext.configs)
 PRESET_NAMES: tuple[str, ...] = ("cpu", "gpu")
 #: Batch and device settings of a preset (``train.yaml`` top-level keys; the rest are architecture keys).
 TRAINING_KEYS: tuple[str, ...] = ("batch_size", "num_workers", "resident", "autocast_dtype", "channels_last", "compile")

@@ -8,7 +8,7 @@ usage() {
   cat <<'USAGE'
 usage: scripts/run_main.sh [--out DIR] [--data-dir DIR] [--subset N|all] [--epochs N] [--preset gpu|cpu]
                            [--resolution 2|4] [--kernel ale|mkda] [--kernel-fwhm MM] [--neurosynth-dir DIR]
-                           [--no-terms] [--no-setup] [--help]
+                           [--networks LIST] [--no-terms] [--no-setup] [--help]
 
 Always calls the dataset builder: it reuses DATA only when inputs, options, schema and version match its
 cache key, and rebuilds otherwise (a changed kernel, subset or metadata field never trains on old maps).
@@ -34,6 +34,9 @@ Options override the environment variables in brackets:
   --no-terms            [CBVAE_TERMS=0] build without NeuroQuery's terms (the evaluation then reports NeuroQuery absent)
   --neuroquery-dir DIR  [CBVAE_NEUROQUERY_DIR] local NeuroQuery term counts (default ../shared/data/neuroquery
                         when present, else NiMARE's fetcher downloads them)
+  --networks LIST       [CBVAE_NETWORKS] comma-separated networks to train and evaluate (default
+                        cbvae,baseline,uncond,nolambda: the model, the baseline VAE and the model's two twins;
+                        cbvae is always trained: the export check and the app need it)
   --no-setup            use $PYTHON (default python) as it is; default: create ./.venv and install
 
 Extra bundle overrides: CBVAE_TRAIN_ARGS (every training) and CBVAE_EVAL_ARGS (the evaluation), split
@@ -54,13 +57,14 @@ kernel_fwhm=""
 ns_dir="${CBVAE_NEUROSYNTH_DIR:-}"
 nq_dir="${CBVAE_NEUROQUERY_DIR:-}"
 terms="${CBVAE_TERMS:-1}"
+networks="${CBVAE_NETWORKS:-cbvae,baseline,uncond,nolambda}"
 setup=1
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --no-setup) setup=0; shift; continue ;;
     --no-terms) terms=0; shift; continue ;;
-    --out|--data-dir|--subset|--epochs|--preset|--resolution|--kernel|--kernel-fwhm|--fwhm|--neurosynth-dir|--neuroquery-dir)
+    --out|--data-dir|--subset|--epochs|--preset|--resolution|--kernel|--kernel-fwhm|--fwhm|--neurosynth-dir|--neuroquery-dir|--networks)
       [ $# -ge 2 ] || bad "$1 needs a value (see --help)" ;;
     *) bad "unknown option $1 (see --help)" ;;
   esac
@@ -75,6 +79,7 @@ while [ $# -gt 0 ]; do
     --kernel-fwhm|--fwhm) kernel_fwhm="$2" ;;
     --neurosynth-dir) ns_dir="$2" ;;
     --neuroquery-dir) nq_dir="$2" ;;
+    --networks) networks="$2" ;;
   esac
   shift 2
 done
@@ -86,6 +91,8 @@ done
 [[ -z $kernel_fwhm || $kernel_fwhm =~ ^[0-9]+([.][0-9]+)?$ ]] || bad "--kernel-fwhm must be a number of mm, got '$kernel_fwhm'"
 [[ -z $ns_dir || -d $ns_dir ]] || bad "--neurosynth-dir $ns_dir does not exist; omit it to download Neurosynth"
 [[ $terms == 0 || $terms == 1 ]] || bad "CBVAE_TERMS must be 0 or 1, got '$terms'"
+[[ $networks =~ ^(cbvae|baseline|uncond|nolambda)(,(cbvae|baseline|uncond|nolambda))*$ && ,$networks, == *,cbvae,* ]] \
+  || bad "--networks must be a comma-separated list of cbvae, baseline, uncond, nolambda that includes cbvae, got '$networks'"
 [[ -z $nq_dir || -d $nq_dir ]] || bad "--neuroquery-dir $nq_dir does not exist; omit it to download NeuroQuery's term counts"
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -148,6 +155,7 @@ runs=()
 # train NAME [OVERLAY]: the run folder OUT/NAME from train.yaml, the preset (+ bundle/configs/OVERLAY); evaluated below
 train() {
   local name="$1" configs="$presets"
+  [[ ,$networks, == *,$name,* ]] || return 0
   [ $# -gt 1 ] && configs+=",'bundle/configs/$2'"
   step "train_$name" "$py" -m monai.bundle run training --config_file "[$configs]" --output_dir "$out/$name" "${train_args[@]}"
   runs+=("$name")

@@ -13,4 +13,5 @@ fi
 export WANDB_MODE=offline WANDB_SILENT=true MPLBACKEND=Agg OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 ruff check .
 ruff format --check .
-python -m pytest -q "$@"
+# every core (pytest-xdist; a test file stays on one worker, the session fixtures are built once per run)
+python -m pytest -q -n "${CBVAE_TEST_WORKERS:-auto}" --dist loadfile "$@"

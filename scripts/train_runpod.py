@@ -104,7 +104,7 @@ def _setup_log(path: Path, secrets: Secrets) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.addFilter(RedactingFilter(secrets.values()))
-    logger = logging.getLogger("cbvae.cloud")
+    logger = logging.getLogger("cbvae_ext.cloud")
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     logger.propagate = False

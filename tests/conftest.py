@@ -7,11 +7,14 @@ names). Tests marked ``full_data`` need all 14,371 studies and skip on the fixtu
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,15 +84,45 @@ def neuroquery_dir() -> Path:
     return NEUROQUERY_DIR
 
 
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Any]) -> Any:
+    """``make(folder)`` once per test run; its JSON result is returned to every caller.
+
+    Under pytest-xdist (``scripts/test.sh`` runs the suite on every core) each worker is its own session:
+    the first one to get here builds in a folder all workers share, under a file lock, and the others read
+    its result; without xdist it is a plain session fixture.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return make(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # one folder per run, above the workers' own
+    done = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.is_file():
+            folder = shared / name
+            folder.mkdir()
+            done.write_text(json.dumps(make(folder)))
+        return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, neurosynth_dir: Path) -> Path:
-    """A 120-study stratified subset at 4 mm with NeuroQuery's terms, built once per session by the real builder."""
-    from cbvae_ext.data import build_dataset
+    """A 120-study stratified subset at 4 mm with NeuroQuery's terms, built once per run by the real builder."""
 
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    return Path(
-        build_dataset(neurosynth_dir=neurosynth_dir, out=out, subset=120, resolution=4, neuroquery_dir=NEUROQUERY_DIR)
-    )
+    def make(folder: Path) -> str:
+        from cbvae_ext.data import build_dataset
+
+        return str(
+            build_dataset(
+                neurosynth_dir=neurosynth_dir,
+                out=folder / "tiny",
+                subset=120,
+                resolution=4,
+                neuroquery_dir=NEUROQUERY_DIR,
+            )
+        )
+
+    return Path(once_per_run(tmp_path_factory, "data", make))
 
 
 #: Tiny network and 2 iterations per epoch: tests of the training plumbing, not of the model.
@@ -145,11 +178,14 @@ def run_bundle(args: list[str], launcher: list[str] | None = None) -> subprocess
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> dict[str, Path]:
-    """One C-β-VAE and one baseline run, each trained for one epoch on the tiny dataset."""
-    root = tmp_path_factory.mktemp("runs")
-    off = ("--use_wandb", "false", "--use_mlflow", "false")
-    run_bundle(training_command(tiny_dataset, root / "cbvae", 1, *off))
-    run_bundle(
-        training_command(tiny_dataset, root / "baseline", 1, *off, configs=("train.yaml", "train_baseline.yaml"))
-    )
-    return {"cbvae": root / "cbvae", "baseline": root / "baseline"}
+    """One C-β-VAE and one baseline run, each trained for one epoch on the tiny dataset (once per run)."""
+
+    def make(root: Path) -> dict[str, str]:
+        off = ("--use_wandb", "false", "--use_mlflow", "false")
+        run_bundle(training_command(tiny_dataset, root / "cbvae", 1, *off))
+        run_bundle(
+            training_command(tiny_dataset, root / "baseline", 1, *off, configs=("train.yaml", "train_baseline.yaml"))
+        )
+        return {"cbvae": str(root / "cbvae"), "baseline": str(root / "baseline")}
+
+    return {name: Path(path) for name, path in once_per_run(tmp_path_factory, "runs", make).items()}

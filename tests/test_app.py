@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from study_files import test_split_studies, write_csv, write_nimare_json, write_sleuth
 
 from cbvae_ext.app import downloads as dl
 from cbvae_ext.app import evidence as ev
@@ -498,6 +499,33 @@ def test_what_changed_names_the_atlas_regions() -> None:
     assert lost[0].name == "right Occipital Pole" and lost[0].mean_change < 0
 
 
+def test_what_changed_names_subcortical_regions() -> None:
+    """A change at the thalamus and the insula (pain's pattern) names the thalamus, from Seitzman's spheres."""
+    labeller = RegionLabeller(MNI4, SHAPE4, np.ones(SHAPE4, bool))
+    diff = np.zeros(SHAPE4, np.float32)
+    for xyz, value in (((-10.0, -18.0, 8.0), 0.03), ((38.0, 4.0, 4.0), 0.01)):  # left thalamus, right insula
+        ijk = np.rint(np.linalg.solve(MNI4, [*xyz, 1.0])[:3]).astype(int)
+        diff[tuple(slice(c - 1, c + 2) for c in ijk)] = value
+    gained, _ = labeller.summary(diff, n=3)
+    names = [c.name for c in gained]
+    assert names[0] == "left thalamus" and "right Insular Cortex" in names, names
+    assert {"left amygdala", "right cerebellum", "left basal ganglia", "right hippocampus"} <= set(labeller.names)
+
+
+def test_prior_spread_is_the_sd_of_sampled_maps(app_run: Path) -> None:
+    from cbvae_ext import inference
+    from cbvae_ext.app.uncertainty import prior_spread
+
+    model = inference.load(app_run)
+    spread = prior_spread(model, {}, n=4, seed=1)
+    z = np.random.default_rng(1).standard_normal((4, model.latent_size)).astype(np.float32)
+    maps = np.stack([model.decode(row, {}).map for row in z])
+    np.testing.assert_allclose(spread, maps.std(axis=0), atol=1e-6)
+    assert spread.shape == model.mask.shape and spread[model.mask].max() > 0 and not spread[~model.mask].any()
+    with pytest.raises(ValueError, match="at least 2"):
+        prior_spread(model, {}, n=1)
+
+
 def test_renderer_draws_on_the_2mm_template_where_mni_says() -> None:
     # 4 mm grid with the x axis flipped (as in FSL's templates): the display must still be RAS/neurological
     renderer = SliceRenderer(MNI4, SHAPE4, panel_px=110)
@@ -653,6 +681,10 @@ def test_app_counterfactuals(monkeypatch: pytest.MonkeyPatch, app_run: Path, tin
     assert sweep.captions == [f"{v:g}" for v in al.sweep_values(info.schema, "year")]
     assert len(set(sweep.value)) >= 2  # the years do not all render the same picture
     assert at.caption[-1].value.startswith("this interaction:")
+    spread = next(i for i in at.image if i.captions[0].startswith("Uncertainty (generated)"))
+    assert "standard deviation of 16 maps decoded from prior draws" in spread.captions[0]
+    top = next(m.value for m in at.markdown if m.value.startswith("**Spread of sampled maps"))
+    assert float(top.split("up to ")[1].split("*")[0]) > 0
 
     # a different task changes the generated map; the difference is scaled to the map and quantified
     categories = info.schema.categories
@@ -867,11 +899,114 @@ def test_random_widget_changes_never_break_the_page(
             widget.set_value(type(widget.value)(round(lo + rng.random() * (hi - lo) / widget.step) * widget.step))
         elif kind == "selectbox":
             widget.select_index(int(rng.integers(len(widget.options))))
-        elif kind == "radio":
-            widget.set_value(widget.options[int(rng.integers(len(widget.options)))])
+        elif kind == "radio":  # (an empty "Your study" has no other widgets; uploads are tested above)
+            options = [o for o in widget.options if o != "Your study"]
+            widget.set_value(options[int(rng.integers(len(options)))])
         elif kind == "checkbox":
             widget.set_value(not widget.value)
         else:
             widget.input(texts[int(rng.integers(len(texts)))])
         at.run()
         assert not at.exception and not at.error, (step, widget.key, _texts(at, "error"))
+
+
+# ----- your own study ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def upload_studies(tiny_dataset: Path, neurosynth_dir: Path) -> dict[str, dict]:
+    from cbvae_ext.data import load_dataset_info
+
+    return test_split_studies(load_dataset_info(tiny_dataset).metadata, neurosynth_dir)
+
+
+def _nearest(at) -> pd.DataFrame:
+    return next(d.value for d in at.dataframe if "r" in d.value.columns)
+
+
+def _upload(at, name: str, data: bytes):
+    if at.radio(key="mode").value != "Your study":
+        at.radio(key="mode").set_value("Your study").run()
+        assert any(_plain(i.value).startswith("Upload a study in the sidebar") for i in at.info)
+    at.file_uploader(key="upload").set_value((name, data, "application/octet-stream"))
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_your_study_in_each_format(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, app_run: Path, tiny_dataset: Path, upload_studies: dict
+) -> None:
+    """A real test study written as Sleuth, CSV (two studies in one file) and NiMARE JSON: its page, each time."""
+    monkeypatch.setenv("CBVAE_CACHE_DIR", str(tmp_path / "cache"))
+    mni, tal = upload_studies["MNI"], upload_studies["TAL"]
+    info = al.load_run_info(app_run)
+    files = {
+        "study.txt": write_sleuth(tmp_path / "study.txt", [("mine", mni["xyz"])], "MNI"),
+        "study.json": write_nimare_json(tmp_path / "study.json", [("mine", mni["xyz"], "MNI")]),
+        "two.csv": write_csv(tmp_path / "two.csv", [("mine", mni["xyz"], "MNI"), ("other", tal["xyz"], "TAL")]),
+    }
+    at = _app(monkeypatch, app_run, tiny_dataset)
+    for name, path in files.items():
+        _upload(at, name, path.read_bytes())
+        assert not at.error, _texts(at, "error")
+        assert "Your study" in [h.value for h in at.subheader]
+        assert any(
+            _plain(m.value).startswith("Typicality: the model finds this map more likely than") for m in at.markdown
+        )
+        near = _nearest(at)
+        assert near["id"].iloc[0] == mni["id"] and near["r"].iloc[0] == pytest.approx(1.0, abs=1e-3)  # itself
+        captions = [i.captions[0] for i in at.image]
+        assert captions[2].startswith("Your study's MA map (data") and captions[3].startswith("Reconstruction")
+        assert any(c.startswith("Uncertainty (generated)") for c in captions)
+        assert any("your study mine" in _plain(c.value) for c in at.caption)
+        assert any("Download your study's maps" in e.proto.label for e in at.get("download_button"))
+    # the CSV's two studies: a select box, and the second one is a different starting point
+    assert at.selectbox(key="upload_study").options == ["mine", "other"]
+    top = int(info.kl_order[0])
+    first = at.slider(key=keys.latent(top)).value
+    at.selectbox(key="upload_study").set_value(1).run()
+    assert not at.exception and not at.error
+    assert _nearest(at)["id"].iloc[0] == tal["id"]
+    assert at.slider(key=keys.latent(top)).value != first
+
+    # its posterior is the fixed latent code: the counterfactual controls edit it
+    at.radio(key="compare").set_value("the starting point").run()
+    assert "identical to the reference" in next(m.value for m in at.markdown if m.value.startswith("**Largest"))
+    before = at.image[0].value
+    at.selectbox(key="task").set_value(info.schema.categories[-1]).run()
+    assert not at.error and at.image[0].value != before
+    assert "identical" not in next(m.value for m in at.markdown if m.value.startswith("**Largest"))
+
+
+BAD_UPLOADS = {
+    "unknown space": (
+        "colin.txt",
+        b"// Reference=Colin27\n// s\n// Subjects=10\n10 20 30\n",
+        "unknown coordinate space",
+    ),
+    "mixed spaces": ("mixed.csv", b"x,y,z,space\n10,20,30,MNI\n-10,20,30,TAL\n", "mixes spaces"),
+    "empty": ("empty.csv", b"", "empty"),
+    "unreadable": ("broken.json", b"{not json", "broken.json"),
+}
+
+
+def test_bad_upload_shows_the_study_packages_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, app_run: Path, tiny_dataset: Path
+) -> None:
+    from cbvae_ext.study import StudyContext, StudyError, analyse_file
+
+    monkeypatch.setenv("CBVAE_CACHE_DIR", str(tmp_path / "cache"))
+    context = StudyContext.open(app_run, tiny_dataset, cache=False)
+    at = _app(monkeypatch, app_run, tiny_dataset)
+    for name, data, words in BAD_UPLOADS.values():
+        with pytest.raises(StudyError) as err:
+            analyse_file(data, filename=name, context=context)
+        _upload(at, name, data)
+        assert [e.value for e in at.error] == [md_escape(al.one_line(err.value, 300))]
+        assert words in _plain(at.error[0].value) and "\n" not in at.error[0].value
+        assert _plain(at.error[0].value).startswith(name)  # the upload's name, not a temporary copy's path
+        assert not at.image  # nothing of another study is shown
+    hostile = b"x,y,z,space\n1,2,3,`[a](https://ev.il)`\n"
+    _upload(at, "h.csv", hostile)
+    assert "ev.il" in _plain(at.error[0].value) and "](https" not in at.error[0].value.replace(WORD_JOINER, "")

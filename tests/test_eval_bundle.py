@@ -28,9 +28,12 @@ pytestmark = pytest.mark.slow
 
 FAST = [
     "--n_bootstrap", "200", "--n_permutations", "5", "--n_examples", "2", "--batch_size", "16",
-    "--iwae_k", "3", "--n_prior_samples", "2",
+    "--iwae_k", "3", "--n_prior_samples", "2", "--joint_k", "3", "--n_calibration_samples", "3",
 ]  # fmt: skip
-SMALL = {"n_bootstrap": 50, "n_permutations": 2, "n_examples": 0, "batch_size": 16, "iwae_k": 2, "n_prior_samples": 2}
+SMALL = {
+    "n_bootstrap": 50, "n_permutations": 2, "n_examples": 0, "batch_size": 16, "iwae_k": 2, "n_prior_samples": 2,
+    "joint_k": 2, "n_calibration_samples": 2, "n_half_splits": 1,
+}  # fmt: skip
 
 
 def _evaluate(repo_root: Path, dataset: Path, output: Path, *args: str) -> subprocess.CompletedProcess:
@@ -79,7 +82,15 @@ def results(repo_root, terms_dataset, tiny_runs, ood_dataset, tmp_path_factory) 
         str(ood_dataset),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out.parent / "evaluate.log").write_text(proc.stdout + proc.stderr)
     return json.loads((out / "test_results.json").read_text()), out
+
+
+def test_the_evaluation_logs_each_section_and_its_time(results):
+    res, out = results
+    log = (out.parent / "evaluate.log").read_text()
+    for name, seconds in res["provenance"]["section_seconds"].items():
+        assert f"evaluation section {name} done in {seconds:.1f} s" in log, name
 
 
 def _check_summary(summary: dict, low: float, high: float, n_bootstrap: int = 200) -> None:
@@ -129,7 +140,7 @@ def test_results_layout_and_every_section(results):
     assert "predictions" not in res["debiasing"]["probes"]["cbvae"]["logistic"]
     figures = {
         "recon_examples.png", "training_curves.png", "per_category_r.png", "probes.png",
-        "category_identification.png", "category_maps.png", "pca_curve.png",
+        "category_identification.png", "category_maps.png", "pca_curve.png", "calibration_reliability.png",
     }  # fmt: skip
     assert set(res["figures"]) == figures
     for name in res["figures"]:

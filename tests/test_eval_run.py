@@ -115,6 +115,8 @@ def test_run_trained_on_another_dataset_build_is_refused(tmp_path):
         ("batch_size", 0, "--batch_size 0 is invalid; give an integer >= 1"),
         ("iwae_k", 0, "--iwae_k 0 is invalid; give an integer >= 1"),
         ("n_prior_samples", 2.5, "--n_prior_samples 2.5 is invalid; give an integer >= 1"),
+        ("joint_k", 0, "--joint_k 0 is invalid; give an integer >= 1"),
+        ("generative_max_maps", 0, "--generative_max_maps 0 is invalid; give an integer >= 1"),
     ],
 )
 def test_bad_numeric_options_are_one_line_errors(tmp_path, capsys, option, value, message):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,10 @@ def test_tiny_check_on_cpu_writes_every_figure_under_one_folder(
     tmp_path: Path, tiny_dataset: Path, neurosynth_dir: Path
 ) -> None:
     out = tmp_path / "check"
-    # the session's tiny dataset has the tiny setting's build options: run_main.sh's builder reuses it
-    proc = _run("--tiny", "--no-setup", "--out", str(out), "--data-dir", str(tiny_dataset),
+    # a copy of the session's tiny dataset, which has the tiny setting's build options: run_main.sh's builder
+    # reuses it (a copy, so that its lock never meets another test's builder on the shared dataset)
+    data = shutil.copytree(tiny_dataset, tmp_path / "tiny")
+    proc = _run("--tiny", "--no-setup", "--out", str(out), "--data-dir", str(data),
                 "--neurosynth-dir", str(neurosynth_dir))  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (out / "summary.txt").read_text()

@@ -7,6 +7,7 @@ import fnmatch
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def test_entry_script_help_and_bad_arguments(repo_root: Path, tmp_path: Path):
         (["--kernel-fwhm", "wide"], "error: --kernel-fwhm must be a number of mm, got 'wide'"),
         (["--neurosynth-dir", "/no/such/dir"], "error: --neurosynth-dir /no/such/dir does not exist"),
         (["--deadline", "soon"], "error: --deadline must be a Unix time in seconds, got 'soon'"),
+        (["--networks", "baseline"], "error: --networks must be a comma-separated list of cbvae, baseline, uncond"),
         (["--bogus"], "error: unknown option --bogus"),
     ]:
         proc = run_entry(repo_root, ["--root", str(tmp_path), *args], {})
@@ -217,8 +219,9 @@ def test_pod_removes_itself_after_the_job_and_the_linger(repo_root: Path, tmp_pa
 
 @pytest.mark.slow
 def test_entry_script_end_to_end_on_cpu(repo_root: Path, tmp_path: Path, tiny_dataset: Path, neurosynth_dir: Path):
-    # the tiny dataset's own build options: the builder finds the same cache key and reuses it
-    (tmp_path / "dataset").symlink_to(tiny_dataset, target_is_directory=True)
+    # a copy of the tiny dataset with its own build options: the builder finds the same cache key and reuses it
+    # (a copy, so that its lock never meets another test's builder on the shared dataset)
+    shutil.copytree(tiny_dataset, tmp_path / "dataset")
     # a tiny network and a short evaluation: the pipeline's wiring on a real run (run_main.sh splits on spaces)
     train_args = "--use_mlflow false --epoch_length 2 --val_epoch_length 1 --batch_size 4 --progress false"
     train_args += " --network_overrides {'channels':[4,8],'block_layers':[1],'growth_rate':4}"
@@ -226,6 +229,8 @@ def test_entry_script_end_to_end_on_cpu(repo_root: Path, tmp_path: Path, tiny_da
         "CBVAE_TRAIN_ARGS": train_args,
         "CBVAE_EVAL_ARGS": "--n_bootstrap 20 --n_permutations 5 --iwae_k 2 --n_prior_samples 2 --n_counterfactual 1",
         "CBVAE_NEUROQUERY_DIR": str(NEUROQUERY_DIR),  # the tiny dataset's terms came from there
+        # the model and the baseline: gpu_check's test already runs all four through run_main.sh
+        "CBVAE_NETWORKS": "cbvae,baseline",
     }
     args = ["--root", str(tmp_path), "--subset", "120", "--epochs", "1", "--neurosynth-dir", str(neurosynth_dir)]
     proc = run_entry(repo_root, args, env, timeout=1500)
@@ -238,6 +243,8 @@ def test_entry_script_end_to_end_on_cpu(repo_root: Path, tmp_path: Path, tiny_da
         assert (out / name / "model.pt").stat().st_size > 0
     results = json.loads((out / "eval" / "test_results.json").read_text())
     assert results["split"] == "test" and results["n_test"] > 0 and {"cbvae", "baseline"} <= set(results["models"])
+    assert not (out / "uncond").exists() and not (out / "nolambda").exists()  # --networks chose two
+    assert not (out / "logs" / "train_uncond.log").exists() and not (out / "logs" / "train_nolambda.log").exists()
     steps = {p.stem for p in (out / "logs").iterdir()}
     assert {"dataset", "train_cbvae", "train_baseline", "check_decoder", "evaluate"} <= steps
 

@@ -17,11 +17,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import BUNDLE_ENV, REPO_ROOT
+from study_files import (
+    test_split_studies,
+    write_csv,
+    write_nimare_json,
+    write_sleuth,
+    write_studyset_json,
+)
 
 from cbvae_ext.data import load_dataset_info
 from cbvae_ext.study import MAX_PEAKS, StudyContext, StudyError, analyse_file, read_studies
-
-_COORDS = "data-neurosynth_version-7_coordinates.tsv.gz"
 
 
 @pytest.fixture(scope="module")
@@ -37,81 +42,7 @@ def context(tiny_runs: dict[str, Path], tiny_dataset: Path) -> StudyContext:
 @pytest.fixture(scope="module")
 def real_studies(dataset, neurosynth_dir: Path) -> dict[str, dict]:
     """One MNI and one Talairach test-split study of the tiny dataset, with their peaks as Neurosynth lists them."""
-    meta = dataset.metadata
-    coords = pd.read_csv(neurosynth_dir / _COORDS, sep="\t", dtype={"id": str})
-    out = {}
-    for space in ("MNI", "TAL"):
-        pick = meta[(meta["space"] == space) & (meta["split"] == "test")].iloc[0]
-        raw = coords.loc[coords["id"] == pick["id"].split(":", 1)[1], ["x", "y", "z"]].to_numpy(np.float64)
-        out[space] = {"id": pick["id"], "row": int(pick.name), "xyz": raw, "year": float(pick["year"])}
-    return out
-
-
-# ----- writers of each format (what a user's tool would export) --------------------------------------------
-def _sleuth(path: Path, studies: list[tuple[str, np.ndarray]], reference: str, subjects: int = 20) -> Path:
-    lines = [f"// Reference={reference}"]
-    for name, xyz in studies:
-        lines += [f"// {name}", f"// Subjects={subjects}", *("\t".join(f"{v:g}" for v in p) for p in xyz), ""]
-    path.write_text("\n".join(lines))
-    return path
-
-
-def _csv(path: Path, studies: list[tuple[str, np.ndarray, str]], sep: str = ",") -> Path:
-    frames = [
-        pd.DataFrame(xyz, columns=["x", "y", "z"]).assign(space=space, study=name) for name, xyz, space in studies
-    ]
-    pd.concat(frames).to_csv(path, index=False, sep=sep)
-    return path
-
-
-def _nimare_json(path: Path, studies: list[tuple[str, np.ndarray, str]]) -> Path:
-    doc = {
-        name: {
-            "contrasts": {
-                "1": {
-                    "coords": {
-                        "space": space,
-                        "x": xyz[:, 0].tolist(),
-                        "y": xyz[:, 1].tolist(),
-                        "z": xyz[:, 2].tolist(),
-                    },
-                    "metadata": {"sample_sizes": [20]},
-                }
-            }
-        }
-        for name, xyz, space in studies
-    }
-    path.write_text(json.dumps(doc))
-    return path
-
-
-def _studyset_json(path: Path, studies: list[tuple[str, np.ndarray, str]]) -> Path:
-    doc = {
-        "id": "mine",
-        "name": "",
-        "studies": [
-            {
-                "id": name,
-                "name": name,
-                "authors": "",
-                "publication": "",
-                "metadata": {},
-                "analyses": [
-                    {
-                        "id": "1",
-                        "name": "1",
-                        "conditions": [],
-                        "weights": [],
-                        "images": [],
-                        "points": [{"space": space, "coordinates": list(map(float, p))} for p in xyz],
-                    }
-                ],
-            }
-            for name, xyz, space in studies
-        ],
-    }
-    path.write_text(json.dumps(doc))
-    return path
+    return test_split_studies(dataset.metadata, neurosynth_dir)
 
 
 # ----- the same study in every format -----------------------------------------------------------------------
@@ -124,11 +55,11 @@ def test_dataset_study_read_back_gives_its_dataset_map(
     name, xyz = "real study", study["xyz"]
     label = {"MNI": "MNI", "TAL": "Talairach"}[space] if fmt == "sleuth" else space
     path = {
-        "sleuth": lambda: _sleuth(tmp_path / "s.txt", [(name, xyz)], label),
-        "csv": lambda: _csv(tmp_path / "s.csv", [(name, xyz, label)]),
-        "tsv": lambda: _csv(tmp_path / "s.tsv", [(name, xyz, label)], sep="\t"),
-        "nimare_json": lambda: _nimare_json(tmp_path / "s.json", [(name, xyz, label)]),
-        "studyset_json": lambda: _studyset_json(tmp_path / "s.json", [(name, xyz, label)]),
+        "sleuth": lambda: write_sleuth(tmp_path / "s.txt", [(name, xyz)], label),
+        "csv": lambda: write_csv(tmp_path / "s.csv", [(name, xyz, label)]),
+        "tsv": lambda: write_csv(tmp_path / "s.tsv", [(name, xyz, label)], sep="\t"),
+        "nimare_json": lambda: write_nimare_json(tmp_path / "s.json", [(name, xyz, label)]),
+        "studyset_json": lambda: write_studyset_json(tmp_path / "s.json", [(name, xyz, label)]),
     }[fmt]()
     (read,) = read_studies(path)
     assert read.space == space
@@ -163,7 +94,7 @@ def test_many_studies_in_one_file_and_their_metadata(tmp_path: Path, real_studie
     )
     assert a.metadata == {"year": 2010.0, "sample_size": 24.0, "task": None, "text": None}
     assert b.metadata["task"] == "pain" and b.metadata["year"] is None
-    (s,) = read_studies(_sleuth(tmp_path / "s.txt", [("Smith et al., 2010: faces", mni["xyz"])], "MNI", 17))
+    (s,) = read_studies(write_sleuth(tmp_path / "s.txt", [("Smith et al., 2010: faces", mni["xyz"])], "MNI", 17))
     assert s.metadata["sample_size"] == 17.0 and s.name == "Smith et al., 2010; faces"
 
 
@@ -171,7 +102,7 @@ def test_three_talairach_peaks_log_nothing(tmp_path: Path, caplog: pytest.LogCap
     """NiMARE's tal2mni logs an "ambiguous 3x3 matrix" note for 3 peaks; the CLI's stderr must stay one line."""
     xyz = np.array([[-18.0, -58.0, -24.0], [26.0, -64.0, -50.0], [12.0, -70.0, -42.0]])
     with caplog.at_level("INFO"):
-        (study,) = read_studies(_sleuth(tmp_path / "t.txt", [("three", xyz)], "Talairach"))
+        (study,) = read_studies(write_sleuth(tmp_path / "t.txt", [("three", xyz)], "Talairach"))
     assert study.space == "TAL" and study.xyz.shape == (3, 3) and not np.allclose(study.xyz, xyz)
     assert not [r for r in caplog.records if r.name.startswith("nimare")]
 
@@ -201,10 +132,10 @@ def _one_line(excinfo: pytest.ExceptionInfo, *words: str) -> None:
 def test_unknown_space(tmp_path: Path, real_studies: dict) -> None:
     xyz = real_studies["MNI"]["xyz"]
     with pytest.raises(StudyError) as e:
-        read_studies(_sleuth(tmp_path / "s.txt", [("a", xyz)], "Colin27"))
+        read_studies(write_sleuth(tmp_path / "s.txt", [("a", xyz)], "Colin27"))
     _one_line(e, "unknown coordinate space", "'Colin27'", "use MNI or TAL")
     with pytest.raises(StudyError) as e:
-        read_studies(_csv(tmp_path / "s.csv", [("a", xyz, "ICBM-Foo")]))
+        read_studies(write_csv(tmp_path / "s.csv", [("a", xyz, "ICBM-Foo")]))
     _one_line(e, "unknown coordinate space", "use MNI or TAL")
     pd.DataFrame(xyz, columns=["x", "y", "z"]).to_csv(tmp_path / "nospace.csv", index=False)
     with pytest.raises(StudyError) as e:
@@ -225,12 +156,12 @@ def test_mixed_spaces(tmp_path: Path, real_studies: dict) -> None:
     with pytest.raises(StudyError) as e:
         read_studies(tmp_path / "mixed.csv")
     _one_line(e, "mixes spaces", "MNI and TAL", "split it")
-    text = _sleuth(tmp_path / "a.txt", [("a", xyz)], "MNI").read_text()
+    text = write_sleuth(tmp_path / "a.txt", [("a", xyz)], "MNI").read_text()
     (tmp_path / "two.txt").write_text(text + "\n// Reference=Talairach\n// b\n// Subjects=10\n1 2 3\n")
     with pytest.raises(StudyError) as e:
         read_studies(tmp_path / "two.txt")
     _one_line(e, "second space header", "mixed spaces", "one sleuth file per space")
-    path = _studyset_json(tmp_path / "m.json", [("a", xyz[:2], "MNI")])
+    path = write_studyset_json(tmp_path / "m.json", [("a", xyz[:2], "MNI")])
     doc = json.loads(path.read_text())
     doc["studies"][0]["analyses"][0]["points"][1]["space"] = "TAL"
     path.write_text(json.dumps(doc))
@@ -274,19 +205,19 @@ def test_empty_tables_and_unreadable_files(tmp_path: Path) -> None:
 def test_peak_limit(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     big = rng.uniform(-60, 60, size=(10_000, 3)).round(1)
-    path = _csv(tmp_path / "big.csv", [("one", big, "MNI")])
+    path = write_csv(tmp_path / "big.csv", [("one", big, "MNI")])
     with pytest.raises(StudyError) as e:
         read_studies(path)
     _one_line(e, "10000 peaks", f"limit of {MAX_PEAKS}", "--max_peaks 10000")
     assert read_studies(path, max_peaks=10_000)[0].n_peaks == 10_000
-    many = _csv(tmp_path / "many.csv", [(f"s{i}", big[i * 500 : (i + 1) * 500], "MNI") for i in range(20)])
+    many = write_csv(tmp_path / "many.csv", [(f"s{i}", big[i * 500 : (i + 1) * 500], "MNI") for i in range(20)])
     assert [s.n_peaks for s in read_studies(many)] == [500] * 20  # 10,000 peaks in 20 studies: accepted
 
 
 def test_peaks_outside_the_brain(tmp_path: Path, real_studies: dict, context: StudyContext) -> None:
     xyz = real_studies["MNI"]["xyz"]
     outside = np.array([[0.0, 0.0, 95.0], [70.0, -20.0, 30.0]])  # above the vertex; just beyond the right cortex
-    path = _sleuth(tmp_path / "s.txt", [("a", np.vstack([xyz, outside]))], "MNI")
+    path = write_sleuth(tmp_path / "s.txt", [("a", np.vstack([xyz, outside]))], "MNI")
     dropped = analyse_file(path, context=context, readings=False).results[0]
     assert dropped.peaks == {"read": len(xyz) + 2, "inside_mask": len(xyz), "outside_mask": 2, "used": len(xyz)}
     assert any(f"2 of {len(xyz) + 2} peaks lie outside the brain mask and were dropped" in w for w in dropped.warnings)
@@ -294,7 +225,7 @@ def test_peaks_outside_the_brain(tmp_path: Path, real_studies: dict, context: St
     assert kept.peaks["used"] == len(xyz) + 2 and any("were kept" in w for w in kept.warnings)
     assert (kept.ma_map >= dropped.ma_map).all() and (kept.ma_map > dropped.ma_map).any()  # the kept peak's kernel
     with pytest.raises(StudyError) as e:
-        analyse_file(_sleuth(tmp_path / "out.txt", [("a", outside)], "MNI"), context=context)
+        analyse_file(write_sleuth(tmp_path / "out.txt", [("a", outside)], "MNI"), context=context)
     _one_line(e, "none of its 2 peaks lies inside the brain mask", "check the space")
 
 
@@ -329,7 +260,7 @@ def test_typicality_of_a_test_study_is_its_reference_score(
     tmp_path: Path, real_studies: dict, context: StudyContext
 ) -> None:
     study = real_studies["MNI"]
-    analysis = analyse_file(_sleuth(tmp_path / "s.txt", [("a", study["xyz"])], "MNI"), context=context)
+    analysis = analyse_file(write_sleuth(tmp_path / "s.txt", [("a", study["xyz"])], "MNI"), context=context)
     (result,), (report,) = analysis.results, analysis.reports
     ref = context.reference()
     own = float(ref["score"][list(ref["ids"]).index(study["id"])])
@@ -360,7 +291,7 @@ def test_run_without_encoder_says_so(
 ) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_runs["cbvae"], run, ignore=shutil.ignore_patterns("checkpoints", "model.pt"))
-    path = _sleuth(tmp_path / "s.txt", [("a", real_studies["MNI"]["xyz"])], "MNI")
+    path = write_sleuth(tmp_path / "s.txt", [("a", real_studies["MNI"]["xyz"])], "MNI")
     result = analyse_file(path, run, tiny_dataset).results[0]
     assert result.posterior is None and result.reconstruction is None and result.typicality is None
     assert result.conditional_mean is not None and result.conditional_mean.max() > 0
@@ -368,7 +299,7 @@ def test_run_without_encoder_says_so(
 
 
 def test_cli_end_to_end(tmp_path: Path, tiny_runs: dict[str, Path], tiny_dataset: Path, real_studies: dict) -> None:
-    path = _sleuth(
+    path = write_sleuth(
         tmp_path / "s.txt",
         [("mni study", real_studies["MNI"]["xyz"]), ("small study", real_studies["MNI"]["xyz"][:5])],
         "MNI",

@@ -1,9 +1,13 @@
-"""Name the regions a map change touches: the Harvard-Oxford cortical atlas, offline.
+"""Name the regions a map change touches, offline: Harvard-Oxford cortical regions, and subcortical ones from
+Seitzman et al. (2018)'s regions of interest.
 
-nilearn does not ship the Harvard-Oxford atlas (``fetch_atlas_harvard_oxford`` downloads FSL's files);
-NiMARE ships its cortical max-probability image (25 % threshold, 2 mm) in ``nimare/resources/atlases``
+nilearn does not ship the Harvard-Oxford atlases (``fetch_atlas_harvard_oxford`` downloads FSL's files);
+NiMARE ships the cortical max-probability image (25 % threshold, 2 mm) in ``nimare/resources/atlases``
 without the label names, so the 48 names are given here in FSL's order (``HarvardOxford-Cortical.xml``).
-The atlas is not split by hemisphere; the hemisphere is read from the sign of x.
+The Harvard-Oxford *subcortical* atlas is shipped by neither, so the subcortical names come from the 300 ROI
+spheres nilearn ships for ``fetch_coords_seitzman_2018`` (``nilearn/datasets/data``: MNI centres, radii and an
+anatomical label each): the hippocampus, amygdala, basal ganglia, thalamus and cerebellum spheres, merged per
+structure and hemisphere. Neither atlas is split by hemisphere; the hemisphere is read from the sign of x.
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["HARVARD_OXFORD_CORTICAL", "RegionChange", "RegionLabeller", "atlas_path"]
+__all__ = [
+    "HARVARD_OXFORD_CORTICAL",
+    "SUBCORTICAL",
+    "RegionChange",
+    "RegionLabeller",
+    "atlas_path",
+    "subcortical_spheres",
+]
 
 #: Label ``i`` (1-based) of the Harvard-Oxford cortical atlas is ``HARVARD_OXFORD_CORTICAL[i - 1]``.
 HARVARD_OXFORD_CORTICAL: tuple[str, ...] = (
@@ -37,6 +48,36 @@ HARVARD_OXFORD_CORTICAL: tuple[str, ...] = (
 )  # fmt: skip
 
 
+#: Seitzman et al. (2018)'s anatomical labels used for subcortical names: label number -> name.
+SUBCORTICAL: dict[int, str] = {3: "hippocampus", 4: "amygdala", 5: "basal ganglia", 6: "thalamus", 7: "cerebellum"}
+_SEITZMAN_ROIS = "seitzman_2018_ROIs_300inVol_MNI_allInfo.txt"
+_SEITZMAN_LABELS = "seitzman_2018_ROIs_anatomicalLabels.txt"
+
+
+def subcortical_spheres() -> list[tuple[str, np.ndarray, float]]:
+    """``(structure, MNI centre [3], radius mm)`` of Seitzman et al.'s subcortical ROIs, read as nilearn's
+    ``fetch_coords_seitzman_2018`` reads them (its bundled files: nothing is downloaded).
+
+    Raises:
+        OSError: nilearn's files are missing.
+    """
+    spec = importlib.util.find_spec("nilearn")  # not nilearn.datasets: importing it costs seconds
+    if spec is None or spec.origin is None:
+        raise OSError("nilearn is not installed (pip install nilearn)")
+    folder = Path(spec.origin).parent / "datasets" / "data"
+    rows = (folder / _SEITZMAN_ROIS).read_text().split("\n")[1:]  # header: x y z radius(mm) ...
+    labels = (folder / _SEITZMAN_LABELS).read_text().split()[1:]  # header: 0=cortexMid,1=cortexL,...
+    rois = [r.split() for r in rows if r.strip()]
+    if len(rois) != len(labels):
+        raise OSError(f"nilearn's {_SEITZMAN_ROIS} and {_SEITZMAN_LABELS} disagree ({len(rois)} vs {len(labels)})")
+    out = []
+    for roi, label in zip(rois, labels, strict=True):
+        name = SUBCORTICAL.get(int(float(label)))
+        if name is not None:
+            out.append((name, np.array(roi[:3], dtype=np.float64), float(roi[3])))
+    return out
+
+
 def atlas_path() -> Path | None:
     """NiMARE's bundled Harvard-Oxford cortical image, or None when NiMARE is not installed."""
     spec = importlib.util.find_spec("nimare")
@@ -56,7 +97,11 @@ class RegionChange:
 
 
 class RegionLabeller:
-    """The atlas resampled (nearest neighbour) onto a map grid once, then per-region means by ``bincount``.
+    """The atlases put onto a map grid once, then per-region means by ``bincount``.
+
+    Cortical regions: Harvard-Oxford, resampled (nearest neighbour). Subcortical regions: the voxels within each
+    Seitzman sphere's radius (at least one voxel size, so that a coarse grid keeps every sphere), which take
+    precedence over a cortical label where the two meet.
 
     Args:
         affine: the map grid's affine.
@@ -76,17 +121,37 @@ class RegionLabeller:
             force_resample=True, copy_header=True,
         )  # fmt: skip
         labels = np.rint(np.asarray(atlas.dataobj)).astype(np.int64)
+        affine = np.asarray(affine, dtype=np.float64)
         ijk = np.indices(shape).reshape(3, -1)
-        x = (np.asarray(affine)[0, :3] @ ijk + affine[0, 3]).reshape(shape)
+        left = (affine[0, :3] @ ijk + affine[0, 3]).reshape(shape) < 0
         # region r in the left hemisphere -> 2r - 1, right -> 2r (0 = none)
-        self.ids = np.where(labels > 0, 2 * labels - (x < 0), 0) * np.asarray(mask, dtype=bool)
-        self.n_ids = 2 * len(HARVARD_OXFORD_CORTICAL) + 1
+        self.names = ["none"] + [f"{side} {name}" for name in HARVARD_OXFORD_CORTICAL for side in ("left", "right")]
+        ids = np.where(labels > 0, 2 * labels - left, 0)
+        structures = list(dict.fromkeys(SUBCORTICAL.values()))
+        self.names += [f"{side} {name}" for name in structures for side in ("left", "right")]
+        voxel_mm = float(np.abs(np.linalg.det(affine[:3, :3])) ** (1 / 3))
+        to_voxel = np.linalg.inv(affine)
+        for name, centre, radius in subcortical_spheres():
+            reach = max(radius, voxel_mm)
+            # the voxels of a box around the centre, then those within reach (mm)
+            mid = np.rint(to_voxel[:3, :3] @ centre + to_voxel[:3, 3]).astype(int)
+            half = int(np.ceil(reach / voxel_mm)) + 1
+            lo, hi = np.maximum(mid - half, 0), np.minimum(mid + half + 1, shape)
+            if np.any(lo >= hi):
+                continue
+            box = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi, strict=True)), indexing="ij"))
+            mm = np.einsum("ij,j...->i...", affine[:3, :3], box) + affine[:3, 3].reshape(3, 1, 1, 1)
+            inside = np.linalg.norm(mm - centre.reshape(3, 1, 1, 1), axis=0) <= reach
+            base = 2 * len(HARVARD_OXFORD_CORTICAL) + 2 * structures.index(name) + 1
+            ids[tuple(b[inside] for b in box)] = base + (centre[0] >= 0)
+        self.ids = ids * np.asarray(mask, dtype=bool)
+        self.n_ids = len(self.names)
         self.counts = np.bincount(self.ids.ravel(), minlength=self.n_ids)
         self.min_voxels = min_voxels
 
     def name(self, region_id: int) -> str:
-        side = "left" if region_id % 2 else "right"
-        return f"{side} {HARVARD_OXFORD_CORTICAL[(region_id + 1) // 2 - 1]}"
+        """``left``/``right`` and the region's name."""
+        return self.names[region_id]
 
     def changes(self, diff: np.ndarray) -> list[RegionChange]:
         """Mean of ``diff`` per region and hemisphere, sorted from the largest gain to the largest loss."""

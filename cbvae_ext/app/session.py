@@ -173,7 +173,7 @@ def load_run_info(run_dir: Path) -> RunInfo:
         latent_size=run.latent_size,
         kl_order=np.argsort(-latent_kl, kind="stable"),
         latent_kl=latent_kl,
-        imputed_defaults={f.name: float(f.inverse(run.imputed_defaults[f.name])) for f in run.schema.fields},
+        imputed_defaults=run.imputed_defaults_raw,
         latents=latents,
         mu_array=mu,
         mask=run.mask(),
@@ -231,6 +231,7 @@ class StartPoint:
         conditions: ``{"task": str | None, "year": float | None, ...}``.
         label: human-readable description.
         seed: the prior draw's seed; None for a real study.
+        upload: a study the user brought (``cbvae_ext.app.upload``), not one of the dataset.
     """
 
     key: str
@@ -238,11 +239,12 @@ class StartPoint:
     conditions: dict[str, Any]
     label: str
     seed: int | None = None
+    upload: bool = False
 
     @property
     def study_id(self) -> str | None:
-        """The real study started from; None for a prior draw."""
-        return None if self.seed is not None else self.key
+        """The dataset study started from; None for a prior draw or an uploaded study."""
+        return None if self.seed is not None or self.upload else self.key
 
 
 def _missing(value: Any) -> bool:

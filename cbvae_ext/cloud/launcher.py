@@ -33,6 +33,7 @@ from cbvae_ext.cloud.graphql_safety import B64_PREFIX, check_value, decode_env, 
 from cbvae_ext.cloud.secrets import RUNPOD_KEY_VAR, WANDB_KEY_VAR, Secrets
 from cbvae_ext.cloud.transfer import SSHEndpoint, download_outputs, endpoint_from_pod, read_status
 from cbvae_ext.errors import CbvaeError
+from cbvae_ext.extras import require
 
 __all__ = [
     "CLOUDS",
@@ -87,7 +88,7 @@ _OWN_ENV = {
 #: a value whose variable name holds one of these is shown as <redacted> in the plan
 _SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 
-log = logging.getLogger("cbvae.cloud")
+log = logging.getLogger(__name__)
 
 Transfer = Callable[[SSHEndpoint, str, Path], Any]
 StatusReader = Callable[[SSHEndpoint, str], "dict[str, Any] | None"]
@@ -307,7 +308,7 @@ def gpu_price(gpu: Mapping[str, Any], cloud: str) -> float:
 
 def _sdk(api_key: str) -> ModuleType:
     """The RunPod SDK with our key (imported lazily: ``--help`` and ``--dry-run`` never load it)."""
-    import runpod
+    runpod = require("runpod", needed_by="launching a pod", light=True)
 
     runpod.api_key = api_key
     return runpod

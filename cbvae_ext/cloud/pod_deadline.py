@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from cbvae_ext.cloud.graphql_safety import check_value
 from cbvae_ext.cloud.secrets import redact
 from cbvae_ext.errors import CbvaeError
+from cbvae_ext.extras import require
 
 __all__ = ["POD_ID_VAR", "POD_KEY_VAR", "SelfRemovalError", "main", "remove_this_pod", "wait_until"]
 
@@ -71,7 +72,7 @@ def remove_this_pod(
     if not pod_id or not key:
         raise SelfRemovalError(f"{POD_ID_VAR} and {POD_KEY_VAR} must be set (RunPod sets both in a pod) to remove it")
     check_value(POD_ID_VAR, pod_id)
-    import runpod
+    runpod = require("runpod", needed_by="removing the pod", light=True)
 
     runpod.api_key = key
     delay = retry_s

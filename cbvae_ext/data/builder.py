@@ -59,7 +59,7 @@ from .splits import duplicate_groups, merge_groups, provisional_year_bins, split
 
 __all__ = ["DATASET_FILES", "DTYPES", "FORMAT_NAME", "build_dataset", "package_version", "topic_columns"]
 
-logger = logging.getLogger("cbvae_ext.data")
+logger = logging.getLogger(__name__)
 
 DTYPES = ("float16", "float32")
 #: Fewest maps that fill every split (the splits take 8/1/1 of each block of 10 study groups).

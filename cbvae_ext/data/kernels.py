@@ -72,6 +72,12 @@ class KernelSpec:
         if not (math.isfinite(value) and 0 < value <= MAX_KERNEL_MM):
             raise DataError(f"{flag} {value:g} is outside the valid range (0, {MAX_KERNEL_MM:g}] mm; choose e.g. 10")
 
+    @classmethod
+    def from_dict(cls, spec: dict) -> KernelSpec:
+        """The kernel a dataset's ``manifest.json`` ``kernel`` entry describes (``to_dict``'s output)."""
+        fwhm = spec.get("kernel_fwhm_mm", spec.get("fwhm_mm", DEFAULT_KERNEL_FWHM_MM))  # fwhm_mm: older manifests
+        return cls(str(spec["name"]), float(fwhm), float(spec.get("radius_mm", DEFAULT_RADIUS)))
+
     def nimare_fwhm(self, grid: Grid) -> float:
         """The ``fwhm`` to give NiMARE's ``get_ale_kernel``/``ALEKernel`` for this kernel on ``grid``."""
         zooms = np.abs(np.diag(grid.affine)[:3])

@@ -399,6 +399,7 @@ def train_knobs(**values: Any) -> TrainKnobs:
         BundleConfigError: (printed as one ``error:`` line, exit status 2) a value the training cannot use,
             e.g. ``--free_bits nan``, ``--kl_scale x``, ``--channels "[]"``, an unknown
             ``--network_overrides`` key, ``--device cuda`` without CUDA, ``--output_dir`` on a file.
+        MissingExtraError: (one ``error:`` line too) a tracker switched on whose package is not installed.
     """
     specs = {s.name: s for s in _specs()}
     missing, extra = sorted(set(specs) - set(values)), sorted(set(values) - set(specs))
@@ -417,6 +418,9 @@ def train_knobs(**values: Any) -> TrainKnobs:
         raise BundleConfigError(f"--kl_cap ({knobs.kl_cap}) must be >= --beta ({knobs.beta})")
     _check_preset(knobs)
     _check_output_dir(knobs.output_dir, knobs.dataset_dir)
+    from cbvae_ext.engine.tracking import check_trackers
+
+    check_trackers(use_mlflow=knobs.use_mlflow, use_wandb=knobs.use_wandb, use_tensorboard=knobs.use_tensorboard)
     logger.info(
         f"free bits: {knobs.free_bits:g} nats per map over latent_size {knobs.latent_size} = "
         f"{knobs.free_bits_per_dimension:g} per dimension"

@@ -1,6 +1,7 @@
 """Experiment tracking: W&B through ignite's ``WandBLogger``, the MLflow store location for MONAI's ``MLFlowHandler``,
 and the hyper-parameters for TensorBoard (``TensorBoardHParams``). Every tracker records the same
-hyper-parameters: ``TrainKnobs.hyper_params()``, every training knob.
+hyper-parameters: ``TrainKnobs.hyper_params()``, every training knob. The trackers are the ``tracking`` extra
+(``check_trackers`` refuses a switched-on tracker that is not installed, before the run writes anything).
 """
 
 from __future__ import annotations
@@ -12,7 +13,27 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-__all__ = ["TensorBoardHParams", "WandBTracker", "mlflow_uri", "wandb_mode"]
+from cbvae_ext.extras import require
+
+__all__ = ["TensorBoardHParams", "WandBTracker", "check_trackers", "mlflow_uri", "wandb_mode"]
+
+#: Each tracker switch of train.yaml and the module it needs.
+_TRACKER_MODULES = {"use_mlflow": "mlflow", "use_wandb": "wandb", "use_tensorboard": "torch.utils.tensorboard"}
+
+
+def _require_tracker(switch: str, name: str = "") -> Any:
+    return require(_TRACKER_MODULES[switch], name, needed_by=f"--{switch} true", instead=f"or pass --{switch} false")
+
+
+def check_trackers(**switches: bool) -> None:
+    """Import every switched-on tracker (``use_mlflow=True, ...``) once, so a missing one is one line at the start.
+
+    Raises:
+        MissingExtraError: a tracker is on but its package (the ``tracking`` extra) is not installed.
+    """
+    for switch, on in switches.items():
+        if on:
+            _require_tracker(switch)
 
 
 def mlflow_uri(output_dir: str | Path) -> str:
@@ -66,6 +87,7 @@ class WandBTracker:
         self.logger: Any = None
 
     def attach(self, engine: Engine) -> None:
+        _require_tracker("use_wandb")  # ignite's WandBLogger imports wandb itself, with a multi-line error
         from ignite.handlers.wandb_logger import WandBLogger
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -115,10 +137,10 @@ class TensorBoardHParams:
         engine.add_event_handler(Events.STARTED, self._write)
 
     def _write(self, _: Engine) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-        from torch.utils.tensorboard.summary import hparams
+        summary_writer = _require_tracker("use_tensorboard", "SummaryWriter")
+        hparams = require("torch.utils.tensorboard.summary", "hparams")
 
         # the plugin's experiment, session start and session end records, in the scalars' folder
-        with SummaryWriter(log_dir=str(self.log_dir)) as writer:
+        with summary_writer(log_dir=str(self.log_dir)) as writer:
             for summary in hparams(self.hparams, metric_dict={}):
                 writer.file_writer.add_summary(summary)

@@ -14,7 +14,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cbvae_ext.evaluation.columns import MODEL_COND, NEUROQUERY, PEAK_AUC, PEARSON_R, column
+from cbvae_ext.evaluation.columns import (
+    COMPLETION_AUC,
+    HALF_MAP,
+    JOINT_PEAK_LOGLIK,
+    MODEL,
+    MODEL_COND,
+    NEUROQUERY,
+    PCA_COMPLETION,
+    PEAK_AUC,
+    PEARSON_R,
+    column,
+)
 from cbvae_ext.evaluation.stats import paired_bootstrap
 
 __all__ = ["PAIRED_CRITERIA", "PairedRule", "count_criterion", "evaluate_criteria", "threshold_criterion"]
@@ -119,6 +130,35 @@ def _rules(latent_size: int) -> tuple[PairedRule, ...]:
             column(NEUROQUERY, PEARSON_R),
             "greater",
             "conditional-only map r > NeuroQuery's, paired on the test studies with text",
+        ),
+        PairedRule(
+            "completion_auc_above_conditions",
+            column(MODEL, COMPLETION_AUC),
+            column(MODEL_COND, COMPLETION_AUC),
+            "greater",
+            "completion from half of a study's peaks: AUC of the other half above the conditional-only map's",
+        ),
+        PairedRule(
+            "completion_auc_above_half",
+            column(MODEL, COMPLETION_AUC),
+            column(HALF_MAP, COMPLETION_AUC),
+            "greater",
+            "completion from half of a study's peaks: AUC of the other half above the given half's own MA map",
+        ),
+        PairedRule(
+            "completion_auc_above_pca",
+            column(MODEL, COMPLETION_AUC),
+            column(PCA_COMPLETION, COMPLETION_AUC),
+            "greater",
+            f"completion from half of a study's peaks: AUC above the half's map projected on PCA-{latent_size} (train)",
+        ),
+        PairedRule(
+            "joint_likelihood_above_cond_mean",
+            column(MODEL, JOINT_PEAK_LOGLIK),
+            column(MODEL_COND, JOINT_PEAK_LOGLIK),
+            "greater",
+            "log p(all peak voxels | conditions), z integrated out (peaks co-vary), above the conditional mean "
+            "density's (peaks independent), nats per study",
         ),
         PairedRule(
             "all_hidden_within_0.03",

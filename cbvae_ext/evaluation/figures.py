@@ -22,6 +22,7 @@ __all__ = [
     "plot_per_category_r",
     "plot_probes",
     "plot_recon_examples",
+    "plot_reliability",
 ]
 
 
@@ -240,6 +241,31 @@ def plot_pca_curve(curve: Sequence[Mapping[str, Any]], equivalent: Mapping[str, 
         ax.set_xlabel("PCA components")
         ax.set_title(m, fontsize=9)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_reliability(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> Path:
+    """Reliability diagram: observed frequency of the event against the predicted probability, per predictor.
+
+    Args:
+        curves: label -> ``expected_calibration_error`` bins (``mean_predicted``, ``observed_frequency``, ``n``).
+        path: PNG path.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.8), dpi=100)
+    axes[0].plot([0, 1], [0, 1], color="0.6", ls="--", label="perfect calibration")
+    for label, bins in curves.items():
+        full = [b for b in bins if b["n"]]
+        x = [b["mean_predicted"] for b in full]
+        axes[0].plot(x, [b["observed_frequency"] for b in full], "o-", ms=3, label=label)
+        axes[1].plot(x, [b["n"] for b in full], "o-", ms=3, label=label)
+    axes[0].set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted probability (bin mean)", ylabel="observed frequency")
+    axes[0].set_title("reliability (test split, every study x voxel)", fontsize=9)
+    axes[0].legend(fontsize=6, loc="upper left")
+    axes[1].set(yscale="log", xlim=(0, 1), xlabel="predicted probability (bin mean)", ylabel="(study, voxel) pairs")
+    axes[1].set_title("pairs per bin", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -115,7 +115,7 @@ def topk_dice(pred: np.ndarray, target: np.ndarray, fraction: float) -> np.ndarr
     return (topk_weights(pred, k) * topk_weights(target, k)).sum(axis=1) / k
 
 
-def peak_auc(pred: np.ndarray, peaks: np.ndarray) -> np.ndarray:
+def peak_auc(pred: np.ndarray, peaks: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
     """Area under the ROC curve of each map ranking its study's peak voxels above the rest of the mask.
 
     The NeuroQuery protocol: ``peaks`` marks the voxels holding a reported focus; AUC 1 means every peak
@@ -124,6 +124,8 @@ def peak_auc(pred: np.ndarray, peaks: np.ndarray) -> np.ndarray:
     Args:
         pred: ``[N, V]`` predicted in-mask voxels.
         peaks: ``[N, V]`` bool, True at a study's peak voxels.
+        exclude: ``[N, V]`` bool voxels left out of the ranking altogether (neither peak nor other voxel),
+            e.g. the peaks a completion was given; None = none.
 
     Returns:
         ``[N]`` AUC; NaN for a map with no peak voxel or no other voxel.
@@ -133,10 +135,15 @@ def peak_auc(pred: np.ndarray, peaks: np.ndarray) -> np.ndarray:
     pred, peaks = np.atleast_2d(np.asarray(pred, dtype=np.float64)), np.atleast_2d(np.asarray(peaks, dtype=bool))
     if pred.shape != peaks.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from peak indicator shape {peaks.shape}")
+    n_out = np.zeros(len(pred))
+    if exclude is not None:
+        exclude = np.broadcast_to(np.asarray(exclude, dtype=bool), pred.shape)
+        # excluded voxels rank below every other one, so the others' ranks shift by exactly their count
+        pred, peaks, n_out = np.where(exclude, -np.inf, pred), peaks & ~exclude, exclude.sum(axis=1).astype(np.float64)
     ranks = rankdata(pred, axis=1)
     n_pos = peaks.sum(axis=1).astype(np.float64)
-    n_neg = peaks.shape[1] - n_pos
-    u = (ranks * peaks).sum(axis=1) - n_pos * (n_pos + 1) / 2
+    n_neg = peaks.shape[1] - n_pos - n_out
+    u = (ranks * peaks).sum(axis=1) - n_pos * n_out - n_pos * (n_pos + 1) / 2
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
 

@@ -164,6 +164,7 @@ def markdown_report(res: Mapping[str, Any]) -> str:
             )
 
     out.extend(_protocol_report(res))
+    out.extend(_generative_report(res))
 
     deb = res.get("debiasing", {})
     rows = []
@@ -279,6 +280,59 @@ def _protocol_report(res: Mapping[str, Any]) -> list[str]:
             f"generated change vs the held-out mean difference median r {_num(g['median_r'])}, size ratio "
             f"{_num(g['median_size_ratio'])}; conditional mean's change median r {_num(c['median_r'])}, size ratio "
             f"{_num(c['median_size_ratio'])}."
+        )
+    return out
+
+
+def _generative_report(res: Mapping[str, Any]) -> list[str]:
+    """Completion from half of each study's peaks, the joint peak likelihood and the calibration of peak probabilities."""
+    out: list[str] = []
+    comp = res.get("completion")
+    if comp is not None and "absent" in comp:
+        out.append(f"Completion: absent ({comp['absent']}).")
+    elif comp is not None:
+        rows = []
+        for key, p in comp["predictors"].items():
+            vs = comp["model_vs"].get(key, {}).get("completion_auc")
+            paired = (
+                "—"
+                if vs is None or vs.get("mean_diff") is None
+                else (f"{vs['mean_diff']:+.3f} [{vs['ci95'][0]:+.3f}, {vs['ci95'][1]:+.3f}]")
+            )
+            rows.append([p["label"], _ci(p.get("completion_auc")), _ci(p.get("completion_r")), paired])
+        out.append(
+            f"Completion from a random half of each study's peak voxels ({comp['n_studies']} test studies, "
+            f"{comp['n_half_splits']} splits; the given half left out of the AUC):"
+        )
+        out.append(_table(["predictor", "AUC of the other half", "r with the full map", "C-β-VAE − it (AUC)"], rows))
+    joint = res.get("joint_peak_likelihood")
+    if joint is not None and "absent" in joint:
+        out.append(f"Joint peak likelihood: absent ({joint['absent']}).")
+    elif joint is not None:
+        ps, gs, gp = joint["per_study"], joint["gain_per_study"], joint["gain_per_peak"]
+
+        def gain(g: Mapping[str, Any]) -> str:
+            return (
+                "—"
+                if g.get("mean_diff") is None
+                else f"{g['mean_diff']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]"
+            )
+
+        out.append(
+            f"Joint peak likelihood ({joint['n_studies']} test studies, k = {joint['joint_k']}, nats per study): "
+            f"joint {_ci(ps['joint'], 1)}, conditional mean (independent peaks) {_ci(ps['conditional_mean'], 1)}, "
+            f"training mean {_ci(ps['training_mean'], 1)}; gain over the conditional mean {gain(gs['vs_conditional_mean'])} "
+            f"per study, {gain(gp['vs_conditional_mean'])} per peak; over the training mean "
+            f"{gain(gs['vs_training_mean'])} per study."
+        )
+    cal = res.get("calibration")
+    if cal is not None and "absent" in cal:
+        out.append(f"Calibration: absent ({cal['absent']}).")
+    elif cal is not None:
+        parts = [f"{p['label']} {p['ece']:.4f}" for p in cal["predictors"].values()]
+        out.append(
+            f"Calibration of the per-voxel peak probability ({cal['n_studies']} test studies, event rate "
+            f"{cal['event_rate_test']:.4f} = the ECE of predicting 0): ECE " + "; ".join(parts) + "."
         )
     return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import shutil
@@ -54,6 +55,13 @@ from cbvae_ext.evaluation.figures import (
     plot_per_category_r,
     plot_probes,
     plot_recon_examples,
+    plot_reliability,
+)
+from cbvae_ext.evaluation.generative import (
+    calibration_section,
+    completion_section,
+    generative_criteria,
+    joint_likelihood_section,
 )
 from cbvae_ext.evaluation.imputation import imputation_scores
 from cbvae_ext.evaluation.likelihood import entropy_floor, latent_free_nll
@@ -72,8 +80,9 @@ from cbvae_ext.evaluation.section import EvalData, Section, SectionFn
 from cbvae_ext.evaluation.stats import balanced_accuracy_terms, bootstrap_summary, paired_bootstrap
 from cbvae_ext.evaluation.text_protocols import neuroquery_section, protocols_section, title_section
 from cbvae_ext.folders import json_safe, replace_folder
+from cbvae_ext.logs import log_to_console
 from cbvae_ext.run_folder import EVALUATION_FILES, RunFolder, trained_on_checksum
-from cbvae_ext.schema import CONTINUOUS_FIELDS, ConditionGroup, MetadataSchema, SchemaError
+from cbvae_ext.schema import ConditionGroup, MetadataSchema, SchemaError
 
 __all__ = [
     "RESULTS_LAYOUT",
@@ -86,6 +95,8 @@ __all__ = [
     "load_run",
 ]
 
+logger = logging.getLogger(__name__)
+
 _PACKAGES = ("cbvae", "torch", "monai", "numpy", "scikit-learn", "scikit-image", "scipy", "nilearn", "nimare", "pandas")
 
 
@@ -95,22 +106,39 @@ class EvaluationError(CbvaeError, ValueError):
 
 @dataclass
 class LoadedRun:
-    """A trained network ready for evaluation, with what it was checked against."""
+    """A trained network ready for evaluation, with the run folder it was read from (the one reader, ``RunFolder``)."""
 
-    run_dir: Path
+    folder: RunFolder
     model: torch.nn.Module
-    config: dict[str, Any]
-    decoder_schema: dict[str, Any] | None
     checkpoint_sha256: str
     history: pd.DataFrame | None = field(default=None)
 
     @property
+    def run_dir(self) -> Path:
+        return self.folder.path
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.folder.network_config or {}
+
+    @property
+    def decoder_schema(self) -> dict[str, Any] | None:
+        return self.folder.decoder_schema
+
+    @property
     def kind(self) -> str:
-        return str(self.config.get("model", "cbvae"))
+        return self.folder.model_kind
 
     @property
     def latent_size(self) -> int:
-        return int(self.config["latent_size"])
+        return self.folder.latent_size
+
+    @property
+    def imputed_defaults(self) -> torch.Tensor | None:
+        """The normalised value the decoder gets for each missing continuous field (None: not exported)."""
+        if self.folder.decoder_schema is None:
+            return None
+        return torch.from_numpy(self.folder.imputed_default_vector)
 
 
 def load_run(
@@ -138,7 +166,7 @@ def load_run(
     run.check_dataset(schema, grid_shape, manifest_sha256)
     # channels_last_3d: oneDNN's 3D convolutions run ~2.7x faster on CPU (scripts/bench_eval.py)
     model = run.load_network(device).to(memory_format=torch.channels_last_3d).eval()
-    return LoadedRun(run.path, model, run.network_config, run.decoder_schema, run.checkpoint_sha256(), run.history())
+    return LoadedRun(run, model, run.checkpoint_sha256(), run.history())
 
 
 @dataclass(frozen=True)
@@ -162,15 +190,6 @@ ROLES: dict[str, Role] = {
 RESULTS_LAYOUT = "cbvae-test-results"
 RESULTS_LAYOUT_VERSION = 2
 METRICS = ("pearson_r", "dice_top5", "dice_top1")
-
-
-def _imputed_defaults(run: LoadedRun, n_continuous: int) -> torch.Tensor | None:
-    """The normalised value the run's decoder uses for a missing field (None: the schema's 0)."""
-    defaults = (run.decoder_schema or {}).get("imputed_defaults")
-    if defaults is None:
-        return None
-    values = [defaults[f] for f in CONTINUOUS_FIELDS] if isinstance(defaults, dict) else list(defaults)
-    return torch.tensor(values[:n_continuous], dtype=torch.float32)
 
 
 def _package_versions() -> dict[str, str | None]:
@@ -267,6 +286,11 @@ class Evaluation:
             the probes and the duplicate search; None = all.
         n_counterfactual: held-out studies per category whose task is switched (seeded); None = all.
         neuroquery: fit the NeuroQuery baseline when the dataset has ``terms.npz`` (False: reported absent).
+        n_half_splits: random half splits of each study's peaks for completion (>= 1).
+        joint_k: importance samples of the joint peak likelihood (>= 1).
+        n_calibration_samples: prior draws per study for the calibrated peak probability (>= 1).
+        generative_max_maps: test maps (seeded subsample) of completion, joint likelihood and calibration, and
+            training maps fitting the calibration's isotonic map; None = all.
         seed: seed of every resampling, permutation and latent sample.
         num_workers: kept for config compatibility (maps are read in the main process).
     """
@@ -292,6 +316,10 @@ class Evaluation:
         max_train_maps: int | None = None,
         n_counterfactual: int | None = 20,
         neuroquery: bool | str = True,
+        n_half_splits: int = 2,
+        joint_k: int = 16,
+        n_calibration_samples: int = 16,
+        generative_max_maps: int | None = 200,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -317,6 +345,10 @@ class Evaluation:
             "n_examples": n_examples,
             "max_train_maps": max_train_maps,
             "n_counterfactual": n_counterfactual,
+            "n_half_splits": n_half_splits,
+            "joint_k": joint_k,
+            "n_calibration_samples": n_calibration_samples,
+            "generative_max_maps": generative_max_maps,
             "seed": seed,
         }
         self.neuroquery = neuroquery
@@ -326,7 +358,8 @@ class Evaluation:
     def run_cli(self) -> dict[str, Any]:
         """``run()`` for the bundle command: a bad input prints one ``error: ...`` line and exits with status 2."""
         try:
-            return self.run()
+            with log_to_console():
+                return self.run()
         except (CbvaeError, SchemaError, DataError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -344,12 +377,16 @@ class Evaluation:
             "n_examples": 0,
             "max_train_maps": 2,
             "n_counterfactual": 1,
+            "n_half_splits": 1,
+            "joint_k": 1,
+            "n_calibration_samples": 1,
+            "generative_max_maps": 1,
             "seed": 0,
         }
         out: dict[str, Any] = {}
         for key, low in minimum.items():
             value = self.options[key]
-            if value is None and key in ("iwae_max_maps", "max_train_maps", "n_counterfactual"):
+            if value is None and key in ("iwae_max_maps", "max_train_maps", "n_counterfactual", "generative_max_maps"):
                 out[key] = None
                 continue
             try:
@@ -417,6 +454,9 @@ class Evaluation:
             ("protocols", ctx.section(protocols_section)),
             ("title_only", ctx.section(title_section)),
             ("counterfactual", ctx.section(counterfactual_section)),
+            ("completion", ctx.section(completion_section)),
+            ("joint_peak_likelihood", ctx.section(joint_likelihood_section)),
+            ("calibration", ctx.section(calibration_section)),
             ("conditional_maps", ctx.conditional_maps),
             ("debiasing", ctx.debiasing),
             ("missing_conditions", ctx.missing_conditions),
@@ -427,9 +467,11 @@ class Evaluation:
             ("ood", lambda r: r.update(ood=ctx.ood(self.ood_dataset_dir))),
             ("criteria", lambda r: r.update(criteria=ctx.criteria(r))),
         ):
+            logger.info("evaluation section %s ...", name)
             tic = time.perf_counter()
             step(results)
             timings[name] = round(time.perf_counter() - tic, 2)
+            logger.info("evaluation section %s done in %.1f s", name, timings[name])
         results["metric_definitions"] = _definitions(opts)
         with _folder_set(out_dir) as tmp_dir:
             pd.DataFrame(ctx.columns).to_parquet(tmp_dir / "per_map_test.parquet", index=False)
@@ -607,14 +649,14 @@ class _Context:
         return next((g for g in self.groups if g.name == name), None)
 
     def pass_options(self, run: LoadedRun, **overrides: Any) -> PassOptions:
-        defaults = _imputed_defaults(run, self.schema.n_continuous)
+        defaults = run.imputed_defaults
         base = {"n_prior_samples": self.opts["n_prior_samples"], "imputed_defaults": defaults}
         return PassOptions(**{**base, **overrides})
 
     def decoder_conditions(self, run: LoadedRun, meta: np.ndarray, meta_mask: np.ndarray) -> torch.Tensor:
         """The decoder's conditioning vectors for ``(meta, meta_mask)``, missing fields at the run's default."""
         device = self.ev.device
-        imp0 = _imputed_defaults(run, self.schema.n_continuous)
+        imp0 = run.imputed_defaults
         imp0 = None if imp0 is None else imp0.to(device).expand(len(meta), -1)
         return run.model.decoder_input(torch.from_numpy(meta).to(device), torch.from_numpy(meta_mask).to(device), imp0)
 
@@ -634,7 +676,7 @@ class _Context:
             raise EvaluationError(f"PCA with {latent} components needs more than {tr.n} training maps; use more")
         self.pca_dims = [d for d in (latent, 2 * latent, 4 * latent, 8 * latent) if d <= limit]
         pca = PCABaseline(max(self.pca_dims), seed=self.opts["seed"]).fit(tr.maps)
-        self.pca = pca
+        self.pca = self.data.cache["pca"] = pca
         curve = []
         for d in self.pca_dims:
             self.add(f"pca_{d}", score_maps(pca.predict(te.maps, d), te.maps, mask, ssim=d == latent))
@@ -748,7 +790,7 @@ class _Context:
         cache["counterfactual"] = {
             "model": run.model,
             "mu": sc["mu"],
-            "imputed_defaults": _imputed_defaults(run, self.schema.n_continuous),
+            "imputed_defaults": run.imputed_defaults,
             "task": task,
         }
         topics = self.group("topics")
@@ -1104,6 +1146,7 @@ class _Context:
             "training category means manage",
             cm.get("absent"),
         )
+        crit.update(generative_criteria(results))
         return crit
 
     def figures(self, out_dir: Path, results: dict[str, Any]) -> list[str]:
@@ -1152,6 +1195,8 @@ class _Context:
                     out_dir / "category_maps.png",
                 )
             )
+        if "reliability" in self.figure_data:
+            written.append(plot_reliability(self.figure_data["reliability"], out_dir / "calibration_reliability.png"))
         if "cbvae" in self.runs:
             written.append(
                 plot_pca_curve(results["baselines"]["pca_curve"], results["pca_equivalent"], out_dir / "pca_curve.png")

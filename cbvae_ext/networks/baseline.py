@@ -1,4 +1,4 @@
-"""Sprint-1 baseline: unconditioned VAE with a MONAI ResNet-10 encoder and the same decoder family."""
+"""The baseline: an unconditioned VAE with a MONAI ResNet-10 encoder and the same decoder family."""
 
 from __future__ import annotations
 

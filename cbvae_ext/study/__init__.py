@@ -131,7 +131,10 @@ def analyse_file(
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(filename).name
             path.write_bytes(source)
-            studies = read_studies(path, space, max_peaks)
+            try:
+                studies = read_studies(path, space, max_peaks)
+            except StudyError as err:  # name the upload, not the temporary copy it was read from
+                raise StudyError(str(err).replace(str(path), path.name)) from None
         name = Path(filename).name
     else:
         studies = read_studies(source, space, max_peaks)

@@ -176,7 +176,7 @@ class StudyContext:
         grid = Grid(mask=model.mask, affine=model.affine, resolution_mm=int(round(float(zooms.mean()))))
         if dataset is not None and "kernel" in dataset.manifest:
             spec = dataset.manifest["kernel"]
-            kernel = KernelSpec(spec["name"], float(spec.get("fwhm_mm", 10.0)), float(spec.get("radius_mm", 10.0)))
+            kernel = KernelSpec.from_dict(spec)
             notes.append(f"kernel: {spec.get('nimare_equivalent', spec['name'])} from the dataset's manifest.json")
         else:
             kernel = KernelSpec()

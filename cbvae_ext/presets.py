@@ -1,14 +1,16 @@
-"""The ``cpu`` and ``gpu`` presets, read from the bundle configs: their single source.
+"""The ``cpu`` and ``gpu`` presets, read from the bundle configs with MONAI's ``ConfigParser``: their single source.
 
-``bundle/configs/train.yaml`` holds the CPU preset as top-level keys (``latent_size``, ``channels``,
-..., ``batch_size``, ``resident``, ...) and lists the ``build_network`` ones in its ``architecture``
-block; the overlay ``bundle/configs/preset_gpu.yaml`` replaces them for the GPU preset. Python code that
-needs a preset without the bundle (``cbvae_ext.networks.preset_config``, benchmarks, tests) reads the same
-files here.
+``bundle/configs/train.yaml`` holds the CPU preset as top-level knobs (``latent_size``, ``channels``, ...,
+``batch_size``, ``resident``, ...) and defines the network once, as ``network_def`` (a ``_target_`` and
+its arguments, each an ``@`` reference to a knob or a fixed value); the overlay
+``bundle/configs/preset_gpu.yaml`` replaces the knobs that differ. Python code that needs a preset without
+a dataset or a run (``cbvae_ext.networks.preset_config``, benchmarks, tests) resolves the same files
+here: the architecture is ``network_def``'s arguments as MONAI resolves them, so no key is listed twice.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 from typing import Any
@@ -46,36 +48,43 @@ def preset_files(name: str) -> list[Path]:
     return [CONFIG_DIR / "train.yaml"] + ([] if name == "cpu" else [CONFIG_DIR / f"preset_{name}.yaml"])
 
 
+#: ``network_def`` arguments that are the run's, not the architecture's (where the data is, the model, the
+#: command line's ``--network_overrides``).
+_RUN_ARGUMENTS: tuple[str, ...] = ("dataset_dir", "model", "overrides")
+
+
 @functools.cache
 def _load(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    merged: dict[str, Any] = {}
-    for path in preset_files(name):
-        try:
-            merged.update(yaml.safe_load(path.read_text()) or {})
-        except (OSError, yaml.YAMLError) as err:
-            raise PresetError(f"cannot read preset file {path} ({type(err).__name__}); restore it from git") from None
-    block = merged.get("architecture")
+    from monai.bundle import ConfigParser
+
+    files = preset_files(name)
+    parser = ConfigParser()
+    try:
+        parser.read_config([str(path) for path in files])
+    except (OSError, yaml.YAMLError, ValueError) as err:
+        raise PresetError(
+            f"cannot read preset files {', '.join(map(str, files))} ({type(err).__name__}); restore them from git"
+        ) from None
+    block = parser.get("network_def")
     if not isinstance(block, dict):
-        raise PresetError(f"{CONFIG_DIR / 'train.yaml'} has no 'architecture' block; restore it from git")
-    architecture = {}
-    for key, value in block.items():
-        # the block lists "@key" references to the top-level keys; anything else is taken literally
-        ref = value[1:] if isinstance(value, str) and value.startswith("@") else None
-        if ref is not None and ref not in merged:
-            raise PresetError(f"architecture#{key} refers to @{ref}, which is not a top-level key of the preset files")
-        architecture[key] = merged[ref] if ref is not None else value
-    training = {k: merged[k] for k in TRAINING_KEYS if k in merged}
+        raise PresetError(f"{files[0]} has no 'network_def' block; restore it from git")
+    keys = [k for k in block if not k.startswith("_") and k not in _RUN_ARGUMENTS]
+    try:
+        architecture = {k: parser.get_parsed_content(f"network_def#{k}") for k in keys}
+        training = {k: parser.get_parsed_content(k) for k in TRAINING_KEYS if k in parser}
+    except (KeyError, ValueError) as err:
+        raise PresetError(f"cannot resolve the preset {name!r} in {', '.join(map(str, files))}: {err}") from None
     return architecture, training
 
 
 def architecture_preset(name: str) -> dict[str, Any]:
-    """The ``build_network`` architecture keys of a preset (a copy)."""
-    return dict(_load(name)[0])
+    """The architecture of a preset: ``network_def``'s arguments (but the run's), resolved (a copy)."""
+    return copy.deepcopy(_load(name)[0])
 
 
 def training_preset(name: str) -> dict[str, Any]:
     """The batch and device settings of a preset (``TRAINING_KEYS``; a copy)."""
-    return dict(_load(name)[1])
+    return copy.deepcopy(_load(name)[1])
 
 
 def preset_values(name: str) -> dict[str, Any]:

@@ -252,6 +252,18 @@ class ConditionGroup:
     def size(self) -> int:
         return self.meta_slice.stop - self.meta_slice.start
 
+    def to_config(self) -> list[Any]:
+        """The JSON form stored in ``network_config.json``: ``[name, kind, meta_start, meta_stop, mask_index]``."""
+        return [self.name, self.kind, int(self.meta_slice.start), int(self.meta_slice.stop), int(self.mask_index)]
+
+    @classmethod
+    def from_config(cls, item: ConditionGroup | Sequence[Any]) -> ConditionGroup:
+        """A group from its JSON form (``to_config``); a ``ConditionGroup`` is returned as it is."""
+        if isinstance(item, ConditionGroup):
+            return item
+        name, kind, start, stop, mask_index = item
+        return cls(str(name), str(kind), slice(int(start), int(stop)), int(mask_index))
+
 
 def declaration_fingerprint() -> str:
     """sha256 of every declaration in this module (``FIELDS``, ``TOPICS``, ``CATEGORICALS``).

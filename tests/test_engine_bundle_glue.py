@@ -69,7 +69,7 @@ def test_one_declaration_of_the_knobs() -> None:
     assert list(block) == FIELDS and all(v == f"@{k}" for k, v in block.items())
     # every top-level key declared above the knobs item is a knob (but MONAI's and the derived ones)
     above = list(TRAIN)[: list(TRAIN).index("knobs")]
-    assert set(above) - {"imports", "bundle_root", "architecture", "conditioning_keys", "ckpt_dir"} == set(FIELDS)
+    assert set(above) - {"imports", "bundle_root", "ckpt_dir"} == set(FIELDS)
     assert TRAIN["hyper_params"] == "$@knobs.hyper_params()"
 
 
@@ -144,7 +144,14 @@ def test_presets_are_the_bundle_configs() -> None:
     cpu, gpu = training_preset("cpu"), training_preset("gpu")
     assert cpu["channels_last"] and not cpu["resident"] and cpu["autocast_dtype"] is None
     assert gpu["resident"] and gpu["autocast_dtype"] == "bfloat16" and gpu["batch_size"] == gpu_overlay["batch_size"]
-    assert architecture_preset("cpu") == {k: TRAIN[k] for k in TRAIN["architecture"]}
+    # the architecture is network_def's arguments: each a knob of the same name, or a fixed choice
+    refs = {k: v for k, v in TRAIN["network_def"].items() if isinstance(v, str) and v.startswith("@")}
+    assert all(v == f"@{k}" for k, v in refs.items() if k not in ("model", "overrides")), refs
+    assert architecture_preset("cpu") == {
+        k: TRAIN[k] if k in refs else v
+        for k, v in TRAIN["network_def"].items()
+        if k not in ("_target_", "dataset_dir", "model", "overrides")
+    }
     assert architecture_preset("gpu")["channels"] == gpu_overlay["channels"] == [16, 32, 64, 128]
     # the overlay sets only what differs; the rest of the GPU preset is train.yaml's
     assert all(gpu_overlay[k] != TRAIN[k] for k in gpu_overlay if k != "preset"), gpu_overlay
@@ -155,7 +162,9 @@ def test_presets_are_the_bundle_configs() -> None:
 
 def test_gpu_overlay_through_monai_config_parser(capsys) -> None:
     gpu = _parser("train.yaml", "preset_gpu.yaml")
-    assert gpu.get_parsed_content("architecture") == architecture_preset("gpu")
+    assert {k: gpu.get_parsed_content(f"network_def#{k}") for k in architecture_preset("gpu")} == architecture_preset(
+        "gpu"
+    )
     knobs = gpu.get_parsed_content("knobs")  # the config's own check passes on the overlay's values
     assert knobs.preset == "gpu" and knobs.batch_size == 64 and knobs.autocast_dtype == "bfloat16"
     # the command line "--preset gpu" without the overlay is refused before anything is built

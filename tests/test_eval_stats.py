@@ -178,15 +178,17 @@ def test_criteria_from_a_per_map_table():
 
 
 def test_hiding_a_condition_group_zeroes_its_values_and_mask():
-    from cbvae_ext.evaluation.conditional import condition_groups, hide_groups
+    import torch
+
+    from cbvae_ext.networks.conditioning import hide_groups
     from cbvae_ext.schema import MetadataSchema
 
     schema = MetadataSchema.fit(
         ["motor", "memory", "other"], {"year": np.linspace(1995, 2020, 40)}, topic_names=["t0", "t1", "t2"]
     )
-    groups = {g.name: g for g in condition_groups(schema)}
+    groups = {g.name: g for g in schema.groups}
     assert list(groups) == ["year", "sample_size", "field_strength", "fwhm", "topics", "task"]
-    meta, mask = np.ones((2, schema.meta_dim), np.float32), np.ones((2, schema.mask_dim), np.float32)
+    meta, mask = torch.ones(2, schema.meta_dim), torch.ones(2, schema.mask_dim)
     hidden_meta, hidden_mask = hide_groups(meta, mask, [groups["topics"]])
     assert (hidden_meta[:, groups["topics"].meta_slice] == 0).all() and (hidden_mask[:, 4] == 0).all()
     assert hidden_meta.sum() == meta.sum() - 2 * 3 and hidden_mask.sum() == mask.sum() - 2

@@ -20,6 +20,7 @@ from cbvae_ext.networks import (
     encoder_shapes,
     grad_reverse,
     groups_config,
+    hide_groups,
     preset_config,
 )
 from cbvae_ext.networks.conditioning import fit_ridge, logit
@@ -277,11 +278,12 @@ def test_topics_are_one_more_condition_group() -> None:
 
 
 def test_condition_dropout_hides_exactly_the_chosen_groups(schema: MetadataSchema) -> None:
-    groups = groups_config(schema)
-    assert [g[0] for g in groups] == ["year", "sample_size", "field_strength", "fwhm", "task"]
+    groups = schema.groups
+    assert [g[0] for g in groups_config(schema)] == [g.name for g in groups]
+    assert [g.name for g in groups] == ["year", "sample_size", "field_strength", "fwhm", "task"]
     _, meta, mask = _batch(schema, n=3)
     hidden = torch.tensor([[True, False, False, False, False], [False] * 5, [False, True, False, False, True]])
-    m2, k2 = drop_conditions(meta, mask, groups, 0.0, hidden=hidden)
+    m2, k2 = hide_groups(meta, mask, groups, hidden)
     c = schema.n_continuous
     assert (
         m2[0, 0] == 0 and k2[0, 0] == 0 and torch.equal(m2[0, 1:], meta[0, 1:]) and torch.equal(k2[0, 1:], mask[0, 1:])

@@ -90,32 +90,27 @@ def _dataset_info(dataset_dir: str | Path) -> Any:
     return load_dataset_info(dataset_dir)
 
 
-@exit_on_error
 def network_config(
     dataset_dir: str | Path,
-    preset: str,
     model: str = "cbvae",
-    architecture: Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
-    conditioning: Mapping[str, Any] | None = None,
+    **architecture: Any,
 ) -> dict[str, Any]:
     """``build_network`` config for the dataset's grid and schema plus the manifest checksum and grid.
 
     Args:
         dataset_dir: dataset folder (formats.md).
-        preset: ``"cpu"`` or ``"gpu"``: defaults for architecture keys the config does not set.
         model: ``"cbvae"`` or ``"baseline"``.
-        architecture: the config's architecture keys (``train.yaml``'s ``architecture`` block).
-        overrides: more ``build_network`` keys, applied last (``network_overrides``).
-        conditioning: keys of the C-β-VAE's conditioning (``train.yaml``'s ``conditioning_keys``: condition
-            dropout, conditional-mean rank), applied for ``model="cbvae"`` only, before ``overrides``.
+        overrides: more ``build_network`` keys, applied last (``--network_overrides``).
+        architecture: the network's keys (``train.yaml``'s ``network_def`` arguments).
 
     Raises:
-        BundleConfigError, DataError: (printed as one ``error:`` line, exit status 2) an unknown model or
-            preset, or a dataset folder that cannot be read.
+        BundleConfigError, DataError: an unknown model, overrides that are not a mapping, or a dataset
+            folder that cannot be read.
     """
     from cbvae_ext.data.sources import file_sha256
-    from cbvae_ext.networks import MODELS, preset_config
+    from cbvae_ext.networks import MODELS
+    from cbvae_ext.networks import network_config as sized_config
 
     if model not in MODELS:
         raise BundleConfigError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -126,13 +121,7 @@ def network_config(
     info = _dataset_info(dataset_dir)
     grid = info.manifest["grid"]
     try:
-        config = preset_config(
-            preset,
-            info.schema,
-            grid["shape"],
-            model=model,
-            **{**(architecture or {}), **((conditioning or {}) if model == "cbvae" else {}), **(overrides or {})},
-        )
+        config = sized_config(info.schema, grid["shape"], model, **{**architecture, **(overrides or {})})
     except ValueError as err:
         raise BundleConfigError(f"{err}; fix the override") from None
     config["dataset_manifest_sha256"] = file_sha256(Path(dataset_dir) / "manifest.json")
@@ -141,15 +130,34 @@ def network_config(
 
 
 @exit_on_error
-def build(config: Mapping[str, Any]) -> torch.nn.Module:
-    """``cbvae_ext.networks.build_network(config)``; a config the network cannot be built from is one ``error:`` line.
+def build(
+    dataset_dir: str | Path,
+    model: str = "cbvae",
+    overrides: Mapping[str, Any] | None = None,
+    **architecture: Any,
+) -> torch.nn.Module:
+    """The network of a training run: ``train.yaml``'s ``network_def`` (the network's one definition).
 
-    The knob check catches the values that are wrong alone; this catches combinations (e.g. a
-    ``--network_overrides`` value the constructor refuses) before anything is written.
+    Sizes the architecture for the dataset (``network_config``) and builds it with
+    ``cbvae_ext.networks.build_network``; the config is kept on the network as ``.network_config`` (what
+    ``network_config.json`` and the resume fingerprint hold). The knob check catches the values that are
+    wrong alone; this catches combinations (e.g. a ``--network_overrides`` value the constructor refuses)
+    before anything is written.
+
+    Args:
+        dataset_dir: dataset folder (formats.md).
+        model: ``"cbvae"`` or ``"baseline"``.
+        overrides: more ``build_network`` keys, applied last (``--network_overrides``).
+        architecture: the network's keys (``latent_size``, ``channels``, ..., ``condition_dropout``).
+
+    Raises:
+        BundleConfigError, DataError: (printed as one ``error:`` line, exit status 2) see ``network_config``,
+            or settings the network cannot be built from.
     """
     from cbvae_ext.networks import build_network
     from cbvae_ext.networks.dense3d import set_fast_path
 
+    config = network_config(dataset_dir, model, overrides, **architecture)
     try:
         net = build_network(config)
     except (ValueError, TypeError, RuntimeError) as err:
@@ -161,6 +169,7 @@ def build(config: Mapping[str, Any]) -> torch.nn.Module:
         # under DDP with bf16 autocast the fast path gave a non-finite loss at the second step (the DDP test);
         # until that is understood, several processes train on the plain path (same function, same parameters)
         set_fast_path(net, False)
+    net.network_config = config
     return net
 
 

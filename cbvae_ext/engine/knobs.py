@@ -14,6 +14,7 @@ choices, a one-line doc) give:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import types
@@ -27,6 +28,8 @@ import torch
 from cbvae_ext.engine.bundle_glue import BundleConfigError, exit_on_error, flag
 
 __all__ = ["TrainKnobs", "knob_table", "network_keys", "train_knobs"]
+
+logger = logging.getLogger(__name__)
 
 _NULL_TEXT = ("null", "none")
 
@@ -72,7 +75,7 @@ class TrainKnobs:
     experiment_name: str = _knob("MLflow experiment / W&B project name")
     # ---- preset and architecture (train.yaml: CPU preset; preset_gpu.yaml: GPU preset)
     preset: str = _knob("label of the architecture preset; the GPU values come with preset_gpu.yaml", choices=_presets)
-    latent_size: int = _knob("latent dimensions (free_bits is spread over them)", 1)
+    latent_size: int = _knob("latent dimensions (both presets; free_bits is a total over them)", 1)
     channels: list[int] = _knob("encoder widths per level (the decoder mirrors them)", 1)
     block_layers: list[int] = _knob("dense layers per level after the first: len(channels) - 1 entries", 0)
     growth_rate: int = _knob("channels each dense layer adds", 1)
@@ -107,7 +110,11 @@ class TrainKnobs:
     grad_clip: float | None = _knob("gradient-norm clip (null: none)", 0.0, open_low=True)
     # ---- objective
     beta: float = _knob("initial KL weight", 0.0)
-    free_bits: float = _knob("nats of KL per map the objective does not charge (spread over latent_size)", 0.0)
+    free_bits: float = _knob(
+        "nats of KL per map the objective does not charge: a total, free_bits / latent_size per dimension "
+        "(keep the ratio when changing latent_size; the run log shows it)",
+        0.0,
+    )
     kl_control: bool = _knob("let the KL controller raise beta (off: fixed beta)")
     kl_scale: Literal["excess", "total"] = _knob(
         "KL share the controller reads: KL / (recon - floor + KL) or KL / loss"
@@ -129,6 +136,11 @@ class TrainKnobs:
     use_tensorboard: bool = _knob("TensorBoard event files under RUN/tensorboard")
     progress: bool = _knob("progress bar on the terminal")
     log_every: int = _knob("iterations between per-step tracking records", 1)
+
+    @property
+    def free_bits_per_dimension(self) -> float:
+        """The free-bits allowance of one latent dimension: ``free_bits / latent_size`` nats."""
+        return self.free_bits / self.latent_size
 
     def hyper_params(self) -> dict[str, Any]:
         """Every knob, JSON-able (the device and paths as text): what MLflow, W&B and TensorBoard record."""
@@ -356,8 +368,6 @@ def _check_output_dir(output_dir: str, dataset_dir: str) -> None:
 
 
 def _check_preset(knobs: TrainKnobs) -> None:
-    import logging
-
     from cbvae_ext.presets import preset_values
 
     if knobs.preset != "cpu":
@@ -370,7 +380,7 @@ def _check_preset(knobs: TrainKnobs) -> None:
                 f"\"['bundle/configs/train.yaml','bundle/configs/preset_{knobs.preset}.yaml']\""
             )
     elif torch.cuda.is_available():
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "CUDA is available but the CPU preset is in use; add bundle/configs/preset_gpu.yaml for the GPU one"
         )
 
@@ -411,6 +421,10 @@ def train_knobs(**values: Any) -> TrainKnobs:
     from cbvae_ext.engine.tracking import check_trackers
 
     check_trackers(use_mlflow=knobs.use_mlflow, use_wandb=knobs.use_wandb, use_tensorboard=knobs.use_tensorboard)
+    logger.info(
+        f"free bits: {knobs.free_bits:g} nats per map over latent_size {knobs.latent_size} = "
+        f"{knobs.free_bits_per_dimension:g} per dimension"
+    )
     return knobs
 
 

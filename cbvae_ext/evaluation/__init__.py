@@ -9,7 +9,7 @@ from cbvae_ext.evaluation.baselines import (
     TopicRidgeBaseline,
     equivalent_dimension,
 )
-from cbvae_ext.evaluation.conditional import condition_groups, conditional_mean_probs, identification
+from cbvae_ext.evaluation.conditional import conditional_mean_probs, identification
 from cbvae_ext.evaluation.criteria import PAIRED_CRITERIA, evaluate_criteria
 from cbvae_ext.evaluation.duplicates import duplicate_report, nearest_train_r
 from cbvae_ext.evaluation.imputation import imputation_scores
@@ -61,7 +61,6 @@ __all__ = [
     "balanced_accuracy_terms",
     "bernoulli_nll",
     "bootstrap_summary",
-    "condition_groups",
     "conditional_mean_probs",
     "duplicate_report",
     "entropy_floor",

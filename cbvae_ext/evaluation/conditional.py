@@ -1,13 +1,11 @@
-"""Conditions as the model sees them: condition groups, hiding a group, conditional mean maps, identification.
+"""Conditions as the model sees them: conditional mean maps and category identification.
 
-A condition group is one entry of ``meta_mask`` and its slice of ``meta`` (``schema.groups``: each
-continuous field, the topic vector, the task one-hot). Hiding a group sets its values to 0 and its mask
-entry to 0 -- exactly what a study without that metadata looks like.
+Condition groups are ``schema.ConditionGroup`` (``schema.groups``); hiding one is
+``cbvae_ext.networks.conditioning.hide_groups``, the function condition dropout uses too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,42 +14,7 @@ import torch
 from cbvae_ext.evaluation.metrics import pearson_r
 from cbvae_ext.export import has_conditional_mean_path
 
-__all__ = [
-    "ConditionGroup",
-    "condition_groups",
-    "conditional_mean_probs",
-    "hide_groups",
-    "identification",
-]
-
-
-@dataclass(frozen=True)
-class ConditionGroup:
-    """One condition: its name, kind (``continuous``/``vector``/``categorical``), ``meta`` slice and mask index."""
-
-    name: str
-    kind: str
-    meta_slice: slice
-    mask_index: int
-
-
-def condition_groups(schema: Any) -> list[ConditionGroup]:
-    """The schema's condition groups in mask order (``schema.groups``; derived for a schema without it)."""
-    groups = getattr(schema, "groups", None)
-    if groups is not None:
-        return [ConditionGroup(g.name, g.kind, g.meta_slice, int(g.mask_index)) for g in groups]
-    n = schema.n_continuous
-    out = [ConditionGroup(f.name, "continuous", slice(j, j + 1), j) for j, f in enumerate(schema.fields)]
-    return [*out, ConditionGroup("task", "categorical", slice(n, n + schema.n_categories), n)]
-
-
-def hide_groups(meta: np.ndarray, meta_mask: np.ndarray, groups: list[ConditionGroup]) -> tuple[np.ndarray, np.ndarray]:
-    """Copies of ``(meta, meta_mask)`` with every group in ``groups`` missing (values 0, mask 0)."""
-    meta, meta_mask = np.array(meta, copy=True), np.array(meta_mask, copy=True)
-    for g in groups:
-        meta[:, g.meta_slice] = 0.0
-        meta_mask[:, g.mask_index] = 0.0
-    return meta, meta_mask
+__all__ = ["conditional_mean_probs", "identification"]
 
 
 def conditional_mean_probs(

@@ -17,9 +17,11 @@ import pandas as pd
 import torch
 
 from cbvae_ext.data.builder import topic_columns
-from cbvae_ext.evaluation.conditional import ConditionGroup, conditional_mean_probs, hide_groups
+from cbvae_ext.evaluation.conditional import conditional_mean_probs
 from cbvae_ext.evaluation.likelihood import bernoulli_nll, importance_weighted_bound
 from cbvae_ext.evaluation.metrics import masked_vectors, peak_auc, score_maps, to_volumes
+from cbvae_ext.networks.conditioning import hide_groups
+from cbvae_ext.schema import ConditionGroup
 
 __all__ = ["PassOptions", "SplitData", "encode_split", "imputed_raw", "load_split", "peak_indicator", "score_network"]
 
@@ -230,8 +232,7 @@ def score_network(
         if options.hidden:
             variants = [(g.name, [g]) for g in options.hidden] + [("all", list(options.hidden))]
             for name, groups in variants:
-                hm, hmask = hide_groups(data.meta[sl], data.meta_mask[sl], groups)
-                o = model(x, torch.from_numpy(hm).to(device), torch.from_numpy(hmask).to(device))
+                o = model(x, *hide_groups(meta, meta_mask, groups))
                 hp = masked_vectors(torch.sigmoid(o["recon"].float()).cpu().numpy(), mask)
                 add_scores(f"hidden_{name}", hp, target, None, False)
         seconds["hidden"] += time.perf_counter() - tic

@@ -44,12 +44,7 @@ from cbvae_ext.evaluation.baselines import (
     equivalent_dimension,
 )
 from cbvae_ext.evaluation.columns import CATEGORY_MEAN, MEAN_MAP, MODEL_COND, NEUROQUERY, TOPIC_RIDGE
-from cbvae_ext.evaluation.conditional import (
-    ConditionGroup,
-    condition_groups,
-    conditional_mean_probs,
-    identification,
-)
+from cbvae_ext.evaluation.conditional import conditional_mean_probs, identification
 from cbvae_ext.evaluation.counterfactual import counterfactual_section
 from cbvae_ext.evaluation.criteria import count_criterion, evaluate_criteria, section_criteria, threshold_criterion
 from cbvae_ext.evaluation.decoding import decoding_section
@@ -89,7 +84,7 @@ from cbvae_ext.evaluation.text_protocols import neuroquery_section, protocols_se
 from cbvae_ext.folders import json_safe, replace_folder
 from cbvae_ext.logs import log_to_console
 from cbvae_ext.run_folder import EVALUATION_FILES, RunFolder, trained_on_checksum
-from cbvae_ext.schema import MetadataSchema, SchemaError
+from cbvae_ext.schema import ConditionGroup, MetadataSchema, SchemaError
 
 __all__ = [
     "RESULTS_LAYOUT",
@@ -635,7 +630,7 @@ class _Context:
     ) -> None:
         self.ev, self.opts, self.info, self.schema, self.mask = ev, opts, info, schema, mask
         self.runs, self.train, self.test, self.peaks, self.latent_size = runs, train, test, peaks, latent_size
-        self.groups = condition_groups(schema)
+        self.groups = schema.groups
         self.generator = torch.Generator().manual_seed(opts["seed"])
         names = schema.categories
         self.columns: dict[str, Any] = {

@@ -1,15 +1,17 @@
 """Networks of the conditional beta-VAE and its baseline, rebuilt from a JSON-able config.
 
-``build_network(config)`` reads these keys (``preset_config`` fills them for the ``cpu``/``gpu`` presets):
+``build_network(config)`` reads these keys (``network_config`` sizes them from a schema and a grid;
+``preset_config`` takes the architecture from the ``network_def`` of the bundle's ``train.yaml``, plus
+``preset_gpu.yaml`` for the GPU preset):
 
 - ``model``: ``"cbvae"`` (``ConditionalBetaVAE``) or ``"baseline"`` (``BaselineVAE``).
 - ``spatial_shape``, ``latent_size``, ``meta_dim``, ``mask_dim``, ``n_continuous``, ``n_year_bins``.
 - architecture: ``channels``, ``block_layers``, ``growth_rate``, ``bn_size``, ``dilations``,
   ``bottleneck_channels``, ``norm``, ``act``; cbvae only: ``film_hidden``, ``imputation_channels``,
   ``adversary_hidden``, ``grl_lambda``; baseline only: ``resnet_widen``, ``resnet_conv1_size``.
-- conditioning (``CONDITIONING``; cbvae): ``groups``, ``conditioning``, ``cond_mean``, ``cond_mean_rank``,
-  ``unknown_tokens``, ``decoder_cond_input``, ``encoder_groups``,
-  ``condition_dropout``; the baseline takes ``cond_mean`` (its mean-map bias volume).
+- conditioning (cbvae): ``groups`` (``schema.groups``), ``conditioning``, ``cond_mean``, ``cond_mean_rank``,
+  ``unknown_tokens``, ``decoder_cond_input``, ``encoder_groups``, ``condition_dropout``; the baseline takes
+  ``cond_mean`` (its mean-map bias volume). Their values are ``train.yaml``'s (``network_def``).
 
 Keys a model does not take (e.g. the dataset checksum and grid saved beside the config in
 ``network_config.json``) are ignored.
@@ -30,6 +32,7 @@ from cbvae_ext.networks.conditioning import (
     UnknownTokens,
     drop_conditions,
     groups_config,
+    hide_groups,
     initialise_from_data,
 )
 from cbvae_ext.networks.dense3d import DenseDecoder, DenseEncoder, DilatedDenseBlock, encoder_shapes
@@ -39,7 +42,6 @@ from cbvae_ext.presets import architecture_preset
 from cbvae_ext.schema import MetadataSchema
 
 __all__ = [
-    "CONDITIONING",
     "MODELS",
     "BaselineVAE",
     "ConditionalBetaVAE",
@@ -61,29 +63,15 @@ __all__ = [
     "film",
     "grad_reverse",
     "groups_config",
+    "hide_groups",
     "initialise_from_data",
+    "network_config",
     "preset_config",
     "sample_latent",
     "unwrap",
 ]
 
 MODELS: dict[str, type[nn.Module]] = {"cbvae": ConditionalBetaVAE, "baseline": BaselineVAE}
-
-# The preset architectures live in the bundle configs (train.yaml: cpu; preset_gpu.yaml: gpu), read by
-# cbvae_ext.presets: one source for the bundle and for Python callers of preset_config.
-
-
-#: How conditions enter the C-β-VAE (both presets; chosen by the ablation in bundle/docs/architecture.md).
-#: ``conditioning: False`` is the conditioning-off twin.
-CONDITIONING: dict[str, Any] = {
-    "conditioning": True,
-    "cond_mean": True,
-    "cond_mean_rank": 32,
-    "unknown_tokens": True,
-    "decoder_cond_input": False,
-    "encoder_groups": None,
-    "condition_dropout": 0.3,
-}
 
 
 def _covering_dilations(grid: Sequence[int]) -> list[int]:
@@ -94,20 +82,21 @@ def _covering_dilations(grid: Sequence[int]) -> list[int]:
     return dilations
 
 
-def preset_config(
-    name: str, schema: MetadataSchema, spatial_shape: Sequence[int], model: str = "cbvae", **overrides: Any
+def network_config(
+    schema: MetadataSchema, spatial_shape: Sequence[int], model: str = "cbvae", **architecture: Any
 ) -> dict[str, Any]:
-    """JSON-able ``build_network`` config for a preset, sized from the metadata schema and the grid.
+    """JSON-able ``build_network`` config: ``architecture`` sized from the metadata schema and the grid.
 
     Args:
-        name: ``"cpu"`` or ``"gpu"``.
-        schema: the dataset's metadata schema.
+        schema: the dataset's metadata schema (the conditioning sizes and, for the C-β-VAE, its groups).
         spatial_shape: map grid ``(D, H, W)``.
         model: ``"cbvae"`` or ``"baseline"``.
-        overrides: keys replacing the preset's values.
+        architecture: the network's keys (``train.yaml``'s ``network_def``: ``latent_size``, ``channels``,
+            ..., ``condition_dropout``); ``dilations`` defaults to the shortest sequence covering the
+            bottleneck grid.
 
     Raises:
-        ValueError: unknown preset (``PresetError``) or model.
+        ValueError: unknown model.
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; valid models: {', '.join(MODELS)}")
@@ -120,17 +109,31 @@ def preset_config(
         "n_year_bins": schema.n_year_bins or 10,
         "norm": "batch",
         "act": "leakyrelu",
-        **architecture_preset(name),
+        **({"groups": groups_config(schema)} if model == "cbvae" else {}),
+        **architecture,
     }
-    if model == "cbvae":
-        config.update(CONDITIONING, groups=groups_config(schema))
-    else:
-        config["cond_mean"] = True
-    config.update(overrides)
     if "dilations" not in config:
         bottleneck = encoder_shapes(config["spatial_shape"], len(config["block_layers"]))[-1]
         config["dilations"] = _covering_dilations(bottleneck)
     return config
+
+
+def preset_config(
+    name: str, schema: MetadataSchema, spatial_shape: Sequence[int], model: str = "cbvae", **overrides: Any
+) -> dict[str, Any]:
+    """``network_config`` with the architecture of a preset (``presets.architecture_preset``) and ``overrides``.
+
+    Args:
+        name: ``"cpu"`` or ``"gpu"``.
+        schema: the dataset's metadata schema.
+        spatial_shape: map grid ``(D, H, W)``.
+        model: ``"cbvae"`` or ``"baseline"``.
+        overrides: keys replacing the preset's values.
+
+    Raises:
+        ValueError: unknown preset (``PresetError``) or model.
+    """
+    return network_config(schema, spatial_shape, model, **{**architecture_preset(name), **overrides})
 
 
 def build_network(config: Mapping[str, Any]) -> nn.Module:

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from cbvae_ext.networks.conditioning import ConditionalMean, UnknownTokens, check_groups, drop_conditions
+from cbvae_ext.networks.conditioning import ConditionalMean, UnknownTokens, as_groups, check_groups, drop_conditions
 from cbvae_ext.networks.dense3d import DenseDecoder, DenseEncoder, set_fast_path
 from cbvae_ext.networks.heads import GradientReversal, ImputationHead, YearAdversary, sample_latent
+from cbvae_ext.schema import ConditionGroup
 
 __all__ = ["ConditionalBetaVAE", "complete_metadata"]
 
@@ -63,7 +64,7 @@ class ConditionalBetaVAE(nn.Module):
         grl_lambda: initial gradient reversal strength.
         norm: MONAI normalisation name/args.
         act: MONAI activation name/args.
-        groups: condition groups (``conditioning.groups_config``); None: C continuous fields + the task.
+        groups: the schema's condition groups (``schema.groups``, or their JSON form ``groups_config``).
         conditioning: False builds the conditioning-off twin (no FiLM, tokens or conditional mean
             beyond a bias volume; ``decode`` ignores ``m``).
         cond_mean: add the conditional-mean path (else logits are the decoder's alone).
@@ -84,6 +85,7 @@ class ConditionalBetaVAE(nn.Module):
         mask_dim: int,
         n_continuous: int,
         n_year_bins: int,
+        groups: Sequence[ConditionGroup | Sequence[Any]],
         channels: Sequence[int],
         block_layers: Sequence[int],
         growth_rate: int,
@@ -96,7 +98,6 @@ class ConditionalBetaVAE(nn.Module):
         grl_lambda: float = 1.0,
         norm: str | tuple = "batch",
         act: str | tuple = "leakyrelu",
-        groups: Sequence[Sequence[Any]] | None = None,
         conditioning: bool = True,
         cond_mean: bool = False,
         cond_mean_rank: int = 32,
@@ -111,11 +112,8 @@ class ConditionalBetaVAE(nn.Module):
         self.n_continuous = n_continuous
         self.meta_dim = meta_dim
         self.conditioning = bool(conditioning)
-        if groups is None:
-            groups = [[f"field{j}", "continuous", j, j + 1, j] for j in range(n_continuous)]
-            groups.append(["task", "categorical", n_continuous, meta_dim, n_continuous])
-        check_groups(groups, meta_dim, mask_dim)
-        self.groups = [list(g) for g in groups]
+        self.groups = as_groups(groups)
+        check_groups(self.groups, meta_dim, mask_dim)
         self.condition_dropout = (
             dict(condition_dropout) if isinstance(condition_dropout, Mapping) else condition_dropout
         )
@@ -143,24 +141,24 @@ class ConditionalBetaVAE(nn.Module):
         # linear model for "topics unknown", where the task one-hot must carry what the topics would
         self.register_buffer(
             "vector_flags",
-            torch.tensor([meta_dim + g[4] for g in self.groups if g[1] == "vector"], dtype=torch.long),
+            torch.tensor([meta_dim + g.mask_index for g in self.groups if g.kind == "vector"], dtype=torch.long),
             persistent=False,
         )
         cm_dim = cond_dim * (1 + len(self.vector_flags)) if self.conditioning else 0
         self.cond_mean = ConditionalMean(cm_dim, spatial_shape, cond_mean_rank) if cond_mean else None
         # the encoder sees only ``encoder_groups``: the others are hidden (0 values, mask 0) before its FiLM
         keep = torch.ones(meta_dim + mask_dim)
-        for name, _, start, stop, mask_index in self.groups:
-            if encoder_groups is not None and name not in encoder_groups:
-                keep[start:stop] = 0.0
-                keep[meta_dim + mask_index] = 0.0
+        for g in self.groups:
+            if encoder_groups is not None and g.name not in encoder_groups:
+                keep[g.meta_slice] = 0.0
+                keep[meta_dim + g.mask_index] = 0.0
         self.register_buffer("encoder_keep", keep, persistent=False)
         # a vector group (the topic mixture sums to 1) enters scaled by the square root of its size, so a
         # dominant topic is O(1) like the one-hot and the z-scored fields
         scale = torch.ones(meta_dim + mask_dim)
-        for _, kind, start, stop, _ in self.groups:
-            if kind == "vector":
-                scale[start:stop] = float(stop - start) ** 0.5
+        for g in self.groups:
+            if g.kind == "vector":
+                scale[g.meta_slice] = float(g.size) ** 0.5
         self.register_buffer("cond_scale", scale, persistent=False)
         set_fast_path(self, fast_path)
 

@@ -1,10 +1,12 @@
 """How conditions enter the C-β-VAE: condition groups, condition dropout, "unknown" tokens, conditional mean.
 
-- **Groups.** The conditioning vector ``m = [meta, meta_mask]`` is a list of condition groups (a
-  continuous field, the topic vector, the task one-hot), each with a slice of ``meta`` and one mask
-  entry. ``groups_config(schema)`` writes them as JSON-able lists for ``network_config.json``.
-- **Condition dropout** (``drop_conditions``): in training each observed group is hidden (values 0,
-  mask 0) with probability ``p``, so every missing pattern is a trained input.
+- **Groups.** The conditioning vector ``m = [meta, meta_mask]`` is a list of condition groups
+  (``schema.ConditionGroup``: a continuous field, the topic vector, the task one-hot), each with a slice of
+  ``meta`` and one mask entry. ``groups_config(schema)`` writes them as JSON-able lists for
+  ``network_config.json``; ``as_groups`` reads them back.
+- **Hiding a group** (``hide_groups``): values 0, mask 0, exactly what a study without that metadata looks
+  like. **Condition dropout** (``drop_conditions``): in training each observed group is hidden with
+  probability ``p``, so every missing pattern is a trained input.
 - **Unknown tokens** (``UnknownTokens``): a hidden categorical or vector group's values are replaced by
   a learned vector, so the network's output cannot depend on what a hidden group's values were and
   ``decode(z, c) - decode(z, c with the task hidden)`` is a task contrast. Hidden continuous fields keep
@@ -24,15 +26,21 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from cbvae_ext.schema import ConditionGroup, MetadataSchema
+
 __all__ = [
     "KINDS",
+    "ConditionGroup",
     "ConditionalMean",
     "UnknownTokens",
+    "as_groups",
     "check_groups",
     "drop_conditions",
+    "dropout_probabilities",
     "group_mask",
-    "initialise_from_data",
     "groups_config",
+    "hide_groups",
+    "initialise_from_data",
     "fit_ridge",
     "logit",
 ]
@@ -40,76 +48,90 @@ __all__ = [
 #: Kinds of condition groups (``schema.groups``).
 KINDS = ("continuous", "vector", "categorical")
 
-#: One group as stored in a network config: ``[name, kind, meta_start, meta_stop, mask_index]``.
-GroupConfig = Sequence[Any]
+
+def groups_config(schema: MetadataSchema) -> list[list[Any]]:
+    """JSON-able condition groups of a metadata schema, in mask order (``ConditionGroup.to_config``)."""
+    return [g.to_config() for g in schema.groups]
 
 
-def groups_config(schema: Any) -> list[list[Any]]:
-    """JSON-able condition groups of a metadata schema, in mask order.
-
-    Uses ``schema.groups`` (``.name``, ``.kind``, ``.meta_slice``, ``.mask_index``) when the schema has
-    them, else the layout ``[continuous fields..., task one-hot]`` with one mask entry each.
-    """
-    groups = getattr(schema, "groups", None)
-    if groups is not None:
-        return [[g.name, g.kind, int(g.meta_slice.start), int(g.meta_slice.stop), int(g.mask_index)] for g in groups]
-    c = int(schema.n_continuous)
-    out: list[list[Any]] = [[f.name, "continuous", j, j + 1, j] for j, f in enumerate(schema.fields)]
-    out.append(["task", "categorical", c, int(schema.meta_dim), c])
-    return out
+def as_groups(groups: Sequence[ConditionGroup | Sequence[Any]]) -> list[ConditionGroup]:
+    """Condition groups from their JSON form (``network_config.json``) or as they are."""
+    return [ConditionGroup.from_config(g) for g in groups]
 
 
-def check_groups(groups: Sequence[GroupConfig], meta_dim: int, mask_dim: int) -> None:
-    for name, kind, start, stop, mask_index in groups:
-        if kind not in KINDS or not (0 <= start < stop <= meta_dim) or not (0 <= mask_index < mask_dim):
+def check_groups(groups: Sequence[ConditionGroup], meta_dim: int, mask_dim: int) -> None:
+    for g in groups:
+        start, stop = g.meta_slice.start, g.meta_slice.stop
+        if g.kind not in KINDS or not (0 <= start < stop <= meta_dim) or not (0 <= g.mask_index < mask_dim):
             raise ValueError(
-                f"condition group {name!r} ({kind}, meta[{start}:{stop}], mask[{mask_index}]) does not fit meta_dim "
-                f"{meta_dim} / mask_dim {mask_dim}; rebuild the network config with preset_config()"
+                f"condition group {g.name!r} ({g.kind}, meta[{start}:{stop}], mask[{g.mask_index}]) does not fit "
+                f"meta_dim {meta_dim} / mask_dim {mask_dim}; rebuild the network config with preset_config()"
             )
 
 
-def group_mask(groups: Sequence[GroupConfig], meta_dim: int, names: Sequence[str] | None = None) -> torch.Tensor:
-    """``[n_groups, meta_dim]`` 0/1 matrix: row g marks the meta entries of group g (all groups or ``names``)."""
+def group_mask(groups: Sequence[ConditionGroup], meta_dim: int) -> torch.Tensor:
+    """``[n_groups, meta_dim]`` 0/1 matrix: row g marks the meta entries of group g."""
     out = torch.zeros(len(groups), meta_dim)
-    for i, (name, _, start, stop, _) in enumerate(groups):
-        if names is None or name in names:
-            out[i, start:stop] = 1.0
+    for i, g in enumerate(groups):
+        out[i, g.meta_slice] = 1.0
     return out
+
+
+def hide_groups(
+    meta: torch.Tensor,
+    meta_mask: torch.Tensor,
+    groups: Sequence[ConditionGroup],
+    hidden: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of ``(meta, meta_mask)`` with groups hidden: values 0, mask 0 -- what a study without them looks like.
+
+    The one way a condition is hidden: condition dropout (``drop_conditions``), the conditional-mean fit
+    and the evaluation's hidden-condition reconstructions all call it.
+
+    Args:
+        meta: ``[B, meta_dim]``.
+        meta_mask: ``[B, mask_dim]``.
+        groups: condition groups (``schema.groups`` or a subset).
+        hidden: ``[B, len(groups)]`` (or ``[len(groups)]``, the same for every row) bool, which of ``groups``
+            to hide; None: every group in ``groups``.
+    """
+    if hidden is None:
+        hidden = torch.ones(len(groups), dtype=torch.bool)
+    hidden = hidden.to(meta.device).expand(meta.shape[0], len(groups))
+    keep_meta = 1.0 - hidden.to(meta.dtype) @ group_mask(groups, meta.shape[1]).to(meta)
+    keep_mask = torch.ones_like(meta_mask)
+    index = torch.tensor([g.mask_index for g in groups], dtype=torch.long, device=meta.device)
+    keep_mask[:, index] = 1.0 - hidden.to(meta_mask.dtype)
+    return meta * keep_meta.clamp_min(0.0), meta_mask * keep_mask
+
+
+def dropout_probabilities(groups: Sequence[ConditionGroup], p: float | Mapping[str, float]) -> torch.Tensor:
+    """``[len(groups)]`` probability of hiding each group: ``p``, or ``p[name]`` per group (absent names: 0)."""
+    return torch.tensor([float(p.get(g.name, 0.0)) if isinstance(p, Mapping) else float(p) for g in groups])
 
 
 def drop_conditions(
     meta: torch.Tensor,
     meta_mask: torch.Tensor,
-    groups: Sequence[GroupConfig],
+    groups: Sequence[ConditionGroup],
     p: float | Mapping[str, float],
     generator: torch.Generator | None = None,
-    hidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hide each group of each row with probability ``p`` (per group name when a mapping): values 0, mask 0.
+    """Condition dropout: hide each group of each row with probability ``p`` (``hide_groups``).
 
     Args:
         meta: ``[B, meta_dim]``.
         meta_mask: ``[B, mask_dim]``.
-        groups: condition groups (``groups_config``).
+        groups: condition groups (``schema.groups``).
         p: dropout probability, one for all groups or ``{group name: p}`` (absent names: 0).
         generator: random generator (the global one when None).
-        hidden: ``[B, n_groups]`` bool, which groups to hide (overrides ``p``; for tests and evaluation).
 
     Returns:
-        ``(meta, meta_mask)`` copies with the chosen groups hidden.
+        ``(meta, meta_mask)`` copies with the drawn groups hidden.
     """
-    n = meta.shape[0]
-    if hidden is None:
-        probs = [float(p.get(g[0], 0.0)) if isinstance(p, Mapping) else float(p) for g in groups]
-        probs_t = torch.tensor(probs, device=meta.device)
-        draw = torch.rand(n, len(groups), generator=generator, device="cpu" if generator else meta.device)
-        hidden = draw.to(meta.device) < probs_t
-    hidden = hidden.to(meta.device)
-    keep_meta = 1.0 - hidden.to(meta.dtype) @ group_mask(groups, meta.shape[1]).to(meta)
-    keep_mask = torch.ones_like(meta_mask)
-    index = torch.tensor([g[4] for g in groups], device=meta.device)
-    keep_mask[:, index] = 1.0 - hidden.to(meta_mask.dtype)
-    return meta * keep_meta.clamp_min(0.0), meta_mask * keep_mask
+    draw = torch.rand(meta.shape[0], len(groups), generator=generator, device="cpu" if generator else meta.device)
+    hidden = draw.to(meta.device) < dropout_probabilities(groups, p).to(meta.device)
+    return hide_groups(meta, meta_mask, groups, hidden)
 
 
 class UnknownTokens(nn.Module):
@@ -119,18 +141,20 @@ class UnknownTokens(nn.Module):
     untrained model behaves as before.
 
     Args:
-        groups: condition groups (``groups_config``).
+        groups: condition groups (``schema.groups``).
         meta_dim: length of ``meta``.
     """
 
-    def __init__(self, groups: Sequence[GroupConfig], meta_dim: int) -> None:
+    def __init__(self, groups: Sequence[ConditionGroup], meta_dim: int) -> None:
         super().__init__()
         self.meta_dim = meta_dim
-        tokenised = [g for g in groups if g[1] != "continuous"]
-        self.names = [g[0] for g in tokenised]
+        tokenised = [g for g in groups if g.kind != "continuous"]
+        self.names = [g.name for g in tokenised]
         self.token = nn.Parameter(torch.zeros(meta_dim))
         self.register_buffer("members", group_mask(tokenised, meta_dim), persistent=False)
-        self.register_buffer("mask_index", torch.tensor([g[4] for g in tokenised], dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "mask_index", torch.tensor([g.mask_index for g in tokenised], dtype=torch.long), persistent=False
+        )
 
     def forward(self, m: torch.Tensor, token: bool = True) -> torch.Tensor:
         """``m`` with hidden groups' values replaced by their token (``token=False``: by 0)."""
@@ -312,7 +336,7 @@ def initialise_from_data(
     def conditions(rows: np.ndarray, drop: bool, hidden: torch.Tensor | None = None) -> np.ndarray:
         meta, meta_mask = (torch.from_numpy(a) for a in info.encode(rows))
         if hidden is not None:
-            meta, meta_mask = drop_conditions(meta, meta_mask, model.groups, 0.0, hidden=hidden)
+            meta, meta_mask = hide_groups(meta, meta_mask, model.groups, hidden)
         elif drop:
             meta, meta_mask = drop_conditions(meta, meta_mask, model.groups, model.condition_dropout, gen)
         with torch.no_grad():
@@ -325,22 +349,20 @@ def initialise_from_data(
         # the second replica has every vector group hidden, so the "topics unknown" inputs (the task-alone map)
         # are fitted on every training row, not on the ~30 % the dropout happens to hide
         draw = torch.rand(len(train), len(model.groups), generator=gen)
-        probs = [float(model.condition_dropout.get(g[0], 0.0)) if isinstance(model.condition_dropout, Mapping)
-                 else float(model.condition_dropout) for g in model.groups]  # fmt: skip
-        hide = draw < torch.tensor(probs)
-        hide[:, [i for i, g in enumerate(model.groups) if g[1] == "vector"]] = True
+        hide = draw < dropout_probabilities(model.groups, model.condition_dropout)
+        hide[:, [i for i, g in enumerate(model.groups) if g.kind == "vector"]] = True
         x_parts[1] = conditions(train, False, hide)
     x_train = np.concatenate(x_parts)
     rows = np.concatenate([train] * replicas)
     # the task one-hot and the observed flags take one strength, the fields and topic weights the other
     categorical = np.zeros(model.encoder_keep.numel(), bool)
     categorical[model.meta_dim :] = True
-    for _, kind, start, stop, _ in model.groups:
-        categorical[start:stop] = kind == "categorical"
+    for g in model.groups:
+        categorical[g.meta_slice] = g.kind == "categorical"
     categorical = np.tile(categorical, x_train.shape[1] // len(categorical))
     candidates = [(a, c) for a in 10.0 ** np.arange(1, 7) for c in 10.0 ** np.arange(0, 6)]
     penalties = [np.where(categorical, c, a) for a, c in candidates]
-    task_only = torch.tensor([g[0] != "task" for g in model.groups]).expand(len(val), -1)
+    task_only = torch.tensor([g.name != "task" for g in model.groups]).expand(len(val), -1)
     val_sets = [conditions(val, False), conditions(val, False, task_only)]
     b0, coef, best, _ = fit_ridge(x_train, lambda r: maps(rows[r]), val_sets, lambda r: maps(val[r]), penalties)
     alpha = candidates[best]

@@ -81,6 +81,8 @@ removed=0
 # option, a `set -e` failure, the job ending without --keep-alive) would otherwise leave the pod billing.
 on_exit() {
   local rc=$?
+  # a forked child (the watchdog's `&` before it execs python) still holds this trap: only the script removes
+  [ "$BASHPID" = "$$" ] || exit "$rc"
   trap - EXIT
   set +e
   if [ -n "$watchdog" ]; then

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 FAST = [
     "--n_bootstrap", "200", "--n_permutations", "5", "--n_examples", "2", "--batch_size", "16",
     "--iwae_k", "3", "--n_prior_samples", "2", "--joint_k", "3", "--n_calibration_samples", "3",
-    "--decoding_k", "2", "--decoding_n_terms", "10", "--qc_k", "2",
+    "--decoding_k", "2", "--decoding_n_terms", "10", "--decoding_max_maps", "8", "--qc_k", "2", "--qc_max_maps", "8",
 ]  # fmt: skip
 SMALL = {
     "n_bootstrap": 50, "n_permutations": 2, "n_examples": 0, "batch_size": 16, "iwae_k": 2, "n_prior_samples": 2,

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,36 @@ CHROMIUM_FLAGS: tuple[str, ...] = (
     "--hide-scrollbars",
 )
 
-# text of the page and the number of images served by Streamlit's media endpoint that finished loading
+# text of the page, the number of images served by Streamlit's media endpoint that finished loading, the texts of
+# its error boxes and the captions of its loaded images
 _PAGE_STATE = """JSON.stringify({
   text: document.body ? document.body.innerText : "",
   images: Array.from(document.images).filter(i => i.src.includes("/media/") && i.complete && i.naturalWidth > 0).length,
   running: !!document.querySelector('[data-testid="stStatusWidget"]'),
   exceptions: document.querySelectorAll('[data-testid="stException"]').length,
+  errors: Array.from(document.querySelectorAll('[data-testid="stAlertContentError"]')).map(e => e.innerText.trim()),
+  loaded: Array.from(document.querySelectorAll('[data-testid="stImageContainer"]'))
+    .filter(c => { const i = c.querySelector('img'); return i && i.complete && i.naturalWidth > 0; })
+    .map(c => (c.querySelector('[data-testid="stImageCaption"]') || {innerText: ""}).innerText.trim()),
+})"""
+# centre of the option label of a radio group (by the group's aria-label), scrolled into view; null if absent
+_RADIO_OPTION = """(([group, option]) => {
+  const g = document.querySelector('[role="radiogroup"][aria-label=' + JSON.stringify(group) + ']');
+  const o = g && Array.from(g.querySelectorAll('label')).find(l => l.innerText.trim() === option);
+  if (!o) return null;
+  o.scrollIntoView({block: "center"});
+  const r = o.getBoundingClientRect();
+  return [r.x + r.width / 2, r.y + r.height / 2];
+})"""
+# page rectangle (what a screenshot's clip takes) of the loaded image whose caption starts with the given text; null if none
+_IMAGE_RECT = """((caption) => {
+  const c = Array.from(document.querySelectorAll('[data-testid="stImageContainer"]'))
+    .find(c => (c.querySelector('[data-testid="stImageCaption"]') || {innerText: ""}).innerText.trim().startsWith(caption));
+  const i = c && c.querySelector('img');
+  if (!i || !i.complete || !i.naturalWidth) return null;
+  i.scrollIntoView({block: "center"});
+  const r = i.getBoundingClientRect();
+  return {x: r.x + window.scrollX, y: r.y + window.scrollY, width: r.width, height: r.height};
 })"""
 
 
@@ -197,20 +221,53 @@ class HeadlessChromium:
         for kind in ("keyDown", "keyUp"):
             self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
 
-    def wait_for_text(self, text: str, timeout: float = 120.0) -> dict[str, Any]:
-        """Poll until ``text`` shows on the page and no script run is pending; returns the page state."""
+    def click_option(self, group: str, option: str) -> None:
+        """Click the option labelled ``option`` of the radio group labelled ``group`` with the mouse, as a user would
+        (Streamlit's radios take pointer events, not a scripted ``click()``)."""
+        centre = self.evaluate(f"{_RADIO_OPTION}({json.dumps([group, option])})")
+        if centre is None:
+            raise BrowserError(f"no option {option!r} in a radio group labelled {group!r} on the page")
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=centre[0], y=centre[1], button="left", clickCount=1)
+
+    def set_files(self, selector: str, *paths: Path) -> None:
+        """Put files on the ``<input type=file>`` matched by the CSS ``selector``, as choosing them in the file dialog
+        does (the page gets its ``input`` and ``change`` events)."""
+        root = self.call("DOM.getDocument", depth=0)["root"]["nodeId"]
+        node = self.call("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
+        if not node:  # DOM.querySelector answers node 0 for no match
+            raise BrowserError(f"no element matches {selector!r} on the page")
+        self.call("DOM.setFileInputFiles", nodeId=node, files=[str(Path(p).resolve()) for p in paths])
+
+    def wait_until(
+        self, ready: Callable[[dict[str, Any]], bool], timeout: float = 120.0, poll: float = 0.5, settle: float = 0.5
+    ) -> dict[str, Any]:
+        """Poll the page state every ``poll`` seconds until ``ready(state)`` holds and no script run is pending;
+        after ``settle`` seconds (for the last paint) returns the state then, else the last state at the timeout."""
         deadline, state = time.monotonic() + timeout, {}
         while time.monotonic() < deadline:
             state = json.loads(self.evaluate(_PAGE_STATE))
-            if text in state["text"] and not state["running"]:
-                time.sleep(0.5)
-                return json.loads(self.evaluate(_PAGE_STATE))
-            time.sleep(0.5)
+            if ready(state) and not state["running"]:
+                if settle:
+                    time.sleep(settle)
+                    state = json.loads(self.evaluate(_PAGE_STATE))
+                return state
+            time.sleep(poll)
         return state
 
-    def screenshot(self) -> bytes:
-        """PNG of the viewport."""
-        return base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+    def wait_for_text(self, text: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Poll until ``text`` shows on the page and no script run is pending; returns the page state."""
+        return self.wait_until(lambda state: text in state["text"], timeout)
+
+    def screenshot(self, image_caption: str | None = None) -> bytes:
+        """PNG of the viewport, or of the one loaded image whose caption starts with ``image_caption``."""
+        params: dict[str, Any] = {"format": "png"}
+        if image_caption is not None:
+            rect = self.evaluate(f"{_IMAGE_RECT}({json.dumps(image_caption)})")
+            if rect is None:
+                raise BrowserError(f"no loaded image with a caption starting {image_caption!r} on the page")
+            params["clip"] = {**rect, "scale": 1}
+        return base64.b64decode(self.call("Page.captureScreenshot", **params)["data"])
 
     def close(self) -> None:
         if self.ws is not None:

@@ -1,9 +1,10 @@
 """The app in a real headless Chromium: type a query, see the views and the glass brain, open a shared link,
-and the server answers on 127.0.0.1 only."""
+upload a study file, and the server answers on 127.0.0.1 only."""
 
 from __future__ import annotations
 
 import io
+import re
 import socket
 import time
 import urllib.request
@@ -12,12 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from app_browser import VIEWS, HeadlessChromium, find_chromium, serve_app
+from study_files import test_split_studies, write_sleuth
 
 pytestmark = pytest.mark.browser
 
 WORDS_LABEL = "Terms (e.g. working memory, pain, theory of mind)"
 #: A shared link that used to close the warning's code span and render a link and a remote image.
 HOSTILE = "%60%5BLog%20in%5D(https://ev.il/x)%20!%5Bt%5D(https://ev.il/t.png)"
+#: The "Your study" file uploader's input (the page has one file uploader).
+UPLOAD_INPUT = '[data-testid="stFileUploader"] input[type="file"]'
+MA_CAPTION = "Your study's MA map"
+TYPICALITY = re.compile(
+    r"Typicality: the model finds this map more likely than (\d+)% of the dataset's (\d+) test studies "
+    r"\(percentile (\d+\.\d)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +100,70 @@ def test_bad_link_shows_a_message_and_the_page(app_url: str, tmp_path: Path) -> 
     assert "ignored task=`[Log in](https://ev.il/x) ![t](https://… in the link" in state["text"]  # as given
     assert "not a parameter of this page" in state["text"]
     assert bold == 0 and foreign == []  # the markup in the link is shown as text: no bold, no link, no image
+
+
+def _your_study_shown(state: dict) -> bool:
+    """The "Your study" view has rendered: its heading, its typicality sentence and its MA map image."""
+    return (
+        "\nYour study\n" in state["text"]  # the heading, not the radio option
+        and TYPICALITY.search(state["text"]) is not None
+        and any(c.startswith(MA_CAPTION) for c in state["loaded"])
+    )
+
+
+def _choose_your_study(browser: HeadlessChromium, app_url: str) -> None:
+    state = browser.open_app(app_url, min_images=8, timeout=300)
+    assert all(view in state["text"] for view in VIEWS), state["text"][:800]
+    browser.click_option("Start from", "Your study")
+    state = browser.wait_for_text("Upload a study in the sidebar", timeout=60)
+    assert "Upload a study in the sidebar" in state["text"], state["text"][:800]
+
+
+def test_upload_a_sleuth_file_shows_your_study(
+    app_url: str, tiny_dataset: Path, neurosynth_dir: Path, tmp_path: Path
+) -> None:
+    """A real test-split study written as a one-study Sleuth file, chosen in the file dialog: its page."""
+    from cbvae_ext.data import load_dataset_info
+
+    meta = load_dataset_info(tiny_dataset).metadata
+    mni = test_split_studies(meta, neurosynth_dir)["MNI"]
+    sleuth = write_sleuth(tmp_path / "mine.txt", [("mine", mni["xyz"])], "MNI")
+    browser = HeadlessChromium(tmp_path / "profile")
+    try:
+        _choose_your_study(browser, app_url)
+        browser.set_files(UPLOAD_INPUT, sleuth)
+        state = browser.wait_until(_your_study_shown, timeout=120)
+        assert _your_study_shown(state), state["text"][:3000]
+        ma_shot = browser.screenshot(image_caption=MA_CAPTION)
+    finally:
+        browser.close()
+    assert state["exceptions"] == 0 and "Traceback" not in state["text"]
+    rounded, n_reference, percentile = TYPICALITY.search(state["text"]).groups()
+    assert 0.0 <= float(percentile) <= 100.0 and int(rounded) == round(float(percentile))
+    assert int(n_reference) == int((meta["split"] == "test").sum())  # the run's reference: the test split
+    assert "start: your study mine (mine.txt)" in state["text"]  # the generated map starts from the upload
+    assert "Nearest dataset studies" in state["text"]  # (its cells are drawn on a canvas: test_app.py reads them)
+    assert _hot_pixels(ma_shot) > 100  # its peaks drawn with the hot colour map
+
+
+def test_unreadable_upload_shows_one_line_and_the_page_works(app_url: str, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_bytes(b"{not json")
+    browser = HeadlessChromium(tmp_path / "profile")
+    try:
+        _choose_your_study(browser, app_url)
+        browser.set_files(UPLOAD_INPUT, broken)
+        state = browser.wait_until(lambda s: bool(s["errors"]), timeout=120)
+        errors, images = [e.replace("\u2060", "") for e in state["errors"]], state["images"]
+        # the page still answers: back to a real study, its views come back
+        browser.click_option("Start from", "Real study")
+        after = browser.wait_until(lambda s: all(v in s["text"] for v in VIEWS) and s["images"] >= 8, timeout=120)
+    finally:
+        browser.close()
+    assert len(errors) == 1 and errors[0].startswith("broken.json is not valid JSON") and "\n" not in errors[0], errors
+    assert state["exceptions"] == 0 and "Traceback" not in state["text"]
+    assert images == 0 and "Your study's MA map" not in state["text"]  # nothing of another study is shown
+    assert all(v in after["text"] for v in VIEWS) and after["exceptions"] == 0 and not after["errors"]
 
 
 def test_served_on_every_interface_the_page_refuses(tiny_runs: dict[str, Path], tmp_path: Path) -> None:

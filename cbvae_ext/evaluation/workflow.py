@@ -6,6 +6,10 @@ size, state-dict keys, dataset build), scores them on the **test** split (valida
 selection during training only), fits the non-neural baselines on the training split, and writes
 ``test_results.json`` (layout ``cbvae-test-results`` version 2, formats.md), the per-map tables
 (parquet) from which every paired criterion can be recomputed, and PNG figures.
+
+Each part of the results is a section ``section(data: EvalData) -> Section`` (``section.py``), run in the
+order of ``SECTIONS``: the workflow joins their columns into the per-map table, then adds the criteria, the
+figures and the provenance.
 """
 
 from __future__ import annotations
@@ -183,6 +187,16 @@ def _folder_set(out_dir: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _timed(name: str, timings: dict[str, float]) -> Iterator[None]:
+    """Log the start and the seconds of evaluation step ``name``; the seconds go into ``timings[name]``."""
+    logger.info("evaluation section %s ...", name)
+    tic = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - tic, 2)
+    logger.info("evaluation section %s done in %.1f s", name, timings[name])
 
 
 #: Options where None means "all".
@@ -407,9 +421,8 @@ class Evaluation:
         figure_data: dict[str, Any] = {}
         tables: dict[str, dict[str, Any]] = {}
         for name, fn in (*SECTIONS, ("ood", functools.partial(ood_section, path=self.ood_dataset_dir))):
-            logger.info("evaluation section %s ...", name)
-            tic = time.perf_counter()
-            sec: Section = fn(data)
+            with _timed(name, timings):
+                sec: Section = fn(data)
             if sec.top_level:
                 results.update(sec.results)
             else:
@@ -417,11 +430,8 @@ class Evaluation:
             columns.update({k: np.asarray(v, dtype=np.float64) for k, v in sec.columns.items()})
             figure_data.update(sec.figure_data)
             tables.update(sec.tables)
-            timings[name] = round(time.perf_counter() - tic, 2)
-            logger.info("evaluation section %s done in %.1f s", name, timings[name])
-        tic = time.perf_counter()
-        results["criteria"] = _criteria(data, results)
-        timings["criteria"] = round(time.perf_counter() - tic, 2)
+        with _timed("criteria", timings):
+            results["criteria"] = _criteria(data, results)
         results["metric_definitions"] = _definitions(opts)
         with _folder_set(out_dir) as tmp_dir:
             pd.DataFrame(columns).to_parquet(tmp_dir / TEST_TABLE, index=False)

@@ -17,7 +17,7 @@ import torch
 from cbvae_ext.data import load_dataset_info
 from cbvae_ext.data.sources import file_sha256
 from cbvae_ext.evaluation.passes import PassOptions, load_split, score_network
-from cbvae_ext.evaluation.run import load_run
+from cbvae_ext.evaluation.workflow import load_run
 
 FULL_TEST_MAPS = 1432
 

@@ -95,7 +95,7 @@ def test_corruptions_move_peaks_as_named():
 def eval_data(tiny_dataset: Path, tiny_runs: dict[str, Path]) -> EvalData:
     from cbvae_ext.data import load_dataset_info
     from cbvae_ext.evaluation.passes import load_split
-    from cbvae_ext.evaluation.run import load_run
+    from cbvae_ext.evaluation.workflow import load_run
 
     info = load_dataset_info(tiny_dataset)
     mask = np.asarray(info.mask) != 0

@@ -25,7 +25,14 @@ from cbvae_ext.evaluation.metrics import (
     topk_dice,
 )
 from cbvae_ext.evaluation.probes import adversary_balanced_accuracy, make_probes, probe_with_null, year_probes, year_r2
-from cbvae_ext.evaluation.run import (
+from cbvae_ext.evaluation.stats import balanced_accuracy_terms, bootstrap_summary, paired_bootstrap
+from cbvae_ext.evaluation.text_protocols import (
+    NeuroQueryBaseline,
+    mitchell_scores,
+    peak_log_likelihood,
+    title_tfidf,
+)
+from cbvae_ext.evaluation.workflow import (
     RESULTS_LAYOUT,
     RESULTS_LAYOUT_VERSION,
     ROLES,
@@ -34,13 +41,6 @@ from cbvae_ext.evaluation.run import (
     LoadedRun,
     json_safe,
     load_run,
-)
-from cbvae_ext.evaluation.stats import balanced_accuracy_terms, bootstrap_summary, paired_bootstrap
-from cbvae_ext.evaluation.text_protocols import (
-    NeuroQueryBaseline,
-    mitchell_scores,
-    peak_log_likelihood,
-    title_tfidf,
 )
 
 __all__ = [

@@ -1,19 +1,43 @@
 """Non-neural reference predictors scored on the same held-out maps as the VAEs.
 
 All baselines work on ``[N, V]`` in-mask vectors in normalised units and follow the scikit-learn
-``fit`` / ``predict`` shape: ``fit`` sees only the training split.
+``fit`` / ``predict`` shape: ``fit`` sees only the training split. ``baselines_section`` is the evaluation's
+``baselines`` section.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from sklearn.decomposition import PCA
 
-from cbvae_ext.evaluation.metrics import pearson_r
+from cbvae_ext.evaluation.columns import (
+    CATEGORY_MEAN,
+    CONSTANT_MAP,
+    LOGLIK,
+    MEAN_MAP,
+    PEAK_AUC,
+    SSIM,
+    TOPIC_RIDGE,
+    pca,
+)
+from cbvae_ext.evaluation.conditional import topic_weights
+from cbvae_ext.evaluation.likelihood import latent_free_nll
+from cbvae_ext.evaluation.metrics import peak_auc, pearson_r, score_maps, ssim_masked
+from cbvae_ext.evaluation.runs import EvaluationError
+from cbvae_ext.evaluation.section import EvalData, Section, prefixed
 
-__all__ = ["CategoryMeanBaseline", "MeanMapBaseline", "PCABaseline", "TopicRidgeBaseline", "equivalent_dimension"]
+__all__ = [
+    "CategoryMeanBaseline",
+    "MeanMapBaseline",
+    "PCABaseline",
+    "TopicRidgeBaseline",
+    "baselines_section",
+    "equivalent_dimension",
+    "pca_dims",
+]
 
 
 class PCABaseline:
@@ -168,3 +192,76 @@ class TopicRidgeBaseline:
         if self._fit is None:
             raise RuntimeError("TopicRidgeBaseline.predict called before fit")
         return self._apply(self._fit, np.asarray(topics, dtype=np.float64))
+
+
+def pca_dims(latent_size: int, n_train: int, n_voxels: int) -> list[int]:
+    """The PCA sizes compared with the model: L, 2L, 4L, 8L components, those the training maps allow."""
+    limit = min(n_train, n_voxels)
+    return [d for d in (latent_size, 2 * latent_size, 4 * latent_size, 8 * latent_size) if d <= limit]
+
+
+def baselines_section(data: EvalData) -> Section:
+    """PCA at L, 2L, 4L, 8L, the mean map, a constant map, the category mean and the topic ridge (train fit).
+
+    Writes ``data.cache["pca"]`` (``PCABaseline`` with the largest of ``data.cache["pca_dims"]`` components),
+    ``data.cache["pca_dims"]``, ``data.cache["category_mean"]`` (the fitted ``CategoryMeanBaseline``) and the
+    ``MEAN_MAP``, ``CATEGORY_MEAN`` and ``TOPIC_RIDGE`` entries of ``data.cache["predictions"]``.
+
+    Raises:
+        EvaluationError: fewer training maps than the latent size (no PCA with L components).
+    """
+    tr, te, mask, latent = data.train, data.test, data.mask, data.latent_size
+    if latent > min(tr.n, tr.maps.shape[1]):
+        raise EvaluationError(f"PCA with {latent} components needs more than {tr.n} training maps; use more")
+    dims = pca_dims(latent, tr.n, tr.maps.shape[1])
+    fit = PCABaseline(max(dims), seed=data.opts["seed"]).fit(tr.maps)
+    data.cache.update(pca=fit, pca_dims=dims)
+    columns: dict[str, np.ndarray] = {}
+    curve = []
+    for d in dims:
+        columns.update(prefixed(pca(d), score_maps(fit.predict(te.maps, d), te.maps, mask, ssim=d == latent)))
+        curve.append(
+            {
+                "n_components": d,
+                "explained_variance_ratio": fit.explained_variance_at(d),
+                **data.summaries(columns, pca(d)),
+            }
+        )
+    out: dict[str, Any] = {"pca": {**curve[0], "n_fit_maps": tr.n}, "pca_curve": curve}
+    category = CategoryMeanBaseline().fit(tr.maps, tr.categories)
+    data.cache["category_mean"] = category
+    predictions = {
+        MEAN_MAP: MeanMapBaseline().fit(tr.maps).predict(te.n),
+        CATEGORY_MEAN: category.predict(te.categories),
+    }
+    data.cache.setdefault("predictions", {}).update(predictions)
+    for name, pred in predictions.items():
+        scores = score_maps(pred, te.maps, mask, ssim=name == MEAN_MAP)
+        if data.peaks is not None:
+            scores[PEAK_AUC] = peak_auc(pred, data.peaks)
+        scores[LOGLIK] = -latent_free_nll(pred, te.maps)
+        columns.update(prefixed(name, scores))
+        out[name] = data.summaries(columns, name)
+    constant = np.full_like(te.maps, float(tr.maps.mean()))
+    columns.update(prefixed(CONSTANT_MAP, {SSIM: ssim_masked(constant, te.maps, mask)}))
+    out[CONSTANT_MAP] = {"value": float(tr.maps.mean()), **data.summaries(columns, CONSTANT_MAP)}
+    out[TOPIC_RIDGE] = _topic_ridge(data, columns)
+    return Section("baselines", out, columns)
+
+
+def _topic_ridge(data: EvalData, columns: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The ridge from topic weights to maps; its columns go into ``columns``."""
+    tr_topics, te_topics = topic_weights(data.schema, data.train), topic_weights(data.schema, data.test)
+    if tr_topics is None:
+        return {"absent": "the dataset's schema has no topic weights (rebuild the dataset with topics)"}
+    (x_tr, obs_tr), (x_te, obs_te) = tr_topics, te_topics
+    if obs_tr.sum() < 10 or not obs_te.any():
+        return {"absent": "too few training or test maps with topic weights"}
+    ridge = TopicRidgeBaseline(seed=data.opts["seed"]).fit(x_tr[obs_tr], data.train.maps[obs_tr])
+    pred = ridge.predict(x_te)
+    data.cache.setdefault("predictions", {})[TOPIC_RIDGE] = np.where(obs_te[:, None], pred, np.nan).astype(np.float32)
+    scores = score_maps(pred, data.test.maps, data.mask)
+    if data.peaks is not None:
+        scores[PEAK_AUC] = peak_auc(pred, data.peaks)
+    columns.update(prefixed(TOPIC_RIDGE, {k: np.where(obs_te, v, np.nan) for k, v in scores.items()}))
+    return {"alpha": ridge.alpha, "n_fit_maps": int(obs_tr.sum()), **data.summaries(columns, TOPIC_RIDGE)}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cbvae_ext.evaluation.columns import COUNTERFACTUAL, PEARSON_R
+from cbvae_ext.evaluation.columns import COUNTERFACTUAL, MODEL, PEARSON_R, column
 from cbvae_ext.evaluation.conditional import conditional_mean_probs
 from cbvae_ext.evaluation.metrics import masked_vectors, pearson_r
 from cbvae_ext.evaluation.section import EvalData, Section
@@ -114,7 +114,7 @@ def counterfactual_section(data: EvalData) -> Section:
         for (c, t), v in per_pair.items()
     }
     every = {k: [x for v in per_pair.values() for x in v[k]] for k in ("gen_r", "gen_size", "cm_r", "cm_size")}
-    gen_col, cm_col = f"cbvae/{COUNTERFACTUAL}", f"cbvae/{COUNTERFACTUAL}_cond_mean"
+    gen_col, cm_col = column(MODEL, COUNTERFACTUAL), column(MODEL, f"{COUNTERFACTUAL}_cond_mean")
     columns = {
         f"{gen_col}/{PEARSON_R}": per_map["gen_r"],
         f"{gen_col}/{SIZE_RATIO}": per_map["gen_size"],

@@ -6,7 +6,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NEAR_DUPLICATE_R", "duplicate_report", "nearest_train_r"]
+from cbvae_ext.evaluation.columns import MODEL, NEAREST_TRAIN_R, PEARSON_R, recon
+from cbvae_ext.evaluation.section import EvalData, Section
+
+__all__ = ["NEAR_DUPLICATE_R", "duplicate_report", "duplicates_section", "nearest_train_r"]
 
 #: A test map whose Pearson r with some training map exceeds this is a near-duplicate.
 NEAR_DUPLICATE_R = 0.99
@@ -60,3 +63,17 @@ def duplicate_report(test: np.ndarray, train: np.ndarray, test_ids: list[str], t
         ],
         "nearest_r": r,
     }
+
+
+def duplicates_section(data: EvalData) -> Section:
+    """Near duplicates of the test maps among the training maps, and the model's r without them.
+
+    Writes the ``nearest_train_r`` column; reads the C-β-VAE's ``recon`` r from ``data.cache["columns"]``.
+    """
+    report = duplicate_report(data.test.maps, data.train.maps, data.test.ids, data.train.ids)
+    nearest = report.pop("nearest_r")
+    model_r = data.cache.get("columns", {}).get(recon(MODEL, PEARSON_R))
+    if model_r is not None:
+        report["cbvae_r_without_near_duplicates"] = data.summary(model_r[nearest <= report["threshold_r"]])
+    report["searched_train_maps"] = data.train.n
+    return Section("duplicates", report, {NEAREST_TRAIN_R: nearest})

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from cbvae_ext.data.builder import topic_columns
+from cbvae_ext.evaluation.columns import COND, LOGLIK_ELBO, LOGLIK_IWAE, RECON, hidden
 from cbvae_ext.evaluation.conditional import conditional_mean_probs
 from cbvae_ext.evaluation.likelihood import bernoulli_nll, importance_weighted_bound
 from cbvae_ext.evaluation.metrics import masked_vectors, peak_auc, score_maps, to_volumes
@@ -191,7 +192,7 @@ def score_network(
         peaks_b = None if peaks is None else peaks[sl]
         out = model(x, meta, meta_mask)  # eval mode: z = μ, the point reconstruction
         pred = masked_vectors(torch.sigmoid(out["recon"].float()).cpu().numpy(), mask)
-        add_scores("recon", pred, target, None, options.ssim)
+        add_scores(RECON, pred, target, None, options.ssim)
         if len(examples) * batch_size < n_examples:
             examples.append(pred[: n_examples - sum(len(e) for e in examples)])
         mus.append(out["mu"].float().cpu().numpy())
@@ -218,15 +219,15 @@ def score_network(
                 )
                 for k in bound:
                     bound[k][:n_in] = res[k].cpu().numpy()
-            add("loglik_iwae", bound["iwae"])
-            add("loglik_elbo", bound["elbo"])
+            add(LOGLIK_IWAE, bound["iwae"])
+            add(LOGLIK_ELBO, bound["elbo"])
             add("log_px_z", bound["log_px_z"])
         seconds["iwae"] += time.perf_counter() - tic
         tic = time.perf_counter()
         if options.conditional:
             probs, cond_source = conditional_mean_probs(model, m0, options.n_prior_samples, generator)
             cond_maps.append(masked_vectors(probs.cpu().numpy(), mask))
-            add_scores("cond", cond_maps[-1], target, peaks_b, False)
+            add_scores(COND, cond_maps[-1], target, peaks_b, False)
         seconds["conditional"] += time.perf_counter() - tic
         tic = time.perf_counter()
         if options.hidden:
@@ -234,7 +235,7 @@ def score_network(
             for name, groups in variants:
                 o = model(x, *hide_groups(meta, meta_mask, groups))
                 hp = masked_vectors(torch.sigmoid(o["recon"].float()).cpu().numpy(), mask)
-                add_scores(f"hidden_{name}", hp, target, None, False)
+                add_scores(hidden(name), hp, target, None, False)
         seconds["hidden"] += time.perf_counter() - tic
         if progress is not None:
             progress(len(x))

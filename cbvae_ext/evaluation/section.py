@@ -7,6 +7,16 @@ section it recomputes or takes from ``data.cache`` (shared, read-only-after-writ
 the training maps, keyed by a name the writer documents). The workflow runs the sections, merges each
 ``Section.results`` under ``results[section.name]`` (or at the top level where ``top_level`` is set),
 and joins every ``Section.columns`` into the per-map test table.
+
+Cache keys the workflow itself writes (``workflow.Evaluation.run``):
+
+* ``"columns"``: the per-map test table so far (column name -> ``[N_test]``), every earlier section's
+  columns joined; the sections that summarise or pair other sections' columns read it.
+* ``"predictions"``: per predictor (``columns.PROTOCOL_PREDICTORS``) its ``[N_test, V]`` test maps, NaN rows
+  where it predicts nothing (filled by the sections that make the predictions).
+* ``"generator"``: one latent-sample stream (``shared_generator``) that the sections of layout version 2
+  (models, title_only through ``"title_model"``, conditional_maps, ood) draw from in turn, so that their numbers
+  stay those of that layout; a new section takes its own ``EvalData.generator(offset)`` instead.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import torch
 
 from cbvae_ext.evaluation.stats import bootstrap_summary, paired_bootstrap
 
-__all__ = ["EvalData", "Section", "SectionFn"]
+__all__ = ["EvalData", "Section", "SectionFn", "prefixed", "shared_generator"]
 
 
 @dataclass
@@ -61,6 +71,11 @@ class EvalData:
         """Paired bootstrap of ``a - b`` over the same maps."""
         return paired_bootstrap(a, b, direction, self.opts["n_bootstrap"], self.opts["seed"], margin)
 
+    def summaries(self, columns: dict[str, np.ndarray], prefix: str) -> dict[str, Any]:
+        """``summary`` of every column under ``prefix/``, keyed by the rest of the name."""
+        n = len(prefix) + 1
+        return {k[n:]: self.summary(v) for k, v in columns.items() if k.startswith(prefix + "/")}
+
     def generator(self, offset: int = 0) -> torch.Generator:
         """A fresh seeded generator (``seed + offset``), so a section's draws do not depend on section order."""
         return torch.Generator().manual_seed(int(self.opts["seed"]) + offset)
@@ -80,6 +95,7 @@ class Section:
         columns: per-map test columns ``{column name: [N_test] values}``; names come from
             ``cbvae_ext.evaluation.columns`` where ``criteria.py`` reads them.
         figure_data: arrays the figures need (not written to JSON).
+        tables: per-map tables besides the test one, by file name (``per_map_ood.parquet``: column -> values).
         top_level: merge ``results`` into the top level of the results instead of under ``name``.
     """
 
@@ -87,7 +103,18 @@ class Section:
     results: dict[str, Any] = field(default_factory=dict)
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     figure_data: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
     top_level: bool = False
 
 
 SectionFn = Callable[[EvalData], Section]
+
+
+def prefixed(prefix: str, values: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``values`` as per-map columns ``<prefix>/<key>`` in float64."""
+    return {f"{prefix}/{k}": np.asarray(v, dtype=np.float64) for k, v in values.items()}
+
+
+def shared_generator(data: EvalData) -> torch.Generator:
+    """The latent-sample stream ``data.cache["generator"]`` (seeded with ``seed`` on first use; see the module)."""
+    return data.cache.setdefault("generator", data.generator())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cbvae_ext.errors import CbvaeError
-from cbvae_ext.evaluation.run import Evaluation, EvaluationError, load_run
+from cbvae_ext.evaluation.workflow import Evaluation, EvaluationError, load_run
 from cbvae_ext.networks import build_network, preset_config
 from cbvae_ext.run_folder import RunFolderError
 from cbvae_ext.schema import MetadataSchema
@@ -120,7 +120,7 @@ def test_run_trained_on_another_dataset_build_is_refused(tmp_path):
     ],
 )
 def test_bad_numeric_options_are_one_line_errors(tmp_path, capsys, option, value, message):
-    # before the fix these ran into the pipeline and ended in tracebacks (issue 9, evaluation/run.py:239)
+    # before the fix these ran into the pipeline and ended in tracebacks (issue 9, evaluation/run.py:239, now workflow.py)
     evaluation = Evaluation(tmp_path / "data", tmp_path / "run", tmp_path / "eval", **{option: value})
     with pytest.raises(SystemExit) as exc:
         evaluation.run_cli()
@@ -166,7 +166,7 @@ def test_a_folder_holding_other_files_is_not_replaced(tmp_path, capsys):
 
 
 def test_the_folder_is_written_as_a_set(tmp_path):
-    from cbvae_ext.evaluation.run import _folder_set
+    from cbvae_ext.evaluation.workflow import _folder_set
 
     out = tmp_path / "eval"
     out.mkdir()
@@ -188,7 +188,7 @@ def test_the_folder_is_written_as_a_set(tmp_path):
 
 
 def test_json_safe_makes_nan_and_infinity_null():
-    from cbvae_ext.evaluation.run import json_safe
+    from cbvae_ext.evaluation.workflow import json_safe
 
     value = {"rho": float("nan"), "x": np.float32(np.inf), "a": np.array([1.0, np.nan]), "n": np.int64(3), "s": "ok"}
     text = json.dumps(json_safe(value), allow_nan=False)

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,13 +25,23 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "APP", "CHROMIUM_FLAGS", "REPO_ROOT", "VIEWS", "BrowserError", "HeadlessChromium", "find_chromium", "serve_app",
+    "APP", "CHROMIUM_FLAGS", "MA_CAPTION", "REPO_ROOT", "TYPICALITY", "UPLOAD_INPUT", "VIEWS", "BrowserError",
+    "HeadlessChromium", "find_chromium", "serve_app", "your_study_shown",
 ]  # fmt: skip
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP = REPO_ROOT / "app" / "streamlit_app.py"
 #: Headings of the page's views; the page is ready when all show and their images have loaded.
 VIEWS: tuple[str, ...] = ("Ask in words", "Generated map", "Counterfactual difference", "Evidence", "Sweep")
+#: The "Your study" file uploader's input (the page has one file uploader).
+UPLOAD_INPUT = '[data-testid="stFileUploader"] input[type="file"]'
+#: Start of the caption of the uploaded study's MA map.
+MA_CAPTION = "Your study's MA map"
+#: The "Your study" view's typicality sentence: rounded percent, reference studies, percentile.
+TYPICALITY = re.compile(
+    r"Typicality: the model finds this map more likely than (\d+)% of the dataset's (\d+) test studies "
+    r"\(percentile (\d+\.\d)"
+)
 CHROMIUM_FLAGS: tuple[str, ...] = (
     "--headless",
     "--no-sandbox",
@@ -72,6 +83,17 @@ _IMAGE_RECT = """((caption) => {
   const r = i.getBoundingClientRect();
   return {x: r.x + window.scrollX, y: r.y + window.scrollY, width: r.width, height: r.height};
 })"""
+
+
+def your_study_shown(state: dict[str, Any], source: str | None = None) -> bool:
+    """Whether a page state shows the "Your study" view: its heading, its typicality sentence and its loaded MA map
+    image, and (given ``source``, as in ``"your study mine (mine.txt)"``) the generated map starting from that upload."""
+    return (
+        "\nYour study\n" in state["text"]  # the heading, not the radio option
+        and TYPICALITY.search(state["text"]) is not None
+        and any(c.startswith(MA_CAPTION) for c in state["loaded"])
+        and (source is None or f"start: {source}" in state["text"])
+    )
 
 
 class BrowserError(RuntimeError):
@@ -229,6 +251,11 @@ class HeadlessChromium:
             raise BrowserError(f"no option {option!r} in a radio group labelled {group!r} on the page")
         for kind in ("mousePressed", "mouseReleased"):
             self.call("Input.dispatchMouseEvent", type=kind, x=centre[0], y=centre[1], button="left", clickCount=1)
+
+    def start_from_your_study(self) -> dict[str, Any]:
+        """Choose "Your study" as the starting point and wait for the page to ask for a file; returns the state."""
+        self.click_option("Start from", "Your study")
+        return self.wait_for_text("Upload a study in the sidebar", timeout=60)
 
     def set_files(self, selector: str, *paths: Path) -> None:
         """Put files on the ``<input type=file>`` matched by the CSS ``selector``, as choosing them in the file dialog

@@ -4,7 +4,6 @@ upload a study file, and the server answers on 127.0.0.1 only."""
 from __future__ import annotations
 
 import io
-import re
 import socket
 import time
 import urllib.request
@@ -12,7 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_browser import VIEWS, HeadlessChromium, find_chromium, serve_app
+from app_browser import (
+    MA_CAPTION,
+    TYPICALITY,
+    UPLOAD_INPUT,
+    VIEWS,
+    HeadlessChromium,
+    find_chromium,
+    serve_app,
+    your_study_shown,
+)
 from study_files import test_split_studies, write_sleuth
 
 pytestmark = pytest.mark.browser
@@ -20,13 +28,6 @@ pytestmark = pytest.mark.browser
 WORDS_LABEL = "Terms (e.g. working memory, pain, theory of mind)"
 #: A shared link that used to close the warning's code span and render a link and a remote image.
 HOSTILE = "%60%5BLog%20in%5D(https://ev.il/x)%20!%5Bt%5D(https://ev.il/t.png)"
-#: The "Your study" file uploader's input (the page has one file uploader).
-UPLOAD_INPUT = '[data-testid="stFileUploader"] input[type="file"]'
-MA_CAPTION = "Your study's MA map"
-TYPICALITY = re.compile(
-    r"Typicality: the model finds this map more likely than (\d+)% of the dataset's (\d+) test studies "
-    r"\(percentile (\d+\.\d)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -102,20 +103,10 @@ def test_bad_link_shows_a_message_and_the_page(app_url: str, tmp_path: Path) -> 
     assert bold == 0 and foreign == []  # the markup in the link is shown as text: no bold, no link, no image
 
 
-def _your_study_shown(state: dict) -> bool:
-    """The "Your study" view has rendered: its heading, its typicality sentence and its MA map image."""
-    return (
-        "\nYour study\n" in state["text"]  # the heading, not the radio option
-        and TYPICALITY.search(state["text"]) is not None
-        and any(c.startswith(MA_CAPTION) for c in state["loaded"])
-    )
-
-
 def _choose_your_study(browser: HeadlessChromium, app_url: str) -> None:
     state = browser.open_app(app_url, min_images=8, timeout=300)
     assert all(view in state["text"] for view in VIEWS), state["text"][:800]
-    browser.click_option("Start from", "Your study")
-    state = browser.wait_for_text("Upload a study in the sidebar", timeout=60)
+    state = browser.start_from_your_study()
     assert "Upload a study in the sidebar" in state["text"], state["text"][:800]
 
 
@@ -132,8 +123,9 @@ def test_upload_a_sleuth_file_shows_your_study(
     try:
         _choose_your_study(browser, app_url)
         browser.set_files(UPLOAD_INPUT, sleuth)
-        state = browser.wait_until(_your_study_shown, timeout=120)
-        assert _your_study_shown(state), state["text"][:3000]
+        # the view, and the generated map above it starting from the upload
+        state = browser.wait_until(lambda s: your_study_shown(s, "your study mine (mine.txt)"), timeout=120)
+        assert your_study_shown(state, "your study mine (mine.txt)"), state["text"][:3000]
         ma_shot = browser.screenshot(image_caption=MA_CAPTION)
     finally:
         browser.close()
@@ -141,7 +133,6 @@ def test_upload_a_sleuth_file_shows_your_study(
     rounded, n_reference, percentile = TYPICALITY.search(state["text"]).groups()
     assert 0.0 <= float(percentile) <= 100.0 and int(rounded) == round(float(percentile))
     assert int(n_reference) == int((meta["split"] == "test").sum())  # the run's reference: the test split
-    assert "start: your study mine (mine.txt)" in state["text"]  # the generated map starts from the upload
     assert "Nearest dataset studies" in state["text"]  # (its cells are drawn on a canvas: test_app.py reads them)
     assert _hot_pixels(ma_shot) > 100  # its peaks drawn with the hot colour map
 

@@ -152,6 +152,11 @@ def test_quality_control_section_on_a_tiny_run(eval_data: EvalData):
         out = res["corruptions"][kind]
         assert 0.0 <= out["ci95"][0] <= out["auc"] <= out["ci95"][1] <= 1.0
         assert out["same_map"] < 8
+        # the criterion reads the default score (peak density); the ELBO score is reported beside it
+        assert res["score"] == "peak_density" and set(out["auc_by_score"]) == {"peak_density", "elbo"}
+        assert out["auc_by_score"]["peak_density"] == out["auc"] and 0.0 <= out["clean_wins_paired"] <= 1.0
+        assert out["n_peaks_outside_mask"] >= 0
+    assert res["corruptions"]["random"]["n_peaks_outside_mask"] == 0  # drawn from the in-mask voxels
     assert res["corruptions"]["flip_x"]["nearly_symmetric"]["n"] >= 0
     assert set(res["criteria"]) == {
         "qc_auc_flip_x_at_least_0_9",

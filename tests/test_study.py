@@ -221,6 +221,12 @@ def test_peaks_outside_the_brain(tmp_path: Path, real_studies: dict, context: St
     dropped = analyse_file(path, context=context, readings=False).results[0]
     assert dropped.peaks == {"read": len(xyz) + 2, "inside_mask": len(xyz), "outside_mask": 2, "used": len(xyz)}
     assert any(f"2 of {len(xyz) + 2} peaks lie outside the brain mask and were dropped" in w for w in dropped.warnings)
+    # the typicality counts each dropped peak at the least likely voxel's density
+    log_d, inside = context.log_density().numpy(), dropped.ma_map[context.grid.mask]
+    peak = inside >= inside.max() * (1 - 1e-6)
+    assert dropped.typicality["n_peak_voxels"] == peak.sum() + 2
+    expected = (log_d[peak].sum() + 2 * log_d.min()) / (peak.sum() + 2)
+    assert dropped.typicality["score_nats"] == pytest.approx(expected, rel=1e-5)
     kept = analyse_file(path, context=context, outside="keep", readings=False).results[0]
     assert kept.peaks["used"] == len(xyz) + 2 and any("were kept" in w for w in kept.warnings)
     assert (kept.ma_map >= dropped.ma_map).all() and (kept.ma_map > dropped.ma_map).any()  # the kept peak's kernel
@@ -266,10 +272,22 @@ def test_typicality_of_a_test_study_is_its_reference_score(
     own = float(ref["score"][list(ref["ids"]).index(study["id"])])
     typ = report["typicality"]
     assert typ["score_nats"] == pytest.approx(own, rel=1e-5, abs=1e-3)
-    expected = 100 * (np.sum(ref["score"] < own) + 0.5 * np.sum(ref["score"] == own)) / len(ref["score"])
+    score = typ["score_nats"]  # equal to its reference score up to summation order, so rank that one
+    expected = 100 * (np.sum(ref["score"] < score) + 0.5 * np.sum(ref["score"] == score)) / len(ref["score"])
     assert typ["percentile"] == pytest.approx(expected, abs=0.01)
     assert typ["n_reference"] == len(context.dataset.rows("test")) and typ["k"] == 4
-    assert typ["elbo_nats"] < 0 and typ["score_nats"] == pytest.approx(typ["elbo_nats"] + typ["entropy_floor_nats"])
+    assert typ["elbo_nats"] < 0 and typ["score"] == "peak_density"
+    # the default score: mean log prior-predictive density at the study's peak voxels (a density: below 0)
+    log_d = context.log_density().numpy()
+    assert np.exp(log_d).sum() == pytest.approx(1.0) and typ["score_nats"] == typ["peak_density_nats_per_peak"] < 0
+    peak = result.ma_map[context.grid.mask] >= result.ma_map.max() * (1 - 1e-6)
+    assert typ["n_peak_voxels"] == peak.sum() > 0
+    assert typ["score_nats"] == pytest.approx(log_d[peak].mean(), rel=1e-5)
+    elbo = StudyContext(context.model, context.grid, context.kernel, context.dataset, k=4, typicality_score="elbo")
+    assert elbo.score(result.ma_map[None])["score"][0] == pytest.approx(typ["elbo_nats"] + typ["entropy_floor_nats"])
+    with pytest.raises(StudyError) as e:
+        StudyContext(context.model, context.grid, context.kernel, typicality_score="likelihood")
+    _one_line(e, "--typicality_score 'likelihood' is not a score; use one of peak_density, elbo")
     assert report["nearest"][0]["id"] == study["id"] and report["nearest"][0]["r"] == pytest.approx(1.0, abs=1e-4)
     assert set(result.readings) == {"x_flipped", "talairach_labelled_mni"}
     assert (

@@ -9,8 +9,10 @@ path for a user's peaks) and corrupted four ways, each rendered the same way:
 * ``shift_10mm``: every peak moved 10 mm in its own uniformly random direction (seeded);
 * ``random``: as many peaks drawn uniformly from the in-mask voxels (seeded).
 
-Every copy is scored with ``StudyContext.score`` (the typicality score: ELBO plus entropy floor, every condition
-unknown); the ROC AUC of the score separating clean (positive) from corrupted copies is reported per corruption
+Every copy is scored with ``StudyContext.score`` (every condition unknown) by each typicality score: the default
+``peak_density`` (mean log density of the model's prior-predictive map at the copy's peak voxels, per peak) and
+``elbo`` (ELBO plus entropy floor, a whole-map total that grows with the number of peaks, so the spread between
+studies swamps what a corruption changes); the ROC AUC of the score separating clean (positive) from corrupted copies is reported per corruption
 with a bootstrap CI over studies (a resampled study brings both its copies). A flipped copy of a nearly
 left-right symmetric study is nearly the clean map: such studies are counted (r(clean, flipped) above
 ``SYMMETRIC_R``) and the AUC without them is given beside the AUC over every study, which the criterion reads.
@@ -92,7 +94,7 @@ def quality_control_section(data: EvalData) -> Section:
     Opens the run as a user's study would be (``cbvae_ext.study.StudyContext``, no cache). Options: ``qc_k``
     (posterior samples of the score), ``qc_max_maps`` (the first test maps; None = all).
     """
-    from cbvae_ext.study import StudyContext
+    from cbvae_ext.study import TYPICALITY_SCORES, StudyContext
 
     run = data.runs.get("cbvae")
     if run is None:
@@ -108,14 +110,17 @@ def quality_control_section(data: EvalData) -> Section:
     mask_xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
     rng = data.rng(47)
     copies: dict[str, list[np.ndarray]] = {"clean": [], **{c: [] for c in CORRUPTIONS}}
+    outside: dict[str, list[int]] = {name: [] for name in copies}  # peaks moved out of the brain mask
     n_peaks = np.zeros(n, np.int64)
     for i in range(n):
         xyz = mask_xyz[peaks[i]]
         n_peaks[i] = len(xyz)
-        copies["clean"].append(context.render(xyz)[0])
-        for kind in CORRUPTIONS:
-            copies[kind].append(context.render(corrupt(xyz, kind, rng, mask_xyz))[0])
-    scores = {name: context.score(np.stack(maps))["score"] for name, maps in copies.items()}
+        for name in copies:
+            ma, counts = context.render(xyz if name == "clean" else corrupt(xyz, name, rng, mask_xyz))
+            copies[name].append(ma)
+            outside[name].append(counts["outside_mask"])
+    scored = {name: context.score(np.stack(maps), n_outside=np.asarray(outside[name])) for name, maps in copies.items()}
+    scores = {name: s["score"] for name, s in scored.items()}
     columns = {column(f"{MODEL}/{QC}", f"score_{name}"): _pad(s, data.test.n) for name, s in scores.items()}
     clean_v = np.stack(copies["clean"])[:, data.mask]
     flip_r = pearson_r(np.stack(copies["flip_x"])[:, data.mask], clean_v)
@@ -128,6 +133,13 @@ def quality_control_section(data: EvalData) -> Section:
         res["median_percentile"] = float(np.median(np.searchsorted(ref, scores[kind]) / len(ref) * 100))
         res["score_drop_nats"] = data.summary(scores["clean"] - scores[kind])
         res["same_map"] = int(sum(np.array_equal(a, b) for a, b in zip(copies["clean"], copies[kind], strict=True)))
+        # every score beside the one the criterion reads (which one: the study package's typicality_score)
+        res["auc_by_score"] = {
+            key: paired_auc(scored["clean"][term], scored[kind][term], boot, seed)["auc"]
+            for key, term in TYPICALITY_SCORES.items()
+        }
+        res["n_peaks_outside_mask"] = int(sum(outside[kind]))
+        res["clean_wins_paired"] = float(np.mean(scores["clean"] > scores[kind]))
         per[kind] = res
     per["flip_x"]["nearly_symmetric"] = {
         "rule": f"r(clean, flipped) > {SYMMETRIC_R}: the flipped copy is nearly the clean map, so no score can tell "
@@ -142,10 +154,11 @@ def quality_control_section(data: EvalData) -> Section:
         for name in [{"tal_as_mni": "tal", "shift_10mm": "shift"}.get(kind, kind)]
     }
     results = {
-        "rule": "ROC AUC of the typicality score (ELBO + entropy floor, every condition unknown, k = "
+        "rule": f"ROC AUC of the typicality score ({context.typicality_score}, every condition unknown, k = "
         f"{context.k}) separating each clean re-rendered test study (positive) from its corrupted copy; CI: studies "
         f"resampled ({boot} resamples)",
         "peaks": source + "; voxel centres in MNI mm",
+        "score": context.typicality_score,
         "n_maps": n,
         "n_peaks": data.summary(n_peaks),
         "clean_vs_stored_r": data.summary(pearson_r(clean_v, data.test.maps[:n])),

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .analysis import ATYPICAL_PERCENTILE, OUTSIDE, READING_MARGIN, StudyContext, StudyResult
+from .analysis import ATYPICAL_PERCENTILE, OUTSIDE, READING_MARGIN, TYPICALITY_SCORES, StudyContext, StudyResult
 from .readers import FORMATS, MAX_PEAKS, METADATA_FIELDS, StudyError, StudyInput, read_studies
 from .report import REPORT_FORMAT, study_report, write_reports
 
 __all__ = [
+    "TYPICALITY_SCORES",
     "ATYPICAL_PERCENTILE",
     "FORMATS",
     "MAX_PEAKS",

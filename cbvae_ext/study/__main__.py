@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from cbvae_ext.errors import CbvaeError
 
+from .analysis import TYPICALITY_SCORES
 from .readers import MAX_PEAKS
 
 __all__ = ["main", "parser"]
@@ -37,6 +38,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_extrapolation", action="store_true", help="accept conditions outside the training range")
     p.add_argument("--k", type=int, default=8, help="posterior samples of the typicality ELBO (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of those samples")
+    p.add_argument(
+        "--typicality_score", choices=list(TYPICALITY_SCORES), default=next(iter(TYPICALITY_SCORES)),
+        help="what the typicality percentile ranks: peak_density (default: log density of the model's prior-predictive "
+        "map at the peaks, per peak) or elbo (the whole-map ELBO plus its entropy floor)",
+    )  # fmt: skip
     p.add_argument("--no_cache", action="store_true", help="do not cache the test studies' typicality scores")
     return p
 
@@ -47,7 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import StudyContext, analyse_file
 
         started = time.perf_counter()
-        context = StudyContext.open(args.run_dir, args.dataset_dir, k=args.k, seed=args.seed, cache=not args.no_cache)
+        context = StudyContext.open(
+            args.run_dir, args.dataset_dir, k=args.k, seed=args.seed, cache=not args.no_cache,
+            typicality_score=args.typicality_score,
+        )  # fmt: skip
         meta = {"year": args.year, "sample_size": args.sample_size, "task": args.task, "text": args.text}
         analysis = analyse_file(
             args.file,

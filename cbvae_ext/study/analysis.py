@@ -34,6 +34,8 @@ __all__ = [
     "NEAREST_CACHE_BYTES",
     "OUTSIDE",
     "READING_MARGIN",
+    "N_PREDICTIVE_DRAWS",
+    "TYPICALITY_SCORES",
     "StudyContext",
     "StudyResult",
 ]
@@ -49,8 +51,16 @@ ATYPICAL_PERCENTILE = 5.0
 READING_MARGIN = 25.0
 #: Largest standardised dataset (bytes) that ``nearest`` keeps in memory between calls.
 NEAREST_CACHE_BYTES = 1 << 30
+#: Typicality scores: ``peak_density`` (mean log density of the model's prior-predictive map at the study's peak
+#: voxels, per peak, so comparable between studies of any size) and ``elbo`` (the whole-map ELBO plus its entropy
+#: floor, which grows with the number of peaks). On the 1k run's validation split the peak density separates
+#: corrupted copies far better (random peaks: AUC 0.83 vs 0.61, 10 mm shifts 0.76 vs 0.50): it is the default.
+#: (name -> its term in ``StudyContext.score``; the first is the default)
+TYPICALITY_SCORES = {"peak_density": "peak_density", "elbo": "elbo_score"}
+#: Prior draws averaged for the prior-predictive map of ``peak_density`` (seeded, every condition unknown).
+N_PREDICTIVE_DRAWS = 64
 #: Version of the typicality computation (part of the reference cache key).
-_SCORE_VERSION = 1
+_SCORE_VERSION = 2
 
 
 @dataclass
@@ -112,6 +122,7 @@ class StudyContext:
         n_terms: terms (most used in training) the decoding ranks.
         decoding_k: importance samples of each candidate's ``log p(x | c)`` in the decoding.
         cache: keep the test studies' typicality scores in the user's cache folder.
+        typicality_score: which of ``TYPICALITY_SCORES`` the percentile ranks.
     """
 
     def __init__(
@@ -127,7 +138,12 @@ class StudyContext:
         cache: bool = True,
         n_terms: int = 50,
         decoding_k: int = 4,
+        typicality_score: str = next(iter(TYPICALITY_SCORES)),
     ) -> None:
+        if typicality_score not in TYPICALITY_SCORES:
+            raise StudyError(
+                f"--typicality_score {typicality_score!r} is not a score; use one of {', '.join(TYPICALITY_SCORES)}"
+            )
         self.model = model
         self.grid = grid
         self.kernel = kernel
@@ -139,6 +155,8 @@ class StudyContext:
         self.cache = cache
         self.n_terms = int(n_terms)
         self.decoding_k = int(decoding_k)
+        self.typicality_score = typicality_score
+        self._log_density: torch.Tensor | None = None
         self._candidates: list[Any] | None = None
         self.run = RunFolder.open(model.run_dir, require=())
         self.has_encoder = all((model.run_dir / f).is_file() for f in EVALUATION_FILES)
@@ -160,6 +178,7 @@ class StudyContext:
         cache: bool = True,
         n_terms: int = 50,
         decoding_k: int = 4,
+        typicality_score: str = next(iter(TYPICALITY_SCORES)),
     ) -> StudyContext:
         """Open a run folder and its dataset (``dataset_dir``, else the one the run recorded, when it exists).
 
@@ -195,7 +214,9 @@ class StudyContext:
                 "kernel: the builder's default (ALE, FWHM 10 mm) - no dataset given, so the run's own kernel is not "
                 "known; pass --dataset_dir"
             )
-        return cls(model, grid, kernel, dataset, notes, k, seed, n_nearest, cache, n_terms, decoding_k)
+        return cls(
+            model, grid, kernel, dataset, notes, k, seed, n_nearest, cache, n_terms, decoding_k, typicality_score
+        )
 
     # ----- maps ---------------------------------------------------------------------------------
     def render(self, xyz: np.ndarray, outside: str = "drop") -> tuple[np.ndarray, dict[str, int]]:
@@ -252,16 +273,46 @@ class StudyContext:
         return self.model.network()
 
     @torch.no_grad()
-    def score(self, maps: np.ndarray, max_decodes: int = 64) -> dict[str, np.ndarray]:
+    def log_density(self) -> torch.Tensor:
+        """``[V]`` log of the model's prior-predictive map as a density over the mask, every condition unknown.
+
+        The mean of ``sigmoid(decode(z_j, unknown))`` over ``N_PREDICTIVE_DRAWS`` seeded prior draws ``z_j``: where
+        the model expects a new study's peaks, before anything is known of it. Computed once per context.
+        """
+        if self._log_density is None:
+            net, schema = self._network(), self.model.schema
+            imp0 = torch.tensor([self.run.imputed_defaults[f.name] for f in schema.fields], dtype=torch.float32)
+            gen = torch.Generator().manual_seed(self.seed + 1)
+            z_all = torch.randn((N_PREDICTIVE_DRAWS, self.model.latent_size), generator=gen)
+            total = torch.zeros(len(self._inside), dtype=torch.float64)
+            for z in z_all.split(16):
+                b = len(z)
+                m = net.decoder_input(
+                    torch.zeros(b, schema.meta_dim), torch.zeros(b, schema.mask_dim), imp0.expand(b, -1)
+                )
+                total += torch.sigmoid(net.decode(z, m).flatten(1)[:, self._inside]).double().sum(0)
+            self._log_density = torch.log(total / total.sum())
+        return self._log_density
+
+    @torch.no_grad()
+    def score(
+        self, maps: np.ndarray, max_decodes: int = 64, n_outside: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         """Typicality terms of ``[N, D, H, W]`` maps (raw or scaled), every condition unknown.
 
+        ``peak_density``: the mean of ``log_density()`` over the map's peak voxels (those at its maximum: exactly
+        the peaks of an ALE MA map, as ``evaluation.passes.peak_indicator`` reads them), in nats per peak; a peak
+        outside the brain mask (``n_outside``, counted by ``render``) counts at the least likely voxel's density.
         ``elbo = mean_j [log p(x | z_j) + log N(z_j; 0, I) - log q(z_j | x)]`` with ``z_j = mu + sd * eps_j``; the
         same ``k`` draws ``eps_j`` (seeded) for every map, so a map's score does not depend on the maps it is
-        scored with. ``score = elbo + H(x)`` (minus the excess NLL and the KL): ``H(x)`` is the NLL floor.
+        scored with. ``elbo_score = elbo + H(x)`` (minus the excess NLL and the KL): ``H(x)`` is the NLL floor.
+        ``score`` is the context's ``typicality_score`` of the two.
 
         Args:
             maps: the maps.
             max_decodes: decoder evaluations per batch (maps per batch = ``max_decodes // k``), bounds memory.
+            n_outside: ``[N]`` peaks of each map that lay outside the mask (default 0: a stored dataset map, whose
+                builder dropped them).
         """
         net = self._network()
         schema = self.model.schema
@@ -269,7 +320,15 @@ class StudyContext:
         eps = torch.randn((k, size), generator=torch.Generator().manual_seed(self.seed))
         imp0 = torch.tensor([self.run.imputed_defaults[f.name] for f in schema.fields], dtype=torch.float32)
         log_2pi = math.log(2 * math.pi)
-        out: dict[str, list[np.ndarray]] = {"elbo": [], "iwae": [], "floor": []}
+        log_d = self.log_density()
+        outside = np.zeros(len(maps)) if n_outside is None else np.asarray(n_outside, np.float64)
+        out: dict[str, list[np.ndarray]] = {
+            "elbo": [],
+            "iwae": [],
+            "floor": [],
+            "peak_density": [],
+            "n_peak_voxels": [],
+        }
         step = max(1, max_decodes // k)
         for start in range(0, len(maps), step):
             x = normalise_maps(np.asarray(maps[start : start + step], dtype=np.float32))
@@ -287,8 +346,15 @@ class StudyContext:
             out["elbo"].append(w.mean(1).double().numpy())
             out["iwae"].append((torch.logsumexp(w, 1) - math.log(k)).double().numpy())
             out["floor"].append(entropy_floor(target.numpy()))
+            peak = target >= 1.0 - 1e-6  # normalised maps: the maximum is 1
+            n_out = torch.from_numpy(outside[start : start + step])
+            n_peak = peak.sum(1) + n_out
+            log_p = peak.double() @ log_d + n_out * log_d.min()
+            out["peak_density"].append((log_p / n_peak.clamp(min=1)).numpy())
+            out["n_peak_voxels"].append(n_peak.numpy())
         res = {key: np.concatenate(v) if v else np.zeros(0) for key, v in out.items()}
-        res["score"] = res["elbo"] + res["floor"]
+        res["elbo_score"] = res["elbo"] + res["floor"]
+        res["score"] = res[TYPICALITY_SCORES[self.typicality_score]]
         return res
 
     def _reference_key(self) -> str:
@@ -300,6 +366,7 @@ class StudyContext:
                 file_sha256(self.dataset.path / "manifest.json"),
                 str(self.k),
                 str(self.seed),
+                self.typicality_score,
                 str(_SCORE_VERSION),
             ]
         )
@@ -330,12 +397,15 @@ class StudyContext:
                 logger.warning("cannot cache the typicality reference in %s (%s)", path, err)
         return ref
 
-    def typicality(self, maps: np.ndarray) -> list[dict[str, Any]] | None:
-        """Each map's typicality score and its percentile among the test studies (``None`` without both)."""
+    def typicality(self, maps: np.ndarray, n_outside: np.ndarray | None = None) -> list[dict[str, Any]] | None:
+        """Each map's typicality score and its percentile among the test studies (``None`` without both).
+
+        ``n_outside``: as in ``score``.
+        """
         ref = self.reference()
         if ref is None or not len(ref["score"]):
             return None
-        own = self.score(maps)
+        own = self.score(maps, n_outside=n_outside)
         ranks = ref["score"]
         out = []
         for i, score in enumerate(own["score"]):
@@ -344,7 +414,10 @@ class StudyContext:
             out.append(
                 {
                     "percentile": round(pct, 2),
+                    "score": self.typicality_score,
                     "score_nats": float(score),
+                    "peak_density_nats_per_peak": float(own["peak_density"][i]),
+                    "n_peak_voxels": int(own["n_peak_voxels"][i]),
                     "elbo_nats": float(own["elbo"][i]),
                     "iwae_nats": float(own["iwae"][i]),
                     "entropy_floor_nats": float(own["floor"][i]),
@@ -525,7 +598,8 @@ class StudyContext:
         result.decode_info = {"imputed": decoded.imputed, "defaulted": decoded.defaulted}
         result.decoding = self.decoding(ma_map)
         alternatives = self._alternatives(study, outside) if readings and self.reference() is not None else {}
-        scored = self.typicality(np.stack([ma_map, *(a[0] for a in alternatives.values())]))
+        n_outside = [peaks["outside_mask"], *(a[2] for a in alternatives.values())]
+        scored = self.typicality(np.stack([ma_map, *(a[0] for a in alternatives.values())]), np.asarray(n_outside))
         if scored is None:
             result.notes.append("typicality: needs the run's dataset (--dataset_dir) for its test studies")
             return result
@@ -535,7 +609,7 @@ class StudyContext:
             result.warnings.append(
                 f"atypical: the model finds this map less likely than {100 - pct:.0f}% of the dataset's test studies"
             )
-        for (name, (_, label)), typ in zip(alternatives.items(), scored[1:], strict=True):
+        for (name, (_, label, _)), typ in zip(alternatives.items(), scored[1:], strict=True):
             result.readings[name] = {"percentile": typ["percentile"], "score_nats": typ["score_nats"]}
             if typ["percentile"] - pct >= READING_MARGIN:
                 result.warnings.append(
@@ -544,8 +618,9 @@ class StudyContext:
                 )
         return result
 
-    def _alternatives(self, study: StudyInput, outside: str) -> dict[str, tuple[np.ndarray, str]]:
-        """MA maps of the peaks read as a known mistake's correction (x flipped; the other space)."""
+    def _alternatives(self, study: StudyInput, outside: str) -> dict[str, tuple[np.ndarray, str, int]]:
+        """MA maps of the peaks read as a known mistake's correction (x flipped; the other space), with their label
+        and number of peaks outside the mask."""
         given = study.xyz_given
         if given is None:
             return {}
@@ -561,7 +636,7 @@ class StudyContext:
         for name, (peaks, label) in xyz.items():
             ma, counts = self.render(peaks, outside)
             if counts["inside_mask"]:
-                out[name] = (ma, label)
+                out[name] = (ma, label, counts["outside_mask"])
         return out
 
     def analyse_many(self, studies: Sequence[StudyInput], **options: Any) -> list[StudyResult]:

@@ -14,7 +14,7 @@ import torch
 
 from cbvae_ext.evaluation.columns import MODEL
 from cbvae_ext.evaluation.metrics import masked_vectors, pearson_r
-from cbvae_ext.evaluation.section import EvalData, Section, shared_generator
+from cbvae_ext.evaluation.section import EvalData, Section
 from cbvae_ext.export import has_conditional_mean_path
 
 if TYPE_CHECKING:
@@ -108,14 +108,15 @@ def conditional_mean_maps(
 ) -> tuple[np.ndarray, str]:
     """``[B, V]`` in-mask conditional mean maps of ``run`` for the conditions, and their source.
 
-    Prior draws (without a conditional-mean path) come from the shared stream (``section.shared_generator``).
+    Prior draws (without a conditional-mean path) reuse one seeded set of latent codes for every call:
+    common random numbers, so two conditions' maps differ by their conditions, not by their draws.
     """
     with torch.no_grad():
         probs, source = conditional_mean_probs(
             run.model,
             decoder_conditions(run, meta, meta_mask, data.device),
             data.opts["n_prior_samples"],
-            shared_generator(data),
+            data.generator("conditional_mean_maps"),
         )
     return masked_vectors(probs.cpu().numpy(), data.mask), source
 

@@ -17,7 +17,7 @@ from cbvae_ext.evaluation.imputation import imputation_scores
 from cbvae_ext.evaluation.metrics import peak_auc, score_maps
 from cbvae_ext.evaluation.passes import imputed_raw, load_split, peak_indicator, score_network
 from cbvae_ext.evaluation.runs import EvaluationError, pass_options
-from cbvae_ext.evaluation.section import EvalData, Section, prefixed, shared_generator
+from cbvae_ext.evaluation.section import EvalData, Section, prefixed
 
 __all__ = ["OOD_TABLE", "ood_section"]
 
@@ -56,7 +56,7 @@ def ood_section(data: EvalData, path: str | Path | None = None) -> Section:
     run = data.runs[MODEL]
     options = pass_options(run, data.opts["n_prior_samples"], conditional=True)
     sc = score_network(
-        run.model, maps, data.mask, peaks, options, data.opts["batch_size"], data.device, shared_generator(data)
+        run.model, maps, data.mask, peaks, options, data.opts["batch_size"], data.device, data.generator("ood")
     )
     cols: dict[str, Any] = {"id": maps.ids, "category": list(maps.frame["category"]), **prefixed(MODEL, sc["columns"])}
     baselines = {

@@ -48,7 +48,7 @@ from cbvae_ext.evaluation.metrics import SSIM_PARAMS
 from cbvae_ext.evaluation.passes import imputed_raw, score_network
 from cbvae_ext.evaluation.probes import adversary_balanced_accuracy
 from cbvae_ext.evaluation.runs import ROLES, LoadedRun, pass_options
-from cbvae_ext.evaluation.section import EvalData, Section, prefixed, shared_generator
+from cbvae_ext.evaluation.section import EvalData, Section, prefixed
 from cbvae_ext.schema import MetadataSchema
 
 __all__ = [
@@ -117,7 +117,7 @@ def models_section(data: EvalData) -> Section:
                 options,
                 opts["batch_size"],
                 data.device,
-                shared_generator(data),
+                data.generator(f"reconstruction/{role}"),
                 opts["n_examples"],
                 bar.update,
             )

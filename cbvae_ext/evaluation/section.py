@@ -14,13 +14,15 @@ Cache keys the workflow itself writes (``workflow.Evaluation.run``):
   columns joined; the sections that summarise or pair other sections' columns read it.
 * ``"predictions"``: per predictor (``columns.PROTOCOL_PREDICTORS``) its ``[N_test, V]`` test maps, NaN rows
   where it predicts nothing (filled by the sections that make the predictions).
-* ``"generator"``: one latent-sample stream (``shared_generator``) that the sections of layout version 2
-  (models, title_only through ``"title_model"``, conditional_maps, ood) draw from in turn, so that their numbers
-  stay those of that layout; a new section takes its own ``EvalData.generator(offset)`` instead.
+
+Random draws never flow between sections: each section (and each network within one) takes its own
+stream, ``EvalData.generator(name)`` / ``EvalData.rng(name)``, seeded from ``seed`` and the name, so a
+section's numbers do not depend on which sections ran before it or in what order.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +32,7 @@ import torch
 
 from cbvae_ext.evaluation.stats import bootstrap_summary, paired_bootstrap
 
-__all__ = ["EvalData", "Section", "SectionFn", "prefixed", "shared_generator"]
+__all__ = ["EvalData", "Section", "SectionFn", "prefixed"]
 
 
 @dataclass
@@ -76,13 +78,19 @@ class EvalData:
         n = len(prefix) + 1
         return {k[n:]: self.summary(v) for k, v in columns.items() if k.startswith(prefix + "/")}
 
-    def generator(self, offset: int = 0) -> torch.Generator:
-        """A fresh seeded generator (``seed + offset``), so a section's draws do not depend on section order."""
-        return torch.Generator().manual_seed(int(self.opts["seed"]) + offset)
+    def generator(self, stream: int | str = 0) -> torch.Generator:
+        """A fresh torch generator seeded from ``seed`` and ``stream`` (a number, or a name such as
+        ``"reconstruction/model"``), so a section's draws do not depend on section order."""
+        return torch.Generator().manual_seed(int(self.opts["seed"]) + _stream_offset(stream))
 
-    def rng(self, offset: int = 0) -> np.random.Generator:
-        """A fresh seeded numpy generator (``seed + offset``)."""
-        return np.random.default_rng(int(self.opts["seed"]) + offset)
+    def rng(self, stream: int | str = 0) -> np.random.Generator:
+        """A fresh numpy generator seeded from ``seed`` and ``stream`` (see ``generator``)."""
+        return np.random.default_rng(int(self.opts["seed"]) + _stream_offset(stream))
+
+
+def _stream_offset(stream: int | str) -> int:
+    """``stream`` itself, or a stable 31-bit number for a name (CRC-32: the same on every run and platform)."""
+    return int(stream) if isinstance(stream, int) else zlib.crc32(stream.encode()) & 0x7FFFFFFF
 
 
 @dataclass
@@ -113,8 +121,3 @@ SectionFn = Callable[[EvalData], Section]
 def prefixed(prefix: str, values: dict[str, Any]) -> dict[str, np.ndarray]:
     """``values`` as per-map columns ``<prefix>/<key>`` in float64."""
     return {f"{prefix}/{k}": np.asarray(v, dtype=np.float64) for k, v in values.items()}
-
-
-def shared_generator(data: EvalData) -> torch.Generator:
-    """The latent-sample stream ``data.cache["generator"]`` (seeded with ``seed`` on first use; see the module)."""
-    return data.cache.setdefault("generator", data.generator())

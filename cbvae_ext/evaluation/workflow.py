@@ -404,7 +404,7 @@ class Evaluation:
         peaks, peak_source = peak_indicator(info, test.maps)
         data = EvalData(opts, info, schema, mask, runs, train, test, peaks, latent_size, self.device)
         columns = _base_columns(data)
-        data.cache.update(columns=columns, predictions={}, generator=data.generator())
+        data.cache.update(columns=columns, predictions={})
 
         results: dict[str, Any] = {
             "layout": RESULTS_LAYOUT,

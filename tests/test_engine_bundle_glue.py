@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import subprocess
@@ -77,6 +78,15 @@ def test_every_knob_is_logged(knobs) -> None:
     params = train_knobs(**knobs).hyper_params()
     assert list(params) == FIELDS and params["free_bits"] == 32.0  # free_bits was never logged
     assert json.loads(json.dumps(params)) == params  # MLflow, W&B and TensorBoard take it as it is
+
+
+def test_the_conditions_of_reproducibility_are_logged(knobs, caplog) -> None:
+    import torch
+
+    with caplog.at_level(logging.INFO, logger="cbvae_ext.engine.knobs"):
+        train_knobs(**knobs)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("reproducibility:"))
+    assert f"seed {knobs['seed']}," in line and f"{torch.get_num_threads()} CPU threads" in line
 
 
 def test_the_documented_knob_table_is_generated() -> None:

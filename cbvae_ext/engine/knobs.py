@@ -425,6 +425,11 @@ def train_knobs(**values: Any) -> TrainKnobs:
         f"free bits: {knobs.free_bits:g} nats per map over latent_size {knobs.latent_size} = "
         f"{knobs.free_bits_per_dimension:g} per dimension"
     )
+    # measured: 1 thread instead of 2 moves the first epoch's loss by 0.1 %, and the runs drift apart from there
+    logger.info(
+        f"reproducibility: seed {knobs.seed}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
+        "the same three give the same losses, another thread count changes the float sums"
+    )
     return knobs
 
 

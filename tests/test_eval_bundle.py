@@ -94,6 +94,16 @@ def test_the_evaluation_logs_each_section_and_its_time(results):
         assert f"evaluation section {name} done in {seconds:.1f} s" in log, name
 
 
+def test_every_option_on_the_command_line_reaches_the_evaluation(results):
+    # evaluate.yaml once did not pass the decoding and QC options on: --qc_max_maps 8 scored every test map
+    res, _ = results
+    assert res["n_test"] > 8 and res["qc"]["n_maps"] == res["decoding"]["n_maps"] == 8
+    assert (
+        res["provenance"]["evaluation_config"]["qc_k"] == 2
+        and res["provenance"]["evaluation_config"]["decoding_n_terms"] == 10
+    )
+
+
 def _check_summary(summary: dict, low: float, high: float, n_bootstrap: int = 200) -> None:
     assert summary["n"] > 0 and summary["n_bootstrap"] == n_bootstrap
     assert low <= summary["ci95"][0] <= summary["mean"] <= summary["ci95"][1] <= high

@@ -117,6 +117,9 @@ def test_run_trained_on_another_dataset_build_is_refused(tmp_path):
         ("n_prior_samples", 2.5, "--n_prior_samples 2.5 is invalid; give an integer >= 1"),
         ("joint_k", 0, "--joint_k 0 is invalid; give an integer >= 1"),
         ("generative_max_maps", 0, "--generative_max_maps 0 is invalid; give an integer >= 1"),
+        ("qc_max_maps", "x", "--qc_max_maps 'x' is invalid; give an integer >= 1"),
+        ("neuroquery", "maybe", "--neuroquery 'maybe' is invalid; give true or false"),
+        ("qc_max_map", 8, "--qc_max_map is not an evaluation option; the options: batch_size, num_workers"),
     ],
 )
 def test_bad_numeric_options_are_one_line_errors(tmp_path, capsys, option, value, message):
@@ -125,7 +128,8 @@ def test_bad_numeric_options_are_one_line_errors(tmp_path, capsys, option, value
     with pytest.raises(SystemExit) as exc:
         evaluation.run_cli()
     assert exc.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}")
 
 
 def test_output_dir_on_a_file_is_a_one_line_error(tmp_path, capsys):
@@ -193,3 +197,39 @@ def test_json_safe_makes_nan_and_infinity_null():
     value = {"rho": float("nan"), "x": np.float32(np.inf), "a": np.array([1.0, np.nan]), "n": np.int64(3), "s": "ok"}
     text = json.dumps(json_safe(value), allow_nan=False)
     assert json.loads(text) == {"rho": None, "x": None, "a": [1.0, None], "n": 3, "s": "ok"}
+
+
+#: evaluate.yaml's top-level keys that are not options: the folders, the device and MONAI's own.
+_NOT_OPTIONS = {"imports", "evaluator", "evaluate", "device", "dataset_dir", "output_dir", "ood_dataset_dir"}
+
+
+def test_one_declaration_of_the_evaluation_options() -> None:
+    """evaluate.yaml's options are EvalOptions' fields with its defaults, and its evaluator passes each one
+    (it once left out the decoding and QC options: --qc_max_maps was silently ignored)."""
+    import dataclasses
+    import inspect
+
+    import yaml
+
+    from cbvae_ext.evaluation.options import EvalOptions
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "bundle/configs/evaluate.yaml").read_text())
+    fields = [f.name for f in dataclasses.fields(EvalOptions)]
+    options = [k for k in config if k not in _NOT_OPTIONS and not k.endswith("run_dir")]
+    assert options == fields
+    assert {k: config[k] for k in fields} == dataclasses.asdict(EvalOptions())
+    passed = {k: v for k, v in config["evaluator"].items() if k != "_target_"}
+    assert passed == {k: f"@{k}" for k in config if k not in ("imports", "evaluator", "evaluate")}
+    params = inspect.signature(Evaluation).parameters
+    assert list(params)[-1] == "options" and not set(fields) & set(params)
+
+
+def test_the_documented_option_table_is_generated() -> None:
+    import re
+
+    from cbvae_ext.evaluation.options import option_table
+
+    doc = (Path(__file__).parents[1] / "bundle/docs/README.md").read_text()
+    found = re.search(r"<!-- options:begin -->\n(.*?)\n<!-- options:end -->", doc, re.S)
+    assert found, "bundle/docs/README.md lost its option table markers"
+    assert found.group(1) == option_table(), "run `python -m cbvae_ext.evaluation.options` and paste its table"

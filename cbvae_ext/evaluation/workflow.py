@@ -36,7 +36,6 @@ import torch
 
 from cbvae_ext.data.errors import DataError
 from cbvae_ext.data.sources import file_sha256
-from cbvae_ext.engine.bundle_glue import flag
 from cbvae_ext.engine.history import plot_schedules
 from cbvae_ext.errors import CbvaeError
 from cbvae_ext.evaluation.baselines import baselines_section
@@ -78,6 +77,7 @@ from cbvae_ext.evaluation.generative import (
 from cbvae_ext.evaluation.likelihood import entropy_floor
 from cbvae_ext.evaluation.metrics import SSIM_PARAMS, to_volumes
 from cbvae_ext.evaluation.ood import ood_section
+from cbvae_ext.evaluation.options import EvalOptions
 from cbvae_ext.evaluation.passes import load_split, peak_indicator
 from cbvae_ext.evaluation.quality_control import quality_control_section
 from cbvae_ext.evaluation.reconstruction import (
@@ -199,17 +199,6 @@ def _timed(name: str, timings: dict[str, float]) -> Iterator[None]:
     logger.info("evaluation section %s done in %.1f s", name, timings[name])
 
 
-#: Options where None means "all".
-_OPTIONAL = (
-    "iwae_max_maps",
-    "max_train_maps",
-    "n_counterfactual",
-    "generative_max_maps",
-    "decoding_max_maps",
-    "qc_max_maps",
-)
-
-
 class Evaluation:
     """Score a trained C-β-VAE, its twins and the baseline VAE on the test split, with paired statistics.
 
@@ -222,31 +211,8 @@ class Evaluation:
         nolambda_run_dir: the λ = 0 twin (``train_nolambda.yaml``).
         ood_dataset_dir: a dataset built from NeuroStore studysets only (out-of-distribution maps).
         device: ``"cuda"``/``"cpu"``; default: CUDA when available.
-        batch_size: maps per forward pass (>= 1).
-        n_bootstrap: bootstrap resamples per summary and paired comparison (>= 1; 1000 for reported figures).
-        n_permutations: permutations of each probe's null (>= 0; 100 for reported figures).
-        n_permutations_mlp: permutations of the MLP probe's null (default: ``n_permutations``).
-        iwae_k: importance samples of the likelihood bound (>= 1).
-        iwae_max_maps: test maps (the first ones) that get the bound; None = all.
-        n_prior_samples: prior decodes averaged for a conditional mean map when a network has no
-            conditional-mean path (>= 32 for reported figures).
-        n_examples: held-out studies shown in ``recon_examples.png``.
-        max_train_maps: cap on training maps (seeded subsample) used to fit PCA, the mean maps, the ridge,
-            the probes and the duplicate search; None = all.
-        n_counterfactual: held-out studies per category whose task is switched (seeded); None = all.
-        neuroquery: fit the NeuroQuery baseline when the dataset has ``terms.npz`` (False: reported absent).
-        n_half_splits: random half splits of each study's peaks for completion (>= 1).
-        joint_k: importance samples of the joint peak likelihood (>= 1).
-        n_calibration_samples: prior draws per study for the calibrated peak probability (>= 1).
-        generative_max_maps: test maps (seeded subsample) of completion, joint likelihood and calibration, and
-            training maps fitting the calibration's isotonic map; None = all.
-        decoding_k: importance samples of each candidate's ``log p(x | c)`` in the decoding section (>= 1).
-        decoding_n_terms: terms (most used in training) the decoding section decodes over (>= 1).
-        decoding_max_maps: test maps (the first ones) decoded; None = all.
-        qc_k: posterior samples of the typicality score in the quality-control section (>= 1).
-        qc_max_maps: test maps (the first ones) corrupted and scored; None = all.
-        seed: seed of every resampling, permutation and latent sample.
-        num_workers: kept for config compatibility (maps are read in the main process).
+        options: the evaluation options by name (``EvalOptions``: defaults, ranges and what each sets;
+            checked when the evaluation runs, so a bad one is one ``error:`` line).
     """
 
     def __init__(
@@ -259,28 +225,7 @@ class Evaluation:
         nolambda_run_dir: str | Path | None = None,
         ood_dataset_dir: str | Path | None = None,
         device: str | None = None,
-        batch_size: int = 8,
-        n_bootstrap: int = 1000,
-        n_permutations: int = 100,
-        n_permutations_mlp: int | None = None,
-        iwae_k: int = 64,
-        iwae_max_maps: int | None = None,
-        n_prior_samples: int = 32,
-        n_examples: int = 3,
-        max_train_maps: int | None = None,
-        n_counterfactual: int | None = 20,
-        neuroquery: bool | str = True,
-        n_half_splits: int = 2,
-        joint_k: int = 16,
-        n_calibration_samples: int = 16,
-        generative_max_maps: int | None = 200,
-        decoding_k: int = 4,
-        decoding_n_terms: int = 50,
-        decoding_max_maps: int | None = None,
-        qc_k: int = 4,
-        qc_max_maps: int | None = None,
-        seed: int = 0,
-        num_workers: int = 0,
+        **options: Any,
     ) -> None:
         self.dataset_dir = dataset_dir
         self.output_dir = output_dir
@@ -292,31 +237,7 @@ class Evaluation:
         }
         self.ood_dataset_dir = ood_dataset_dir
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.n_counterfactual = n_counterfactual
-        self.options = {
-            "batch_size": batch_size,
-            "n_bootstrap": n_bootstrap,
-            "n_permutations": n_permutations,
-            "n_permutations_mlp": n_permutations if n_permutations_mlp is None else n_permutations_mlp,
-            "iwae_k": iwae_k,
-            "iwae_max_maps": iwae_max_maps,
-            "n_prior_samples": n_prior_samples,
-            "n_examples": n_examples,
-            "max_train_maps": max_train_maps,
-            "n_counterfactual": n_counterfactual,
-            "n_half_splits": n_half_splits,
-            "joint_k": joint_k,
-            "n_calibration_samples": n_calibration_samples,
-            "generative_max_maps": generative_max_maps,
-            "decoding_k": decoding_k,
-            "decoding_n_terms": decoding_n_terms,
-            "decoding_max_maps": decoding_max_maps,
-            "qc_k": qc_k,
-            "qc_max_maps": qc_max_maps,
-            "seed": seed,
-        }
-        self.neuroquery = neuroquery
-        self.num_workers = num_workers
+        self.options = options
 
     # ----- entry points -------------------------------------------------------------------
     def run_cli(self) -> dict[str, Any]:
@@ -329,45 +250,8 @@ class Evaluation:
             raise SystemExit(2) from None
 
     def _check_options(self) -> dict[str, Any]:
-        """The numeric options as ints, or a one-line ``EvaluationError`` naming the bad one."""
-        minimum = {
-            "batch_size": 1,
-            "n_bootstrap": 1,
-            "n_permutations": 0,
-            "n_permutations_mlp": 0,
-            "iwae_k": 1,
-            "iwae_max_maps": 1,
-            "n_prior_samples": 1,
-            "n_examples": 0,
-            "max_train_maps": 2,
-            "n_counterfactual": 1,
-            "n_half_splits": 1,
-            "joint_k": 1,
-            "n_calibration_samples": 1,
-            "generative_max_maps": 1,
-            "decoding_k": 1,
-            "decoding_n_terms": 1,
-            "decoding_max_maps": 1,
-            "qc_k": 1,
-            "qc_max_maps": 1,
-            "seed": 0,
-        }
-        out: dict[str, Any] = {}
-        for key, low in minimum.items():
-            value = self.options[key]
-            if value is None and key in _OPTIONAL:
-                out[key] = None
-                continue
-            try:
-                number = int(value)
-                ok = number == float(value) and number >= low
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise EvaluationError(f"--{key} {value!r} is invalid; give an integer >= {low}")
-            out[key] = number
-        out["neuroquery"] = flag(self.neuroquery, "neuroquery")
-        return out
+        """The options checked (``EvalOptions.check``: ints and bools, or a one-line ``EvaluationError``)."""
+        return EvalOptions.check(self.options).as_dict()
 
     def run(self) -> dict[str, Any]:
         """Evaluate and write ``test_results.json``, ``per_map_test.parquet`` and the figures; returns the results.

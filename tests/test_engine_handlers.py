@@ -6,12 +6,15 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from matplotlib.image import imread
 
 from cbvae_ext.engine import GRLSchedule, History, KLController, MeanTerms, dann_lambda
+from cbvae_ext.engine.history import plot_training_curves, training_curves_figure
 from cbvae_ext.engine.loaders import ResidentBatches
 from cbvae_ext.engine.losses import CBVAELoss
 from cbvae_ext.engine.resume import (
@@ -128,13 +131,60 @@ def test_history_writes_rows_and_plot_and_truncates_on_resume(tmp_path):
     assert hist["loss"].tolist() == [1.0, 2.0, 10.0, 10.0]
 
 
-def test_history_png_of_beta_and_lambda(tmp_path):
+def test_history_png_of_the_training_curves(tmp_path):
     engine = Engine(lambda e, _: {"loss": 1.0, "beta": 1.0 + e.state.epoch, "grl_lambda": 0.1 * e.state.epoch})
     MeanTerms(keys=("loss", "beta", "grl_lambda"), prefix="train_").attach(engine, "terms")
     History(tmp_path).attach(engine)
     engine.run([0], max_epochs=2)
-    assert (tmp_path / "history.png").stat().st_size > 1000
     assert pd.read_csv(tmp_path / "history.csv")["beta"].tolist() == [2.0, 3.0]
+    height, width = imread(tmp_path / "history.png").shape[:2]
+    assert height == 2 * 240 + 60 and width == 750  # loss and β/λ panels; no recon, KL or adversary columns
+
+
+def _history(epochs: int) -> pd.DataFrame:
+    """A history frame with every column History writes for a C-β-VAE run (train, val, β, λ)."""
+    e = np.arange(1, epochs + 1, dtype=np.float64)
+    frame = {"epoch": e.astype(int), "loss": 100 / e, "recon": 80 / e, "floor": np.full_like(e, 20.0), "kl": 5 + e}
+    frame |= {"cm": 90 / e, "imp": e * 0, "adv": 1.3 + e * 0, "adv_acc": 0.3 - 0.01 * e, "grad_norm": e * 0 + 1}
+    frame |= {"beta": np.minimum(e / 2, 1.0), "grl_lambda": 1 - 1 / e, "lr": e * 0 + 1e-3}
+    frame |= {"val_loss": 110 / e, "val_recon": 90 / e, "val_floor": 20 + e * 0, "val_kl": 6 + e}
+    frame |= {"val_cm": 95 / e, "val_imp": e * 0, "val_adv": 1.4 + e * 0, "val_adv_acc": 0.28 + e * 0}
+    return pd.DataFrame(frame)
+
+
+def _panels(fig) -> list[set[str]]:
+    """Line labels per panel (a twin axis shares its panel's grid row), top to bottom."""
+    rows: dict[int, set[str]] = {}
+    for ax in fig.axes:
+        rows.setdefault(ax.get_subplotspec().rowspan.start, set()).update(ln.get_label() for ln in ax.get_lines())
+    return [rows[k] for k in sorted(rows)]
+
+
+def test_training_curves_panels_follow_the_columns_present():
+    full = _panels(training_curves_figure(_history(5)))
+    assert [len(p) for p in full] == [2, 5, 2, 2]  # loss, recon/KL (+ entropy floor), β/λ, adversary accuracy
+    assert {"train loss (β-weighted objective)", "val loss (−ELBO at β = 1, + imputation)"} == full[0]
+    assert {"train recon", "val recon", "train KL", "val KL"} < full[1] and {
+        "β (KL weight)",
+        "λ (GRL, epoch mean)",
+    } == full[2]
+    # a baseline without validation or adversary: no val lines, its NaN accuracies skip the last panel
+    base = _history(5).filter(regex="^(?!val_)").assign(adv_acc=np.nan).drop(columns="grl_lambda")
+    panels = _panels(training_curves_figure(base))
+    assert len(panels) == 3 and not any(lab.startswith("val") for p in panels for lab in p)
+    assert panels[2] == {"β (KL weight)"}  # λ missing: β alone, no twin axis
+    assert training_curves_figure(pd.DataFrame({"epoch": [1], "lr": [0.1]})) is None  # nothing to draw
+
+
+def test_training_curves_of_one_epoch(tmp_path):
+    path = plot_training_curves(_history(1), tmp_path / "curves.png")
+    height, width = imread(path).shape[:2]
+    assert (width, height) == (750, 4 * 240 + 60)
+    bottom = next(ax for ax in training_curves_figure(_history(1)).axes if ax.get_xlabel() == "epoch")
+    lo, hi = bottom.get_xlim()
+    assert (lo, hi) == (0.5, 1.5) and [t for t in bottom.get_xticks() if lo <= t <= hi] == [1.0]  # integer epochs
+    assert plot_training_curves(pd.DataFrame({"epoch": [1]}), tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_last_checkpoint_picks_newest_epoch(tmp_path):

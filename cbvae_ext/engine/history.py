@@ -1,39 +1,141 @@
-"""Per-epoch training history: ``history.csv`` / ``history.json`` and a PNG of β and λ over training."""
+"""Per-epoch training history: ``history.csv`` / ``history.json`` and a PNG of the training curves."""
 
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from ignite.engine import Engine, Events
 
 from cbvae_ext.run_folder import replace_atomically, write_json_atomically
 
-__all__ = ["History", "plot_schedules"]
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["History", "plot_training_curves", "training_curves_figure"]
 
 
-def plot_schedules(history: pd.DataFrame, path: str | Path) -> Path:
-    """Save a PNG of β (left axis) and GRL λ (right axis) per epoch."""
-    import matplotlib
+@dataclass(frozen=True)
+class _Curve:
+    """One history column drawn as a line (train: solid with dots, validation: dashed with squares)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    column: str
+    label: str
+    color: str
 
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(history["epoch"], history["beta"], "o-", color="tab:blue", label="β (KL weight)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("β", color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.plot(history["epoch"], history["grl_lambda"], "s--", color="tab:red", label="λ (GRL, epoch mean)")
-    ax2.set_ylabel("λ", color="tab:red")
-    fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88), fontsize=8)
-    fig.tight_layout()
+    @property
+    def style(self) -> str:
+        return "s--" if self.column.startswith("val_") else "o-"
+
+
+@dataclass(frozen=True)
+class _Panel:
+    """One row of the figure: curves on the left axis and, when their scales differ, on a twin right axis."""
+
+    left_label: str
+    left: tuple[_Curve, ...]
+    right_label: str = ""
+    right: tuple[_Curve, ...] = ()
+
+
+# the columns History writes (see its docstring); validation runs at β = 1 without the adversary
+_PANELS = (
+    _Panel(
+        "loss",
+        (
+            _Curve("loss", "train loss (β-weighted objective)", "tab:blue"),
+            _Curve("val_loss", "val loss (−ELBO at β = 1, + imputation)", "tab:orange"),
+        ),
+    ),
+    _Panel(
+        "reconstruction (BCE)",
+        (
+            _Curve("recon", "train recon", "tab:green"),
+            _Curve("val_recon", "val recon", "tab:green"),
+            _Curve("floor", "recon floor (entropy of the maps)", "0.5"),
+        ),
+        "KL (nats)",
+        (_Curve("kl", "train KL", "tab:purple"), _Curve("val_kl", "val KL", "tab:purple")),
+    ),
+    _Panel(
+        "β",
+        (_Curve("beta", "β (KL weight)", "tab:blue"),),
+        "λ",
+        (_Curve("grl_lambda", "λ (GRL, epoch mean)", "tab:red"),),
+    ),
+    _Panel(
+        "adversary accuracy (year bin)",
+        (
+            _Curve("adv_acc", "train adversary acc.", "tab:brown"),
+            _Curve("val_adv_acc", "val adversary acc.", "tab:brown"),
+        ),
+    ),
+)
+
+
+def _present(history: pd.DataFrame, curves: Sequence[_Curve]) -> list[_Curve]:
+    """The curves whose column exists with a finite value (a run without an adversary writes NaN accuracies)."""
+    return [
+        c for c in curves if c.column in history and pd.to_numeric(history[c.column], errors="coerce").notna().any()
+    ]
+
+
+def _draw(ax: Axes, history: pd.DataFrame, curves: Sequence[_Curve], label: str) -> list[Any]:
+    for c in curves:
+        ax.plot(history["epoch"], history[c.column], c.style, color=c.color, ms=4, label=c.label)
+    ax.set_ylabel(label, color=curves[0].color if len({c.color for c in curves}) == 1 else "k")
+    return ax.get_lines()
+
+
+def training_curves_figure(history: pd.DataFrame) -> Figure | None:
+    """Build the training-curve figure: one panel per group of curves present in ``history``.
+
+    Panels (top to bottom, each skipped when none of its columns holds a value): train and validation loss;
+    reconstruction (left axis, with the maps' entropy floor) and KL (right axis); β (left) and GRL λ
+    (right); the adversary's accuracy.
+
+    Args:
+        history: one row per epoch with an ``epoch`` column and any of the columns ``History`` writes.
+
+    Returns:
+        The figure (not attached to pyplot, so nothing needs closing), or ``None`` when no panel has data.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [(p, _present(history, p.left), _present(history, p.right)) for p in _PANELS]
+    panels = [(p, left, right) for p, left, right in panels if left or right]
+    if "epoch" not in history or not panels:
+        return None
+    fig = Figure(figsize=(7.5, 0.6 + 2.4 * len(panels)), dpi=100, layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (panel, left, right) in zip(axes, panels, strict=True):
+        lines = _draw(ax, history, left, panel.left_label) if left else []
+        if right:
+            # only β/λ and recon/KL share a panel: their scales differ by orders of magnitude
+            lines += _draw(ax.twinx() if left else ax, history, right, panel.right_label)
+        ax.legend(lines, [ln.get_label() for ln in lines], loc="lower left", bbox_to_anchor=(0, 1), ncol=3,
+                  fontsize=7, frameon=False, borderaxespad=0.2)  # fmt: skip
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    # half an epoch either side: one epoch still gets an integer tick instead of a ±5 % float range
+    axes[-1].set_xlim(history["epoch"].min() - 0.5, history["epoch"].max() + 0.5)
+    return fig
+
+
+def plot_training_curves(history: pd.DataFrame, path: str | Path) -> Path | None:
+    """Save ``training_curves_figure(history)`` as a PNG; returns its path, or ``None`` when nothing was drawn."""
+    fig = training_curves_figure(history)
+    if fig is None:
+        return None
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 
@@ -49,7 +151,7 @@ class History:
         output_dir: run folder; writes ``history.csv``, ``history.json`` and ``history.png``.
         evaluator: engine whose ``state.metrics`` hold the ``val_*`` values (run before this handler).
         train_prefix: prefix of the trainer's metrics, stripped in the columns.
-        plot: also save the β/λ PNG.
+        plot: also save ``history.png`` (``plot_training_curves``).
         name: logger name; ``None`` logs through the engine's logger (muted on ranks > 0 by the overlay).
     """
 
@@ -115,8 +217,8 @@ class History:
             self.output_dir / "history.json",
             [{k: (None if _is_nan(v) else v) for k, v in r.items()} for r in self.rows],
         )
-        if self.plot and {"beta", "grl_lambda"} <= set(frame.columns):
-            plot_schedules(frame, self.output_dir / "history.png")
+        if self.plot:
+            plot_training_curves(frame, self.output_dir / "history.png")
 
     @staticmethod
     def read(output_dir: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:

@@ -1,8 +1,13 @@
-"""PNG figures written next to ``test_results.json``."""
+"""PNG figures written next to ``test_results.json``.
+
+Each ``plot_*`` function builds its figure in a ``_*_figure`` helper (which tests inspect) and saves it with
+``_save``.
+"""
 
 from __future__ import annotations
 
 import gc
+import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +19,14 @@ matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colorbar import Colorbar  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from cbvae_ext.evaluation.debiasing import PROBES  # noqa: E402
 
 __all__ = [
     "plot_category_maps",
@@ -24,6 +37,24 @@ __all__ = [
     "plot_recon_examples",
     "plot_reliability",
 ]
+
+#: maps shown in ``recon_examples.png`` hide values below this (the background of an MA map)
+EXAMPLE_THRESHOLD = 0.05
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG and release it from pyplot."""
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _unit_colorbar(fig: Figure, cmap: str, label: str, **where: Any) -> Colorbar:
+    """One colour bar for 0 to 1 shared by every panel (``where``: ``cax=`` or ``ax=`` of ``Figure.colorbar``)."""
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap=cmap), **where)
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    return bar
 
 
 @contextmanager
@@ -43,7 +74,8 @@ def plot_recon_examples(
     """Orthogonal slices over the MNI152 template, one row per study, one column per source.
 
     Args:
-        volumes: column name (e.g. ``"real"``, ``"C-β-VAE"``, ``"baseline VAE"``) to ``[n, D, H, W]`` maps in [0, 1].
+        volumes: column name (e.g. ``"real"``, ``"C-β-VAE"``, ``"baseline VAE"``) to ``[n, D, H, W]`` maps in [0, 1]
+            (the real modeled-activation map and each model's reconstructed voxel probabilities).
         affine: voxel-to-MNI affine of the maps.
         titles: one label per study (row).
         path: PNG path.
@@ -53,18 +85,29 @@ def plot_recon_examples(
 
     with _frozen_gc():
         template = load_mni152_template(resolution=2)
-        _draw_examples(volumes, affine, titles, template, path)
-    return Path(path)
+        fig = _examples_figure(volumes, affine, titles, template)
+    return _save(fig, path)
 
 
-def _draw_examples(
-    volumes: Mapping[str, np.ndarray], affine: np.ndarray, titles: Sequence[str], template: Any, path: str | Path
-) -> None:
+def _examples_figure(
+    volumes: Mapping[str, np.ndarray], affine: np.ndarray, titles: Sequence[str], template: Any
+) -> Figure:
     from nilearn.plotting import plot_stat_map
 
     columns = list(volumes)
     n = len(titles)
-    fig, axes = plt.subplots(n, len(columns), figsize=(4.2 * len(columns), 1.9 * n), dpi=90, squeeze=False)
+    # margins in inches: row labels on the left, column headers on top, the shared colour bar on the right
+    panel_w, panel_h, left, top, right, bottom = 5.0, 2.0, 0.4, 0.35, 1.0, 0.1
+    width, height = left + panel_w * len(columns) + right, top + panel_h * n + bottom
+    fig, axes = plt.subplots(n, len(columns), figsize=(width, height), dpi=100, squeeze=False)
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        top=1 - top / height,
+        bottom=bottom / height,
+        wspace=0.03,
+        hspace=0.04,
+    )
     real = volumes[columns[0]]
     for i in range(n):
         # every column of a row cuts through the real map's peak so the panels are comparable
@@ -78,16 +121,30 @@ def _draw_examples(
                 axes=axes[i, j],
                 display_mode="ortho",
                 cut_coords=cut,
+                vmin=0.0,
                 vmax=1.0,
-                threshold=0.05,
+                threshold=EXAMPLE_THRESHOLD,
                 colorbar=False,
                 annotate=False,
                 draw_cross=False,
                 cmap="hot",
-                title=f"{name} | {titles[i]}"[:60],
             )
-    fig.savefig(path)
-    plt.close(fig)
+        box = axes[i, 0].get_position()
+        fig.text(
+            0.5 * left / width, (box.y0 + box.y1) / 2, titles[i], rotation=90, ha="center", va="center", fontsize=8
+        )
+    for j, name in enumerate(columns):
+        box = axes[0, j].get_position()
+        fig.text((box.x0 + box.x1) / 2, 1 - 0.5 * top / height, name, ha="center", va="center", fontsize=10)
+    # nilearn draws each panel in its own axes, so the bar gets a slot of its own: 3 in tall at most, centred
+    bar_h = min(panel_h * n, 3.0) / height
+    cax = fig.add_axes(
+        (1 - 0.75 * right / width, 0.5 * (1 + bottom / height - top / height - bar_h), 0.15 / width, bar_h)
+    )
+    _unit_colorbar(
+        fig, "hot", f"modeled activation / predicted probability\n(hidden below {EXAMPLE_THRESHOLD})", cax=cax
+    )
+    return fig
 
 
 def plot_per_category_r(per_category: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
@@ -97,22 +154,24 @@ def plot_per_category_r(per_category: Mapping[str, Mapping[str, Any]], path: str
         per_category: predictor name to ``{category: {"mean": r, "n": count}}``.
         path: PNG path.
     """
+    return _save(_per_category_r_figure(per_category), path)
+
+
+def _per_category_r_figure(per_category: Mapping[str, Mapping[str, Any]]) -> Figure:
     predictors = list(per_category)
     categories = sorted({c for p in predictors for c in per_category[p]})
     width = 0.8 / max(len(predictors), 1)
     x = np.arange(len(categories))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(categories) + 2), 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(categories) + 2) + 2.0, 4), dpi=100, layout="constrained")
     for k, name in enumerate(predictors):
         means = [per_category[name].get(c, {}).get("mean") for c in categories]
         ax.bar(x + k * width, [np.nan if m is None else m for m in means], width, label=name)
     ax.set_xticks(x + 0.4 - width / 2, categories, rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("mean Pearson r (in mask)")
     ax.axhline(0, color="k", lw=0.5)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    # beside the axes: inside, the legend hid the bars of the first categories
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="predictor")
+    return fig
 
 
 def plot_probes(
@@ -120,40 +179,62 @@ def plot_probes(
 ) -> Path:
     """Each probe's test balanced accuracy against the histogram of its permutation null.
 
+    One row per model, one column per probe kind (logistic, MLP).
+
     Args:
         probes: model name to the ``year_probes`` result (``{"logistic": {...}, "mlp": {...}}``).
         adversary: model name to the adversarial head's balanced accuracy (None when it has none).
         path: PNG path.
     """
-    panels = [(m, p) for m, res in probes.items() for p in ("logistic", "mlp") if p in res]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.6 * max(len(panels), 1), 3.2), dpi=100, squeeze=False)
-    for ax, (model, probe) in zip(axes[0], panels, strict=False):
-        res = probes[model][probe]
-        ax.hist(res["null"]["values"], bins=20, color="0.7", label=f"null ({res['n_permutations']} perm.)")
-        ax.axvline(res["balanced_accuracy"], color="tab:red", lw=2, label=f"probe {res['balanced_accuracy']:.3f}")
-        if res["null"]["p95"] is not None:
-            ax.axvline(res["null"]["p95"], color="k", ls=":", label="null 95th pct")
-        if adversary.get(model) is not None:
-            ax.axvline(adversary[model], color="tab:blue", ls="--", label=f"adversary {adversary[model]:.3f}")
-        ax.set_title(f"{model}: {probe} (p={res['p_value']:.3f})", fontsize=9)
-        ax.set_xlabel("balanced accuracy (year bin)")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(_probes_figure(probes, adversary), path)
+
+
+def _probes_figure(probes: Mapping[str, Mapping[str, Any]], adversary: Mapping[str, float | None]) -> Figure:
+    kinds = [k for k in PROBES if any(k in res for res in probes.values())] or list(PROBES)
+    models = list(probes) or [""]
+    fig, axes = plt.subplots(
+        len(models), len(kinds), figsize=(3.8 * len(kinds), 2.9 * len(models)), dpi=100, squeeze=False,
+        sharex=True, layout="constrained",
+    )  # fmt: skip
+    for i, model in enumerate(models):
+        for j, probe in enumerate(kinds):
+            ax = axes[i, j]
+            res = probes.get(model, {}).get(probe)
+            if res is None:  # a result without this probe: a blank cell keeps the grid
+                ax.set_axis_off()
+                continue
+            ax.hist(res["null"]["values"], bins=20, color="0.7", label=f"null ({res['n_permutations']} perm.)")
+            ax.axvline(res["balanced_accuracy"], color="tab:red", lw=2, label=f"probe {res['balanced_accuracy']:.3f}")
+            if res["null"]["p95"] is not None:
+                ax.axvline(res["null"]["p95"], color="k", ls=":", label="null 95th pct")
+            if adversary.get(model) is not None:
+                ax.axvline(adversary[model], color="tab:blue", ls="--", label=f"adversary {adversary[model]:.3f}")
+            ax.set_title(f"{model}: {probe} (p={res['p_value']:.3f})", fontsize=9)
+            ax.legend(fontsize=6)
+            if i == len(models) - 1:
+                ax.set_xlabel("balanced accuracy (year bin)")
+            if j == 0:
+                ax.set_ylabel("permutations")
+    return fig
 
 
 def plot_identification(model: Mapping[str, Any], reference: Mapping[str, Any], path: str | Path) -> Path:
     """Category identification: r of each generated category map (rows) with each held-out category mean (columns).
+
+    Each row's box marks its best-matching column: white on the diagonal (identified), red elsewhere.
 
     Args:
         model: ``identification`` result for the model's conditional mean maps.
         reference: the same for the training category means (the bar to reach).
         path: PNG path.
     """
+    return _save(_identification_figure(model, reference), path)
+
+
+def _identification_figure(model: Mapping[str, Any], reference: Mapping[str, Any]) -> Figure:
     labels = model["labels"]
-    fig, axes = plt.subplots(1, 2, figsize=(2 * (0.45 * len(labels) + 3), 0.45 * len(labels) + 2.5), dpi=100)
+    size = 0.45 * len(labels)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (size + 3), size + 3.0), dpi=100, layout="constrained")
     for ax, res, title in (
         (axes[0], model, "C-β-VAE conditional mean"),
         (axes[1], reference, "training category mean"),
@@ -168,28 +249,59 @@ def plot_identification(model: Mapping[str, Any], reference: Mapping[str, Any], 
         ax.set_title(f"{title}: {res['n_correct']}/{res['n_groups']} identified", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.7, label="Pearson r")
     axes[0].set_ylabel("generated for category")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    # a dark face (a low r) on a grey legend, so the white edge shows as it does on the matrix
+    face = plt.get_cmap("viridis")(0.1)
+    fig.legend(
+        handles=[
+            Patch(fc=face, ec="white", lw=1.5, label="best match is the row's own category (identified)"),
+            Patch(fc=face, ec="red", lw=1.5, label="best match is another category (not identified)"),
+        ],
+        loc="outside lower center", ncol=2, fontsize=8, facecolor="0.75", edgecolor="none",
+        handlelength=1.5, handleheight=1.5,
+        title="box: the held-out mean each generated map correlates with best", title_fontsize=8,
+    )  # fmt: skip
+    return fig
 
 
 def plot_category_maps(
-    columns: Mapping[str, np.ndarray], mask: np.ndarray, labels: Sequence[str], path: str | Path
+    columns: Mapping[str, np.ndarray], mask: np.ndarray, affine: np.ndarray, labels: Sequence[str], path: str | Path
 ) -> Path:
     """Axial maximum-intensity projections, one row per category, one column per source (each map scaled to its max).
 
     Args:
         columns: source name to ``[C, V]`` in-mask maps, rows in ``labels`` order.
         mask: bool brain mask ``[D, H, W]``.
+        affine: voxel-to-MNI affine of the mask: its first axis sets which side of the image is L and which R.
         labels: category names.
         path: PNG path.
     """
+    return _save(_category_maps_figure(columns, mask, affine, labels), path)
+
+
+def _sides(affine: np.ndarray) -> tuple[str, str] | None:
+    """The anatomical sides at the left and right of an image whose columns are voxel x ascending (None: oblique)."""
+    first = nib.aff2axcodes(np.asarray(affine))[0]
+    return {"R": ("L", "R"), "L": ("R", "L")}.get(first)
+
+
+def _mark_sides(ax: Axes, sides: tuple[str, str] | None) -> None:
+    if sides is None:
+        return
+    for x, side, ha in ((0.03, sides[0], "left"), (0.97, sides[1], "right")):
+        ax.text(x, 0.04, side, transform=ax.transAxes, ha=ha, va="bottom", fontsize=7, fontweight="bold", color="0.2")
+
+
+def _category_maps_figure(
+    columns: Mapping[str, np.ndarray], mask: np.ndarray, affine: np.ndarray, labels: Sequence[str]
+) -> Figure:
     names = list(columns)
     fig, axes = plt.subplots(
-        len(labels), len(names), figsize=(2.2 * len(names), 1.9 * len(labels)), dpi=80, squeeze=False
-    )
+        len(labels), len(names), figsize=(2.2 * len(names) + 0.9, 1.9 * len(labels) + 0.3), dpi=80, squeeze=False,
+        layout="constrained",
+    )  # fmt: skip
+    # x voxel index runs left to right (transpose, origin lower), so the image's left is the side x decreases to
     outline = mask.max(axis=2).T
+    sides = _sides(affine)
     for j, name in enumerate(names):
         vol = np.zeros((len(labels), *mask.shape), dtype=np.float32)
         vol[:, mask] = columns[name]
@@ -206,14 +318,21 @@ def plot_category_maps(
             )
             ax.set_xticks([])
             ax.set_yticks([])
+            _mark_sides(ax, sides)
             if i == 0:
                 ax.set_title(name, fontsize=8)
             if j == 0:
-                ax.set_ylabel(label[:22], fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+                ax.set_ylabel(textwrap.fill(label, 22), fontsize=7)
+    _unit_colorbar(
+        fig,
+        "hot",
+        "fraction of the map's own maximum\n(axial maximum projection)",
+        ax=axes,
+        shrink=min(1.0, 4 / len(labels)),
+        fraction=0.05,
+        aspect=25,
+    )
+    return fig
 
 
 def plot_pca_curve(curve: Sequence[Mapping[str, Any]], equivalent: Mapping[str, Any], path: str | Path) -> Path:
@@ -242,9 +361,7 @@ def plot_pca_curve(curve: Sequence[Mapping[str, Any]], equivalent: Mapping[str, 
         ax.set_title(m, fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_reliability(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> Path:
@@ -267,6 +384,4 @@ def plot_reliability(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: st
     axes[1].set(yscale="log", xlim=(0, 1), xlabel="predicted probability (bin mean)", ylabel="(study, voxel) pairs")
     axes[1].set_title("pairs per bin", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

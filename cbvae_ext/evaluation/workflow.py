@@ -36,7 +36,7 @@ import torch
 
 from cbvae_ext.data.errors import DataError
 from cbvae_ext.data.sources import file_sha256
-from cbvae_ext.engine.history import plot_schedules
+from cbvae_ext.engine.history import plot_training_curves
 from cbvae_ext.errors import CbvaeError
 from cbvae_ext.evaluation.baselines import baselines_section
 from cbvae_ext.evaluation.columns import (
@@ -508,8 +508,8 @@ def _figures(data: EvalData, results: dict[str, Any], figure_data: dict[str, Any
             )
         )
     run = data.runs.get(MODEL) or next(iter(data.runs.values()))
-    if run.history is not None and {"beta", "grl_lambda", "epoch"} <= set(run.history.columns):
-        written.append(plot_schedules(run.history, out_dir / "training_curves.png"))
+    if run.history is not None and (curves := plot_training_curves(run.history, out_dir / "training_curves.png")):
+        written.append(curves)
     per_category_r = {
         ROLES[r].label: res["per_category_r"] for r, res in results["models"].items() if "absent" not in res
     }
@@ -536,6 +536,7 @@ def _figures(data: EvalData, results: dict[str, Any], figure_data: dict[str, Any
             plot_category_maps(
                 {"C-β-VAE conditional mean": generated, "held-out mean": heldout, "training mean": training},
                 data.mask,
+                np.asarray(data.info.affine),
                 labels,
                 out_dir / "category_maps.png",
             )

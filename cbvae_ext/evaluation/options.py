@@ -21,9 +21,9 @@ from cbvae_ext.evaluation.runs import EvaluationError
 __all__ = ["EvalOptions", "option_table"]
 
 
-def _option(default: Any, doc: str, low: int | None = None, *, all_when_null: bool = False) -> Any:
-    """An ``EvalOptions`` field: its default, its lowest whole-number value and whether null means "all"."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "low": low, "all_when_null": all_when_null})
+def _option(default: Any, doc: str, low: int | None = None, *, null: str | None = None) -> Any:
+    """An ``EvalOptions`` field: its default, its lowest whole-number value and what null means (None: not allowed)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "low": low, "null": null})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +36,9 @@ class EvalOptions:
         1000, "bootstrap resamples per summary and paired comparison (1000 for reported figures)", 1
     )
     n_permutations: int = _option(100, "permutations of each post-hoc probe's null (100 for reported figures)", 0)
-    n_permutations_mlp: int | None = _option(None, "permutations of the MLP probe's null (null: n_permutations)", 0)
+    n_permutations_mlp: int | None = _option(None, "permutations of the MLP probe's null", 0, null="n_permutations")
     iwae_k: int = _option(64, "importance samples of the likelihood bound (1: the sampled ELBO)", 1)
-    iwae_max_maps: int | None = _option(None, "test maps (the first ones) given the bound", 1, all_when_null=True)
+    iwae_max_maps: int | None = _option(None, "test maps (the first ones) given the bound", 1, null="all")
     n_prior_samples: int = _option(
         32, "prior decodes averaged for a conditional mean map of a network without a conditional-mean path", 1
     )
@@ -47,23 +47,23 @@ class EvalOptions:
         None,
         "training maps (seeded subsample) fitting PCA, the mean maps, the ridge, the probes",
         2,
-        all_when_null=True,
+        null="all",
     )
     n_counterfactual: int | None = _option(
-        20, "held-out studies per category whose task is switched (counterfactual direction)", 1, all_when_null=True
+        20, "held-out studies per category whose task is switched (counterfactual direction)", 1, null="all"
     )
     neuroquery: bool = _option(True, "fit the NeuroQuery baseline when the dataset has terms.npz (false: absent)")
     n_half_splits: int = _option(2, "random half splits of each study's peaks (completion)", 1)
     joint_k: int = _option(16, "importance samples of the joint peak likelihood", 1)
     n_calibration_samples: int = _option(16, "prior draws per study for the calibrated per-voxel peak probability", 1)
     generative_max_maps: int | None = _option(
-        200, "test maps (seeded) of completion, joint likelihood and calibration", 1, all_when_null=True
+        200, "test maps (seeded) of completion, joint likelihood and calibration", 1, null="all"
     )
     decoding_k: int = _option(4, "importance samples of each candidate's log p(x | c) (decoding)", 1)
     decoding_n_terms: int = _option(50, "terms (most used in training) the decoder ranks", 1)
-    decoding_max_maps: int | None = _option(None, "test maps (the first ones) decoded", 1, all_when_null=True)
+    decoding_max_maps: int | None = _option(None, "test maps (the first ones) decoded", 1, null="all")
     qc_k: int = _option(4, "posterior samples of the typicality score (quality control)", 1)
-    qc_max_maps: int | None = _option(None, "test maps (the first ones) corrupted and scored", 1, all_when_null=True)
+    qc_max_maps: int | None = _option(None, "test maps (the first ones) corrupted and scored", 1, null="all")
     seed: int = _option(0, "seed of every resampling, permutation and latent sample", 0)
 
     @classmethod
@@ -81,7 +81,7 @@ class EvalOptions:
                     checked[name] = flag(value, name)
                 except BundleConfigError:
                     raise EvaluationError(f"--{name} {value!r} is invalid; give true or false") from None
-            elif value is None and (meta["all_when_null"] or name == "n_permutations_mlp"):
+            elif value is None and meta["null"] is not None:
                 checked[name] = None
             else:
                 checked[name] = _whole(name, value, meta["low"])
@@ -113,10 +113,8 @@ def option_table() -> str:
     for f in dataclasses.fields(EvalOptions):
         low, default = f.metadata["low"], f.default
         values = "true or false" if low is None else f"a whole number >= {low}"
-        if f.metadata["all_when_null"]:
-            values += ", or null (all)"
-        elif f.name == "n_permutations_mlp":
-            values += ", or null"
+        if f.metadata["null"] is not None:
+            values += f", or null ({f.metadata['null']})"
         shown = "null" if default is None else str(default).lower()
         rows.append(f"| `{f.name}` | `{shown}` | {values} | {f.metadata['doc']} |")
     return "\n".join(rows)

@@ -55,6 +55,7 @@ __all__ = [
     "replace_atomically",
     "trained_on_checksum",
     "write_json_atomically",
+    "write_png_atomically",
 ]
 
 MODEL = "model.pt"  #: best weights (bare state dict)
@@ -169,6 +170,18 @@ def replace_atomically(path: str | Path, write: Any) -> Path:
 def write_json_atomically(path: str | Path, value: Any) -> Path:
     """``replace_atomically`` for a JSON document (indented)."""
     return replace_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=1)))
+
+
+def write_png_atomically(fig: Any, path: str | Path) -> Path:
+    """``replace_atomically`` for a matplotlib figure, saved at its own size and dpi.
+
+    The figure's size is part of its layout, so global ``savefig`` settings are ignored: importing
+    ``nimare.reports`` sets ``savefig.bbox = "tight"`` and ``savefig.dpi = 100`` for the whole process.
+    """
+    from matplotlib import rc_context
+
+    with rc_context({"savefig.bbox": "standard", "savefig.dpi": "figure"}):
+        return replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _first_line(err: BaseException) -> str:

@@ -55,6 +55,19 @@ def _ctrl_c_reaches_python() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.fixture
+def foreign_savefig_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process-wide ``savefig`` settings ``import nimare.reports`` makes (bbox "tight", dpi 100).
+
+    Which test module imports it first depends on how xdist shares the tests out, so a figure's pixel size
+    must not depend on them.
+    """
+    import matplotlib
+
+    monkeypatch.setitem(matplotlib.rcParams, "savefig.bbox", "tight")
+    monkeypatch.setitem(matplotlib.rcParams, "savefig.dpi", 100)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -131,7 +131,7 @@ def test_history_writes_rows_and_plot_and_truncates_on_resume(tmp_path):
     assert hist["loss"].tolist() == [1.0, 2.0, 10.0, 10.0]
 
 
-def test_history_png_of_the_training_curves(tmp_path):
+def test_history_png_of_the_training_curves(tmp_path, foreign_savefig_settings):
     engine = Engine(lambda e, _: {"loss": 1.0, "beta": 1.0 + e.state.epoch, "grl_lambda": 0.1 * e.state.epoch})
     MeanTerms(keys=("loss", "beta", "grl_lambda"), prefix="train_").attach(engine, "terms")
     History(tmp_path).attach(engine)
@@ -176,7 +176,7 @@ def test_training_curves_panels_follow_the_columns_present():
     assert training_curves_figure(pd.DataFrame({"epoch": [1], "lr": [0.1]})) is None  # nothing to draw
 
 
-def test_training_curves_of_one_epoch(tmp_path):
+def test_training_curves_of_one_epoch(tmp_path, foreign_savefig_settings):
     path = plot_training_curves(_history(1), tmp_path / "curves.png")
     height, width = imread(path).shape[:2]
     assert (width, height) == (750, 4 * 240 + 60)

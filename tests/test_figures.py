@@ -42,7 +42,7 @@ def _size(path) -> tuple[int, int]:
     return width, height
 
 
-def test_probes_lie_in_a_grid_of_models_by_probe_kind(tmp_path):
+def test_probes_lie_in_a_grid_of_models_by_probe_kind(tmp_path, foreign_savefig_settings):
     probes = {m: {"logistic": _probe(0.3), "mlp": _probe(0.4)} for m in ("cbvae", "baseline", "data_ceiling")}
     probes["baseline"].pop("mlp")
     adversary = {"cbvae": 0.27, "baseline": None, "data_ceiling": None}
@@ -105,13 +105,13 @@ def test_category_maps_mark_the_sides_and_share_a_scaled_colour_bar(affine, side
     assert all(np.argmax(m.max(axis=0)) == 9 for m in maps)
 
 
-def test_category_maps_png(tmp_path):
+def test_category_maps_png(tmp_path, foreign_savefig_settings):
     mask = np.ones((12, 14, 10), dtype=bool)
     width, height = _size(plot_category_maps(_category_columns(mask), mask, RAS, LABELS, tmp_path / "maps.png"))
     assert 0.25 < width / height < 4
 
 
-def test_recon_examples_label_rows_and_columns_once_with_one_colour_bar(tmp_path):
+def test_recon_examples_label_rows_and_columns_once_with_one_colour_bar(tmp_path, foreign_savefig_settings):
     from nilearn.datasets import load_mni152_template
 
     vol = np.zeros((2, 20, 24, 20), dtype=np.float32)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from ignite.engine import Engine, Events
 
-from cbvae_ext.run_folder import replace_atomically, write_json_atomically
+from cbvae_ext.run_folder import replace_atomically, write_json_atomically, write_png_atomically
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -135,8 +135,7 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path) -> Path | None
     fig = training_curves_figure(history)
     if fig is None:
         return None
-    fig.savefig(path)
-    return Path(path)
+    return write_png_atomically(fig, path)
 
 
 class History:

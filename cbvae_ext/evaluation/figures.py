@@ -27,6 +27,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from cbvae_ext.evaluation.debiasing import PROBES  # noqa: E402
+from cbvae_ext.run_folder import write_png_atomically  # noqa: E402
 
 __all__ = [
     "plot_category_maps",
@@ -44,9 +45,10 @@ EXAMPLE_THRESHOLD = 0.05
 
 def _save(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as a PNG and release it from pyplot."""
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    try:
+        return write_png_atomically(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _unit_colorbar(fig: Figure, cmap: str, label: str, **where: Any) -> Colorbar:

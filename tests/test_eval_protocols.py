@@ -165,7 +165,7 @@ def test_counterfactual_section_on_a_trained_run(tiny_dataset, tiny_runs, splits
     c = int(train.categories[chosen[0]])
     t = min(k for k in counts if k != c)
     own_rows = [int(i) for i in chosen if train.categories[i] == c]
-    expect = []
+    expect, reference = [], []
     for i in own_rows:
         meta = np.repeat(train.meta[i : i + 1], 2, axis=0)
         meta[1, task.meta_slice] = 0.0
@@ -178,6 +178,14 @@ def test_counterfactual_section_on_a_trained_run(tiny_dataset, tiny_runs, splits
         own = (train.maps[train.categories == c].sum(0) - train.maps[i]) / (counts[c] - 1)
         real = train.maps[train.categories == t].mean(0) - own
         expect.append(pearson_r((gen[1] - gen[0])[None], real[None])[0])
+        # the literature's reference: the training means' difference (here the split is its own training set)
+        literature = train.maps[train.categories == t].mean(0) - train.maps[train.categories == c].mean(0)
+        reference.append(pearson_r(literature[None], real[None])[0])
     got = res["pairs"][f"{info.schema.categories[c]} -> {info.schema.categories[t]}"]
     assert got["n_studies"] == len(own_rows) == 2
     assert got["generated_median_r"] == pytest.approx(float(np.median(expect)), abs=1e-4)
+    assert got["training_category_means_median_r"] == pytest.approx(float(np.median(reference)), abs=1e-6)
+    assert 0 < res["training_category_means"]["median_r"] <= 1
+    assert set(res["against_training_means"]) == {"rule", "generated", "conditional_mean"}
+    crit = res["criteria"]["counterfactual_direction"]
+    assert crit["value"] == res["generated"]["median_r"] and crit["passed"] == (crit["value"] >= 0.5)

@@ -46,6 +46,7 @@ __all__ = [
     "PairedRule",
     "count_criterion",
     "evaluate_criteria",
+    "floor_criterion",
     "section_criteria",
     "threshold_criterion",
 ]
@@ -250,6 +251,13 @@ def threshold_criterion(value: float | None, threshold: float, rule: str, reason
     if value is None:
         return _absent(rule, reason or "no value")
     return {"rule": rule, "value": value, "reference": threshold, "passed": bool(value <= threshold), "reason": None}
+
+
+def floor_criterion(value: float | None, floor: float, rule: str, reason: str | None) -> dict[str, Any]:
+    """A value at or above a fixed goal (the counterfactual direction's median r)."""
+    if value is None:
+        return _absent(rule, reason or "no value")
+    return {"rule": rule, "value": value, "reference": floor, "passed": bool(value >= floor), "reason": None}
 
 
 def count_criterion(value: int | None, reference: int | None, rule: str, reason: str | None) -> dict[str, Any]:

@@ -280,8 +280,21 @@ def _protocol_report(res: Mapping[str, Any]) -> list[str]:
             f"Counterfactual direction ({cf['n_studies']} held-out studies, {cf['n_changes']} task switches): "
             f"generated change vs the held-out mean difference median r {_num(g['median_r'])}, size ratio "
             f"{_num(g['median_size_ratio'])}; conditional mean's change median r {_num(c['median_r'])}, size ratio "
-            f"{_num(c['median_size_ratio'])}."
+            f"{_num(c['median_size_ratio'])}"
+            + (
+                f"; the training category means' own difference (the literature's reference) median r "
+                f"{_num(cf['training_category_means']['median_r'])}"
+                if "training_category_means" in cf
+                else ""
+            )
+            + "."
         )
+        lit = cf.get("against_training_means")
+        if lit:
+            out.append(
+                f"Against the training means' difference instead (no held-out noise): generated median r "
+                f"{_num(lit['generated']['median_r'])}, conditional mean {_num(lit['conditional_mean']['median_r'])}."
+            )
     return out
 
 

@@ -488,7 +488,7 @@ def _criteria(data: EvalData, results: dict[str, Any]) -> dict[str, Any]:
         cm.get("absent"),
     )
     crit.update(generative_criteria(results))
-    crit.update(section_criteria(results, ("decoding", "quality_control")))
+    crit.update(section_criteria(results, ("counterfactual", "decoding", "quality_control")))
     return crit
 
 

@@ -125,7 +125,7 @@ if [ "$tiny" = 1 ]; then
               --use_mlflow false --network_overrides "{'channels':[4,8],'block_layers':[1],'growth_rate':4}")
   eval_args=(--n_bootstrap 20 --n_permutations 5 --iwae_k 2 --n_prior_samples 2 --max_train_maps 100
              --n_counterfactual 1 --n_half_splits 1 --joint_k 2 --n_calibration_samples 2 --decoding_k 1
-             --decoding_n_terms 5 --decoding_max_maps 6 --qc_k 1 --qc_max_maps 6)
+             --decoding_n_terms 5 --decoding_max_maps 6 --qc_k 1 --qc_max_maps 6 --n_unseen_pairs 1)
   bench=(--preset cpu --device cpu --steps 1 --warmup 0 --batch-size 2 --decode-maps 1)
 else
   main_args+=(--preset gpu --subset all --epochs "${epochs:-5}")

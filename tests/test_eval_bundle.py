@@ -30,10 +30,12 @@ FAST = [
     "--n_bootstrap", "200", "--n_permutations", "5", "--n_examples", "2", "--batch_size", "16",
     "--iwae_k", "3", "--n_prior_samples", "2", "--joint_k", "3", "--n_calibration_samples", "3",
     "--decoding_k", "2", "--decoding_n_terms", "10", "--decoding_max_maps", "8", "--qc_k", "2", "--qc_max_maps", "8",
+    "--n_unseen_pairs", "1",
 ]  # fmt: skip
 SMALL = {
     "n_bootstrap": 50, "n_permutations": 2, "n_examples": 0, "batch_size": 16, "iwae_k": 2, "n_prior_samples": 2,
     "joint_k": 2, "n_calibration_samples": 2, "n_half_splits": 1, "decoding_k": 1, "decoding_n_terms": 5, "qc_k": 1,
+    "n_unseen_pairs": 1,
 }  # fmt: skip
 
 

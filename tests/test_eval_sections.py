@@ -13,6 +13,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import scipy.sparse
+import torch
 
 from cbvae_ext.evaluation.baselines import baselines_section, pca_dims
 from cbvae_ext.evaluation.columns import (
@@ -51,6 +53,8 @@ from cbvae_ext.evaluation.reconstruction import (
 )
 from cbvae_ext.evaluation.section import EvalData, Section
 from cbvae_ext.evaluation.stats import bootstrap_summary, paired_bootstrap
+from cbvae_ext.evaluation.text_protocols import neuroquery_section
+from cbvae_ext.evaluation.unseen_pairs import choose_pairs, unseen_pairs_section
 from cbvae_ext.evaluation.workflow import SECTIONS
 from cbvae_ext.folders import json_safe
 
@@ -129,7 +133,7 @@ def test_duplicates_section_writes_the_nearest_r_and_drops_duplicates_from_the_m
 # ----- on the tiny trained run, in the workflow's order ----------------------------------------------------
 OPTS = {
     "n_bootstrap": N_BOOT, "seed": 0, "batch_size": 16, "iwae_k": 2, "iwae_max_maps": None, "n_prior_samples": 2,
-    "n_examples": 2, "n_permutations": 2, "n_permutations_mlp": 2,
+    "n_examples": 2, "n_permutations": 2, "n_permutations_mlp": 2, "n_unseen_pairs": 2,
 }  # fmt: skip
 
 
@@ -148,10 +152,13 @@ def ran(tiny_dataset: Path, tiny_runs: dict[str, Path]) -> tuple[EvalData, dict[
     data = EvalData(dict(OPTS), info, info.schema, mask, {MODEL: run}, train, test, peaks, run.latent_size)
     columns: dict[str, np.ndarray] = {ENTROPY_FLOOR: np.zeros(test.n)}
     data.cache.update(columns=columns, predictions={})
+    data.cache["fitted_path"] = {k: v.clone() for k, v in run.model.cond_mean.state_dict().items()}
     out: dict[str, Section] = {}
     for fn in (
         baselines_section,
         models_section,
+        neuroquery_section,
+        unseen_pairs_section,
         conditional_maps_section,
         debiasing_section,
         missing_conditions_section,
@@ -253,3 +260,54 @@ def test_a_section_draws_the_same_numbers_whatever_ran_before_it(ran, tiny_datas
     ood = ood_section(data, path=tiny_dataset).tables[OOD_TABLE]
     for name, values in sections["ood"].tables[OOD_TABLE].items():
         assert list(ood[name]) == list(values), name
+
+
+def test_choose_pairs_keeps_the_band_distinct_terms_and_no_shared_word():
+    # 6 terms over 50 studies; co-occurrence of (0, 1) 10, (2, 3) 10, (1, 3) 20, (4, 5) 10 ("memory" in both)
+    vocabulary = ["pain", "insula", "reward", "striatum", "working memory", "memory"]
+    x = np.zeros((50, 6), np.int8)
+    x[:10, [0, 1]] = 1
+    x[10:20, [2, 3]] = 1
+    x[20:40, [1, 3]] = 1
+    x[40:50, [4, 5]] = 1
+    present = scipy.sparse.csc_matrix(x)
+    eligible = np.ones(6, bool)
+    pairs = choose_pairs(present, vocabulary, eligible, (5, 12), 10, np.random.default_rng(0))
+    assert sorted((vocabulary[a], vocabulary[b], n) for a, b, n in pairs) == [
+        ("pain", "insula", 10),
+        ("reward", "striatum", 10),
+    ]  # (1, 3): 20 studies, above the band; (4, 5): a shared word
+    assert choose_pairs(present, vocabulary, eligible, (5, 12), 1, np.random.default_rng(0)) == pairs[:1]
+    # a term in more studies than max_count is left out ("insula" and "striatum" are in 30)
+    assert choose_pairs(present, vocabulary, eligible, (5, 12), 10, np.random.default_rng(0), max_count=20) == []
+    eligible[1] = False  # "insula" unreadable by one predictor
+    assert [
+        vocabulary[a] for a, _, _ in choose_pairs(present, vocabulary, eligible, (5, 12), 10, np.random.default_rng(0))
+    ] == ["reward"]
+
+
+def test_unseen_pairs_remove_the_pair_refit_and_restore_the_path(ran):
+    from cbvae_ext.evaluation.metrics import pearson_r
+
+    data, sections = ran
+    res = sections["unseen_pairs"].results
+    assert "absent" not in res, res
+    terms = data.cache["neuroquery"]["terms"]
+    row_of = {str(i): k for k, i in enumerate(data.info.metadata["id"])}
+    rows = np.array([row_of[i] for i in data.train.ids])
+    low, high = res["band"]["studies"]
+    for pair in res["pairs"]:
+        a, b = (terms.vocabulary.index(t) for t in pair["terms"])
+        both = (terms.tfidf[rows][:, a].toarray().ravel() > 0) & (terms.tfidf[rows][:, b].toarray().ravel() > 0)
+        both &= terms.observed[rows]
+        assert pair["n_removed"] == both.sum() == pair["n_cooccur_with_text"] and low <= both.sum() <= high
+        target = data.train.maps[both].mean(0)
+        mean_map = pearson_r(data.train.maps[~both].mean(0)[None], target[None])[0]
+        assert pair["mean_map"] == pytest.approx(mean_map, abs=1e-6)
+        assert all(-1 <= pair[k] <= 1 for k in ("cbvae", "neuroquery", "cbvae_seen", "neuroquery_seen"))
+        assert set(pair["specific"]) == {"cbvae", "neuroquery", "cbvae_seen", "neuroquery_seen"}
+    assert res["n_pairs"] == len(res["pairs"]) <= OPTS["n_unseen_pairs"]
+    assert {"unseen_pairs_above_neuroquery", "unseen_pairs_specific_above_neuroquery"} == set(res["criteria"])
+    # the run's own path is back as fitted (the later sections read it)
+    for name, value in data.runs[MODEL].model.cond_mean.state_dict().items():
+        assert torch.equal(value, data.cache["fitted_path"][name]), name

@@ -53,6 +53,9 @@ class EvalOptions:
         20, "held-out studies per category whose task is switched (counterfactual direction)", 1, null="all"
     )
     neuroquery: bool = _option(True, "fit the NeuroQuery baseline when the dataset has terms.npz (false: absent)")
+    n_unseen_pairs: int = _option(
+        10, "term pairs removed from training and predicted (unseen combinations; each refits NeuroQuery; 0: off)", 0
+    )
     n_half_splits: int = _option(2, "random half splits of each study's peaks (completion)", 1)
     joint_k: int = _option(16, "importance samples of the joint peak likelihood", 1)
     n_calibration_samples: int = _option(16, "prior draws per study for the calibrated per-voxel peak probability", 1)

@@ -88,7 +88,7 @@ def models_section(data: EvalData) -> Section:
     Writes ``data.cache["scores"]`` (per role the ``score_network`` output: ``mu``, ``imp_mu``, ``examples``, ...)
     and, for the C-β-VAE, ``data.cache["predictions"][MODEL_COND]``, ``data.cache["counterfactual"]``
     (``{"model", "mu", "imputed_defaults", "task"}``) and ``data.cache["title_model"]`` (titles -> conditional
-    mean maps by the app's words -> topics rule; only with topic weights). Latent draws: the shared stream.
+    mean maps by the app's words -> topics rule; only with topic weights) with its ``data.cache["topic_vocabulary"]``.
     """
     out: dict[str, Any] = {}
     columns: dict[str, np.ndarray] = {}
@@ -183,6 +183,7 @@ def _cache_model(data: EvalData, run: LoadedRun, sc: dict[str, Any]) -> None:
         return maps, int(hit.sum())
 
     cache["title_model"] = title_maps
+    cache["topic_vocabulary"] = vocabulary
 
 
 def _imputation(data: EvalData, imp_mu: np.ndarray | None) -> dict[str, Any]:

@@ -271,6 +271,7 @@ def _protocol_report(res: Mapping[str, Any]) -> list[str]:
     ]
     if parts:
         out.append(f"Title only ({title['n_with_title']} titles): " + "; ".join(parts) + ".")
+    out.extend(_unseen_pairs_report(res.get("unseen_pairs", {})))
     cf = res.get("counterfactual", {})
     if "absent" in cf:
         out.append(f"Counterfactual direction: absent ({cf['absent']}).")
@@ -295,6 +296,40 @@ def _protocol_report(res: Mapping[str, Any]) -> list[str]:
                 f"Against the training means' difference instead (no held-out noise): generated median r "
                 f"{_num(lit['generated']['median_r'])}, conditional mean {_num(lit['conditional_mean']['median_r'])}."
             )
+    return out
+
+
+def _unseen_pairs_report(up: Mapping[str, Any]) -> list[str]:
+    """One row per removed term pair: r with the removed studies' mean map, unseen and seen."""
+    if not up:
+        return []
+    if "absent" in up:
+        return [f"Unseen pairs: absent ({up['absent']})."]
+    band = up["band"]
+    out = [
+        f"Unseen term pairs ({up['n_pairs']} pairs co-occurring in {band['studies'][0]}–{band['studies'][1]} of "
+        f"{band['of_training_studies_with_text']} training studies with text; those studies removed, both predictors "
+        "refitted; r with the removed studies' mean map):",
+        "",
+        "| pair | removed | C-β-VAE | NeuroQuery | training mean | C-β-VAE seen | NeuroQuery seen |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in up["pairs"]:
+        out.append(
+            f"| {' + '.join(p['terms'])} | {p['n_removed']} | {_num(p['cbvae'])} | {_num(p['neuroquery'])} | "
+            f"{_num(p['mean_map'])} | {_num(p['cbvae_seen'])} | {_num(p['neuroquery_seen'])} |"
+        )
+    m = up["median_r"]
+    out.append(
+        f"| median | | {_num(m['cbvae'])} | {_num(m['neuroquery'])} | {_num(m['mean_map'])} | {_num(m['cbvae_seen'])} "
+        f"| {_num(m['neuroquery_seen'])} |"
+    )
+    s = up["specific"]["median_r"]
+    out.append(
+        f"| median, pair-specific (reduced training mean subtracted) | | {_num(s['cbvae'])} | {_num(s['neuroquery'])} "
+        f"| 0 | {_num(s['cbvae_seen'])} | {_num(s['neuroquery_seen'])} |"
+    )
+    out.append("")
     return out
 
 

@@ -91,6 +91,7 @@ from cbvae_ext.evaluation.reconstruction import (
 from cbvae_ext.evaluation.runs import ROLES, EvaluationError, LoadedRun, load_run
 from cbvae_ext.evaluation.section import EvalData, Section, SectionFn
 from cbvae_ext.evaluation.text_protocols import neuroquery_section, protocols_section, title_section
+from cbvae_ext.evaluation.unseen_pairs import unseen_pairs_section
 from cbvae_ext.folders import json_safe, replace_folder
 from cbvae_ext.logs import log_to_console
 from cbvae_ext.run_folder import trained_on_checksum
@@ -428,6 +429,7 @@ SECTIONS: tuple[tuple[str, SectionFn], ...] = (
     ("neuroquery", neuroquery_section),
     ("protocols", protocols_section),
     ("title_only", title_section),
+    ("unseen_pairs", unseen_pairs_section),
     ("counterfactual", counterfactual_section),
     ("completion", completion_section),
     ("joint_peak_likelihood", joint_likelihood_section),
@@ -488,7 +490,7 @@ def _criteria(data: EvalData, results: dict[str, Any]) -> dict[str, Any]:
         cm.get("absent"),
     )
     crit.update(generative_criteria(results))
-    crit.update(section_criteria(results, ("counterfactual", "decoding", "quality_control")))
+    crit.update(section_criteria(results, ("unseen_pairs", "counterfactual", "decoding", "quality_control")))
     return crit
 
 

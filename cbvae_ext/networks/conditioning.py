@@ -296,6 +296,7 @@ def initialise_from_data(
     seed: int = 0,
     identify_task: bool = True,
     vector_hidden_replica: bool = False,
+    rows: Mapping[str, np.ndarray] | None = None,
 ) -> nn.Module:
     """Fit a network's conditional-mean path on the dataset's training split (see ``ConditionalMean``).
 
@@ -309,7 +310,9 @@ def initialise_from_data(
     ``identify_task`` the task strength is then re-chosen (the other kept) by category identification of
     the task-alone map on validation (its best-matching validation category mean is its own), ties by
     MSE: squared error alone pulls every category map to the mean map on a 1k split. A network
-    without the path is returned unchanged; a checkpoint loaded later overwrites the fit.
+    without the path is returned unchanged; a checkpoint loaded later overwrites the fit. ``rows``
+    (``{"train": ..., "val": ...}``, dataset rows) replaces the dataset's splits, e.g. to refit without
+    some studies (the evaluation's unseen term pairs).
     """
     from cbvae_ext.data import load_dataset_info, normalise_maps
     from cbvae_ext.networks import unwrap
@@ -320,7 +323,7 @@ def initialise_from_data(
         return network
     info = load_dataset_info(dataset_dir)
     mask = info.mask.astype(bool)
-    train, val = info.rows("train"), info.rows("val")
+    train, val = (info.rows("train"), info.rows("val")) if rows is None else (rows["train"], rows["val"])
 
     def maps(rows: np.ndarray) -> np.ndarray:
         return normalise_maps(np.asarray(info.maps[rows], dtype=np.float32)).numpy()[:, mask]

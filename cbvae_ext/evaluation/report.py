@@ -305,32 +305,20 @@ def _unseen_pairs_report(up: Mapping[str, Any]) -> list[str]:
         return []
     if "absent" in up:
         return [f"Unseen pairs: absent ({up['absent']})."]
-    band = up["band"]
-    out = [
+    band, keys = up["band"], ("cbvae", "neuroquery", "mean_map", "cbvae_seen", "neuroquery_seen")
+    rows = [[" + ".join(p["terms"]), str(p["n_removed"]), *(_num(p[k]) for k in keys)] for p in up["pairs"]]
+    rows.append(["median", "", *(_num(up["median_r"][k]) for k in keys)])
+    specific = up["specific"]["median_r"]
+    rows.append(
+        ["median, pair-specific (reduced training mean subtracted)", "", *(_num(specific.get(k, 0.0)) for k in keys)]
+    )
+    header = ["pair", "removed", "C-β-VAE", "NeuroQuery", "training mean", "C-β-VAE seen", "NeuroQuery seen"]
+    return [
         f"Unseen term pairs ({up['n_pairs']} pairs co-occurring in {band['studies'][0]}–{band['studies'][1]} of "
         f"{band['of_training_studies_with_text']} training studies with text; those studies removed, both predictors "
         "refitted; r with the removed studies' mean map):",
-        "",
-        "| pair | removed | C-β-VAE | NeuroQuery | training mean | C-β-VAE seen | NeuroQuery seen |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        _table(header, rows),
     ]
-    for p in up["pairs"]:
-        out.append(
-            f"| {' + '.join(p['terms'])} | {p['n_removed']} | {_num(p['cbvae'])} | {_num(p['neuroquery'])} | "
-            f"{_num(p['mean_map'])} | {_num(p['cbvae_seen'])} | {_num(p['neuroquery_seen'])} |"
-        )
-    m = up["median_r"]
-    out.append(
-        f"| median | | {_num(m['cbvae'])} | {_num(m['neuroquery'])} | {_num(m['mean_map'])} | {_num(m['cbvae_seen'])} "
-        f"| {_num(m['neuroquery_seen'])} |"
-    )
-    s = up["specific"]["median_r"]
-    out.append(
-        f"| median, pair-specific (reduced training mean subtracted) | | {_num(s['cbvae'])} | {_num(s['neuroquery'])} "
-        f"| 0 | {_num(s['cbvae_seen'])} | {_num(s['neuroquery_seen'])} |"
-    )
-    out.append("")
-    return out
 
 
 def _generative_report(res: Mapping[str, Any]) -> list[str]:

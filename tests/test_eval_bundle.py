@@ -251,6 +251,12 @@ def test_markdown_report_of_the_results(results):
     assert f"| C-β-VAE (z = μ) | {res['models']['cbvae']['reconstruction']['pearson_r']['mean']:.3f} [" in text
     assert "| r_above_pca |" in text and "log p(x \\| m)" in text  # pipes inside cells escaped
     assert text.count("| PCA, ") == len(res["baselines"]["pca_curve"])
+    up = res["unseen_pairs"]
+    if "absent" in up:
+        assert f"Unseen pairs: absent ({up['absent']})." in text
+    else:  # one row per pair, then the two medians, in one table
+        assert text.count(f"| {' + '.join(up['pairs'][0]['terms'])} |") == 1
+        assert "| median |  |" in text and "| median, pair-specific" in text
 
 
 def test_out_of_distribution_studyset(results):

@@ -162,13 +162,30 @@ def test_ddp_two_processes_gloo(tiny_dataset, repo_root, tmp_path):
     # path kept a constant intercept and zero coefficients), and equals a single-process fit
     state = torch.load(out / "model.pt", weights_only=True)
     assert state["cond_mean.weight"].abs().max() > 0 and state["cond_mean.basis"].abs().max() > 0
-    single = build_network(json.loads((out / "network_config.json").read_text()))
-    initialise_from_data(single, tiny_dataset)
-    path = single.cond_mean
+    _assert_path_is(state, _fitted(out, tiny_dataset))
+
+
+def _fitted(run: Path, dataset: Path, **options) -> torch.nn.Module:
+    """The conditional-mean path of the run's network, fitted in this process by ``initialise_from_data``."""
+    network = build_network(json.loads((run / "network_config.json").read_text()))
+    return initialise_from_data(network, dataset, **options).cond_mean
+
+
+def _assert_path_is(state: dict[str, torch.Tensor], path: torch.nn.Module) -> None:
     torch.testing.assert_close(state["cond_mean.intercept"], path.intercept, rtol=1e-5, atol=1e-6)
     # the low-rank factors are unique only up to signs: compare the coefficients they make
     coef = state["cond_mean.weight"].T @ state["cond_mean.basis"]
     torch.testing.assert_close(coef, path.weight.T @ path.basis, rtol=1e-4, atol=1e-5)
+
+
+def test_task_penalty_knob_reaches_the_conditional_mean_fit(tiny_dataset, tiny_runs, tmp_path):
+    """--task_penalty mse fits the path with the squared-error rule; the default with the identification rule."""
+    out = tmp_path / "mse"
+    run_bundle(training_command(tiny_dataset, out, 1, *OFF, "--task_penalty", "mse"))
+    mse, ident = _fitted(out, tiny_dataset, identify_task=False), _fitted(out, tiny_dataset, identify_task=True)
+    assert mse.alpha != ident.alpha  # on this dataset the two rules choose different task penalties
+    _assert_path_is(torch.load(out / "model.pt", weights_only=True), mse)
+    _assert_path_is(torch.load(tiny_runs["cbvae"] / "model.pt", weights_only=True), ident)
 
 
 def _bundle(args: list[str]) -> subprocess.CompletedProcess:

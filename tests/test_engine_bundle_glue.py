@@ -117,6 +117,7 @@ def test_the_documented_knob_table_is_generated() -> None:
         ({"resume": "maybe"}, "--resume must be true or false, got 'maybe'"),
         ({"kl_scale": "x"}, "--kl_scale must be excess or total, got 'x'"),
         ({"kl_control": "maybe"}, "--kl_control must be true or false, got 'maybe'"),  # was a traceback
+        ({"task_penalty": "maybe"}, "--task_penalty must be identification or mse, got 'maybe'"),
         ({"growth_rate": 0}, "--growth_rate must be a whole number >= 1, got 0"),  # was a traceback
         ({"film_hidden": 0}, "--film_hidden must be a whole number >= 1, got 0"),  # was accepted
         ({"channels": []}, r"--channels must be a non-empty list of whole numbers >= 1, got \[\]"),

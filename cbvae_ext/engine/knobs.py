@@ -90,6 +90,10 @@ class TrainKnobs:
         "probability each condition group is hidden in training (cbvae)", 0.0, 1.0, open_high=True
     )
     cond_mean_rank: int = _knob("rank of the conditional-mean path (cbvae)", 1)
+    task_penalty: Literal["identification", "mse"] = _knob(
+        "how the conditional-mean fit picks the task one-hot's ridge penalty on validation: identification (the "
+        "task-alone map names its own category) or mse (better likelihood and r, task maps near the mean map)"
+    )
     network_overrides: dict[str, Any] = _knob(
         "further build_network keys, applied last, e.g. \"{'decoder_cond_input': True}\" (network_keys())"
     )

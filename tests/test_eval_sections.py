@@ -311,3 +311,12 @@ def test_unseen_pairs_remove_the_pair_refit_and_restore_the_path(ran):
     # the run's own path is back as fitted (the later sections read it)
     for name, value in data.runs[MODEL].model.cond_mean.state_dict().items():
         assert torch.equal(value, data.cache["fitted_path"][name]), name
+
+
+def test_unseen_pairs_say_why_they_are_absent():
+    data = _table_data({"id": np.arange(3)})
+    data.opts["n_unseen_pairs"] = 0
+    off = unseen_pairs_section(data)
+    assert off.results == {"absent": "switched off (--n_unseen_pairs 0)"}
+    data.opts["n_unseen_pairs"] = 2  # but no NeuroQuery fit and no run
+    assert "needs the NeuroQuery baseline" in unseen_pairs_section(data).results["absent"]

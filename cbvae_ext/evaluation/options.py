@@ -54,7 +54,10 @@ class EvalOptions:
     )
     neuroquery: bool = _option(True, "fit the NeuroQuery baseline when the dataset has terms.npz (false: absent)")
     n_unseen_pairs: int = _option(
-        10, "term pairs removed from training and predicted (unseen combinations; each refits NeuroQuery; 0: off)", 0
+        10,
+        "term pairs removed from training and predicted (unseen combinations; each refits the path and NeuroQuery: "
+        "12 s a pair on the 1k job; 0: off)",
+        0,
     )
     n_half_splits: int = _option(2, "random half splits of each study's peaks (completion)", 1)
     joint_k: int = _option(16, "importance samples of the joint peak likelihood", 1)

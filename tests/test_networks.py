@@ -437,3 +437,30 @@ def test_exported_conditional_mean_and_task_contrast(schema: MetadataSchema, tmp
     np.testing.assert_allclose(contrast, 2.0 * (given - unknown), atol=1e-6)
     assert np.abs(contrast).max() > 1e-3
     assert not np.any(model.contrast(z, {"year": 2005}, hidden=("task",)))  # nothing hidden, nothing added
+
+
+def test_decoder_groups_leave_the_task_to_the_conditional_mean_path(schema: MetadataSchema) -> None:
+    """With the task outside ``decoder_groups``, switching it moves the logits by the path's change exactly."""
+    net = _model(schema, cond_mean=True, decoder_groups=["year", "sample_size", "field_strength", "fwhm", "topics"])
+    net.eval()
+    _randomise_film(net)
+    task = schema.group("task")
+    with torch.no_grad():
+        net.cond_mean.weight.normal_()
+        net.cond_mean.basis.normal_(std=0.01)
+    _, meta, mask = _batch(schema)
+    meta[:, task.meta_slice] = 0.0
+    meta[torch.arange(len(meta)), task.meta_slice.start + torch.arange(len(meta))] = 1.0
+    mask[:, task.mask_index] = 1.0
+    other = meta.clone()
+    other[:, task.meta_slice] = torch.roll(meta[:, task.meta_slice], 1, dims=1)
+    m, m_other = torch.cat([meta, mask], 1), torch.cat([other, mask], 1)
+    z = torch.randn(len(meta), net.latent_size)
+    with torch.no_grad():
+        change = net.decode(z, m_other) - net.decode(z, m)
+        path_change = net.conditional_mean(m_other) - net.conditional_mean(m)
+        torch.testing.assert_close(change, path_change, rtol=1e-4, atol=1e-4)
+        assert change.abs().max() > 0
+        # with every group given to the decoder, its FiLM adds its own change on top of the path's
+        net.decoder_keep.fill_(1.0)
+        assert not torch.allclose(net.decode(z, m_other) - net.decode(z, m), path_change, atol=1e-4)

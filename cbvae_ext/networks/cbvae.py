@@ -72,6 +72,8 @@ class ConditionalBetaVAE(nn.Module):
         unknown_tokens: learned tokens for hidden categorical/vector groups.
         decoder_cond_input: also feed ``m`` into the decoder's first (linear) layer.
         encoder_groups: names of the groups the encoder sees (None: all).
+        decoder_groups: names of the groups the decoder's FiLM sees (None: all); the others reach the
+            map only through the conditional-mean path, so switching them moves the map by that path's change.
         condition_dropout: probability of hiding each condition group in training (or per group name).
         fast_path: run the encoder and decoder on their fast path (``dense3d.set_fast_path``: same
             parameters and function, fewer passes over the finest grids); False: the plain path.
@@ -104,6 +106,7 @@ class ConditionalBetaVAE(nn.Module):
         unknown_tokens: bool = False,
         decoder_cond_input: bool = False,
         encoder_groups: Sequence[str] | None = None,
+        decoder_groups: Sequence[str] | None = None,
         condition_dropout: float | Mapping[str, float] = 0.0,
         fast_path: bool = True,
     ) -> None:
@@ -146,13 +149,10 @@ class ConditionalBetaVAE(nn.Module):
         )
         cm_dim = cond_dim * (1 + len(self.vector_flags)) if self.conditioning else 0
         self.cond_mean = ConditionalMean(cm_dim, spatial_shape, cond_mean_rank) if cond_mean else None
-        # the encoder sees only ``encoder_groups``: the others are hidden (0 values, mask 0) before its FiLM
-        keep = torch.ones(meta_dim + mask_dim)
-        for g in self.groups:
-            if encoder_groups is not None and g.name not in encoder_groups:
-                keep[g.meta_slice] = 0.0
-                keep[meta_dim + g.mask_index] = 0.0
-        self.register_buffer("encoder_keep", keep, persistent=False)
+        # the encoder sees only ``encoder_groups``, the decoder's FiLM only ``decoder_groups``: the others are
+        # hidden (0 values, mask 0) before the FiLM, so the decoder's unknown tokens stand in for them
+        self.register_buffer("encoder_keep", self._keep(encoder_groups, meta_dim, mask_dim), persistent=False)
+        self.register_buffer("decoder_keep", self._keep(decoder_groups, meta_dim, mask_dim), persistent=False)
         # a vector group (the topic mixture sums to 1) enters scaled by the square root of its size, so a
         # dominant topic is O(1) like the one-hot and the z-scored fields
         scale = torch.ones(meta_dim + mask_dim)
@@ -161,6 +161,15 @@ class ConditionalBetaVAE(nn.Module):
                 scale[g.meta_slice] = float(g.size) ** 0.5
         self.register_buffer("cond_scale", scale, persistent=False)
         set_fast_path(self, fast_path)
+
+    def _keep(self, names: Sequence[str] | None, meta_dim: int, mask_dim: int) -> torch.Tensor:
+        """``[meta_dim + mask_dim]`` 1 for the entries of the groups in ``names`` (None: every group), else 0."""
+        keep = torch.ones(meta_dim + mask_dim)
+        for g in self.groups:
+            if names is not None and g.name not in names:
+                keep[g.meta_slice] = 0.0
+                keep[meta_dim + g.mask_index] = 0.0
+        return keep
 
     def encode(self, x: torch.Tensor, meta: torch.Tensor, meta_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior ``(mu, logvar)`` of ``x`` given the observed metadata (of ``encoder_groups``)."""
@@ -205,7 +214,7 @@ class ConditionalBetaVAE(nn.Module):
         return self._decode(z, m)[0]
 
     def _decode(self, z: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        c = self._condition(m)
+        c = self._condition(m * self.decoder_keep)
         logits = self.decoder(z, c)
         if self.cond_mean is None:
             return logits, None

@@ -241,6 +241,18 @@ def test_neuroquery_baseline_and_the_fields_protocols(results, terms_dataset):
     for prefix in ("neuroquery/title", "cbvae/title"):
         assert np.isfinite(table[f"{prefix}/peak_auc"]).all()
     assert "passed" in title["model_vs_neuroquery"]["peak_auc"]
+    # the goals as criteria: Mitchell's 72 % and above NeuroQuery; title-only at least NeuroQuery's
+    crit = res["criteria"]
+    goal = crit["mitchell_at_least_0_72"]
+    assert goal["value"] == proto["mitchell"]["cbvae/cond"]["accuracy"] and goal["passed"] == (goal["value"] >= 0.72)
+    assert crit["mitchell_above_neuroquery"]["mean_diff"] == paired["mean_diff"]
+    assert crit["mitchell_above_neuroquery"]["passed"] == (paired["ci95"][0] > 0)
+    for metric in ("pearson_r", "peak_auc"):
+        c = crit[f"title_only_{metric}_at_least_neuroquery"]
+        assert c["mean_diff"] == pytest.approx(
+            np.mean(table[f"cbvae/title/{metric}"].to_numpy() - table[f"neuroquery/title/{metric}"].to_numpy())
+        )
+        assert c["passed"] == (c["mean_diff"] >= 0) and c["superior"] == (c["ci95"][0] > 0)
     # the tiny test split has one map per category: no held-out mean to switch to, said so
     assert "absent" in res["counterfactual"] or res["counterfactual"]["n_studies"] > 0
 

@@ -258,14 +258,6 @@ def _recall(scores: np.ndarray, own: list[np.ndarray], top: int) -> np.ndarray:
     )
 
 
-def _at_least(data: EvalData, a: np.ndarray, b: np.ndarray, rule: str, a_col: str, b_col: str) -> dict[str, Any]:
-    """Criterion "a at least b": the paired mean difference ``a - b`` >= 0 (its CI beside it; ``superior``: CI > 0)."""
-    res = data.paired(a, b)
-    passed = None if res["mean_diff"] is None else bool(res["mean_diff"] >= 0)
-    superior = res.pop("passed")
-    return {"rule": rule, "a": a_col, "b": b_col, **res, "superior": superior, "passed": passed, "reason": None}
-
-
 @torch.no_grad()
 def decoding_section(data: EvalData) -> Section:
     """Top-1/top-5 accuracy of each test study's own category and recall of its own top terms, model vs NiMARE.
@@ -334,8 +326,7 @@ def decoding_section(data: EvalData) -> Section:
                 for i in range(min(3, n))
             ],
         }
-        results["criteria"]["decoding_top5_at_least_correlation_decoder"] = _at_least(
-            data,
+        results["criteria"]["decoding_top5_at_least_correlation_decoder"] = data.at_least(
             columns[column(model_col, TOP5)],
             columns[column(cd_col, TOP5)],
             "Bayesian decoder top-5 accuracy of the study's own category >= NiMARE CorrelationDecoder's (same training "
@@ -386,8 +377,7 @@ def _term_decoding(data: EvalData, n: int, score: Any, columns: dict, model_col:
     columns[column(model_col, TERM_RECALL)] = recall["model"]
     columns[column(cd_col, TERM_RECALL)] = recall["cd"]
     expected = np.array([top / len(cands) for o in own if len(o)])
-    data_criteria = _at_least(
-        data,
+    data_criteria = data.at_least(
         recall["model"],
         recall["cd"],
         f"Bayesian decoder recall of the study's own top {OWN_TERMS} terms in its top {top} >= NiMARE "

@@ -73,6 +73,14 @@ class EvalData:
         """Paired bootstrap of ``a - b`` over the same maps."""
         return paired_bootstrap(a, b, direction, self.opts["n_bootstrap"], self.opts["seed"], margin)
 
+    def at_least(self, a: np.ndarray, b: np.ndarray, rule: str, a_col: str, b_col: str) -> dict[str, Any]:
+        """Criterion "a at least b": passed when the paired mean difference ``a - b`` is >= 0 (its CI beside it;
+        ``superior``: the CI lies above 0)."""
+        res = self.paired(a, b)
+        passed = None if res["mean_diff"] is None else bool(res["mean_diff"] >= 0)
+        superior = res.pop("passed")
+        return {"rule": rule, "a": a_col, "b": b_col, **res, "superior": superior, "passed": passed, "reason": None}
+
     def summaries(self, columns: dict[str, np.ndarray], prefix: str) -> dict[str, Any]:
         """``summary`` of every column under ``prefix/``, keyed by the rest of the name."""
         n = len(prefix) + 1

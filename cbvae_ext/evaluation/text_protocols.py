@@ -34,6 +34,7 @@ from cbvae_ext.evaluation.columns import (
     TITLE,
     column,
 )
+from cbvae_ext.evaluation.criteria import floor_criterion
 from cbvae_ext.evaluation.metrics import peak_auc, score_maps
 from cbvae_ext.evaluation.section import EvalData, Section
 
@@ -55,6 +56,8 @@ __all__ = [
 DENSITY_FLOOR = 0.01
 #: Pairs drawn for Mitchell's test (all pairs when there are fewer).
 N_MITCHELL_PAIRS = 10_000
+#: The issue's goal for Mitchell's accuracy (NeuroQuery reports > 72 %).
+MITCHELL_GOAL = 0.72
 
 
 class NeuroQueryBaseline:
@@ -332,6 +335,24 @@ def protocols_section(data: EvalData) -> Section:
             "neuroquery_accuracy": b_acc,
             **data.paired(a, b),
         }
+    if MODEL_COND in out["mitchell"]:
+        out["criteria"] = {
+            "mitchell_at_least_0_72": floor_criterion(
+                out["mitchell"][MODEL_COND]["accuracy"],
+                MITCHELL_GOAL,
+                f"Mitchell's pairwise test: the conditional-only map decides >= {MITCHELL_GOAL:.0%} of the test pairs "
+                "right (NeuroQuery's paper: > 72 %)",
+                None,
+            )
+        }
+        vs = out["mitchell"].get("model_vs_neuroquery_on_studies_with_text")
+        if vs is not None:
+            out["criteria"]["mitchell_above_neuroquery"] = {
+                "rule": "Mitchell's pairwise test on the test studies with text: the conditional-only map's per-map "
+                "share of right pairs above NeuroQuery's, paired (CI above 0)",
+                **vs,
+                "reason": None,
+            }
     return Section("protocols", out, columns)
 
 
@@ -370,8 +391,18 @@ def title_section(data: EvalData) -> Section:
         pred, n_matched = topic_rule(titles)
         add(f"cbvae/{TITLE}", pred, {"rule": "cbvae_ext.app.words topic rule", "n_titles_matched": n_matched})
     if column(f"cbvae/{TITLE}", PEAK_AUC) in columns and column(f"{NEUROQUERY}/{TITLE}", PEAK_AUC) in columns:
+        mine, theirs = (lambda k: column(f"cbvae/{TITLE}", k)), (lambda k: column(f"{NEUROQUERY}/{TITLE}", k))
         out["model_vs_neuroquery"] = {
-            k: data.paired(columns[column(f"cbvae/{TITLE}", k)], columns[column(f"{NEUROQUERY}/{TITLE}", k)])
+            k: data.paired(columns[mine(k)], columns[theirs(k)]) for k in ("pearson_r", PEAK_AUC)
+        }
+        out["criteria"] = {
+            f"title_only_{k}_at_least_neuroquery": data.at_least(
+                columns[mine(k)],
+                columns[theirs(k)],
+                f"title only: the model's {k} (the app's words rule) >= NeuroQuery's from the same titles, paired",
+                mine(k),
+                theirs(k),
+            )  # fmt: skip
             for k in ("pearson_r", PEAK_AUC)
         }
     return Section("title_only", out, columns)

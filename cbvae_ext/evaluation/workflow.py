@@ -490,7 +490,11 @@ def _criteria(data: EvalData, results: dict[str, Any]) -> dict[str, Any]:
         cm.get("absent"),
     )
     crit.update(generative_criteria(results))
-    crit.update(section_criteria(results, ("unseen_pairs", "counterfactual", "decoding", "quality_control")))
+    crit.update(
+        section_criteria(
+            results, ("protocols", "title_only", "unseen_pairs", "counterfactual", "decoding", "quality_control")
+        )
+    )
     return crit
 
 

@@ -28,7 +28,8 @@ OOD_TABLE = "per_map_ood.parquet"
 def ood_section(data: EvalData, path: str | Path | None = None) -> Section:
     """Reconstruction, conditional generation and sample-size imputation on the dataset at ``path``.
 
-    Reads ``data.cache["category_mean"]`` (``baselines_section``); latent draws from the shared stream. The
+    Reads ``data.cache["category_mean"]`` (``baselines_section``); option ``ood_max_maps`` (a seeded subsample of
+    the studyset's maps; None: all). The
     workflow passes ``path`` (``--ood_dataset_dir``) with ``functools.partial``.
 
     Raises:
@@ -51,7 +52,12 @@ def ood_section(data: EvalData, path: str | Path | None = None) -> Section:
         raise EvaluationError(f"--ood_dataset_dir {path} has another grid or mask; build it with the same options")
     if ood.manifest.get("kernel") != data.info.manifest.get("kernel"):
         raise EvaluationError(f"--ood_dataset_dir {path} was built with another kernel; build it with the same one")
-    maps = load_split(ood, ood.rows("all"), schema=data.schema)
+    rows = ood.rows("all")
+    cap = data.opts.get("ood_max_maps")
+    n_studyset = len(rows)
+    if cap is not None and len(rows) > cap:
+        rows = np.sort(data.rng("ood_rows").choice(rows, int(cap), replace=False))
+    maps = load_split(ood, rows, schema=data.schema)
     peaks, _ = peak_indicator(ood, maps.maps)
     run = data.runs[MODEL]
     options = pass_options(run, data.opts["n_prior_samples"], conditional=True)
@@ -71,6 +77,7 @@ def ood_section(data: EvalData, path: str | Path | None = None) -> Section:
     out: dict[str, Any] = {
         "dataset_dir": str(path),
         "n_maps": maps.n,
+        "n_maps_in_studyset": n_studyset,
         "sources": sorted(set(maps.frame["source"])),
         "categories": {str(k): int(v) for k, v in maps.frame["category"].value_counts().items()},
         MODEL: data.summaries(cols, MODEL),

@@ -70,6 +70,7 @@ class EvalOptions:
     decoding_max_maps: int | None = _option(None, "test maps (the first ones) decoded", 1, null="all")
     qc_k: int = _option(4, "posterior samples of the typicality score (quality control)", 1)
     qc_max_maps: int | None = _option(None, "test maps (the first ones) corrupted and scored", 1, null="all")
+    ood_max_maps: int | None = _option(None, "maps of --ood_dataset_dir scored (a seeded subsample)", 1, null="all")
     seed: int = _option(0, "seed of every resampling, permutation and latent sample", 0)
 
     @classmethod

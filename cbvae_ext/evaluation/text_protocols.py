@@ -231,8 +231,9 @@ NEUROQUERY_OFF = "switched off (--neuroquery false)"
 def neuroquery_section(data: EvalData) -> Section:
     """NeuroQuery fitted on the training studies with text, scored on the test studies with text.
 
-    Writes ``data.cache["neuroquery"]`` (``{"model", "terms", "predictions"}``, predictions ``[N_test, V]``
-    with NaN rows for studies without text) for the protocols and the title-only section.
+    Writes ``data.cache["neuroquery"]`` (``{"model", "terms", "predictions", "train_rows", "test_rows"}``,
+    predictions ``[N_test, V]`` with NaN rows for studies without text; the rows index ``terms.npz``) for the
+    protocols, the title-only and the unseen-pairs sections.
     """
     if not data.opts.get("neuroquery", True):
         return Section("neuroquery", {"absent": NEUROQUERY_OFF})
@@ -257,7 +258,9 @@ def neuroquery_section(data: EvalData) -> Section:
         full = np.full(data.test.n, np.nan)
         full[has_te] = v
         columns[column(NEUROQUERY, k)] = full
-    data.cache["neuroquery"] = {"model": model, "terms": terms, "predictions": pred, "test_rows": test_rows}
+    data.cache["neuroquery"] = {
+        "model": model, "terms": terms, "predictions": pred, "train_rows": train_rows, "test_rows": test_rows,
+    }  # fmt: skip
     results: dict[str, Any] = {
         "estimator": "neuroquery.smoothed_regression.SmoothedRegression (NMF covariance smoothing, GCV ridge with "
         "feature selection), fitted on the training studies with text to the same target maps",

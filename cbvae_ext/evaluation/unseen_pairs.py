@@ -103,7 +103,7 @@ def _above(medians: dict[str, float | None], rule: str) -> dict[str, Any]:
 def unseen_pairs_section(data: EvalData) -> Section:
     """Term pairs removed from training, predicted by the refitted model path and NeuroQuery.
 
-    Reads ``data.cache["neuroquery"]`` (terms, the fitted NeuroQuery, test rows), ``data.cache["title_model"]``
+    Reads ``data.cache["neuroquery"]`` (terms, the fitted NeuroQuery, the training rows of ``terms.npz``), ``data.cache["title_model"]``
     and ``data.cache["topic_vocabulary"]`` (the model's words rule, ``models_section``); option
     ``n_unseen_pairs`` (0: absent).
     """
@@ -123,9 +123,7 @@ def unseen_pairs_section(data: EvalData) -> Section:
     path = getattr(run.model, "cond_mean", None)
     if path is None or not path.rank:
         return Section("unseen_pairs", {"absent": "the run has no conditional-mean path to refit"})
-    terms, vocabulary = nq["terms"], data.cache["topic_vocabulary"]
-    row_of = {str(i): k for k, i in enumerate(data.info.metadata["id"])}
-    train_rows = np.array([row_of[i] for i in data.train.ids])
+    terms, train_rows, vocabulary = nq["terms"], nq["train_rows"], data.cache["topic_vocabulary"]
     has_text = terms.observed[train_rows]
     present = (terms.tfidf[train_rows[has_text]] > 0).astype(np.int8).tocsc()
     # a term counts for both predictors only when the words rule finds a topic for it

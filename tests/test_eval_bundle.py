@@ -100,6 +100,11 @@ def test_every_option_on_the_command_line_reaches_the_evaluation(results):
     # evaluate.yaml once did not pass the decoding and QC options on: --qc_max_maps 8 scored every test map
     res, _ = results
     assert res["n_test"] > 8 and res["qc"]["n_maps"] == res["decoding"]["n_maps"] == 8
+    # every section's own criteria reach the criteria table (the QC ones did not: looked up as "quality_control")
+    for name in ("qc", "decoding", "protocols", "title_only", "unseen_pairs", "counterfactual"):
+        if "absent" not in res[name]:
+            missing = [k for k, v in res[name]["criteria"].items() if res["criteria"].get(k) != v]
+            assert not missing, (name, missing)
     assert (
         res["provenance"]["evaluation_config"]["qc_k"] == 2
         and res["provenance"]["evaluation_config"]["decoding_n_terms"] == 10

@@ -267,12 +267,11 @@ def count_criterion(value: int | None, reference: int | None, rule: str, reason:
     return {"rule": rule, "value": int(value), "reference": int(reference), "passed": bool(value >= reference)}
 
 
-def section_criteria(results: dict[str, Any], sections: tuple[str, ...]) -> dict[str, Any]:
-    """The criteria function sections computed themselves (their ``criteria`` entry; none when absent)."""
+def section_criteria(results: dict[str, Any]) -> dict[str, Any]:
+    """The criteria sections computed themselves: the ``criteria`` entry of every section's results (a section
+    that is absent has none)."""
     out: dict[str, Any] = {}
-    for name in sections:
-        res = results.get(name) or {}
-        if "absent" in res:
-            continue
-        out.update(res.get("criteria") or {})
+    for res in results.values():
+        if isinstance(res, dict) and "absent" not in res:
+            out.update(res.get("criteria") or {})
     return out

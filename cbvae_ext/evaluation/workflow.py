@@ -490,11 +490,7 @@ def _criteria(data: EvalData, results: dict[str, Any]) -> dict[str, Any]:
         cm.get("absent"),
     )
     crit.update(generative_criteria(results))
-    crit.update(
-        section_criteria(
-            results, ("protocols", "title_only", "unseen_pairs", "counterfactual", "decoding", "quality_control")
-        )
-    )
+    crit.update(section_criteria(results))
     return crit
 
 

@@ -136,12 +136,13 @@ def load_dataset(dataset_dir: str) -> Any:
 
 
 @st.cache_resource(max_entries=4)
-def dataset_topics(run_dir: str, stamp: float, dataset_dir: str) -> np.ndarray | None:
-    """``[N, T]`` topic weights of the run's studies (rows of ``latents.parquet``; NaN: unknown)."""
+def dataset_topics(run_dir: str, stamp: float, dataset_dir: str, name: str = "topics") -> np.ndarray | None:
+    """``[N, size]`` topic weights (or, ``name="terms"``, text embeddings) of the run's studies (rows of
+    ``latents.parquet``; NaN: unknown)."""
     info, data = load_info(run_dir, stamp), load_dataset(dataset_dir)
     if not isinstance(data, tuple):
         return None
-    return al.study_topics(info, data[1])
+    return al.study_topics(info, data[1], name)
 
 
 @st.cache_resource(show_spinner="Opening the run for your study (first time: scoring the test studies)…", max_entries=2)
@@ -165,6 +166,10 @@ def analyse_cached(
     if isinstance(context, str):
         return context
     return up.analyse_upload(context, _data, filename, dict(metadata))
+
+
+#: The conditions that say what a study is about: "unknown" for all of them is the condition contrast's base.
+CONTENT = ("task", "topics", "terms")
 
 
 @dataclass(frozen=True)
@@ -194,11 +199,11 @@ def make_query(z: np.ndarray, conditions: dict[str, Any], allow: bool, imputed: 
 # arguments named with a leading underscore are not hashed by Streamlit: the query's digest stands for them
 @st.cache_resource(max_entries=32)
 def decode_cached(run_dir: str, stamp: float, qkey: str, _q: Query, strength: float = 1.0) -> np.ndarray:
-    """The map of one query; with task or topics set, ``base + strength * (full - base)`` where ``base``
-    decodes the same ``z`` and conditions with task and topics unknown (the condition contrast)."""
+    """The map of one query; with task, topics or terms set, ``base + strength * (full - base)`` where ``base``
+    decodes the same ``z`` and conditions with those unknown (the condition contrast)."""
     model = load_model(run_dir, stamp)
     conditions = _q.conditions_dict()
-    if strength == 1.0 or (conditions.get("task") is None and conditions.get("topics") is None):
+    if strength == 1.0 or all(conditions.get(k) is None for k in CONTENT):
         z = np.asarray(_q.z, np.float32)
         return model.decode(z, conditions, allow_extrapolation=_q.allow, imputed=dict(_q.imputed)).map
     full, base = decode_pair(run_dir, stamp, qkey, _q)
@@ -207,9 +212,9 @@ def decode_cached(run_dir: str, stamp: float, qkey: str, _q: Query, strength: fl
 
 @st.cache_resource(max_entries=16)
 def decode_pair(run_dir: str, stamp: float, qkey: str, _q: Query) -> tuple[np.ndarray, np.ndarray]:
-    """``decode(z, c)`` and ``decode(z, c with task and topics unknown)`` in one batch."""
+    """``decode(z, c)`` and ``decode(z, c with task, topics and terms unknown)`` in one batch."""
     model = load_model(run_dir, stamp)
-    conds = [_q.conditions_dict(), _q.conditions_dict(task=None, topics=None)]
+    conds = [_q.conditions_dict(), _q.conditions_dict(**dict.fromkeys(CONTENT))]
     z = np.asarray(_q.z, np.float32)
     full, base = model.decode_many(z, conds, allow_extrapolation=_q.allow, imputed=dict(_q.imputed))
     return full.map, base.map
@@ -228,7 +233,7 @@ def sweep_cached(
 
 @st.cache_resource(max_entries=16)
 def contrast_cached(run_dir: str, stamp: float, qkey: str, _pair: tuple[Query, Query]) -> tuple[np.ndarray, np.ndarray]:
-    """The maps of two queries that differ in their topics only, decoded in one batch."""
+    """The maps of two queries that differ in their topics and terms only, decoded in one batch."""
     model = load_model(run_dir, stamp)
     first, second = _pair
     conds = [first.conditions_dict(), second.conditions_dict()]
@@ -513,8 +518,20 @@ def match_words(vocab: TopicVocabulary, tokeniser: QueryTokeniser | str, text: s
     return vocab.match(text) if isinstance(tokeniser, str) else vocab.match_terms(tokeniser(text))
 
 
-def read_words(vocab: TopicVocabulary, tokeniser: QueryTokeniser | str, text: str) -> TopicMatch:
-    """The words matched, and shown as read: recognised, recognised without a topic, ignored."""
+def text_terms(info: al.RunInfo, tokeniser: QueryTokeniser | str, text: str) -> np.ndarray | None:
+    """The ``terms`` condition of a text (NeuroQuery's terms, embedded as a study's text was); None for a run
+    without terms, without NeuroQuery's vocabulary, or when no term was recognised."""
+    if info.embedder is None or isinstance(tokeniser, str) or not text.strip():
+        return None
+    found = info.embedder.embed_terms([t.term for t in tokeniser(text).terms])
+    return None if found is None else found.astype(np.float32)
+
+
+def read_words(
+    vocab: TopicVocabulary, tokeniser: QueryTokeniser | str, text: str, with_terms: bool = False
+) -> TopicMatch:
+    """The words matched, and shown as read: recognised, recognised without a topic, ignored (``with_terms``:
+    the run is also conditioned on the terms themselves)."""
     if isinstance(tokeniser, str):
         st.caption(f"NeuroQuery's vocabulary is not available ({md_escape(tokeniser)}): words are matched to the "
                    "topics' key words only.")  # fmt: skip
@@ -526,7 +543,9 @@ def read_words(vocab: TopicVocabulary, tokeniser: QueryTokeniser | str, text: st
     if match.matched:
         found = [f"{term} → {len(ts)} topic{'s' * (len(ts) != 1)}" for term, ts in match.matched]
         st.caption(f"Recognised: {_listing(found, 24)}")
-    if match.no_topic:
+    if match.no_topic and with_terms:
+        st.caption(f"Recognised, no topic lists it (it counts through the terms condition): {_listing(match.no_topic)}")
+    elif match.no_topic:
         st.warning(
             f"Recognised, but no topic lists it: {_listing(match.no_topic)}. This run is conditioned on topics, "
             "not on terms, so these words do not change the map.", icon="⚠️",
@@ -550,7 +569,7 @@ def ask_in_words(info: al.RunInfo, vocab: Any, tokeniser: QueryTokeniser | str) 
         help="Read with NeuroQuery's 7,547-term vocabulary and synonyms, then matched to the key words of "
         "Neurosynth's 50 LDA topics; see bundle/docs/app.md.",
     )  # fmt: skip
-    match = read_words(vocab, tokeniser, text)
+    match = read_words(vocab, tokeniser, text, info.embedder is not None)
     if text != state.get("_words_applied"):
         state["_words_applied"] = text
         if not match.empty:
@@ -694,16 +713,20 @@ def contrast_view(
                    "current latents and other conditions.")  # fmt: skip
         return
     matches = [match_words(vocab, tokeniser, t) for t in texts]
+    terms = [text_terms(info, tokeniser, t) for t in texts]
     for col, name, match in zip((c1, c2), "AB", matches, strict=True):
         said = _listing([term for term, _ in match.matched]) or "nothing"
         col.caption(
             f"{name} recognised: {said}" + (f"; no topic: {_listing(match.no_topic)}" if match.no_topic else "")
         )
-    if any(m.empty for m in matches):
+    if any(m.empty and t is None for m, t in zip(matches, terms, strict=True)):
         st.warning("A query recognised nothing that a topic lists: no contrast to show.", icon="⚠️")
         return
-    pair = tuple(make_query(np.asarray(query.z), query.conditions_dict(topics=m.weights), query.allow,
-                            dict(query.imputed)) for m in matches)  # fmt: skip
+    changes = [{"topics": None if m.empty else m.weights} for m in matches]
+    if info.schema.term_dims:
+        changes = [{**c, "terms": t} for c, t in zip(changes, terms, strict=True)]
+    pair = tuple(make_query(np.asarray(query.z), query.conditions_dict(**c), query.allow, dict(query.imputed))
+                 for c in changes)  # fmt: skip
     first, second = contrast_cached(key, stamp, pair[0].key + pair[1].key, pair)
     stretch = st.checkbox("Stretch colours to the contrast's own extremes", key="contrast_stretch")
     difference_panels(info, renderer, regions, first - second, first, cut, threshold, stretch, "query B")
@@ -925,6 +948,9 @@ def main() -> None:
     if info.schema.n_topics and not start.upload:  # the study's own topic mixture (None: unknown or no dataset)
         study_topics = dataset_topics(key, stamp, data_key) if data_key is not None else None
         start.conditions["topics"] = al.start_topics(info, study_topics, start.study_id)
+    if info.schema.term_dims and not start.upload:  # the study's own text (None: none, or no dataset)
+        study_terms = dataset_topics(key, stamp, data_key, "terms") if data_key is not None else None
+        start.conditions["terms"] = al.start_terms(info, study_terms, start.study_id)
     if st.session_state.get("_start_key") != start.key:
         apply_start(info, start, imputed)
         st.session_state.update(overrides)
@@ -934,12 +960,15 @@ def main() -> None:
     z = latent_sliders(info, start, imputed)
 
     vocab = load_vocabulary(key, stamp)
-    tokeniser = find_tokeniser() if vocab is not None else ""
+    tokeniser = find_tokeniser() if vocab is not None or info.embedder is not None else ""
     topics, words = ask_in_words(info, vocab, tokeniser)
     conditions, notes = condition_widgets(info, imputed)
     if info.schema.n_topics:
         conditions["topics"] = topics
-    has_contrast = conditions.get("task") is not None or topics is not None
+    if info.schema.term_dims:  # the typed terms, else the starting study's own text
+        typed = text_terms(info, tokeniser, words)
+        conditions["terms"] = typed if typed is not None else start.conditions.get("terms")
+    has_contrast = any(conditions.get(k) is not None for k in CONTENT)
     st.session_state.setdefault("strength", 1.0)
     strength = st.slider(
         "Condition strength (scales the task and topic contrast: 0 = unknown, 1 = as given)",
@@ -957,7 +986,9 @@ def main() -> None:
         reference = decode_cached(key, stamp, ref.key, ref)
         others = {"the starting point": reference}
         if has_contrast:
-            others["task & topics unknown"] = decode_pair(key, stamp, query.key, query)[1]
+            others["task, topics & terms unknown" if info.schema.term_dims else "task & topics unknown"] = decode_pair(
+                key, stamp, query.key, query
+            )[1]
     except SchemaError as err:
         st.error(f"These conditions are not valid for this decoder: {md_escape(err)}")
         return

@@ -3,8 +3,9 @@
 ``export_decoder`` writes ``RUN/decoder.ts`` (``forward(z [B, L], m [B, meta_dim + mask_dim]) -> maps
 [B, 1, D, H, W]`` in [0, 1]), ``RUN/conditional_mean.ts`` (``forward(m) -> maps``: the model's estimate
 of the mean map given the conditions alone; only for a network with a conditional-mean path),
-``RUN/decoder_schema.json`` (with the ``imputed_defaults`` the decoder gets for a missing field) and a copy
-of the mask; ``write_latents`` writes ``RUN/latents.parquet`` with every study's posterior mean.
+``RUN/decoder_schema.json`` (with the ``imputed_defaults`` the decoder gets for a missing field), a copy
+of the mask and, for a schema with a terms group, ``RUN/term_embedding.npz`` (the training split's text
+embedding, so typed words become the ``terms`` condition without the dataset); ``write_latents`` writes ``RUN/latents.parquet`` with every study's posterior mean.
 ``cbvae_ext.run_folder.RunFolder`` reads them back.
 """
 
@@ -31,6 +32,7 @@ from cbvae_ext.run_folder import (
     LATENTS,
     MASK,
     SCHEMA,
+    TERM_EMBEDDING,
     remove_stale_temporaries,
     replace_atomically,
     write_json_atomically,
@@ -222,6 +224,17 @@ def export_decoder(
         # a file left by an earlier export into this folder would claim a path this network lacks
         (run_dir / COND_MEAN).unlink(missing_ok=True)
         remove_stale_temporaries(run_dir / COND_MEAN)
+    with_terms = bool(schema.term_dims) and dataset_dir is not None
+    if with_terms:
+        from cbvae_ext.data.neuroquery import load_terms
+
+        terms = load_terms(dataset_dir)
+        if terms is None or terms.embedding is None or terms.embedding.dims != schema.term_dims:
+            raise ExportError(f"{dataset_dir} has no {schema.term_dims}-entry text embedding in terms.npz; rebuild it")
+        replace_atomically(run_dir / TERM_EMBEDDING, terms.embedder().save)
+    else:
+        (run_dir / TERM_EMBEDDING).unlink(missing_ok=True)
+        remove_stale_temporaries(run_dir / TERM_EMBEDDING)
     meta = schema.to_dict()
     info: dict[str, Any] = {
         "latent_size": int(model.latent_size),
@@ -231,6 +244,7 @@ def export_decoder(
         "grid": {"shape": grid, "affine": np.asarray(affine, dtype=float).tolist()},
         "mask_file": MASK,
         "conditional_mean_file": COND_MEAN if with_path else None,
+        "term_embedding_file": TERM_EMBEDDING if with_terms else None,
         "latent_kl": None if latent_kl is None else [float(v) for v in latent_kl],
         # a missing field enters the decoder with mask 0 and this value (see ``imputed_defaults``)
         "imputed_defaults": defaults,

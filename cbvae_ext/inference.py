@@ -14,6 +14,7 @@ exports); its mask entry is 0 either way, and the result reports it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,23 @@ class CounterfactualModel:
     @property
     def categories(self) -> list[str]:
         return list(self.schema.categories)
+
+    @functools.cached_property
+    def term_embedder(self) -> Any:
+        """The run's ``TextEmbedder`` (NeuroQuery terms -> the ``terms`` condition); None without a terms group.
+
+        Raises:
+            RunFolderError: the run has a terms group but its ``term_embedding.npz`` is missing or damaged.
+        """
+        return self.run.term_embedder()
+
+    def text_terms(self, text: str) -> np.ndarray | None:
+        """The ``terms`` condition of a free text (NeuroQuery's terms of it, embedded as the training studies'
+        text was); None when the run has no terms group or no term is recognised."""
+        if self.term_embedder is None:
+            return None
+        embedded, found = self.term_embedder.embed_texts([text])
+        return embedded[0] if found[0] else None
 
     @property
     def has_conditional_mean(self) -> bool:

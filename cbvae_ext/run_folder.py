@@ -48,6 +48,7 @@ __all__ = [
     "MODEL",
     "NETWORK_CONFIG",
     "SCHEMA",
+    "TERM_EMBEDDING",
     "TRAIN_COMMAND",
     "RunFolder",
     "RunFolderError",
@@ -64,6 +65,7 @@ DECODER = "decoder.ts"  #: TorchScript decoder ``(z, cond) -> map in [0, 1]``
 COND_MEAN = "conditional_mean.ts"  #: TorchScript conditional-mean path ``cond -> map in [0, 1]``
 SCHEMA = "decoder_schema.json"  #: what a client needs to build ``cond`` and place the map
 MASK = "mask.nii.gz"  #: brain mask on the grid
+TERM_EMBEDDING = "term_embedding.npz"  #: NeuroQuery terms -> the ``terms`` condition (runs with a terms group)
 LATENTS = "latents.parquet"  #: every study's posterior mean
 HISTORY = "history.csv"  #: per-epoch training record
 CHECKPOINTS = "checkpoints"  #: resume checkpoints (a folder)
@@ -268,6 +270,35 @@ class RunFolder:
     def file(self, name: str) -> Path:
         """Path of a file of the run (one of the file-name constants)."""
         return self.path / name
+
+    def term_embedder(self) -> Any:
+        """The run's ``TextEmbedder`` (``term_embedding.npz``): typed terms -> the ``terms`` condition; None for
+        a run without a terms group.
+
+        Raises:
+            RunFolderError: the schema has a terms group but the file is missing, unreadable or of another size.
+        """
+        schema = self.schema
+        if not schema.term_dims:
+            return None
+        from cbvae_ext.data.errors import DataError
+        from cbvae_ext.data.neuroquery import TextEmbedder
+
+        path = self.file(TERM_EMBEDDING)
+        if not path.is_file():
+            raise RunFolderError(
+                f"run folder {self.path} has no {TERM_EMBEDDING}; {_REEXPORT}", missing=(TERM_EMBEDDING,)
+            )
+        try:
+            embedder = TextEmbedder.load(path)
+        except DataError as err:
+            raise RunFolderError(_first_line(err)) from None
+        if embedder.embedding.dims != schema.term_dims:
+            raise RunFolderError(
+                f"{path} embeds in {embedder.embedding.dims} dimensions but the schema's terms group has "
+                f"{schema.term_dims}; {_REEXPORT}"
+            )
+        return embedder
 
     def _spec(self) -> dict[str, Any]:
         if self.decoder_schema is None:

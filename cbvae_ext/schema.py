@@ -2,22 +2,23 @@
 
 Every conditioning field is declared once below: the continuous fields in ``FIELDS`` (transform, prior
 centre/scale, slider range, plausible range, label, slider step, non-negativity, source columns), the
-vector field in ``TOPICS`` and the categorical blocks in ``CATEGORICALS``. Adding a field touches this
+vector fields in ``TOPICS`` and ``TERMS`` and the categorical blocks in ``CATEGORICALS``. Adding a field touches this
 module and the source readers (``cbvae_ext/data/sources.py``) only.
 
 Layout of the conditioning vector ``meta`` (length ``schema.meta_dim``)::
 
-    [ year_z, sample_size_z, field_strength_z, fwhm_z,  topics (T entries),  one-hot(task) (K entries) ]
+    [ year_z, sample_size_z, field_strength_z, fwhm_z,  topics (T entries),  terms (E entries),
+      one-hot(task) (K entries) ]
 
 Layout of ``meta_mask`` (length ``schema.mask_dim``), one entry per condition group::
 
     [ year_observed, sample_size_observed, field_strength_observed, fwhm_observed,
-      topics_observed, task_observed ]
+      topics_observed, terms_observed, task_observed ]
 
 ``schema.groups`` lists these groups in mask order, each with its ``meta_slice`` and ``mask_index``;
 ``schema.n_continuous`` (4) still means "the first 4 entries of ``meta``". A schema fitted without topic
 names (a NeuroStore-only build, or ``MetadataSchema.fit(categories, values)``) has no topics group
-(T = 0 and no ``topics_observed`` entry).
+(T = 0 and no ``topics_observed`` entry); one built without NeuroQuery's text has no terms group (E = 0).
 
 Continuous fields are normalised as ``z = (t(x) - center) / scale`` where ``t`` is the identity or
 ``log1p`` (sample size). A missing value is stored as ``z = 0`` with its mask entry ``0``: the model
@@ -27,6 +28,10 @@ Topics are Neurosynth's 50 LDA topic weights of the study's abstract (``vocab-LD
 weights are non-negative and sum to 1 per study (a topic mixture). No other normalisation is applied;
 ``encode_conditions`` divides a user's weights by their sum so that they are a mixture too. Missing
 topics (NeuroStore rows) are all-zero with mask ``0``.
+
+Terms are a low-dimensional embedding of the study's NeuroQuery term tf-idf (abstract, title, keywords):
+a linear projection fitted on the training split (``cbvae_ext.data.neuroquery.TermEmbedding``), so a
+typed query goes through the same map. A study without NeuroQuery text has an all-zero row with mask ``0``.
 
 Normalisation constants come from the training split when the field is observed there; a field that
 no source observes (field strength and FWHM for Neurosynth) uses the declared priors, which are scales
@@ -51,6 +56,7 @@ __all__ = [
     "CONTINUOUS_FIELDS",
     "FIELDS",
     "PRIORS",
+    "TERMS",
     "TOPICS",
     "CategoricalDecl",
     "ConditionGroup",
@@ -170,6 +176,15 @@ TOPICS = VectorDecl(
      "top words: vocab-LDA50_keys.tsv)"},
 )  # fmt: skip
 
+#: The text embedding: a training-split projection of NeuroQuery's term tf-idf (``size``: the default dimensions).
+TERMS = VectorDecl(
+    "terms",
+    "Text (NeuroQuery terms, embedded)",
+    64,
+    {"neurosynth": "NeuroQuery's data-neuroquery_version-1_vocab-neuroquery7547_source-{abstract,title,keywords}"
+     "_type-count_features.npz, joined by PubMed id (terms.npz)"},
+)  # fmt: skip
+
 #: Categorical blocks, in vector order.
 CATEGORICALS: tuple[CategoricalDecl, ...] = (
     CategoricalDecl(
@@ -266,7 +281,7 @@ class ConditionGroup:
 
 
 def declaration_fingerprint() -> str:
-    """sha256 of every declaration in this module (``FIELDS``, ``TOPICS``, ``CATEGORICALS``).
+    """sha256 of every declaration in this module (``FIELDS``, ``TOPICS``, ``TERMS``, ``CATEGORICALS``).
 
     The dataset builder puts it in its cache key, so a dataset built before a field was added or changed
     is rebuilt instead of reused (the new field would otherwise be silently absent from training).
@@ -275,6 +290,7 @@ def declaration_fingerprint() -> str:
     blob = {
         "fields": [asdict(d) for d in FIELDS],
         "topics": asdict(TOPICS),
+        "terms": asdict(TERMS),
         "categoricals": [asdict(d) for d in CATEGORICALS],
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=dict).encode()).hexdigest()
@@ -304,6 +320,7 @@ class MetadataSchema:
         topic_keys: top words of each topic (same order), for mapping words to topics.
         extra_categoricals: further categorical blocks after ``task``, name -> values (declared in
             ``CATEGORICALS``).
+        term_dims: entries of the text embedding (``TERMS``); 0: no terms group.
     """
 
     categories: list[str]
@@ -312,6 +329,7 @@ class MetadataSchema:
     topic_names: list[str] = field(default_factory=list)
     topic_keys: list[str] = field(default_factory=list)
     extra_categoricals: dict[str, list[str]] = field(default_factory=dict)
+    term_dims: int = 0
 
     # ----- layout -------------------------------------------------------------------------
     @property
@@ -327,20 +345,26 @@ class MetadataSchema:
         return len(self.topic_names)
 
     @property
+    def vector_sizes(self) -> dict[str, int]:
+        """The vector groups present, name -> entries, in vector order (topics, then terms)."""
+        sizes = {TOPICS.name: self.n_topics, TERMS.name: self.term_dims}
+        return {name: size for name, size in sizes.items() if size}
+
+    @property
     def categoricals(self) -> dict[str, list[str]]:
         """Every categorical block, name -> values, in vector order (``task`` first)."""
         return {"task": list(self.categories), **{k: list(v) for k, v in self.extra_categoricals.items()}}
 
     @property
     def groups(self) -> list[ConditionGroup]:
-        """Condition groups in mask order: continuous fields, the topic vector (if any), categorical blocks."""
+        """Condition groups in mask order: continuous fields, the topic and term vectors (if any), categorical blocks."""
         out, start = [], 0
         for spec in self.fields:
             out.append(ConditionGroup(spec.name, "continuous", slice(start, start + 1), len(out)))
             start += 1
-        if self.n_topics:
-            out.append(ConditionGroup(TOPICS.name, "vector", slice(start, start + self.n_topics), len(out)))
-            start += self.n_topics
+        for name, size in self.vector_sizes.items():
+            out.append(ConditionGroup(name, "vector", slice(start, start + size), len(out)))
+            start += size
         for name, values in self.categoricals.items():
             out.append(ConditionGroup(name, "categorical", slice(start, start + len(values)), len(out)))
             start += len(values)
@@ -354,7 +378,7 @@ class MetadataSchema:
 
     @property
     def meta_dim(self) -> int:
-        return self.n_continuous + self.n_topics + sum(len(v) for v in self.categoricals.values())
+        return self.n_continuous + sum(self.vector_sizes.values()) + sum(len(v) for v in self.categoricals.values())
 
     @property
     def mask_dim(self) -> int:
@@ -380,6 +404,7 @@ class MetadataSchema:
         topic_names: Sequence[str] = (),
         topic_keys: Sequence[str] = (),
         extra_categoricals: Mapping[str, Sequence[str]] | None = None,
+        term_dims: int = 0,
     ) -> MetadataSchema:
         """Build the schema from the training split's raw values (NaN = missing).
 
@@ -390,6 +415,7 @@ class MetadataSchema:
             topic_names: labels of the topic vector (empty: no topics group).
             topic_keys: top words per topic, same order (empty strings when unknown).
             extra_categoricals: further categorical blocks, name -> values.
+            term_dims: entries of the text embedding (0: no terms group).
         """
         specs = []
         for decl in FIELDS:
@@ -412,10 +438,11 @@ class MetadataSchema:
         if len(keys) != len(topic_names):
             raise SchemaError(f"{len(topic_keys)} topic keys for {len(topic_names)} topics; pass one key per topic")
         extra = {k: list(v) for k, v in (extra_categoricals or {}).items()}
-        return cls(list(categories), specs, edges, list(topic_names), keys, extra)
+        return cls(list(categories), specs, edges, list(topic_names), keys, extra, int(term_dims))
 
     def to_dict(self) -> dict[str, Any]:
         meta_layout = [f"{s.name}_z" for s in self.fields] + [f"topic={t}" for t in self.topic_names]
+        meta_layout += [f"term_embedding={i}" for i in range(self.term_dims)]
         for name, values in self.categoricals.items():
             meta_layout += [f"{'category' if name == 'task' else name}={v}" for v in values]
         return {
@@ -425,6 +452,7 @@ class MetadataSchema:
             "topic_names": list(self.topic_names),
             "topic_keys": list(self.topic_keys),
             "extra_categoricals": {k: list(v) for k, v in self.extra_categoricals.items()},
+            "term_dims": self.term_dims,
             "field_declarations": [{**asdict(d), "sources": dict(d.sources)} for d in FIELDS],
             "groups": [
                 {
@@ -451,8 +479,9 @@ class MetadataSchema:
                 [str(t) for t in d.get("topic_names", [])],
                 [str(t) for t in d.get("topic_keys", [])],
                 {str(k): [str(x) for x in v] for k, v in d.get("extra_categoricals", {}).items()},
+                int(d.get("term_dims", 0)),
             )
-        except (KeyError, TypeError, AttributeError) as err:
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise SchemaError(
                 f"metadata schema is malformed ({err}); rebuild the dataset or re-export the run"
             ) from err
@@ -500,7 +529,7 @@ class MetadataSchema:
 
         Args:
             values: raw arrays per continuous field (NaN or absent = missing); ``"topics"``: ``[N, T]`` raw
-                weights (a row with any NaN, or the key absent = missing); a further categorical block by
+                weights and ``"terms"``: ``[N, E]`` embeddings (a row with any NaN, or the key absent = missing); a further categorical block by
                 its name: one value per row (None = missing).
             categories: task category name per row (None/NaN = missing).
         """
@@ -563,6 +592,25 @@ class MetadataSchema:
             raise SchemaError("condition 'topics' weights are all zero; give at least one positive weight, or None")
         return vec / vec.sum()
 
+    def term_vector(self, terms: Any) -> np.ndarray:
+        """A terms condition: the ``term_dims`` entries of a text embedding (``TermEmbedding.embed`` of a query).
+
+        Raises:
+            SchemaError: the schema has no terms group, or the wrong length or non-finite entries.
+        """
+        if not self.term_dims:
+            raise SchemaError("this schema has no terms (built without NeuroQuery's text); drop the 'terms' condition")
+        try:
+            vec = np.asarray(terms, dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            raise SchemaError(f"condition 'terms' must be {self.term_dims} numbers (an embedded text)") from None
+        if vec.size != self.term_dims or not np.isfinite(vec).all():
+            raise SchemaError(
+                f"condition 'terms' has {vec.size} entries; give the {self.term_dims} finite numbers of an embedded "
+                "text (cbvae_ext.data.neuroquery.TermEmbedding.embed)"
+            )
+        return vec
+
     def validate_conditions(self, conditions: Mapping[str, Any], allow_extrapolation: bool = False) -> None:
         """Raise ``SchemaError`` naming the bad condition and the valid values."""
         known = [g.name for g in self.groups]
@@ -574,6 +622,8 @@ class MetadataSchema:
                 self.category_index(conditions[name], name)
         if conditions.get(TOPICS.name) is not None:
             self.topic_vector(conditions[TOPICS.name])
+        if conditions.get(TERMS.name) is not None:
+            self.term_vector(conditions[TERMS.name])
         for spec in self.fields:
             if conditions.get(spec.name) is None:
                 continue
@@ -592,8 +642,8 @@ class MetadataSchema:
         """Named conditions to one ``(meta [meta_dim], meta_mask [mask_dim])``.
 
         Args:
-            conditions: ``{"task": str | None, "topics": array[T] | {topic_name: weight} | None, "year": ...,
-                ...}``; a condition absent or None is missing (mask 0). Topic weights are divided by their sum.
+            conditions: ``{"task": str | None, "topics": array[T] | {topic_name: weight} | None,
+                "terms": array[E] | None, "year": ..., ...}``; a condition absent or None is missing (mask 0). Topic weights are divided by their sum.
             allow_extrapolation: accept continuous values outside the schema's range.
         """
         self.validate_conditions(conditions, allow_extrapolation)
@@ -603,6 +653,8 @@ class MetadataSchema:
         }
         if self.n_topics and conditions.get(TOPICS.name) is not None:
             values[TOPICS.name] = self.topic_vector(conditions[TOPICS.name])[None]
+        if self.term_dims and conditions.get(TERMS.name) is not None:
+            values[TERMS.name] = self.term_vector(conditions[TERMS.name])[None]
         for name in self.extra_categoricals:
             values[name] = [conditions.get(name)]
         meta, mask = self.encode(values, [conditions.get("task")])

@@ -3,10 +3,12 @@
 1. Category identification: the task-alone conditional map against each held-out category mean, with the
    task penalty chosen by validation MSE (the old rule) and by validation identification (the default),
    beside the training category means.
-2. Terms: peak AUC on the validation split of the path's map (topics, task, year) against the same map plus
-   a NeuroQuery text part (``neuroquery.smoothed_regression.SmoothedRegression`` fitted on the training
-   studies with text, on the residual maps projected onto a training PCA basis), paired over validation
-   studies with text (``--text``; needs ``terms.npz``).
+2. Terms: peak AUC on the validation split of the path's map without the terms group (topics, task,
+   year; the group hidden in the fit and the prediction), with it (the dataset's text embedding,
+   ``--term-dims`` of the build), and without it plus a NeuroQuery text part
+   (``neuroquery.smoothed_regression.SmoothedRegression`` fitted on the training studies with text, on the
+   residual maps projected onto a training PCA basis), paired over validation studies with text
+   (``--text``; needs ``terms.npz``).
 
 Usage::
 
@@ -26,6 +28,7 @@ from cbvae_ext.evaluation.conditional import identification
 from cbvae_ext.evaluation.metrics import peak_auc
 from cbvae_ext.evaluation.stats import paired_bootstrap
 from cbvae_ext.networks import build_network, initialise_from_data, preset_config
+from cbvae_ext.networks.conditioning import hide_groups
 
 
 def _maps(info, rows: np.ndarray) -> np.ndarray:
@@ -73,7 +76,14 @@ def identification_table(info, split: str, seed: int) -> None:
     print(f"| training category means | {means['n_correct']} of {means['n_groups']} | - |")
 
 
+def _hidden(info, meta: np.ndarray, meta_mask: np.ndarray, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    hide = torch.tensor([g.name in names for g in info.schema.groups])
+    m, mm = hide_groups(torch.from_numpy(meta), torch.from_numpy(meta_mask), info.schema.groups, hide)
+    return m.numpy(), mm.numpy()
+
+
 def text_table(info, seed: int, n_components: int = 100) -> None:
+    """Validation peak AUC of the path without the terms group, with it, and with NeuroQuery's text part added."""
     from neuroquery.smoothed_regression import SmoothedRegression
     from sklearn.decomposition import PCA
 
@@ -81,27 +91,36 @@ def text_table(info, seed: int, n_components: int = 100) -> None:
     if terms is None:
         raise SystemExit(f"{info.path} has no terms.npz; build it with --neuroquery-dir")
     train, val = info.rows("train"), info.rows("val")
-    model = build_network(preset_config("cpu", info.schema, info.mask.shape))
-    initialise_from_data(model, info.path, seed=seed)
     y_tr, y_va = _maps(info, train), _maps(info, val)
-    base_tr = _path_probs(model, info, *info.encode(train))
-    base_va = _path_probs(model, info, *info.encode(val))
     has_tr, has_va = terms.observed[train], terms.observed[val]
+    peaks = y_va >= 1.0
+    no_terms = ("terms",)
+    model = build_network(preset_config("cpu", info.schema, info.mask.shape))
+    initialise_from_data(model, info.path, seed=seed, hidden_groups=no_terms)
+    base_tr = _path_probs(model, info, *_hidden(info, *info.encode(train), no_terms))
+    base_va = _path_probs(model, info, *_hidden(info, *info.encode(val), no_terms))
+    auc = {"topics + task + year": peak_auc(base_va, peaks)}
+    if info.schema.term_dims:
+        initialise_from_data(model, info.path, seed=seed)
+        auc[f"+ terms group ({info.schema.term_dims}-dim embedding)"] = peak_auc(
+            _path_probs(model, info, *info.encode(val)), peaks
+        )
     pca = PCA(min(n_components, int(has_tr.sum()) - 1), random_state=seed).fit(y_tr[has_tr] - base_tr[has_tr])
     target = pca.transform(y_tr[has_tr] - base_tr[has_tr])
     reg = SmoothedRegression(n_components=min(300, int(has_tr.sum()) - 1)).fit(terms.tfidf[train[has_tr]], target)
-    text_va = pca.inverse_transform(reg.predict(terms.tfidf[val[has_va]].toarray()))
-    peaks = y_va[has_va] >= 1.0
-    auc_base = peak_auc(base_va[has_va], peaks)
-    auc_text = peak_auc(np.clip(base_va[has_va] + text_va, 1e-4, 1 - 1e-4), peaks)
-    diff = paired_bootstrap(auc_text, auc_base)
-    print(
-        "| validation studies with text | topics + task + year | + NeuroQuery text part | paired difference [95% CI] |"
-    )
-    print("| ---: | ---: | ---: | --- |")
-    print(
-        f"| {int(has_va.sum())} | {np.nanmean(auc_base):.3f} | {np.nanmean(auc_text):.3f} | {diff['mean_diff']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] |"
-    )
+    text_va = np.zeros_like(base_va)
+    text_va[has_va] = pca.inverse_transform(reg.predict(terms.tfidf[val[has_va]].toarray()))
+    auc["+ NeuroQuery text part"] = peak_auc(np.clip(base_va + text_va, 1e-4, 1 - 1e-4), peaks)
+    base = auc["topics + task + year"]
+    print(f"validation studies: {len(val)}, {int(has_va.sum())} with text")
+    print("| conditional-mean path | peak AUC, with text | all | paired vs topics + task + year, with text [95% CI] |")
+    print("| --- | ---: | ---: | --- |")
+    for name, values in auc.items():
+        diff = paired_bootstrap(values[has_va], base[has_va])
+        print(
+            f"| {name} | {np.nanmean(values[has_va]):.3f} | {np.nanmean(values):.3f} | "
+            f"{diff['mean_diff']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] |"
+        )
 
 
 def main() -> None:
@@ -109,12 +128,14 @@ def main() -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--text", action="store_true", help="also the terms ablation (peak AUC on validation)")
+    parser.add_argument("--text-only", action="store_true", help="only the terms ablation")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     info = load_dataset_info(args.dataset)
-    identification_table(info, args.split, args.seed)
-    if args.text:
+    if not args.text_only:
+        identification_table(info, args.split, args.seed)
+    if args.text or args.text_only:
         text_table(info, args.seed)
 
 

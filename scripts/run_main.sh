@@ -8,7 +8,7 @@ usage() {
   cat <<'USAGE'
 usage: scripts/run_main.sh [--out DIR] [--data-dir DIR] [--subset N|all] [--epochs N] [--preset gpu|cpu]
                            [--resolution 2|4] [--kernel ale|mkda] [--kernel-fwhm MM] [--neurosynth-dir DIR]
-                           [--networks LIST] [--no-terms] [--no-setup] [--help]
+                           [--networks LIST] [--no-terms] [--term-dims N] [--no-setup] [--help]
 
 Always calls the dataset builder: it reuses DATA only when inputs, options, schema and version match its
 cache key, and rebuilds otherwise (a changed kernel, subset or metadata field never trains on old maps).
@@ -32,6 +32,8 @@ Options override the environment variables in brackets:
   --neurosynth-dir DIR  [CBVAE_NEUROSYNTH_DIR] local Neurosynth v7 (default ../shared/data/neurosynth
                         when present, else NiMARE's fetcher downloads it)
   --no-terms            [CBVAE_TERMS=0] build without NeuroQuery's terms (the evaluation then reports NeuroQuery absent)
+  --term-dims N         [CBVAE_TERM_DIMS] the terms condition: a text embedding of N entries (default 0: none;
+                        architecture.md, Text condition)
   --neuroquery-dir DIR  [CBVAE_NEUROQUERY_DIR] local NeuroQuery term counts (default ../shared/data/neuroquery
                         when present, else NiMARE's fetcher downloads them)
   --networks LIST       [CBVAE_NETWORKS] comma-separated networks to train and evaluate (default
@@ -57,6 +59,7 @@ kernel_fwhm=""
 ns_dir="${CBVAE_NEUROSYNTH_DIR:-}"
 nq_dir="${CBVAE_NEUROQUERY_DIR:-}"
 terms="${CBVAE_TERMS:-1}"
+term_dims="${CBVAE_TERM_DIMS:-0}"
 networks="${CBVAE_NETWORKS:-cbvae,baseline,uncond,nolambda}"
 setup=1
 while [ $# -gt 0 ]; do
@@ -64,7 +67,7 @@ while [ $# -gt 0 ]; do
     -h|--help) usage; exit 0 ;;
     --no-setup) setup=0; shift; continue ;;
     --no-terms) terms=0; shift; continue ;;
-    --out|--data-dir|--subset|--epochs|--preset|--resolution|--kernel|--kernel-fwhm|--fwhm|--neurosynth-dir|--neuroquery-dir|--networks)
+    --out|--data-dir|--subset|--epochs|--preset|--resolution|--kernel|--kernel-fwhm|--fwhm|--neurosynth-dir|--neuroquery-dir|--networks|--term-dims)
       [ $# -ge 2 ] || bad "$1 needs a value (see --help)" ;;
     *) bad "unknown option $1 (see --help)" ;;
   esac
@@ -80,6 +83,7 @@ while [ $# -gt 0 ]; do
     --neurosynth-dir) ns_dir="$2" ;;
     --neuroquery-dir) nq_dir="$2" ;;
     --networks) networks="$2" ;;
+    --term-dims) term_dims="$2" ;;
   esac
   shift 2
 done
@@ -91,6 +95,7 @@ done
 [[ -z $kernel_fwhm || $kernel_fwhm =~ ^[0-9]+([.][0-9]+)?$ ]] || bad "--kernel-fwhm must be a number of mm, got '$kernel_fwhm'"
 [[ -z $ns_dir || -d $ns_dir ]] || bad "--neurosynth-dir $ns_dir does not exist; omit it to download Neurosynth"
 [[ $terms == 0 || $terms == 1 ]] || bad "CBVAE_TERMS must be 0 or 1, got '$terms'"
+[[ $term_dims =~ ^[0-9]+$ ]] || bad "--term-dims must be a whole number >= 0, got '$term_dims'"
 [[ $networks =~ ^(cbvae|baseline|uncond|nolambda)(,(cbvae|baseline|uncond|nolambda))*$ && ,$networks, == *,cbvae,* ]] \
   || bad "--networks must be a comma-separated list of cbvae, baseline, uncond, nolambda that includes cbvae, got '$networks'"
 [[ -z $nq_dir || -d $nq_dir ]] || bad "--neuroquery-dir $nq_dir does not exist; omit it to download NeuroQuery's term counts"
@@ -142,6 +147,7 @@ build=("$py" -m cbvae_ext.data build --out "$data_dir" --resolution "$resolution
 [ -n "$ns_dir" ] && build+=(--neurosynth-dir "$ns_dir")
 if [ "$terms" = 1 ]; then
   if [ -n "$nq_dir" ]; then build+=(--neuroquery-dir "$nq_dir"); else build+=(--terms); fi
+  build+=(--term-dims "$term_dims")
 fi
 [ "$subset" != all ] && build+=(--subset "$subset")
 step dataset "${build[@]}"

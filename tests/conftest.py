@@ -118,9 +118,14 @@ def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Call
         return json.loads(done.read_text())
 
 
+#: Entries of the tiny dataset's text embedding (its 62 training studies with text; 64 would give 61).
+TINY_TERM_DIMS = 8
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, neurosynth_dir: Path) -> Path:
-    """A 120-study stratified subset at 4 mm with NeuroQuery's terms, built once per run by the real builder."""
+    """A 120-study stratified subset at 4 mm with NeuroQuery's terms and their embedding (the terms condition),
+    built once per run by the real builder."""
 
     def make(folder: Path) -> str:
         from cbvae_ext.data import build_dataset
@@ -132,6 +137,7 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory, neurosynth_dir: Path)
                 subset=120,
                 resolution=4,
                 neuroquery_dir=NEUROQUERY_DIR,
+                term_dims=TINY_TERM_DIMS,  # off by default; on here, so the terms condition is tested end to end
             )
         )
 

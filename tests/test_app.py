@@ -697,8 +697,8 @@ def test_app_counterfactuals(monkeypatch: pytest.MonkeyPatch, app_run: Path, tin
     assert "% of the generated map's peak" in largest
     assert any(c.value.startswith("What changed (Harvard-Oxford") for c in at.caption)
 
-    # condition strength 0 removes the task and topic contrast: the map equals "task & topics unknown"
-    at.radio(key="compare").set_value("task & topics unknown").run()
+    # condition strength 0 removes the task, topic and terms contrast: the map equals "... unknown"
+    at.radio(key="compare").set_value("task, topics & terms unknown").run()
     at.slider(key="strength").set_value(0.0).run()
     assert "**Largest change: 0**" in next(m.value for m in at.markdown if m.value.startswith("**Largest"))
 
@@ -765,8 +765,13 @@ def test_ask_in_words_with_neuroquery_terms(monkeypatch: pytest.MonkeyPatch, app
     assert len(set(maps.values())) == 3  # three queries, three generated maps
     at.text_input(key="words").input("the brain of pain").run()
     assert any(_plain(c.value) == "Ignored: the (stop word), of (stop word)" for c in at.caption)
-    said = next(_plain(w.value) for w in at.warning if w.value.startswith("Recognised, but no topic"))
-    assert said.startswith("Recognised, but no topic lists it: brain.") and "do not change the map" in said
+    # the run reads the terms themselves: a term no topic lists still counts, through the terms condition
+    said = "Recognised, no topic lists it (it counts through the terms condition): brain"
+    assert said in [_plain(c.value) for c in at.caption] and not at.warning
+    at.text_input(key="words").input("").run()
+    empty = tuple(at.image[0].value)
+    at.text_input(key="words").input("brain").run()
+    assert tuple(at.image[0].value) != empty
     # the contrast of two queries: A's map minus B's at the same latents and conditions
     assert not [m for m in at.markdown if m.value.startswith("**Largest")][1:]  # no contrast before two queries
     at.text_input(key="contrast_a").input("pain").run()

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_TERM_DIMS
 
 from cbvae_ext.data import (
     CATEGORIES,
@@ -34,7 +35,16 @@ COLUMNS = [
 def test_layout_and_metadata(tiny_dataset: Path) -> None:
     info = load_dataset_info(tiny_dataset)
     meta, maps = info.metadata, info.maps
-    assert list(meta.columns) == COLUMNS
+    # the tiny dataset has NeuroQuery's text and a terms condition: its embedding follows the topics
+    dims = info.schema.term_dims
+    assert dims == TINY_TERM_DIMS
+    at = COLUMNS.index("category")
+    assert list(meta.columns) == [
+        *COLUMNS[:at],
+        *[f"term_{i:02d}" for i in range(dims)],
+        "terms_observed",
+        *COLUMNS[at:],
+    ]
     assert maps.shape == (120, 48, 56, 48) and maps.dtype == np.float16
     assert isinstance(maps, np.memmap)
     assert meta["id"].is_unique and meta["id"].str.startswith("neurosynth:").all()
@@ -112,7 +122,7 @@ def test_topics_are_the_studies_lda50_weights(tiny_dataset: Path, neurosynth_dir
     vocab = (neurosynth_dir / NEUROSYNTH_FILES["vocabulary"]).read_text().split()
     assert schema.topic_names == vocab and len(schema.topic_keys) == 50
     assert schema.topic_keys[9].startswith("memory working wm")
-    assert schema.meta_dim == 4 + 50 + 15 and schema.mask_dim == 6
+    assert schema.meta_dim == 4 + 50 + schema.term_dims + 15 and schema.mask_dim == 7
     ns_ids = pd.read_csv(neurosynth_dir / NEUROSYNTH_FILES["metadata"], sep="\t", dtype={"id": str})["id"]
     weights = scipy.sparse.load_npz(neurosynth_dir / NEUROSYNTH_FILES["features"]).toarray()
     source_row = pd.Series(np.arange(len(ns_ids)), index="neurosynth:" + ns_ids)
@@ -139,7 +149,7 @@ def test_manifest_checksums_match_inputs(tiny_dataset: Path, neurosynth_dir: Pat
 def test_subset_is_stratified_and_deterministic(tiny_dataset: Path, neurosynth_dir: Path, tmp_path: Path) -> None:
     again = build_dataset(neurosynth_dir=neurosynth_dir, out=tmp_path / "again", subset=120, resolution=4)
     a, b = load_dataset_info(tiny_dataset), load_dataset_info(again)
-    pd.testing.assert_frame_equal(a.metadata, b.metadata)
+    pd.testing.assert_frame_equal(a.metadata[b.metadata.columns], b.metadata)  # the same rows, without terms
     assert np.array_equal(np.asarray(a.maps), np.asarray(b.maps))
     # stratified: every category with >= 2% of the full database appears in a 120-study subset
     full = read_neurosynth(neurosynth_dir).rows["category"].value_counts(normalize=True)
@@ -178,7 +188,8 @@ def test_monai_dataset_items(tiny_dataset: Path) -> None:
     assert torch.equal(item["meta"], torch.from_numpy(meta[0])) and torch.equal(
         item["meta_mask"], torch.from_numpy(meta_mask[0])
     )
-    assert item["meta"].shape == (info.schema.meta_dim,) and item["meta_mask"].tolist() == [1, 0, 0, 0, 1, 1]
+    has_text = float(info.metadata["terms_observed"].iloc[row])
+    assert item["meta"].shape == (info.schema.meta_dim,) and item["meta_mask"].tolist() == [1, 0, 0, 0, 1, has_text, 1]
     assert item["category"] == CATEGORIES.index(info.metadata["category"].iloc[row])
     assert item["year_bin"] == info.metadata["year_bin"].iloc[row]
     cached = make_dataset(tiny_dataset, "val", cache=True)

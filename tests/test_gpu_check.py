@@ -11,14 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLE_ENV, NEUROQUERY_DIR
+from conftest import BUNDLE_ENV, NEUROQUERY_DIR, TINY_TERM_DIMS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 
 
 def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    # CBVAE_NEUROQUERY_DIR: where the session's tiny dataset took its terms from (so the builder reuses it)
-    env = {**BUNDLE_ENV, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "CBVAE_NEUROQUERY_DIR": str(NEUROQUERY_DIR)}
+    # CBVAE_NEUROQUERY_DIR, CBVAE_TERM_DIMS: where the session's tiny dataset took its terms from and its terms
+    # condition (so the builder reuses it)
+    env = {**BUNDLE_ENV, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "CBVAE_NEUROQUERY_DIR": str(NEUROQUERY_DIR),
+           "CBVAE_TERM_DIMS": str(TINY_TERM_DIMS)}  # fmt: skip
     return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 

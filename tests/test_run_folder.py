@@ -25,7 +25,15 @@ from cbvae_ext.evaluation import report
 from cbvae_ext.export import trace_decoder
 from cbvae_ext.inference import InferenceError, NoConditionalMeanError, load
 from cbvae_ext.networks import build_network
-from cbvae_ext.run_folder import COND_MEAN, DECODER, EVALUATION_FILES, SCHEMA, RunFolder, RunFolderError
+from cbvae_ext.run_folder import (
+    COND_MEAN,
+    DECODER,
+    EVALUATION_FILES,
+    SCHEMA,
+    TERM_EMBEDDING,
+    RunFolder,
+    RunFolderError,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,6 +162,28 @@ def test_a_damaged_conditional_mean_is_refused_at_load(cbvae_copy: Path) -> None
     (cbvae_copy / COND_MEAN).unlink()
     err = _refused(cbvae_copy, r"has no conditional_mean.ts although decoder_schema.json names it")
     assert err.missing == (COND_MEAN,)
+
+
+def test_the_term_embedding_travels_with_the_run_and_a_bad_one_is_one_line(cbvae_copy: Path) -> None:
+    run = RunFolder.open(cbvae_copy)
+    embedder = run.term_embedder()
+    assert embedder.embedding.dims == run.schema.term_dims > 0 and len(embedder.vocabulary) == 7547
+    assert embedder.embed_terms(["pain"]).shape == (run.schema.term_dims,)
+    with np.load(cbvae_copy / TERM_EMBEDDING) as z:
+        arrays = dict(z)
+    np.savez(
+        cbvae_copy / TERM_EMBEDDING,
+        **{**arrays, "components": arrays["components"][:, :2], "offset": arrays["offset"][:2]},
+    )
+    with pytest.raises(RunFolderError, match=r"embeds in 2 dimensions but the schema's terms group has \d+; re-export"):
+        RunFolder.open(cbvae_copy).term_embedder()
+    (cbvae_copy / TERM_EMBEDDING).write_bytes(b"junk")
+    with pytest.raises(RunFolderError, match="term_embedding.npz is unreadable"):
+        RunFolder.open(cbvae_copy).term_embedder()
+    (cbvae_copy / TERM_EMBEDDING).unlink()
+    with pytest.raises(RunFolderError, match="has no term_embedding.npz; re-export") as err:
+        RunFolder.open(cbvae_copy).term_embedder()
+    assert err.value.missing == (TERM_EMBEDDING,)
 
 
 # ----- what the export writes and the one reader gives back -------------------------------------------

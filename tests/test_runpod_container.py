@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import NEUROQUERY_DIR
+from conftest import NEUROQUERY_DIR, TINY_TERM_DIMS
 from runpod_stub import RunPodStub
 
 from cbvae_ext.cloud.launcher import POD_VALUES, LaunchConfig, LaunchConfigError
@@ -233,6 +233,7 @@ def test_entry_script_end_to_end_on_cpu(repo_root: Path, tmp_path: Path, tiny_da
         "--max_train_maps 100 --n_half_splits 1 --joint_k 2 --n_calibration_samples 2 --decoding_k 1 "
         "--decoding_n_terms 5 --decoding_max_maps 6 --qc_k 1 --qc_max_maps 6 --n_unseen_pairs 1",
         "CBVAE_NEUROQUERY_DIR": str(NEUROQUERY_DIR),  # the tiny dataset's terms came from there
+        "CBVAE_TERM_DIMS": str(TINY_TERM_DIMS),  # and its terms condition
         # the model and the baseline: gpu_check's test already runs all four through run_main.sh
         "CBVAE_NETWORKS": "cbvae,baseline",
     }

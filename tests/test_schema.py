@@ -10,6 +10,7 @@ from cbvae_ext.schema import (
     CONTINUOUS_FIELDS,
     FIELDS,
     PRIORS,
+    TERMS,
     TOPICS,
     MetadataSchema,
     SchemaError,
@@ -166,6 +167,26 @@ def test_encode_rows_with_missing_topics(topic_schema: MetadataSchema) -> None:
     assert meta[0, 4:54] == pytest.approx(np.full(50, 0.02)) and not meta[1].any()
 
 
+def test_the_terms_group_follows_the_topics_and_round_trips(topic_schema: MetadataSchema) -> None:
+    s = MetadataSchema.fit(
+        CATS, {"year": np.arange(1997, 2019, dtype=float)}, topic_names=topic_schema.topic_names, term_dims=3
+    )
+    assert s.meta_dim == 4 + 50 + 3 + len(CATS) and s.mask_dim == 7 and s.vector_sizes == {"topics": 50, "terms": 3}
+    terms = s.group("terms")
+    assert (terms.kind, terms.meta_slice, terms.mask_index) == ("vector", slice(54, 57), 5)
+    d = s.to_dict()
+    assert d["meta_layout"][54:57] == ["term_embedding=0", "term_embedding=1", "term_embedding=2"]
+    assert d["mask_layout"][5] == "terms_observed" and MetadataSchema.from_dict(d) == s
+    meta, mask = s.encode_conditions({"terms": [0.5, -1.0, 2.0]})
+    assert meta[terms.meta_slice].tolist() == [0.5, -1.0, 2.0] and mask.tolist() == [0, 0, 0, 0, 0, 1, 0]
+    # an embedding is not a mixture: negative entries are kept, the length and finiteness are checked
+    for bad, message in (([1.0, 2.0], "has 2 entries; give the 3 finite numbers"), ([np.nan] * 3, "finite numbers")):
+        with pytest.raises(SchemaError, match=message):
+            s.encode_conditions({"terms": bad})
+    with pytest.raises(SchemaError, match="unknown condition 'terms'"):
+        topic_schema.encode_conditions({"terms": [0.0]})
+
+
 def test_each_field_declared_once() -> None:
     assert CONTINUOUS_FIELDS == tuple(d.name for d in FIELDS) == ("year", "sample_size", "field_strength", "fwhm")
     for d in FIELDS:
@@ -220,9 +241,10 @@ def test_declaration_fingerprint_follows_every_declaration(monkeypatch: pytest.M
         ("FIELDS", (dataclasses.replace(FIELDS[0], high=2030.0), *FIELDS[1:])),
         ("FIELDS", (*FIELDS, dataclasses.replace(FIELDS[3], name="echo_time"))),
         ("TOPICS", dataclasses.replace(TOPICS, size=100)),
+        ("TERMS", dataclasses.replace(TERMS, size=32)),
         ("CATEGORICALS", (*CATEGORICALS, dataclasses.replace(CATEGORICALS[0], name="modality"))),
     ]:
         with monkeypatch.context() as m:
             m.setattr(schema_module, name, value)
             seen.add(schema_module.declaration_fingerprint())
-    assert len(seen) == 5 and schema_module.declaration_fingerprint() == base
+    assert len(seen) == 6 and schema_module.declaration_fingerprint() == base

@@ -362,3 +362,20 @@ def test_cli_end_to_end(tmp_path: Path, tiny_runs: dict[str, Path], tiny_dataset
         analysis.write(out) == out
         and json.loads((out / "report.json").read_text())["studies"][0]["name"] == "mni study"
     )
+
+
+def test_a_studys_text_becomes_the_terms_condition(context: StudyContext) -> None:
+    """A run with a terms group reads a study's text through NeuroQuery's terms, as the training studies' text."""
+    model = context.model
+    dims = model.schema.term_dims
+    cond, notes = context.conditions({"text": "Pain and working memory in the insula"})
+    assert cond["terms"].shape == (dims,) and np.isfinite(cond["terms"]).all()
+    np.testing.assert_allclose(cond["terms"], model.text_terms("Pain and working memory in the insula"))
+    assert "text: embedded through NeuroQuery's terms (the run's terms condition)" in notes
+    assert not np.allclose(model.text_terms("pain"), model.text_terms("working memory"))
+    cond, notes = context.conditions({"text": "xyzzy qwerty"})
+    assert "terms" not in cond and "text: no NeuroQuery term recognised; terms left unknown" in notes
+    assert model.text_terms("") is None
+    # the terms change the conditional mean map
+    with_terms = model.conditional_mean({"terms": model.text_terms("pain")}).map
+    assert not np.allclose(with_terms, model.conditional_mean({}).map)

@@ -1,4 +1,5 @@
-"""NeuroQuery terms as a per-study condition: the join by PubMed id, NeuroQuery's tf-idf, the missing-text path."""
+"""NeuroQuery terms as a per-study condition: the join by PubMed id, NeuroQuery's tf-idf, the missing-text path,
+the training split's text embedding (the ``terms`` condition) and the query path that reuses it."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import pytest
 import scipy.sparse
 
 from cbvae_ext.data import DataError, build_dataset
+from cbvae_ext.data.builder import term_columns
+from cbvae_ext.data.dataset import load_dataset_info
 from cbvae_ext.data.neuroquery import (
     ENV_VAR,
     NEUROQUERY_FILES,
+    TextEmbedder,
     join_text,
     load_terms,
     pmid_of,
@@ -77,6 +81,50 @@ def test_build_writes_terms_for_the_studies_with_text(tmp_path):
     # a build without terms has no terms.npz, and rebuilding over a folder with one is allowed
     plain = build_dataset(neurosynth_dir=NS, out=out, subset=60, force=True)
     assert load_terms(plain) is None
+
+
+def test_the_terms_condition_is_the_training_embedding_and_a_query_takes_the_same_path(tmp_path):
+    out = build_dataset(neurosynth_dir=NS, out=tmp_path / "ds", subset=60, neuroquery_dir=NQ, term_dims=8)
+    info, terms = load_dataset_info(out), load_terms(out)
+    g = info.schema.group("terms")
+    assert info.schema.term_dims == terms.embedding.dims == g.size == 8
+    meta, mask = info.encode(info.rows("all"))
+    has_text = terms.observed
+    np.testing.assert_array_equal(mask[:, g.mask_index], has_text)
+    assert (meta[~has_text, g.meta_slice] == 0).all()  # no text: missing with mask 0, nothing invented
+    # standardised on the training studies with text, and only on them
+    fit = has_text & (info.metadata["split"] == "train").to_numpy()
+    np.testing.assert_allclose(meta[fit, g.meta_slice].mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(meta[fit, g.meta_slice].std(axis=0), 1.0, rtol=1e-4)
+    assert not np.allclose(meta[has_text & ~fit, g.meta_slice].std(axis=0), 1.0, rtol=1e-3)
+    # a study's text as a query (its term counts) lands exactly on its stored embedding
+    text = read_neuroquery(NQ)
+    counts, _ = join_text(text, info.metadata["id"])
+    row = int(np.flatnonzero(has_text)[0])
+    embedder = terms.embedder()
+    query = embedder.embedding.embed_counts(counts[row].toarray()[0], embedder.idf, embedder.vocabulary)
+    np.testing.assert_allclose(query, info.metadata.loc[row, term_columns(8)].to_numpy(float), rtol=1e-4, atol=1e-5)
+    # recognised terms: repeats count, terms outside the vocabulary do not, nothing recognised is None
+    assert embedder.embed_terms(["no such term"]) is None
+    once, twice = embedder.embed_terms(["pain"]), embedder.embed_terms(["pain", "pain", "no such term"])
+    np.testing.assert_allclose(once, twice, rtol=1e-5)  # l2-normalised tf-idf: a repeated term alone is the same
+    assert not np.allclose(embedder.embed_terms(["pain", "memory"]), once)
+    # the file the run folder carries round-trips
+    embedder.save(tmp_path / "e.npz")
+    back = TextEmbedder.load(tmp_path / "e.npz")
+    np.testing.assert_array_equal(back.embedding.components, embedder.embedding.components)
+    assert back.vocabulary == embedder.vocabulary
+    # --term-dims 0: the tf-idf only, no terms condition
+    plain = build_dataset(neurosynth_dir=NS, out=out, subset=60, neuroquery_dir=NQ, term_dims=0, force=True)
+    assert load_terms(plain).embedding is None and load_dataset_info(plain).schema.term_dims == 0
+    with pytest.raises(DataError, match="--term-dims"):
+        build_dataset(neurosynth_dir=NS, out=tmp_path / "x", subset=60, neuroquery_dir=NQ, term_dims=-1)
+
+
+def test_a_damaged_embedding_file_is_one_line(tmp_path):
+    (tmp_path / "e.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="e.npz is unreadable"):
+        TextEmbedder.load(tmp_path / "e.npz")
 
 
 def test_resolve_names_a_folder_that_lacks_a_file(tmp_path, monkeypatch):

@@ -40,6 +40,7 @@ __all__ = [
     "resolve_paths",
     "slider_spec",
     "slider_value",
+    "start_terms",
     "start_topics",
     "study_start",
     "study_topics",
@@ -127,6 +128,7 @@ class RunInfo:
         dataset_dir: dataset folder named in the run, if any.
         export_id: what the app loaded, shown on the page: the first 12 hex digits of ``decoder.ts``'s
             SHA-256 and its modification time.
+        embedder: NeuroQuery terms -> the ``terms`` condition (``TextEmbedder``; None: a run without terms).
     """
 
     run_dir: Path
@@ -143,6 +145,7 @@ class RunInfo:
     dataset_dir: Path | None = None
     export_id: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    embedder: Any = None
 
 
 def load_run_info(run_dir: Path) -> RunInfo:
@@ -181,6 +184,7 @@ def load_run_info(run_dir: Path) -> RunInfo:
         model_kind=run.model_kind,
         dataset_dir=run.dataset_dir,
         export_id=f"{DECODER} sha256 {digest}…, exported {stamp}",
+        embedder=run.term_embedder(),
     )
 
 
@@ -352,22 +356,32 @@ def field_label(name: str) -> str:
     return next(d.label for d in FIELDS if d.name == name)
 
 
-def study_topics(info: RunInfo, dataset_meta: pd.DataFrame) -> np.ndarray | None:
-    """``[N, T]`` topic weights of the run's studies (rows of ``latents.parquet``), NaN where unknown;
-    None when the dataset has no topic columns."""
-    from cbvae_ext.data.builder import topic_columns
+def study_topics(info: RunInfo, dataset_meta: pd.DataFrame, name: str = "topics") -> np.ndarray | None:
+    """``[N, size]`` values of a vector condition (``"topics"`` or ``"terms"``) of the run's studies (rows of
+    ``latents.parquet``), NaN where unknown; None when the run or the dataset lacks that group."""
+    from cbvae_ext.data.builder import vector_columns
 
-    n = info.schema.n_topics
-    columns = topic_columns(n)
+    n = info.schema.vector_sizes.get(name, 0)
+    columns = vector_columns(name, n)
     if not n or not set(columns) <= set(dataset_meta.columns):
         return None
     table = dataset_meta.set_index("id")
     rows = table.reindex(info.latents["id"])
-    topics = rows[columns].to_numpy(np.float64, copy=True)
-    observed = rows.get("topics_observed")
+    values = rows[columns].to_numpy(np.float64, copy=True)
+    observed = rows.get(f"{name}_observed")
     if observed is not None:
-        topics[~observed.fillna(False).to_numpy(bool)] = np.nan
-    return topics
+        values[~observed.fillna(False).to_numpy(bool)] = np.nan
+    return values
+
+
+def start_terms(info: RunInfo, terms: np.ndarray | None, study_id: str | None) -> np.ndarray | None:
+    """A study's own text embedding (``study_topics(..., "terms")``), None when it has no text or for a prior draw."""
+    if terms is None or study_id is None:
+        return None
+    rows = np.flatnonzero(info.latents["id"].to_numpy() == study_id)
+    if not rows.size or not np.isfinite(terms[rows[0]]).all():
+        return None
+    return terms[rows[0]].astype(np.float32)
 
 
 def start_topics(info: RunInfo, topics: np.ndarray | None, study_id: str | None) -> np.ndarray | None:

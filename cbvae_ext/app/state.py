@@ -196,7 +196,7 @@ def state_params(
         params["z"] = ",".join(f"{float(v):.4g}" for v in z)
     params["task"] = conditions.get("task") or "unknown"
     for name, value in conditions.items():
-        if name in ("task", "topics"):
+        if name in ("task", "topics", "terms"):  # terms: from the words or the starting study, not the link
             continue
         params[name] = "unknown" if value is None else f"{float(value):g}"
     for name, text in zip(_TEXTS, (query, *contrast), strict=True):

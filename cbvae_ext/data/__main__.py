@@ -13,6 +13,8 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from cbvae_ext.schema import TERMS
+
     from .kernels import DEFAULT_KERNEL_FWHM_MM, DEFAULT_RADIUS, KERNELS
 
     parser = argparse.ArgumentParser(prog="python -m cbvae_ext.data", description=__doc__)
@@ -49,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
         help="add NeuroQuery's term tf-idf (terms.npz) from --neuroquery-dir, $CBVAE_NEUROQUERY_DIR, "
         "../shared/data/neuroquery, else NiMARE's fetch_neuroquery",
     )
+    build.add_argument(
+        "--term-dims",
+        type=int,
+        default=0,
+        help="entries of the text embedding fitted on the training split, the network's 'terms' condition "
+        f"(with --terms; e.g. {TERMS.size}); 0, the default: terms.npz only (no validation gain measured, "
+        "bundle/docs/architecture.md)",
+    )
     info = sub.add_parser("info", help="check a dataset folder's files (full checksums) and print its counts")
     info.add_argument("out")
     return parser
@@ -81,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 neurosynth=not args.no_neurosynth,
                 seed=args.seed,
                 neuroquery_dir=terms_dir,
+                term_dims=args.term_dims,
             )
         else:
             from .dataset import load_dataset_info

@@ -26,7 +26,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from cbvae_ext.folders import replace_folder
-from cbvae_ext.schema import CONTINUOUS_FIELDS, TOPICS, MetadataSchema, declaration_fingerprint, plausible
+from cbvae_ext.schema import CONTINUOUS_FIELDS, TERMS, TOPICS, MetadataSchema, declaration_fingerprint, plausible
 
 from .categories import CATEGORIES, category_table
 from .errors import DataError
@@ -57,7 +57,16 @@ from .sources import (
 )
 from .splits import duplicate_groups, merge_groups, provisional_year_bins, split_groups, strata, stratified_subset
 
-__all__ = ["DATASET_FILES", "DTYPES", "FORMAT_NAME", "build_dataset", "package_version", "topic_columns"]
+__all__ = [
+    "DATASET_FILES",
+    "DTYPES",
+    "FORMAT_NAME",
+    "build_dataset",
+    "package_version",
+    "term_columns",
+    "topic_columns",
+    "vector_columns",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +78,16 @@ MIN_MAPS = 10
 def topic_columns(n: int) -> list[str]:
     """Metadata columns of the topic vector, in ``schema.topic_names`` order."""
     return [f"topic_{i:02d}" for i in range(n)]
+
+
+def term_columns(n: int) -> list[str]:
+    """Metadata columns of the text embedding (``schema.term_dims`` entries)."""
+    return [f"term_{i:02d}" for i in range(n)]
+
+
+def vector_columns(name: str, n: int) -> list[str]:
+    """Metadata columns of a vector condition group (``"topics"`` or ``"terms"``)."""
+    return topic_columns(n) if name == TOPICS.name else term_columns(n)
 
 
 def package_version() -> str:
@@ -241,6 +260,7 @@ def build_dataset(
     seed: int = 0,
     batch_size: int = 256,
     neuroquery_dir: str | Path | None = None,
+    term_dims: int = 0,
 ) -> Path:
     """Build (or reuse) a dataset folder and return its path.
 
@@ -262,6 +282,9 @@ def build_dataset(
         batch_size: maps rendered per batch (bounds memory).
         neuroquery_dir: NeuroQuery's term-count files; given, the build adds ``terms.npz`` (see
             ``cbvae_ext.data.neuroquery``); None: no terms.
+        term_dims: entries of the text embedding fitted on the training split, the network's ``terms``
+            condition (with ``neuroquery_dir``; ``TERMS.size`` is the tested size); 0 (the default: no
+            validation gain on the 1k or the full build, ``bundle/docs/architecture.md``): ``terms.npz`` only.
 
     Raises:
         DataError: bad option or input, nothing left after filtering, an unwritable output, or another
@@ -299,7 +322,9 @@ def build_dataset(
     if neuroquery_dir is not None:
         from .neuroquery import neuroquery_checksums
 
-        options["terms"] = {"neuroquery_files": neuroquery_checksums(neuroquery_dir)}
+        if int(term_dims) != term_dims or term_dims < 0:
+            raise DataError(f"--term-dims {term_dims!r} must be a whole number >= 0 (0: no terms condition)")
+        options["terms"] = {"neuroquery_files": neuroquery_checksums(neuroquery_dir), "embedding_dims": int(term_dims)}
     key = _cache_key(inputs, options)
     target = resolve_out(out)
     if not force and target.parent.is_dir() and not os.access(target.parent, os.W_OK) and _cached(target, key):
@@ -313,8 +338,9 @@ def build_dataset(
             return out
         _check_replaceable(target)  # fail before the slow part; checked again just before the rename
         _build(
-            target, inputs, options, key, spec, grid, subset, seed, neurosynth, dtype, batch_size, neuroquery_dir, start
-        )
+            target, inputs, options, key, spec, grid, subset, seed, neurosynth, dtype, batch_size, neuroquery_dir,
+            int(term_dims), start,
+        )  # fmt: skip
     return out
 
 
@@ -331,6 +357,7 @@ def _build(
     dtype: str,
     batch_size: int,
     neuroquery_dir: str | Path | None,
+    term_dims: int,
     start: float,
 ) -> None:
     """Read, filter, split and render into a temporary sibling of ``out``, then swap it in (see ``build_dataset``)."""
@@ -399,12 +426,24 @@ def _build(
             f"the build has {len(rows)} maps in {rows['split_group'].nunique()} study groups, which leaves the "
             f"{'/'.join(empty)} split empty; give at least {MIN_MAPS} studies (--subset or more sources)"
         )
+    terms, ecols = None, []
+    if neuroquery_dir is not None:
+        from .neuroquery import build_terms
+
+        is_train = (rows["split"] == "train").to_numpy()
+        terms, counts["neuroquery"] = build_terms(neuroquery_dir, rows["id"], is_train, term_dims, seed)
+        if terms.embedding is not None:
+            ecols = term_columns(terms.embedding.dims)
+            embedded = pd.DataFrame(np.nan_to_num(terms.embedded()).astype(np.float32), columns=ecols)
+            rows = pd.concat([rows, embedded], axis=1)  # no text: zeros with terms_observed False
+            rows[f"{TERMS.name}_observed"] = terms.observed
     train = rows[rows["split"] == "train"]
     schema = MetadataSchema.fit(
         CATEGORIES,
         {f: train[f].to_numpy() for f in CONTINUOUS_FIELDS},
         topic_names=topic_names,
         topic_keys=topic_keys,
+        term_dims=len(ecols),
     )
     rows["year_bin"] = schema.year_bin(rows["year"].to_numpy())
     rows["n_peaks"] = rows["n_peaks"].astype(np.int64)
@@ -412,13 +451,9 @@ def _build(
     for name in CONTINUOUS_FIELDS:
         columns += [name, f"{name}_observed"]
     columns += [*tcols, f"{TOPICS.name}_observed"]
+    if ecols:
+        columns += [*ecols, f"{TERMS.name}_observed"]
     rows = rows[[*columns, "category", "category_observed", "space", "n_peaks", "year_bin", "split_group", "split"]]
-
-    terms = None
-    if neuroquery_dir is not None:
-        from .neuroquery import build_terms
-
-        terms, counts["neuroquery"] = build_terms(neuroquery_dir, rows["id"], (rows["split"] == "train").to_numpy())
 
     tmp = _prepare_output(out)
     try:

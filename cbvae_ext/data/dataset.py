@@ -22,9 +22,9 @@ from monai.config import KeysCollection
 from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose, EnsureTyped, Lambdad, MapTransform
 
-from cbvae_ext.schema import CONTINUOUS_FIELDS, TOPICS, MetadataSchema
+from cbvae_ext.schema import CONTINUOUS_FIELDS, MetadataSchema
 
-from .builder import topic_columns
+from .builder import vector_columns
 from .errors import DataError
 from .folder import DATASET_FILES, check_dataset_files, rebuild_fix
 
@@ -91,10 +91,10 @@ class DatasetInfo:
         """``(meta, meta_mask)`` of the given rows via ``schema.encode``."""
         frame = self.metadata.iloc[rows]
         values: dict[str, Any] = {f: frame[f].to_numpy(np.float64) for f in CONTINUOUS_FIELDS}
-        if self.schema.n_topics:
-            topics = frame[topic_columns(self.schema.n_topics)].to_numpy(np.float64, copy=True)
-            topics[~frame[f"{TOPICS.name}_observed"].to_numpy(bool)] = np.nan
-            values[TOPICS.name] = topics
+        for name, size in self.schema.vector_sizes.items():
+            vec = frame[vector_columns(name, size)].to_numpy(np.float64, copy=True)
+            vec[~frame[f"{name}_observed"].to_numpy(bool)] = np.nan
+            values[name] = vec
         return self.schema.encode(values, frame["category"].tolist())
 
     def category_index(self, rows: np.ndarray) -> np.ndarray:
@@ -141,10 +141,9 @@ def load_dataset_info(path: str | Path, full_check: bool = False) -> DatasetInfo
 
 def _check_columns(path: Path, metadata: pd.DataFrame, schema: MetadataSchema) -> None:
     """The columns the loader reads exist, with usable types."""
-    numeric = [*CONTINUOUS_FIELDS, *topic_columns(schema.n_topics), "year_bin"]
-    flags = [*(f"{f}_observed" for f in CONTINUOUS_FIELDS), "category_observed"]
-    if schema.n_topics:
-        flags.append(f"{TOPICS.name}_observed")
+    vectors = schema.vector_sizes
+    numeric = [*CONTINUOUS_FIELDS, *(c for n, k in vectors.items() for c in vector_columns(n, k)), "year_bin"]
+    flags = [*(f"{f}_observed" for f in CONTINUOUS_FIELDS), "category_observed", *(f"{n}_observed" for n in vectors)]
     missing = [c for c in ["id", "split", "category", *numeric, *flags] if c not in metadata]
     if missing:
         raise DataError(f"{path / 'metadata.parquet'} lacks column(s) {', '.join(missing[:3])}; {rebuild_fix(path)}")

@@ -12,10 +12,16 @@ longest phrases only), times ``idf = 1 - log(document frequency)`` with the docu
 the **training** studies that have text, rows l2-normalised. A study without text has an empty row and
 ``observed`` False: nothing is invented. The dataset folder stores it as ``terms.npz``
 (``bundle/docs/formats.md``), with the idf and the vocabulary, so a query can be put on the same scale.
+
+The condition the network sees is a low-dimensional **embedding** of that tf-idf (``TermEmbedding``): a
+truncated SVD fitted on the training studies with text, each dimension standardised on them. It is
+linear, so a typed query (``TermEmbedding.embed_counts``) goes through exactly the map a study's text did,
+and ``terms.npz`` carries it (``components``, ``offset``) for the app and the export.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import os
@@ -34,8 +40,11 @@ __all__ = [
     "NEUROQUERY_FILES",
     "TERMS_FILE",
     "NeuroQueryText",
+    "TermEmbedding",
     "Terms",
+    "TextEmbedder",
     "build_terms",
+    "fit_embedding",
     "fetch_neuroquery_dir",
     "join_text",
     "load_terms",
@@ -44,7 +53,9 @@ __all__ = [
     "read_neuroquery",
     "resolve_neuroquery_dir",
     "save_terms",
+    "texts_tfidf",
     "tfidf",
+    "weigh",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,12 +92,150 @@ class Terms:
         observed: ``[N]`` bool, the study has NeuroQuery text.
         idf: ``[n_terms]`` the training split's idf (``1 - log(df)``).
         vocabulary: the terms, column order.
+        embedding: the training split's text embedding (None: built without one).
     """
 
     tfidf: scipy.sparse.csr_matrix
     observed: np.ndarray
     idf: np.ndarray
     vocabulary: list[str]
+    embedding: TermEmbedding | None = None
+
+    def embedder(self) -> TextEmbedder:
+        """What a query needs to be embedded like a study's text (no per-study rows)."""
+        if self.embedding is None:
+            raise DataError("terms.npz has no text embedding; rebuild the dataset with --term-dims > 0")
+        return TextEmbedder(self.embedding, np.asarray(self.idf, np.float64), list(self.vocabulary))
+
+    def embedded(self) -> np.ndarray:
+        """``[N, dims]`` embedding of every map's text, NaN rows where the study has none (missing, not zero)."""
+        if self.embedding is None:
+            raise DataError("terms.npz has no text embedding; rebuild the dataset with --term-dims > 0")
+        out = self.embedding.embed(self.tfidf)
+        out[~self.observed] = np.nan
+        return out
+
+
+@dataclass
+class TermEmbedding:
+    """A linear text embedding: ``tfidf @ components - offset`` (a truncated SVD, standardised on train).
+
+    Attributes:
+        components: ``[n_terms, dims]`` float32.
+        offset: ``[dims]`` float32.
+    """
+
+    components: np.ndarray
+    offset: np.ndarray
+
+    @property
+    def dims(self) -> int:
+        return int(self.components.shape[1])
+
+    def embed(self, tfidf_rows: scipy.sparse.spmatrix | np.ndarray) -> np.ndarray:
+        """``[n, dims]`` float64 embedding of tf-idf rows (l2-normalised, as ``tfidf`` makes them)."""
+        return np.asarray(tfidf_rows @ self.components, dtype=np.float64) - self.offset
+
+    def embed_counts(self, counts: np.ndarray, idf: np.ndarray, vocabulary: Sequence[str]) -> np.ndarray:
+        """``[dims]`` embedding of one text's term counts (``[n_terms]``, a query's): weighed as a study's text."""
+        row = weigh(scipy.sparse.csr_matrix(np.asarray(counts, np.float64).reshape(1, -1)), idf, vocabulary)
+        return self.embed(row)[0]
+
+
+@dataclass
+class TextEmbedder:
+    """Recognised NeuroQuery terms to the ``terms`` condition: counts, tf-idf with the training idf, embedding.
+
+    Attributes:
+        embedding: the training split's ``TermEmbedding``.
+        idf: ``[n_terms]`` the training idf.
+        vocabulary: NeuroQuery's terms, in column order (the tokeniser's normalised spelling).
+    """
+
+    embedding: TermEmbedding
+    idf: np.ndarray
+    vocabulary: list[str]
+
+    def __post_init__(self) -> None:
+        self._column = {t: i for i, t in enumerate(self.vocabulary)}
+
+    def embed_terms(self, terms: Sequence[str]) -> np.ndarray | None:
+        """``[dims]`` embedding of a text's recognised terms (repeats count); None when none is in the vocabulary."""
+        counts = np.zeros(len(self.vocabulary))
+        for t in terms:
+            if t in self._column:
+                counts[self._column[t]] += 1.0
+        if not counts.any():
+            return None
+        return self.embedding.embed_counts(counts, self.idf, self.vocabulary)
+
+    def embed_texts(self, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """``([n, dims] embeddings, [n] bool recognised)`` of free texts (``texts_tfidf``); rows without a
+        recognised term are NaN (missing)."""
+        x = texts_tfidf(texts, self.vocabulary, self.idf)
+        found = np.asarray(x.getnnz(axis=1)) > 0
+        out = np.full((len(texts), self.embedding.dims), np.nan)
+        if found.any():
+            out[found] = self.embedding.embed(x[found])
+        return out, found
+
+    def save(self, path: str | Path) -> None:
+        """Write the embedder as one ``.npz`` (no pickles); ``replace_atomically`` makes it atomic."""
+        with open(path, "wb") as f:
+            np.savez_compressed(
+                f,
+                components=self.embedding.components,
+                offset=self.embedding.offset,
+                idf=self.idf,
+                vocabulary=np.array(self.vocabulary, dtype=str),
+            )
+
+    @classmethod
+    def load(cls, path: str | Path) -> TextEmbedder:
+        """Read ``save``'s file.
+
+        Raises:
+            DataError: unreadable, or arrays that do not fit together.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                out = cls(TermEmbedding(z["components"], z["offset"]), z["idf"], [str(t) for t in z["vocabulary"]])
+        except (OSError, ValueError, KeyError) as err:
+            raise DataError(f"{path} is unreadable ({err}); re-export the run") from err
+        n = len(out.vocabulary)
+        if (
+            out.embedding.components.shape[0] != n
+            or out.idf.shape != (n,)
+            or out.embedding.offset.shape != (out.embedding.dims,)
+        ):
+            raise DataError(f"{path} has arrays that do not fit together; re-export the run")
+        return out
+
+
+def fit_embedding(tfidf_m: scipy.sparse.csr_matrix, fit: np.ndarray, dims: int, seed: int = 0) -> TermEmbedding:
+    """Truncated SVD of the ``fit`` rows' tf-idf, each dimension then centred and scaled to unit sd on them.
+
+    Args:
+        tfidf_m: ``[N, n_terms]`` l2-normalised tf-idf.
+        fit: ``[N]`` bool, the rows to fit on (training studies with text).
+        dims: embedding size; at most one less than the fitted rows (and than the terms).
+        seed: the randomised SVD's seed.
+
+    Raises:
+        DataError: fewer than 3 rows to fit on.
+    """
+    from sklearn.decomposition import TruncatedSVD
+
+    x = tfidf_m[np.asarray(fit, bool)]
+    dims = min(int(dims), x.shape[0] - 1, x.shape[1] - 1)
+    if dims < 2:
+        raise DataError(f"{x.shape[0]} training studies have text: too few for a text embedding; build without terms")
+    svd = TruncatedSVD(n_components=dims, algorithm="randomized", n_iter=7, random_state=seed).fit(x)
+    e = np.asarray(x @ svd.components_.T, dtype=np.float64)
+    scale = e.std(axis=0)
+    scale[scale <= 0] = 1.0
+    components = (svd.components_.T / scale).astype(np.float32)
+    return TermEmbedding(components, (e.mean(axis=0) / scale).astype(np.float32))
 
 
 def _candidates() -> list[Path]:
@@ -213,25 +362,58 @@ def tfidf(
     Returns:
         ``(tfidf [N, n_terms] CSR float32, idf [n_terms] float64)``.
     """
-    from neuroquery.tokenization import unigram_operator
-    from sklearn.preprocessing import normalize
-
-    counts = scipy.sparse.csr_matrix(counts) @ unigram_operator(list(vocabulary))
+    counts = scipy.sparse.csr_matrix(counts) @ _unigram_operator(tuple(vocabulary))
     fit = np.asarray(observed, bool) & np.asarray(train, bool)
     if not fit.any():
         raise DataError("no training study has NeuroQuery text, so the term idf cannot be fitted; build without terms")
     df = np.asarray((counts[fit] > 0).sum(axis=0)).ravel() / fit.sum()
     # a term no training study uses gets the largest idf a single study would give, so a query can still use it
     idf = 1.0 - np.log(np.maximum(df, 1.0 / fit.sum()))
+    return _weigh_expanded(counts, idf), idf
+
+
+def texts_tfidf(texts: Sequence[str | None], vocabulary: Sequence[str], idf: np.ndarray) -> scipy.sparse.csr_matrix:
+    """Texts (titles, a study's words) as NeuroQuery tf-idf rows on the dataset's scale: NeuroQuery's
+    ``TextVectorizer`` (phrases of its vocabulary, NLTK stop words, each phrase also counted for its words),
+    times the training idf, l2-normalised. A missing or unrecognised text is an empty row."""
+    from neuroquery.tokenization import TextVectorizer
+
+    vectorizer = TextVectorizer.from_vocabulary(list(vocabulary), use_idf=False, norm=None, add_unigrams=True)
+    counts = vectorizer.transform([t if isinstance(t, str) else "" for t in texts])
+    return _weigh_expanded(scipy.sparse.csr_matrix(counts, dtype=np.float64), np.asarray(idf, np.float64))
+
+
+def weigh(counts: scipy.sparse.spmatrix, idf: np.ndarray, vocabulary: Sequence[str]) -> scipy.sparse.csr_matrix:
+    """Term counts ``[n, n_terms]`` to NeuroQuery's tf-idf rows with a given idf (each phrase also counts its words)."""
+    return _weigh_expanded(scipy.sparse.csr_matrix(counts) @ _unigram_operator(tuple(vocabulary)), idf)
+
+
+def _weigh_expanded(counts: scipy.sparse.spmatrix, idf: np.ndarray) -> scipy.sparse.csr_matrix:
+    from sklearn.preprocessing import normalize
+
     out = normalize(counts @ scipy.sparse.diags(idf), norm="l2", axis=1)
-    return scipy.sparse.csr_matrix(out, dtype=np.float32), idf
+    return scipy.sparse.csr_matrix(out, dtype=np.float32)
 
 
-def build_terms(directory: str | Path, ids: Sequence[str], train: np.ndarray) -> tuple[Terms, dict[str, int]]:
-    """Read, join and weight NeuroQuery's text for the maps ``ids``; returns the terms and counts for the manifest."""
+@functools.lru_cache(maxsize=2)
+def _unigram_operator(vocabulary: tuple[str, ...]) -> scipy.sparse.csr_matrix:
+    from neuroquery.tokenization import unigram_operator
+
+    return scipy.sparse.csr_matrix(unigram_operator(list(vocabulary)))
+
+
+def build_terms(
+    directory: str | Path, ids: Sequence[str], train: np.ndarray, dims: int = 0, seed: int = 0
+) -> tuple[Terms, dict[str, int]]:
+    """Read, join and weight NeuroQuery's text for the maps ``ids`` and fit a ``dims``-entry embedding (0: none).
+
+    Returns:
+        The terms and their counts for the manifest.
+    """
     text = read_neuroquery(directory)
     counts, observed = join_text(text, ids)
     weights, idf = tfidf(counts, observed, train, text.vocabulary)
+    embedding = fit_embedding(weights, observed & np.asarray(train, bool), dims, seed) if dims else None
     stats = {
         "articles_read": len(text.pmids),
         "maps_with_text": int(observed.sum()),
@@ -244,7 +426,9 @@ def build_terms(directory: str | Path, ids: Sequence[str], train: np.ndarray) ->
         len(ids),
         stats["train_maps_with_text"],
     )
-    return Terms(weights, observed, idf, list(text.vocabulary)), stats
+    if embedding is not None:
+        stats["embedding_dims"] = embedding.dims
+    return Terms(weights, observed, idf, list(text.vocabulary), embedding), stats
 
 
 def save_terms(path: str | Path, terms: Terms) -> None:
@@ -261,6 +445,11 @@ def save_terms(path: str | Path, terms: Terms) -> None:
             observed=np.asarray(terms.observed, bool),
             idf=np.asarray(terms.idf, np.float64),
             vocabulary=np.array(terms.vocabulary, dtype=str),
+            **(
+                {"components": terms.embedding.components, "offset": terms.embedding.offset}
+                if terms.embedding is not None
+                else {}
+            ),
         )
 
 
@@ -277,10 +466,14 @@ def load_terms(dataset_dir: str | Path) -> Terms | None:
         tfidf_m = scipy.sparse.load_npz(path).tocsr()
         with np.load(path, allow_pickle=False) as z:
             observed, idf, vocabulary = z["observed"].astype(bool), z["idf"], [str(t) for t in z["vocabulary"]]
+            embedding = TermEmbedding(z["components"], z["offset"]) if "components" in z else None
     except (OSError, ValueError, KeyError) as err:
         raise DataError(f"{path} is unreadable ({err}); rebuild the dataset with --force") from err
-    if tfidf_m.shape != (len(observed), len(idf)) or len(vocabulary) != len(idf):
+    bad_embedding = embedding is not None and (
+        embedding.components.shape[0] != len(idf) or embedding.offset.shape != (embedding.dims,)
+    )
+    if tfidf_m.shape != (len(observed), len(idf)) or len(vocabulary) != len(idf) or bad_embedding:
         raise DataError(
             f"{path} is inconsistent (tf-idf {tfidf_m.shape}, {len(observed)} flags, {len(idf)} idf); rebuild with --force"
         )
-    return Terms(tfidf_m, observed, idf, vocabulary)
+    return Terms(tfidf_m, observed, idf, vocabulary, embedding)

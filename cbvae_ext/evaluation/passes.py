@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cbvae_ext.data.builder import topic_columns
+from cbvae_ext.data.builder import vector_columns
 from cbvae_ext.evaluation.columns import COND, LOGLIK_ELBO, LOGLIK_IWAE, RECON, hidden
 from cbvae_ext.evaluation.conditional import conditional_mean_probs
 from cbvae_ext.evaluation.likelihood import bernoulli_nll, importance_weighted_bound
@@ -65,9 +65,14 @@ def load_split(info: Any, rows: np.ndarray, schema: Any = None, chunk: int = 256
     """
     if schema is not None:
         info = replace(info, schema=schema)
-    absent = [c for c in topic_columns(getattr(info.schema, "n_topics", 0)) if c not in info.metadata.columns]
-    if absent:  # a NeuroStore-only dataset has no topic weights: missing (mask 0) for a model that takes them
-        info = replace(info, metadata=info.metadata.assign(**dict.fromkeys(absent, np.nan), topics_observed=False))
+    for name, size in info.schema.vector_sizes.items():
+        absent = [c for c in vector_columns(name, size) if c not in info.metadata.columns]
+        if (
+            absent
+        ):  # a NeuroStore-only dataset has no topic weights or text: missing (mask 0) for a model that takes them
+            info = replace(
+                info, metadata=info.metadata.assign(**dict.fromkeys(absent, np.nan), **{f"{name}_observed": False})
+            )
     mask = np.asarray(info.mask, dtype=bool)
     maps = np.empty((len(rows), int(mask.sum())), dtype=np.float32)
     for start in range(0, len(rows), chunk):

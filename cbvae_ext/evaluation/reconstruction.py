@@ -88,7 +88,8 @@ def models_section(data: EvalData) -> Section:
     Writes ``data.cache["scores"]`` (per role the ``score_network`` output: ``mu``, ``imp_mu``, ``examples``, ...)
     and, for the C-β-VAE, ``data.cache["predictions"][MODEL_COND]``, ``data.cache["counterfactual"]``
     (``{"model", "mu", "imputed_defaults", "task"}``) and ``data.cache["title_model"]`` (titles -> conditional
-    mean maps by the app's words -> topics rule; only with topic weights) with its ``data.cache["topic_vocabulary"]``.
+    mean maps by the app's words -> topics rule and, for a run with a terms group, the text embedding) with its
+    ``data.cache["topic_vocabulary"]``.
     """
     out: dict[str, Any] = {}
     columns: dict[str, np.ndarray] = {}
@@ -159,21 +160,38 @@ def _cache_model(data: EvalData, run: LoadedRun, sc: dict[str, Any]) -> None:
         "task": condition_group(schema, "task"),
     }
     topics = condition_group(schema, "topics")
-    if topics is None or not schema.topic_keys:
+    if topics is not None and not schema.topic_keys:
+        topics = None
+    embedder, terms = None, condition_group(schema, "terms")
+    if terms is not None:
+        from cbvae_ext.data.neuroquery import load_terms
+
+        found = load_terms(data.info.path)
+        embedder = None if found is None or found.embedding is None else found.embedder()
+    if topics is None and embedder is None:
         return
     from cbvae_ext.app.words import TopicVocabulary  # the app's own words -> topics rule
 
-    vocabulary = TopicVocabulary(schema.topic_keys, schema.topic_names)
+    vocabulary = TopicVocabulary(schema.topic_keys, schema.topic_names) if topics is not None else None
     batch = data.opts["batch_size"]
 
     def title_maps(titles: list[str | None]) -> tuple[np.ndarray, int]:
-        matches = [vocabulary.match(t or "") for t in titles]
         meta = np.zeros((len(titles), schema.meta_dim), np.float32)
         meta_mask = np.zeros((len(titles), schema.mask_dim), np.float32)
-        hit = np.array([not m.empty for m in matches])
-        if hit.any():
-            meta[hit, topics.meta_slice] = np.stack([m.weights for m in matches if not m.empty])
-        meta_mask[hit, topics.mask_index] = 1.0  # no matched word: every condition missing
+        hit = np.zeros(len(titles), bool)
+        if vocabulary is not None:
+            matches = [vocabulary.match(t or "") for t in titles]
+            found = np.array([not m.empty for m in matches])
+            if found.any():
+                meta[found, topics.meta_slice] = np.stack([m.weights for m in matches if not m.empty])
+            meta_mask[found, topics.mask_index] = 1.0
+            hit |= found
+        if embedder is not None:  # NeuroQuery's terms of the text, embedded as a study's text was
+            embedded, found = embedder.embed_texts(titles)
+            meta[found, terms.meta_slice] = embedded[found]
+            meta_mask[found, terms.mask_index] = 1.0
+            hit |= found
+        # a text with nothing recognised: every condition missing
         maps = np.concatenate(
             [
                 conditional_mean_maps(data, run, meta[s : s + batch], meta_mask[s : s + batch])[0]
@@ -183,7 +201,7 @@ def _cache_model(data: EvalData, run: LoadedRun, sc: dict[str, Any]) -> None:
         return maps, int(hit.sum())
 
     cache["title_model"] = title_maps
-    cache["topic_vocabulary"] = vocabulary
+    cache["topic_vocabulary"] = vocabulary  # None: a run conditioned on terms without topics
 
 
 def _imputation(data: EvalData, imp_mu: np.ndarray | None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 
+from cbvae_ext.data.neuroquery import texts_tfidf
 from cbvae_ext.evaluation.columns import (
     MITCHELL,
     MODEL_COND,
@@ -115,20 +116,10 @@ class NeuroQueryBaseline:
         return np.asarray(self.model.predict(x), dtype=np.float32)
 
 
-def title_tfidf(titles: list[str | None], vocabulary: list[str], idf: np.ndarray) -> scipy.sparse.csr_matrix:
-    """Titles as NeuroQuery tf-idf rows on the dataset's scale: NeuroQuery's tokeniser (phrases of its
-    vocabulary, NLTK stop words, each phrase also counted for its words), times the training idf, l2-normalised.
-    A missing title is an empty row."""
-    from neuroquery.tokenization import TextVectorizer
-    from sklearn.preprocessing import normalize
-
-    vectorizer = TextVectorizer.from_vocabulary(list(vocabulary), use_idf=False, norm=None, add_unigrams=True)
-    counts = vectorizer.transform([t if isinstance(t, str) else "" for t in titles])
-    weighted = scipy.sparse.csr_matrix(counts, dtype=np.float64) @ scipy.sparse.diags(np.asarray(idf, np.float64))
-    return scipy.sparse.csr_matrix(normalize(weighted, norm="l2", axis=1), dtype=np.float32)
+#: Titles as NeuroQuery tf-idf rows on the dataset's scale (``cbvae_ext.data.neuroquery.texts_tfidf``).
+title_tfidf = texts_tfidf
 
 
-# ----- per-map protocols ----------------------------------------------------------------------------------
 def density(maps: np.ndarray, floor: float = DENSITY_FLOOR) -> np.ndarray:
     """Each map as a probability density over the mask: positive part over its sum, mixed with ``floor`` of
     uniform (a map with no positive voxel is uniform)."""
@@ -392,7 +383,8 @@ def title_section(data: EvalData) -> Section:
         out["cbvae"] = {"absent": "no --run_dir given, or the run's schema has no topic weights (the words rule)"}
     else:
         pred, n_matched = topic_rule(titles)
-        add(f"cbvae/{TITLE}", pred, {"rule": "cbvae_ext.app.words topic rule", "n_titles_matched": n_matched})
+        rule = "cbvae_ext.app.words topic rule" + (" and the terms embedding" if data.schema.term_dims else "")
+        add(f"cbvae/{TITLE}", pred, {"rule": rule, "n_titles_matched": n_matched})
     if column(f"cbvae/{TITLE}", PEAK_AUC) in columns and column(f"{NEUROQUERY}/{TITLE}", PEAK_AUC) in columns:
         mine, theirs = (lambda k: column(f"cbvae/{TITLE}", k)), (lambda k: column(f"{NEUROQUERY}/{TITLE}", k))
         out["model_vs_neuroquery"] = {

@@ -126,8 +126,9 @@ def unseen_pairs_section(data: EvalData) -> Section:
     terms, train_rows, vocabulary = nq["terms"], nq["train_rows"], data.cache["topic_vocabulary"]
     has_text = terms.observed[train_rows]
     present = (terms.tfidf[train_rows[has_text]] > 0).astype(np.int8).tocsc()
-    # a term counts for both predictors only when the words rule finds a topic for it
-    eligible = np.array([not vocabulary.match(t).empty for t in terms.vocabulary])
+    # a term counts for both predictors only when the words rule finds a topic for it (the same pairs whether
+    # or not the run also reads the terms themselves)
+    eligible = np.array([vocabulary is not None and not vocabulary.match(t).empty for t in terms.vocabulary])
     n_text = int(has_text.sum())
     band = (max(2, int(np.ceil(UNSEEN_BAND[0] * n_text))), max(2, int(UNSEEN_BAND[1] * n_text)))
     pairs = choose_pairs(

@@ -11,7 +11,7 @@ import torch.nn as nn
 from cbvae_ext.networks.conditioning import ConditionalMean, UnknownTokens, as_groups, check_groups, drop_conditions
 from cbvae_ext.networks.dense3d import DenseDecoder, DenseEncoder, set_fast_path
 from cbvae_ext.networks.heads import GradientReversal, ImputationHead, YearAdversary, sample_latent
-from cbvae_ext.schema import ConditionGroup
+from cbvae_ext.schema import TOPICS, ConditionGroup
 
 __all__ = ["ConditionalBetaVAE", "complete_metadata"]
 
@@ -153,11 +153,11 @@ class ConditionalBetaVAE(nn.Module):
         # hidden (0 values, mask 0) before the FiLM, so the decoder's unknown tokens stand in for them
         self.register_buffer("encoder_keep", self._keep(encoder_groups, meta_dim, mask_dim), persistent=False)
         self.register_buffer("decoder_keep", self._keep(decoder_groups, meta_dim, mask_dim), persistent=False)
-        # a vector group (the topic mixture sums to 1) enters scaled by the square root of its size, so a
-        # dominant topic is O(1) like the one-hot and the z-scored fields
+        # the topic mixture (sums to 1) enters scaled by the square root of its size, so a dominant topic is
+        # O(1) like the one-hot and the z-scored fields; the text embedding is already standardised
         scale = torch.ones(meta_dim + mask_dim)
         for g in self.groups:
-            if g.kind == "vector":
+            if g.name == TOPICS.name:
                 scale[g.meta_slice] = float(g.size) ** 0.5
         self.register_buffer("cond_scale", scale, persistent=False)
         set_fast_path(self, fast_path)

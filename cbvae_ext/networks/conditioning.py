@@ -297,6 +297,7 @@ def initialise_from_data(
     identify_task: bool = True,
     vector_hidden_replica: bool = False,
     rows: Mapping[str, np.ndarray] | None = None,
+    hidden_groups: Sequence[str] = (),
 ) -> nn.Module:
     """Fit a network's conditional-mean path on the dataset's training split (see ``ConditionalMean``).
 
@@ -312,7 +313,8 @@ def initialise_from_data(
     MSE: squared error alone pulls every category map to the mean map on a 1k split. A network
     without the path is returned unchanged; a checkpoint loaded later overwrites the fit. ``rows``
     (``{"train": ..., "val": ...}``, dataset rows) replaces the dataset's splits, e.g. to refit without
-    some studies (the evaluation's unseen term pairs).
+    some studies (the evaluation's unseen term pairs). ``hidden_groups`` are hidden on every row, as if the
+    dataset lacked them (an ablation, ``scripts/ablate_text.py``).
     """
     from cbvae_ext.data import load_dataset_info, normalise_maps
     from cbvae_ext.networks import unwrap
@@ -336,8 +338,12 @@ def initialise_from_data(
         return network
     gen = torch.Generator().manual_seed(seed)
 
+    absent = torch.tensor([g.name in hidden_groups for g in model.groups])
+
     def conditions(rows: np.ndarray, drop: bool, hidden: torch.Tensor | None = None) -> np.ndarray:
         meta, meta_mask = (torch.from_numpy(a) for a in info.encode(rows))
+        if absent.any():
+            meta, meta_mask = hide_groups(meta, meta_mask, model.groups, absent.expand(len(rows), -1))
         if hidden is not None:
             meta, meta_mask = hide_groups(meta, meta_mask, model.groups, hidden)
         elif drop:

@@ -526,7 +526,8 @@ class StudyContext:
 
     # ----- conditions ---------------------------------------------------------------------------
     def conditions(self, metadata: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """The model's named conditions from a study's metadata; text becomes topic weights when the run has topics."""
+        """The model's named conditions from a study's metadata; text becomes topic weights when the run has topics
+        and the terms condition when it has a terms group."""
         schema = self.model.schema
         known = {g.name for g in schema.groups}
         cond: dict[str, Any] = {}
@@ -535,6 +536,14 @@ class StudyContext:
             if metadata.get(name) is not None and name in known:
                 cond[name] = metadata[name]
         text = metadata.get("text")
+        embedder = self.model.term_embedder if text and schema.term_dims else None
+        if embedder is not None:  # NeuroQuery's terms of the text, embedded as the training studies' text was
+            embedded = self.model.text_terms(str(text))
+            if embedded is not None:
+                cond["terms"] = embedded
+                notes.append("text: embedded through NeuroQuery's terms (the run's terms condition)")
+            else:
+                notes.append("text: no NeuroQuery term recognised; terms left unknown")
         if text and schema.n_topics and schema.topic_keys:
             from cbvae_ext.app.words import TopicVocabulary
 
@@ -544,7 +553,7 @@ class StudyContext:
             else:
                 cond["topics"] = match.weights
                 notes.append(f"text: mapped to topic weights through {len(match.matched)} matched words or phrases")
-        elif text:
+        elif text and embedder is None:
             notes.append("text: recorded; this run takes no topic condition, so it does not change the model's maps")
         return cond, notes
 

@@ -100,11 +100,11 @@ def text_table(info, seed: int, n_components: int = 100) -> None:
     base_tr = _path_probs(model, info, *_hidden(info, *info.encode(train), no_terms))
     base_va = _path_probs(model, info, *_hidden(info, *info.encode(val), no_terms))
     auc = {"topics + task + year": peak_auc(base_va, peaks)}
-    if info.schema.term_dims:
-        initialise_from_data(model, info.path, seed=seed)
-        auc[f"+ terms group ({info.schema.term_dims}-dim embedding)"] = peak_auc(
-            _path_probs(model, info, *info.encode(val)), peaks
-        )
+    for own in ((), ("terms",)) if info.schema.term_dims else ():
+        initialise_from_data(model, info.path, seed=seed, own_penalty=own)
+        name = f"+ terms group ({info.schema.term_dims}-dim embedding{', its own penalty' if own else ''})"
+        auc[name] = peak_auc(_path_probs(model, info, *info.encode(val)), peaks)
+        print(f"{name}: penalties {model.cond_mean.alpha}")
     pca = PCA(min(n_components, int(has_tr.sum()) - 1), random_state=seed).fit(y_tr[has_tr] - base_tr[has_tr])
     target = pca.transform(y_tr[has_tr] - base_tr[has_tr])
     reg = SmoothedRegression(n_components=min(300, int(has_tr.sum()) - 1)).fit(terms.tfidf[train[has_tr]], target)

@@ -68,3 +68,24 @@ def test_initialise_keeps_the_task_map_identifying_on_validation(tmp_path):
             maps = torch.sigmoid(model.conditional_mean(torch.from_numpy(m))).numpy()[:, 0][:, info.mask]
         counts[flag] = identification(maps, heldout, [str(c) for c in present])["n_correct"]
     assert counts[True] >= counts[False]
+
+
+def test_a_group_with_its_own_penalty_keeps_the_other_two(tiny_dataset):
+    """``own_penalty``: the other two strengths are those of the shared fit; the third comes from the grid, and
+    where it equals the shared strength the path is the shared fit's."""
+    import torch
+
+    from cbvae_ext.data import load_dataset_info
+    from cbvae_ext.networks import build_network, initialise_from_data, preset_config
+
+    info = load_dataset_info(tiny_dataset)
+    paths = {}
+    for own in ((), ("terms",)):
+        model = build_network(preset_config("cpu", info.schema, info.mask.shape))
+        paths[own] = initialise_from_data(model, info.path, identify_task=False, own_penalty=own).cond_mean
+    shared, separate = paths[()].alpha, paths[("terms",)].alpha
+    assert len(shared) == 2 and len(separate) == 3 and tuple(separate[:2]) == tuple(shared)
+    assert separate[2] in 10.0 ** np.arange(0, 7)
+    coef = {k: (p.weight.T @ p.basis).detach() for k, p in paths.items()}
+    same = torch.allclose(coef[()], coef[("terms",)], rtol=1e-4, atol=1e-6)
+    assert same == (separate[2] == shared[0])

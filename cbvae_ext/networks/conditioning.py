@@ -298,6 +298,7 @@ def initialise_from_data(
     vector_hidden_replica: bool = False,
     rows: Mapping[str, np.ndarray] | None = None,
     hidden_groups: Sequence[str] = (),
+    own_penalty: Sequence[str] = (),
 ) -> nn.Module:
     """Fit a network's conditional-mean path on the dataset's training split (see ``ConditionalMean``).
 
@@ -314,7 +315,9 @@ def initialise_from_data(
     without the path is returned unchanged; a checkpoint loaded later overwrites the fit. ``rows``
     (``{"train": ..., "val": ...}``, dataset rows) replaces the dataset's splits, e.g. to refit without
     some studies (the evaluation's unseen term pairs). ``hidden_groups`` are hidden on every row, as if the
-    dataset lacked them (an ablation, ``scripts/ablate_text.py``).
+    dataset lacked them (an ablation, ``scripts/ablate_text.py``). ``own_penalty`` groups (e.g. ``"terms"``)
+    get a third strength, chosen by validation MSE after the other two (which are kept), instead of sharing
+    the fields' and topics' strength.
     """
     from cbvae_ext.data import load_dataset_info, normalise_maps
     from cbvae_ext.networks import unwrap
@@ -369,19 +372,34 @@ def initialise_from_data(
     for g in model.groups:
         categorical[g.meta_slice] = g.kind == "categorical"
     categorical = np.tile(categorical, x_train.shape[1] // len(categorical))
+    own = np.zeros(model.encoder_keep.numel(), bool)
+    for g in model.groups:
+        own[g.meta_slice] = g.name in own_penalty
+    own = np.tile(own, x_train.shape[1] // len(own))
+
+    def penalty(a: float, c: float, t: float | None = None) -> np.ndarray:
+        """Per-feature penalties: ``c`` for the categorical entries, ``t`` for ``own_penalty`` groups, else ``a``."""
+        out = np.where(categorical, c, a)
+        return out if t is None else np.where(own, t, out)
+
     candidates = [(a, c) for a in 10.0 ** np.arange(1, 7) for c in 10.0 ** np.arange(0, 6)]
-    penalties = [np.where(categorical, c, a) for a, c in candidates]
+    penalties = [penalty(a, c) for a, c in candidates]
     task_only = torch.tensor([g.name != "task" for g in model.groups]).expand(len(val), -1)
     val_sets = [conditions(val, False), conditions(val, False, task_only)]
     b0, coef, best, _ = fit_ridge(x_train, lambda r: maps(rows[r]), val_sets, lambda r: maps(val[r]), penalties)
     alpha = candidates[best]
+    if own.any():
+        strengths = 10.0 ** np.arange(0, 7)
+        own_penalties = [penalty(*alpha, t) for t in strengths]
+        b0, coef, best, _ = fit_ridge(x_train, lambda r: maps(rows[r]), val_sets, lambda r: maps(val[r]), own_penalties)
+        alpha = (*alpha, float(strengths[best]))
     if identify_task:
         # the MSE choice shrinks a small category's map to the mean map, so a task alone names no category;
         # the task penalty is re-chosen by how many validation categories the task-alone map identifies
         # (ties: the MSE), the other penalty kept
         labels = info.category_index(val)
-        task_candidates = [(a, c) for a, c in candidates if a == alpha[0]]
-        task_penalties = [np.where(categorical, c, a) for a, c in task_candidates]
+        task_candidates = [(a, c, *alpha[2:]) for a, c in candidates if a == alpha[0]]
+        task_penalties = [penalty(*p) for p in task_candidates]
         b0, coef, best, _ = fit_ridge(
             x_train,
             lambda r: maps(rows[r]),

@@ -136,13 +136,13 @@ def load_dataset(dataset_dir: str) -> Any:
 
 
 @st.cache_resource(max_entries=4)
-def dataset_topics(run_dir: str, stamp: float, dataset_dir: str, name: str = "topics") -> np.ndarray | None:
+def dataset_vectors(run_dir: str, stamp: float, dataset_dir: str, name: str = "topics") -> np.ndarray | None:
     """``[N, size]`` topic weights (or, ``name="terms"``, text embeddings) of the run's studies (rows of
     ``latents.parquet``; NaN: unknown)."""
     info, data = load_info(run_dir, stamp), load_dataset(dataset_dir)
     if not isinstance(data, tuple):
         return None
-    return al.study_topics(info, data[1], name)
+    return al.study_vectors(info, data[1], name)
 
 
 @st.cache_resource(show_spinner="Opening the run for your study (first time: scoring the test studies)…", max_entries=2)
@@ -741,7 +741,7 @@ def evidence_view(
     if dataset_dir is None:
         st.info("Pass `--dataset_dir DATA` (or `CBVAE_DATASET_DIR`) to see the real studies behind a prediction.")
         return
-    study_topics = dataset_topics(key, stamp, dataset_dir)
+    study_topics = dataset_vectors(key, stamp, dataset_dir)
     found = ev.find_evidence(info.latents, study_topics, topics, query.conditions_dict().get("task"))
     if found is None:
         st.info("Set a task category or topics to see the real studies that match them.")
@@ -946,10 +946,10 @@ def main() -> None:
         if note:
             st.sidebar.caption(md_escape(note))
     if info.schema.n_topics and not start.upload:  # the study's own topic mixture (None: unknown or no dataset)
-        study_topics = dataset_topics(key, stamp, data_key) if data_key is not None else None
+        study_topics = dataset_vectors(key, stamp, data_key) if data_key is not None else None
         start.conditions["topics"] = al.start_topics(info, study_topics, start.study_id)
     if info.schema.term_dims and not start.upload:  # the study's own text (None: none, or no dataset)
-        study_terms = dataset_topics(key, stamp, data_key, "terms") if data_key is not None else None
+        study_terms = dataset_vectors(key, stamp, data_key, "terms") if data_key is not None else None
         start.conditions["terms"] = al.start_terms(info, study_terms, start.study_id)
     if st.session_state.get("_start_key") != start.key:
         apply_start(info, start, imputed)

@@ -224,7 +224,9 @@ def export_decoder(
         # a file left by an earlier export into this folder would claim a path this network lacks
         (run_dir / COND_MEAN).unlink(missing_ok=True)
         remove_stale_temporaries(run_dir / COND_MEAN)
-    with_terms = bool(schema.term_dims) and dataset_dir is not None
+    with_terms = bool(schema.term_dims)
+    if with_terms and dataset_dir is None:
+        raise ExportError("the schema has a terms group: pass dataset_dir, whose terms.npz holds the text embedding")
     if with_terms:
         from cbvae_ext.data.neuroquery import load_terms
 

@@ -109,7 +109,7 @@ def bench_parts(run_dir: Path, dataset_dir: Path | None, repeats: int) -> None:
     if dataset_dir is not None:
         data = al.load_dataset_rows(dataset_dir)
         if data is not None:
-            topics = al.study_topics(info, data[1])
+            topics = al.study_vectors(info, data[1])
             q = conditions.get("topics")
             figures["evidence (nearest studies)"] = _median_ms(
                 lambda: ev.find_evidence(info.latents, topics, q, conditions["task"]), repeats
@@ -132,7 +132,7 @@ def words_effect(run_dir: Path, dataset_dir: Path) -> None:
     if not info.schema.n_topics or data is None:
         return
     maps, meta = data
-    topics = al.study_topics(info, meta)
+    topics = al.study_vectors(info, meta)
     vocab = TopicVocabulary(info.schema.topic_keys, info.schema.topic_names)
     tokeniser = _tokeniser()
     queries = ["working memory", "pain", "faces", "reward", "language", "motor", "nociception", "theory of mind"]

@@ -131,12 +131,12 @@ def test_filter_studies_and_study_start(tmp_path: Path) -> None:
         {"id": ["c", "a", "b"], "topic_00": [0.2, 0.9, 0.0], "topic_01": [0.8, 0.1, 0.0],
          "topics_observed": [True, True, False]}
     )  # fmt: skip
-    topics = al.study_topics(info, meta)
+    topics = al.study_vectors(info, meta)
     np.testing.assert_allclose(topics[[0, 2]], [[0.9, 0.1], [0.2, 0.8]])
     assert np.isnan(topics[1]).all()
     np.testing.assert_allclose(al.start_topics(info, topics, "a"), [0.9, 0.1])
     meta.loc[1, "topic_00"] = 0.904
-    np.testing.assert_allclose(al.start_topics(info, al.study_topics(info, meta), "a"), [0.9, 0.1])  # slider grid
+    np.testing.assert_allclose(al.start_topics(info, al.study_vectors(info, meta), "a"), [0.9, 0.1])  # slider grid
     assert al.start_topics(info, topics, "b") is None and al.start_topics(info, topics, None) is None
 
 

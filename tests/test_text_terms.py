@@ -102,7 +102,7 @@ def test_the_terms_condition_is_the_training_embedding_and_a_query_takes_the_sam
     counts, _ = join_text(text, info.metadata["id"])
     row = int(np.flatnonzero(has_text)[0])
     embedder = terms.embedder()
-    query = embedder.embedding.embed_counts(counts[row].toarray()[0], embedder.idf, embedder.vocabulary)
+    query = embedder.embed_counts(counts[row].toarray()[0])
     np.testing.assert_allclose(query, info.metadata.loc[row, term_columns(8)].to_numpy(float), rtol=1e-4, atol=1e-5)
     # recognised terms: repeats count, terms outside the vocabulary do not, nothing recognised is None
     assert embedder.embed_terms(["no such term"]) is None

@@ -43,7 +43,7 @@ __all__ = [
     "start_terms",
     "start_topics",
     "study_start",
-    "study_topics",
+    "study_vectors",
     "sweep_values",
     "value_range",
 ]
@@ -356,7 +356,7 @@ def field_label(name: str) -> str:
     return next(d.label for d in FIELDS if d.name == name)
 
 
-def study_topics(info: RunInfo, dataset_meta: pd.DataFrame, name: str = "topics") -> np.ndarray | None:
+def study_vectors(info: RunInfo, dataset_meta: pd.DataFrame, name: str = "topics") -> np.ndarray | None:
     """``[N, size]`` values of a vector condition (``"topics"`` or ``"terms"``) of the run's studies (rows of
     ``latents.parquet``), NaN where unknown; None when the run or the dataset lacks that group."""
     from cbvae_ext.data.builder import vector_columns
@@ -375,24 +375,28 @@ def study_topics(info: RunInfo, dataset_meta: pd.DataFrame, name: str = "topics"
 
 
 def start_terms(info: RunInfo, terms: np.ndarray | None, study_id: str | None) -> np.ndarray | None:
-    """A study's own text embedding (``study_topics(..., "terms")``), None when it has no text or for a prior draw."""
-    if terms is None or study_id is None:
+    """A study's own text embedding (``study_vectors(..., "terms")``), None when it has no text or for a prior draw."""
+    row = _study_row(info, terms, study_id)
+    return None if row is None else row.astype(np.float32)
+
+
+def _study_row(info: RunInfo, values: np.ndarray | None, study_id: str | None) -> np.ndarray | None:
+    """The row of ``study_vectors`` for ``study_id``; None when absent, unknown (NaN) or for a prior draw."""
+    if values is None or study_id is None:
         return None
     rows = np.flatnonzero(info.latents["id"].to_numpy() == study_id)
-    if not rows.size or not np.isfinite(terms[rows[0]]).all():
+    if not rows.size or not np.isfinite(values[rows[0]]).all():
         return None
-    return terms[rows[0]].astype(np.float32)
+    return values[rows[0]]
 
 
 def start_topics(info: RunInfo, topics: np.ndarray | None, study_id: str | None) -> np.ndarray | None:
     """A study's own topic mixture on the topic sliders' 0.01 grid (None when unknown or for a prior draw,
     ``study_id`` None), so that the sliders reproduce the starting point exactly."""
-    if topics is None or study_id is None:
+    row = _study_row(info, topics, study_id)
+    if row is None or row.sum() <= 0:
         return None
-    rows = np.flatnonzero(info.latents["id"].to_numpy() == study_id)
-    if not rows.size or not np.isfinite(topics[rows[0]]).all() or topics[rows[0]].sum() <= 0:
-        return None
-    return np.round(topics[rows[0]], 2).astype(np.float32)
+    return np.round(row, 2).astype(np.float32)
 
 
 def value_range(maps: Sequence[np.ndarray], mask: np.ndarray | None = None) -> tuple[float, float]:

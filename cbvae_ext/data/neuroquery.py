@@ -15,7 +15,7 @@ the **training** studies that have text, rows l2-normalised. A study without tex
 
 The condition the network sees is a low-dimensional **embedding** of that tf-idf (``TermEmbedding``): a
 truncated SVD fitted on the training studies with text, each dimension standardised on them. It is
-linear, so a typed query (``TermEmbedding.embed_counts``) goes through exactly the map a study's text did,
+linear, so a typed query (``TextEmbedder.embed_counts``) goes through exactly the map a study's text did,
 and ``terms.npz`` carries it (``components``, ``offset``) for the app and the export.
 """
 
@@ -103,17 +103,18 @@ class Terms:
 
     def embedder(self) -> TextEmbedder:
         """What a query needs to be embedded like a study's text (no per-study rows)."""
-        if self.embedding is None:
-            raise DataError("terms.npz has no text embedding; rebuild the dataset with --term-dims > 0")
-        return TextEmbedder(self.embedding, np.asarray(self.idf, np.float64), list(self.vocabulary))
+        return TextEmbedder(self._embedding(), np.asarray(self.idf, np.float64), list(self.vocabulary))
 
     def embedded(self) -> np.ndarray:
         """``[N, dims]`` embedding of every map's text, NaN rows where the study has none (missing, not zero)."""
-        if self.embedding is None:
-            raise DataError("terms.npz has no text embedding; rebuild the dataset with --term-dims > 0")
-        out = self.embedding.embed(self.tfidf)
+        out = self._embedding().embed(self.tfidf)
         out[~self.observed] = np.nan
         return out
+
+    def _embedding(self) -> TermEmbedding:
+        if self.embedding is None:
+            raise DataError("terms.npz has no text embedding; rebuild the dataset with --term-dims > 0")
+        return self.embedding
 
 
 @dataclass
@@ -135,11 +136,6 @@ class TermEmbedding:
     def embed(self, tfidf_rows: scipy.sparse.spmatrix | np.ndarray) -> np.ndarray:
         """``[n, dims]`` float64 embedding of tf-idf rows (l2-normalised, as ``tfidf`` makes them)."""
         return np.asarray(tfidf_rows @ self.components, dtype=np.float64) - self.offset
-
-    def embed_counts(self, counts: np.ndarray, idf: np.ndarray, vocabulary: Sequence[str]) -> np.ndarray:
-        """``[dims]`` embedding of one text's term counts (``[n_terms]``, a query's): weighed as a study's text."""
-        row = weigh(scipy.sparse.csr_matrix(np.asarray(counts, np.float64).reshape(1, -1)), idf, vocabulary)
-        return self.embed(row)[0]
 
 
 @dataclass
@@ -167,7 +163,12 @@ class TextEmbedder:
                 counts[self._column[t]] += 1.0
         if not counts.any():
             return None
-        return self.embedding.embed_counts(counts, self.idf, self.vocabulary)
+        return self.embed_counts(counts)
+
+    def embed_counts(self, counts: np.ndarray) -> np.ndarray:
+        """``[dims]`` embedding of one text's term counts (``[n_terms]``), weighed as a study's text was."""
+        row = weigh(scipy.sparse.csr_matrix(np.asarray(counts, np.float64).reshape(1, -1)), self.idf, self.vocabulary)
+        return self.embedding.embed(row)[0]
 
     def embed_texts(self, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
         """``([n, dims] embeddings, [n] bool recognised)`` of free texts (``texts_tfidf``); rows without a

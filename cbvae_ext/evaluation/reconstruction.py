@@ -162,12 +162,8 @@ def _cache_model(data: EvalData, run: LoadedRun, sc: dict[str, Any]) -> None:
     topics = condition_group(schema, "topics")
     if topics is not None and not schema.topic_keys:
         topics = None
-    embedder, terms = None, condition_group(schema, "terms")
-    if terms is not None:
-        from cbvae_ext.data.neuroquery import load_terms
-
-        found = load_terms(data.info.path)
-        embedder = None if found is None or found.embedding is None else found.embedder()
+    terms = condition_group(schema, "terms")
+    embedder = run.folder.term_embedder() if terms is not None else None  # the file the app reads
     if topics is None and embedder is None:
         return
     from cbvae_ext.app.words import TopicVocabulary  # the app's own words -> topics rule

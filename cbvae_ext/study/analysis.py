@@ -536,8 +536,8 @@ class StudyContext:
             if metadata.get(name) is not None and name in known:
                 cond[name] = metadata[name]
         text = metadata.get("text")
-        embedder = self.model.term_embedder if text and schema.term_dims else None
-        if embedder is not None:  # NeuroQuery's terms of the text, embedded as the training studies' text was
+        with_terms = bool(text) and bool(schema.term_dims)
+        if with_terms:  # NeuroQuery's terms of the text, embedded as the training studies' text was
             embedded = self.model.text_terms(str(text))
             if embedded is not None:
                 cond["terms"] = embedded
@@ -553,7 +553,7 @@ class StudyContext:
             else:
                 cond["topics"] = match.weights
                 notes.append(f"text: mapped to topic weights through {len(match.matched)} matched words or phrases")
-        elif text and embedder is None:
+        elif text and not with_terms:
             notes.append("text: recorded; this run takes no topic condition, so it does not change the model's maps")
         return cond, notes
 

@@ -3,16 +3,18 @@
 1. Category identification: the task-alone conditional map against each held-out category mean, with the
    task penalty chosen by validation MSE (the old rule) and by validation identification (the default),
    beside the training category means.
-2. Terms: peak AUC on the validation split of the path's map without the terms group (topics, task,
-   year; the group hidden in the fit and the prediction), with it (the dataset's text embedding,
-   ``--term-dims`` of the build), and without it plus a NeuroQuery text part
+2. Terms: peak AUC on the validation split (``--text-split test``: the test split) of the training mean map (the trivial answer), of the path's
+   map without the terms group (topics, task, year; the group hidden in the fit and the prediction), with
+   it (the dataset's text embedding: ``--term-dims`` and ``--term-embedding`` of the build), and without it
+   plus a NeuroQuery text part
    (``neuroquery.smoothed_regression.SmoothedRegression`` fitted on the training studies with text, on the
-   residual maps projected onto a training PCA basis), paired over validation studies with text
-   (``--text``; needs ``terms.npz``).
+   residual maps projected onto a training PCA basis), paired over the split's studies with text
+   (``--text``; needs ``terms.npz``). The terms group is tried in the shared penalty and with a penalty
+   of its own, chosen by validation MSE or by validation peak AUC.
 
 Usage::
 
-    python scripts/ablate_text.py --dataset /work/tmp_text/data_1000 [--split test] [--text]
+    python scripts/ablate_text.py --dataset DATA [--split test] [--text | --text-only] [--text-split test]
 """
 
 from __future__ import annotations
@@ -82,15 +84,16 @@ def _hidden(info, meta: np.ndarray, meta_mask: np.ndarray, names: tuple[str, ...
     return m.numpy(), mm.numpy()
 
 
-def text_table(info, seed: int, n_components: int = 100) -> None:
-    """Validation peak AUC of the path without the terms group, with it, and with NeuroQuery's text part added."""
+def text_table(info, seed: int, split: str = "val", n_components: int = 100) -> None:
+    """Peak AUC on ``split`` of the path without the terms group, with it, and with NeuroQuery's text part added
+    (every penalty chosen on the validation split)."""
     from neuroquery.smoothed_regression import SmoothedRegression
     from sklearn.decomposition import PCA
 
     terms = load_terms(info.path)
     if terms is None:
         raise SystemExit(f"{info.path} has no terms.npz; build it with --neuroquery-dir")
-    train, val = info.rows("train"), info.rows("val")
+    train, val = info.rows("train"), info.rows(split)
     y_tr, y_va = _maps(info, train), _maps(info, val)
     has_tr, has_va = terms.observed[train], terms.observed[val]
     peaks = y_va >= 1.0
@@ -99,10 +102,19 @@ def text_table(info, seed: int, n_components: int = 100) -> None:
     initialise_from_data(model, info.path, seed=seed, hidden_groups=no_terms)
     base_tr = _path_probs(model, info, *_hidden(info, *info.encode(train), no_terms))
     base_va = _path_probs(model, info, *_hidden(info, *info.encode(val), no_terms))
-    auc = {"topics + task + year": peak_auc(base_va, peaks)}
-    for own in ((), ("terms",)) if info.schema.term_dims else ():
-        initialise_from_data(model, info.path, seed=seed, own_penalty=own)
-        name = f"+ terms group ({info.schema.term_dims}-dim embedding{', its own penalty' if own else ''})"
+    auc = {
+        "training mean map (trivial)": peak_auc(np.broadcast_to(y_tr.mean(axis=0), y_va.shape), peaks),
+        "topics + task + year": peak_auc(base_va, peaks),
+    }
+    kind = info.manifest["options"]["terms"].get("embedding", "svd")
+    ways = (
+        ((), "mse", ""),
+        (("terms",), "mse", ", its own penalty by MSE"),
+        (("terms",), "peak_auc", ", its own penalty by peak AUC"),
+    )
+    for own, by, label in ways if info.schema.term_dims else ():
+        initialise_from_data(model, info.path, seed=seed, own_penalty=own, own_penalty_by=by)
+        name = f"+ terms group ({info.schema.term_dims}-dim {kind} embedding{label})"
         auc[name] = peak_auc(_path_probs(model, info, *info.encode(val)), peaks)
         print(f"{name}: penalties {model.cond_mean.alpha}")
     pca = PCA(min(n_components, int(has_tr.sum()) - 1), random_state=seed).fit(y_tr[has_tr] - base_tr[has_tr])
@@ -112,7 +124,7 @@ def text_table(info, seed: int, n_components: int = 100) -> None:
     text_va[has_va] = pca.inverse_transform(reg.predict(terms.tfidf[val[has_va]].toarray()))
     auc["+ NeuroQuery text part"] = peak_auc(np.clip(base_va + text_va, 1e-4, 1 - 1e-4), peaks)
     base = auc["topics + task + year"]
-    print(f"validation studies: {len(val)}, {int(has_va.sum())} with text")
+    print(f"{split} studies: {len(val)}, {int(has_va.sum())} with text")
     print("| conditional-mean path | peak AUC, with text | all | paired vs topics + task + year, with text [95% CI] |")
     print("| --- | ---: | ---: | --- |")
     for name, values in auc.items():
@@ -129,6 +141,7 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--text", action="store_true", help="also the terms ablation (peak AUC on validation)")
     parser.add_argument("--text-only", action="store_true", help="only the terms ablation")
+    parser.add_argument("--text-split", choices=("val", "test"), help="the terms ablation's split (default val)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -136,7 +149,7 @@ def main() -> None:
     if not args.text_only:
         identification_table(info, args.split, args.seed)
     if args.text or args.text_only:
-        text_table(info, args.seed)
+        text_table(info, args.seed, "val" if args.text_split is None else args.text_split)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ usage() {
   cat <<'USAGE'
 usage: scripts/run_main.sh [--out DIR] [--data-dir DIR] [--subset N|all] [--epochs N] [--preset gpu|cpu]
                            [--resolution 2|4] [--kernel ale|mkda] [--kernel-fwhm MM] [--neurosynth-dir DIR]
-                           [--networks LIST] [--no-terms] [--term-dims N] [--no-setup] [--help]
+                           [--networks LIST] [--no-terms] [--term-dims N] [--term-embedding svd|neuroquery] [--no-setup] [--help]
 
 Always calls the dataset builder: it reuses DATA only when inputs, options, schema and version match its
 cache key, and rebuilds otherwise (a changed kernel, subset or metadata field never trains on old maps).
@@ -34,6 +34,8 @@ Options override the environment variables in brackets:
   --no-terms            [CBVAE_TERMS=0] build without NeuroQuery's terms (the evaluation then reports NeuroQuery absent)
   --term-dims N         [CBVAE_TERM_DIMS] the terms condition: a text embedding of N entries (default 0: none;
                         architecture.md, Text condition)
+  --term-embedding K    [CBVAE_TERM_EMBEDDING] how it is fitted: svd (default) or neuroquery (NeuroQuery's
+                        cross-fitted regression of the training maps; about 36 min more on the full database)
   --neuroquery-dir DIR  [CBVAE_NEUROQUERY_DIR] local NeuroQuery term counts (default ../shared/data/neuroquery
                         when present, else NiMARE's fetcher downloads them)
   --networks LIST       [CBVAE_NETWORKS] comma-separated networks to train and evaluate (default
@@ -60,6 +62,7 @@ ns_dir="${CBVAE_NEUROSYNTH_DIR:-}"
 nq_dir="${CBVAE_NEUROQUERY_DIR:-}"
 terms="${CBVAE_TERMS:-1}"
 term_dims="${CBVAE_TERM_DIMS:-0}"
+term_embedding="${CBVAE_TERM_EMBEDDING:-svd}"
 networks="${CBVAE_NETWORKS:-cbvae,baseline,uncond,nolambda}"
 setup=1
 while [ $# -gt 0 ]; do
@@ -67,7 +70,7 @@ while [ $# -gt 0 ]; do
     -h|--help) usage; exit 0 ;;
     --no-setup) setup=0; shift; continue ;;
     --no-terms) terms=0; shift; continue ;;
-    --out|--data-dir|--subset|--epochs|--preset|--resolution|--kernel|--kernel-fwhm|--fwhm|--neurosynth-dir|--neuroquery-dir|--networks|--term-dims)
+    --out|--data-dir|--subset|--epochs|--preset|--resolution|--kernel|--kernel-fwhm|--fwhm|--neurosynth-dir|--neuroquery-dir|--networks|--term-dims|--term-embedding)
       [ $# -ge 2 ] || bad "$1 needs a value (see --help)" ;;
     *) bad "unknown option $1 (see --help)" ;;
   esac
@@ -84,6 +87,7 @@ while [ $# -gt 0 ]; do
     --neuroquery-dir) nq_dir="$2" ;;
     --networks) networks="$2" ;;
     --term-dims) term_dims="$2" ;;
+    --term-embedding) term_embedding="$2" ;;
   esac
   shift 2
 done
@@ -96,6 +100,7 @@ done
 [[ -z $ns_dir || -d $ns_dir ]] || bad "--neurosynth-dir $ns_dir does not exist; omit it to download Neurosynth"
 [[ $terms == 0 || $terms == 1 ]] || bad "CBVAE_TERMS must be 0 or 1, got '$terms'"
 [[ $term_dims =~ ^[0-9]+$ ]] || bad "--term-dims must be a whole number >= 0, got '$term_dims'"
+[[ $term_embedding == svd || $term_embedding == neuroquery ]] || bad "--term-embedding must be svd or neuroquery, got '$term_embedding'"
 [[ $networks =~ ^(cbvae|baseline|uncond|nolambda)(,(cbvae|baseline|uncond|nolambda))*$ && ,$networks, == *,cbvae,* ]] \
   || bad "--networks must be a comma-separated list of cbvae, baseline, uncond, nolambda that includes cbvae, got '$networks'"
 [[ -z $nq_dir || -d $nq_dir ]] || bad "--neuroquery-dir $nq_dir does not exist; omit it to download NeuroQuery's term counts"
@@ -147,7 +152,7 @@ build=("$py" -m cbvae_ext.data build --out "$data_dir" --resolution "$resolution
 [ -n "$ns_dir" ] && build+=(--neurosynth-dir "$ns_dir")
 if [ "$terms" = 1 ]; then
   if [ -n "$nq_dir" ]; then build+=(--neuroquery-dir "$nq_dir"); else build+=(--terms); fi
-  build+=(--term-dims "$term_dims")
+  build+=(--term-dims "$term_dims" --term-embedding "$term_embedding")
 fi
 [ "$subset" != all ] && build+=(--subset "$subset")
 step dataset "${build[@]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from cbvae_ext.networks.conditioning import _identification_score, fit_ridge
 
@@ -70,9 +71,10 @@ def test_initialise_keeps_the_task_map_identifying_on_validation(tmp_path):
     assert counts[True] >= counts[False]
 
 
-def test_a_group_with_its_own_penalty_keeps_the_other_two(tiny_dataset):
-    """``own_penalty``: the other two strengths are those of the shared fit; the third comes from the grid, and
-    where it equals the shared strength the path is the shared fit's."""
+@pytest.mark.parametrize("by", ["mse", "peak_auc"])
+def test_a_group_with_its_own_penalty_keeps_the_other_two(tiny_dataset, by):
+    """``own_penalty``: the other two strengths are those of the shared fit; the third comes from the grid (by
+    validation MSE or peak AUC), and where it equals the shared strength the path is the shared fit's."""
     import torch
 
     from cbvae_ext.data import load_dataset_info
@@ -82,10 +84,28 @@ def test_a_group_with_its_own_penalty_keeps_the_other_two(tiny_dataset):
     paths = {}
     for own in ((), ("terms",)):
         model = build_network(preset_config("cpu", info.schema, info.mask.shape))
-        paths[own] = initialise_from_data(model, info.path, identify_task=False, own_penalty=own).cond_mean
+        paths[own] = initialise_from_data(
+            model, info.path, identify_task=False, own_penalty=own, own_penalty_by=by
+        ).cond_mean
     shared, separate = paths[()].alpha, paths[("terms",)].alpha
     assert len(shared) == 2 and len(separate) == 3 and tuple(separate[:2]) == tuple(shared)
     assert separate[2] in 10.0 ** np.arange(0, 7)
     coef = {k: (p.weight.T @ p.basis).detach() for k, p in paths.items()}
     same = torch.allclose(coef[()], coef[("terms",)], rtol=1e-4, atol=1e-6)
     assert same == (separate[2] == shared[0])
+    with pytest.raises(ValueError, match="own_penalty_by must be"):
+        initialise_from_data(model, info.path, own_penalty=("terms",), own_penalty_by="auc")
+
+
+def test_the_peak_auc_criterion_is_the_mean_peak_auc_of_the_all_given_maps():
+    from cbvae_ext.evaluation.metrics import peak_auc
+    from cbvae_ext.networks.conditioning import _peak_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.random((6, 50))
+    y[np.arange(6), rng.integers(0, 50, 6)] = 1.0
+    y[5] = 0.5  # no peak voxel sampled: left out, not a zero
+    good, bad = y + 0.1 * rng.random(y.shape), rng.random(y.shape)
+    expect = np.nanmean(peak_auc(good, y >= 1.0))
+    assert _peak_auc_score([good, bad], y) == pytest.approx(-expect)
+    assert _peak_auc_score([good], y) < _peak_auc_score([bad], y)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse
+from sklearn.decomposition import PCA
 
 from cbvae_ext.data import DataError, build_dataset
 from cbvae_ext.data.builder import term_columns
@@ -17,6 +18,7 @@ from cbvae_ext.data.neuroquery import (
     ENV_VAR,
     NEUROQUERY_FILES,
     TextEmbedder,
+    fit_supervised_embedding,
     join_text,
     load_terms,
     pmid_of,
@@ -119,6 +121,67 @@ def test_the_terms_condition_is_the_training_embedding_and_a_query_takes_the_sam
     assert load_terms(plain).embedding is None and load_dataset_info(plain).schema.term_dims == 0
     with pytest.raises(DataError, match="--term-dims"):
         build_dataset(neurosynth_dir=NS, out=tmp_path / "x", subset=60, neuroquery_dir=NQ, term_dims=-1)
+
+
+def _synthetic_text(n: int, n_terms: int, seed: int) -> scipy.sparse.csr_matrix:
+    from sklearn.preprocessing import normalize
+
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, n_terms)) * (rng.random((n, n_terms)) < 0.2)
+    x[np.arange(n), rng.integers(0, n_terms, n)] += 1.0  # every text has a term
+    return scipy.sparse.csr_matrix(normalize(x))
+
+
+def test_the_neuroquery_embedding_is_cross_fitted_and_linear():
+    from neuroquery.smoothed_regression import SmoothedRegression
+    from sklearn.model_selection import GroupKFold
+
+    n, n_terms, n_voxels = 240, 40, 30
+    x = _synthetic_text(n, n_terms, 0)
+    rng = np.random.default_rng(1)
+    # four of the terms each raise their own voxel (NeuroQuery's model of text and maps)
+    coef = np.zeros((n_terms, n_voxels))
+    coef[np.arange(4), rng.choice(n_voxels, 4, replace=False)] = 1.0
+    maps = x @ coef + 0.05 * rng.random((n, n_voxels))
+    fit, groups = np.arange(n) < 200, np.arange(200) // 2
+    embedding, crossfit = fit_supervised_embedding(x, fit, maps[fit], groups, dims=2)
+    np.testing.assert_allclose(crossfit.mean(axis=0), 0.0, atol=1e-8)  # standardised on what training stores
+    np.testing.assert_allclose(crossfit.std(axis=0), 1.0, rtol=1e-6)
+    # what the text says about the map reaches new studies through the one exported linear map
+    pca = PCA(2, svd_solver="randomized", random_state=0).fit(maps[fit])
+    for k in range(2):
+        assert abs(np.corrcoef(embedding.embed(x[~fit])[:, k], pca.transform(maps[~fit])[:, k])[0, 1]) > 0.9
+    # a training study's stored value is the prediction of NeuroQuery's regression fitted without its fold
+    kept, out = next(GroupKFold(5).split(crossfit, groups=groups))
+    other = SmoothedRegression(n_components=min(300, len(kept) - 1)).fit(x[kept], maps[kept])
+    expect = pca.transform(other.predict(x[out].toarray()))
+    full = pca.transform(SmoothedRegression(n_components=199).fit(x[fit], maps[fit]).predict(x[out].toarray()))
+    for k in range(2):  # the stored values are those predictions, rescaled per dimension
+        slope, intercept = np.polyfit(expect[:, k], crossfit[out, k], 1)
+        np.testing.assert_allclose(slope * expect[:, k] + intercept, crossfit[out, k], atol=1e-6)
+        assert not np.allclose(full[:, k], expect[:, k], atol=1e-3)  # and not the full fit's, which saw them
+    with pytest.raises(DataError, match="too few"):
+        fit_supervised_embedding(x, np.arange(n) < 2, maps[:2], np.arange(2), dims=2)
+
+
+def test_a_neuroquery_build_stores_cross_fitted_training_rows(tmp_path):
+    out = build_dataset(
+        neurosynth_dir=NS, out=tmp_path / "ds", subset=60, neuroquery_dir=NQ, term_dims=4, term_embedding="neuroquery"
+    )
+    info, terms = load_dataset_info(out), load_terms(out)
+    assert info.manifest["options"]["terms"]["embedding"] == "neuroquery"
+    g = info.schema.group("terms")
+    meta, _ = info.encode(info.rows("all"))
+    fit = terms.observed & (info.metadata["split"] == "train").to_numpy()
+    new = terms.observed & ~fit
+    stored = meta[:, g.meta_slice]
+    np.testing.assert_allclose(stored[fit].mean(axis=0), 0.0, atol=1e-5)
+    # validation / test rows take the exported linear map, as a query does; training rows do not
+    np.testing.assert_allclose(stored[new], terms.embedding.embed(terms.tfidf[new]), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(stored[fit], terms.embedding.embed(terms.tfidf[fit]), atol=1e-2)
+    assert np.isnan(terms.crossfit[~fit]).all() and np.isfinite(terms.crossfit[fit]).all()
+    with pytest.raises(DataError, match="--term-embedding 'pca'"):
+        build_dataset(neurosynth_dir=NS, out=tmp_path / "x", subset=60, neuroquery_dir=NQ, term_embedding="pca")
 
 
 def test_a_damaged_embedding_file_is_one_line(tmp_path):

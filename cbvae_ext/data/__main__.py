@@ -16,6 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     from cbvae_ext.schema import TERMS
 
     from .kernels import DEFAULT_KERNEL_FWHM_MM, DEFAULT_RADIUS, KERNELS
+    from .neuroquery import TERM_EMBEDDINGS
 
     parser = argparse.ArgumentParser(prog="python -m cbvae_ext.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
         f"(with --terms; e.g. {TERMS.size}); 0, the default: terms.npz only (no validation gain measured, "
         "bundle/docs/architecture.md)",
     )
+    build.add_argument(
+        "--term-embedding",
+        default=TERM_EMBEDDINGS[0],
+        choices=TERM_EMBEDDINGS,
+        help="how the text embedding is fitted on the training split: svd (the tf-idf's truncated SVD) or "
+        "neuroquery (NeuroQuery's SmoothedRegression of the training maps' principal coordinates, cross-fitted)",
+    )
     info = sub.add_parser("info", help="check a dataset folder's files (full checksums) and print its counts")
     info.add_argument("out")
     return parser
@@ -92,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 neuroquery_dir=terms_dir,
                 term_dims=args.term_dims,
+                term_embedding=args.term_embedding,
             )
         else:
             from .dataset import load_dataset_info

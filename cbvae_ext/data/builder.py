@@ -261,6 +261,7 @@ def build_dataset(
     batch_size: int = 256,
     neuroquery_dir: str | Path | None = None,
     term_dims: int = 0,
+    term_embedding: str = "svd",
 ) -> Path:
     """Build (or reuse) a dataset folder and return its path.
 
@@ -285,6 +286,8 @@ def build_dataset(
         term_dims: entries of the text embedding fitted on the training split, the network's ``terms``
             condition (with ``neuroquery_dir``; ``TERMS.size`` is the tested size); 0 (the default: no
             validation gain on the 1k or the full build, ``bundle/docs/architecture.md``): ``terms.npz`` only.
+        term_embedding: how that embedding is fitted, one of ``neuroquery.TERM_EMBEDDINGS`` (``"svd"``: the
+            tf-idf's truncated SVD; ``"neuroquery"``: NeuroQuery's regression of the training maps, cross-fitted).
 
     Raises:
         DataError: bad option or input, nothing left after filtering, an unwritable output, or another
@@ -320,11 +323,19 @@ def build_dataset(
         "seed": seed,
     }
     if neuroquery_dir is not None:
-        from .neuroquery import neuroquery_checksums
+        from .neuroquery import TERM_EMBEDDINGS, neuroquery_checksums
 
         if int(term_dims) != term_dims or term_dims < 0:
             raise DataError(f"--term-dims {term_dims!r} must be a whole number >= 0 (0: no terms condition)")
-        options["terms"] = {"neuroquery_files": neuroquery_checksums(neuroquery_dir), "embedding_dims": int(term_dims)}
+        if term_embedding not in TERM_EMBEDDINGS:
+            raise DataError(
+                f"--term-embedding {term_embedding!r} is not known; use one of {', '.join(TERM_EMBEDDINGS)}"
+            )
+        options["terms"] = {
+            "neuroquery_files": neuroquery_checksums(neuroquery_dir),
+            "embedding_dims": int(term_dims),
+            "embedding": term_embedding,
+        }
     key = _cache_key(inputs, options)
     target = resolve_out(out)
     if not force and target.parent.is_dir() and not os.access(target.parent, os.W_OK) and _cached(target, key):
@@ -339,9 +350,19 @@ def build_dataset(
         _check_replaceable(target)  # fail before the slow part; checked again just before the rename
         _build(
             target, inputs, options, key, spec, grid, subset, seed, neurosynth, dtype, batch_size, neuroquery_dir,
-            int(term_dims), start,
+            int(term_dims), term_embedding, start,
         )  # fmt: skip
     return out
+
+
+def _network_maps(path: Path, rows: np.ndarray, mask: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """``[len(rows), n_voxels]`` float32 maps of a written ``maps.npy`` inside ``mask``, scaled as the networks read them."""
+    from .dataset import normalise_maps
+
+    maps = np.load(path, mmap_mode="r")
+    return np.concatenate(
+        [normalise_maps(maps[rows[i : i + chunk]]).numpy()[:, mask] for i in range(0, len(rows), chunk)]
+    ).astype(np.float32, copy=False)
 
 
 def _build(
@@ -358,6 +379,7 @@ def _build(
     batch_size: int,
     neuroquery_dir: str | Path | None,
     term_dims: int,
+    term_embedding: str,
     start: float,
 ) -> None:
     """Read, filter, split and render into a temporary sibling of ``out``, then swap it in (see ``build_dataset``)."""
@@ -426,35 +448,6 @@ def _build(
             f"the build has {len(rows)} maps in {rows['split_group'].nunique()} study groups, which leaves the "
             f"{'/'.join(empty)} split empty; give at least {MIN_MAPS} studies (--subset or more sources)"
         )
-    terms, ecols = None, []
-    if neuroquery_dir is not None:
-        from .neuroquery import build_terms
-
-        is_train = (rows["split"] == "train").to_numpy()
-        terms, counts["neuroquery"] = build_terms(neuroquery_dir, rows["id"], is_train, term_dims, seed)
-        if terms.embedding is not None:
-            ecols = term_columns(terms.embedding.dims)
-            embedded = pd.DataFrame(np.nan_to_num(terms.embedded()).astype(np.float32), columns=ecols)
-            rows = pd.concat([rows, embedded], axis=1)  # no text: zeros with terms_observed False
-            rows[f"{TERMS.name}_observed"] = terms.observed
-    train = rows[rows["split"] == "train"]
-    schema = MetadataSchema.fit(
-        CATEGORIES,
-        {f: train[f].to_numpy() for f in CONTINUOUS_FIELDS},
-        topic_names=topic_names,
-        topic_keys=topic_keys,
-        term_dims=len(ecols),
-    )
-    rows["year_bin"] = schema.year_bin(rows["year"].to_numpy())
-    rows["n_peaks"] = rows["n_peaks"].astype(np.int64)
-    columns = ["id", "study_id", "source", "title"]
-    for name in CONTINUOUS_FIELDS:
-        columns += [name, f"{name}_observed"]
-    columns += [*tcols, f"{TOPICS.name}_observed"]
-    if ecols:
-        columns += [*ecols, f"{TERMS.name}_observed"]
-    rows = rows[[*columns, "category", "category_observed", "space", "n_peaks", "year_bin", "split_group", "split"]]
-
     tmp = _prepare_output(out)
     try:
         shape = (len(rows), *grid.shape)
@@ -462,6 +455,38 @@ def _build(
             spec.cube(grid), peaks[["i", "j", "k"]].to_numpy(), row_of_peak, len(rows), grid.mask, batch_size, dtype
         )
         maps_sha256 = _write_npy(tmp / "maps.npy", maps, shape, dtype, len(rows))
+        terms, ecols = None, []
+        if neuroquery_dir is not None:
+            from .neuroquery import build_terms
+
+            is_train = (rows["split"] == "train").to_numpy()
+            terms, counts["neuroquery"] = build_terms(
+                neuroquery_dir, rows["id"], is_train, term_dims, seed, term_embedding,
+                maps=lambda r: _network_maps(tmp / "maps.npy", r, grid.mask), groups=rows["split_group"].to_numpy(),
+            )  # fmt: skip
+            if terms.embedding is not None:
+                ecols = term_columns(terms.embedding.dims)
+                embedded = pd.DataFrame(np.nan_to_num(terms.embedded()).astype(np.float32), columns=ecols)
+                rows = pd.concat([rows, embedded], axis=1)  # no text: zeros with terms_observed False
+                rows[f"{TERMS.name}_observed"] = terms.observed
+        train = rows[rows["split"] == "train"]
+        schema = MetadataSchema.fit(
+            CATEGORIES,
+            {f: train[f].to_numpy() for f in CONTINUOUS_FIELDS},
+            topic_names=topic_names,
+            topic_keys=topic_keys,
+            term_dims=len(ecols),
+        )
+        rows["year_bin"] = schema.year_bin(rows["year"].to_numpy())
+        rows["n_peaks"] = rows["n_peaks"].astype(np.int64)
+        columns = ["id", "study_id", "source", "title"]
+        for name in CONTINUOUS_FIELDS:
+            columns += [name, f"{name}_observed"]
+        columns += [*tcols, f"{TOPICS.name}_observed"]
+        if ecols:
+            columns += [*ecols, f"{TERMS.name}_observed"]
+        rows = rows[[*columns, "category", "category_observed", "space", "n_peaks", "year_bin", "split_group", "split"]]
+
         rows.to_parquet(tmp / "metadata.parquet", index=False)
         nib.save(grid.mask_img(), tmp / "mask.nii.gz")
         if terms is not None:

@@ -13,19 +13,31 @@ the **training** studies that have text, rows l2-normalised. A study without tex
 ``observed`` False: nothing is invented. The dataset folder stores it as ``terms.npz``
 (``bundle/docs/formats.md``), with the idf and the vocabulary, so a query can be put on the same scale.
 
-The condition the network sees is a low-dimensional **embedding** of that tf-idf (``TermEmbedding``): a
-truncated SVD fitted on the training studies with text, each dimension standardised on them. It is
-linear, so a typed query (``TextEmbedder.embed_counts``) goes through exactly the map a study's text did,
-and ``terms.npz`` carries it (``components``, ``offset``) for the app and the export.
+The condition the network sees is a low-dimensional **embedding** of that tf-idf (``TermEmbedding``), fitted
+on the training studies with text and each dimension standardised on them, one of ``TERM_EMBEDDINGS``:
+
+- ``"svd"``: the truncated SVD of the tf-idf (unsupervised: what the texts vary in);
+- ``"neuroquery"``: NeuroQuery's own estimator (``neuroquery.smoothed_regression.SmoothedRegression``)
+  predicting the map from the tf-idf, read as the map's first principal coordinates (a training PCA):
+  what the text says about the map. Its prediction is affine in the tf-idf, so it is read back as one matrix.
+  A training study's stored value is **cross-fitted** (predicted by a regression fitted without its
+  fold of study groups), so the networks fitted on it see text predictions as good as a new study's,
+  not ones that have seen its own map.
+
+Either is linear, so a typed query (``TextEmbedder.embed_counts``) goes through exactly the map a new
+study's text does, and ``terms.npz`` carries it (``components``, ``offset``; ``crossfit``) for the app
+and the export, which need neither sklearn nor the corpus.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
+import io
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +49,8 @@ from .errors import DataError
 
 __all__ = [
     "ENV_VAR",
+    "CROSSFIT_FOLDS",
+    "TERM_EMBEDDINGS",
     "NEUROQUERY_FILES",
     "TERMS_FILE",
     "NeuroQueryText",
@@ -45,6 +59,7 @@ __all__ = [
     "TextEmbedder",
     "build_terms",
     "fit_embedding",
+    "fit_supervised_embedding",
     "fetch_neuroquery_dir",
     "join_text",
     "load_terms",
@@ -72,6 +87,10 @@ NEUROQUERY_FILES = {
     **{src: f"{_NQ}vocab-neuroquery7547_source-{src}_type-count_features.npz" for src in ("abstract", "title", "keywords")},
 }  # fmt: skip
 _SOURCES = ("abstract", "title", "keywords")
+#: How the text embedding is fitted (see the module docstring); the first is the default.
+TERM_EMBEDDINGS = ("svd", "neuroquery")
+#: Folds of study groups behind the cross-fitted training values of the ``"neuroquery"`` embedding.
+CROSSFIT_FOLDS = 5
 
 
 @dataclass
@@ -93,6 +112,8 @@ class Terms:
         idf: ``[n_terms]`` the training split's idf (``1 - log(df)``).
         vocabulary: the terms, column order.
         embedding: the training split's text embedding (None: built without one).
+        crossfit: ``[N, dims]`` float32, a row's stored embedding where it is not ``embedding.embed`` of its
+            tf-idf (the cross-fitted training rows of a supervised embedding), NaN elsewhere; None: none.
     """
 
     tfidf: scipy.sparse.csr_matrix
@@ -100,6 +121,7 @@ class Terms:
     idf: np.ndarray
     vocabulary: list[str]
     embedding: TermEmbedding | None = None
+    crossfit: np.ndarray | None = None
 
     def embedder(self) -> TextEmbedder:
         """What a query needs to be embedded like a study's text (no per-study rows)."""
@@ -108,6 +130,9 @@ class Terms:
     def embedded(self) -> np.ndarray:
         """``[N, dims]`` embedding of every map's text, NaN rows where the study has none (missing, not zero)."""
         out = self._embedding().embed(self.tfidf)
+        if self.crossfit is not None:
+            fitted = np.isfinite(self.crossfit).all(axis=1)
+            out[fitted] = self.crossfit[fitted]
         out[~self.observed] = np.nan
         return out
 
@@ -232,11 +257,89 @@ def fit_embedding(tfidf_m: scipy.sparse.csr_matrix, fit: np.ndarray, dims: int, 
     if dims < 2:
         raise DataError(f"{x.shape[0]} training studies have text: too few for a text embedding; build without terms")
     svd = TruncatedSVD(n_components=dims, algorithm="randomized", n_iter=7, random_state=seed).fit(x)
-    e = np.asarray(x @ svd.components_.T, dtype=np.float64)
-    scale = e.std(axis=0)
+    return _standardised(svd.components_.T, np.zeros(dims), np.asarray(x @ svd.components_.T, dtype=np.float64))[0]
+
+
+def _standardised(weights: np.ndarray, bias: np.ndarray, values: np.ndarray) -> tuple[TermEmbedding, np.ndarray]:
+    """The affine map ``x @ weights + bias`` rescaled so that ``values`` (what the training rows store) have mean 0
+    and sd 1 per dimension; returns the embedding and the rescaled ``values``."""
+    centre, scale = values.mean(axis=0), values.std(axis=0)
     scale[scale <= 0] = 1.0
-    components = (svd.components_.T / scale).astype(np.float32)
-    return TermEmbedding(components, (e.mean(axis=0) / scale).astype(np.float32))
+    embedding = TermEmbedding((weights / scale).astype(np.float32), ((centre - bias) / scale).astype(np.float32))
+    return embedding, (values - centre) / scale
+
+
+def fit_supervised_embedding(
+    tfidf_m: scipy.sparse.csr_matrix,
+    fit: np.ndarray,
+    maps: np.ndarray,
+    groups: np.ndarray,
+    dims: int,
+    folds: int = CROSSFIT_FOLDS,
+    seed: int = 0,
+) -> tuple[TermEmbedding, np.ndarray]:
+    """NeuroQuery's ``SmoothedRegression`` from the tf-idf to the maps, read as the maps' first ``dims`` principal
+    coordinates (a PCA of the fit rows' maps).
+
+    Args:
+        tfidf_m: ``[N, n_terms]`` l2-normalised tf-idf.
+        fit: ``[N]`` bool, the rows to fit on (training studies with text).
+        maps: ``[n_fit, n_voxels]`` the fit rows' maps, scaled as the networks read them.
+        groups: ``[n_fit]`` study group of each fit row (a group's maps share a fold).
+        dims: embedding size (principal coordinates); at most one less than the fitted rows.
+        folds: folds of the cross-fit.
+        seed: the PCA's seed.
+
+    Returns:
+        The embedding of the regression fitted on every fit row (linear in the tf-idf), and the
+        ``[n_fit, dims]`` cross-fitted embedding of the fit rows (each from the fold model without it).
+
+    Raises:
+        DataError: too few rows or study groups to fit and cross-fit on.
+    """
+    from neuroquery.smoothed_regression import SmoothedRegression
+    from sklearn.decomposition import PCA
+    from sklearn.model_selection import GroupKFold
+    from tqdm.auto import tqdm
+
+    x = tfidf_m[np.asarray(fit, bool)]
+    dims = min(int(dims), x.shape[0] - 1, np.asarray(maps).shape[1] - 1)
+    folds = min(int(folds), len(np.unique(groups)))
+    if dims < 2 or folds < 2:
+        raise DataError(f"{x.shape[0]} training studies have text: too few for a text embedding; build without terms")
+    # NeuroQuery's own protocol (tf-idf -> voxels: its feature selection assumes a term raises activity),
+    # read through the training maps' principal coordinates
+    pca = PCA(dims, svd_solver="randomized", random_state=seed).fit(maps)
+
+    def regression(rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        # the library prints the number of selected terms; the build logs its own progress
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = SmoothedRegression(n_components=min(300, len(rows) - 1)).fit(x[rows], maps[rows])
+        return lambda q: pca.transform(model.predict(q))
+
+    crossfit = np.zeros((x.shape[0], dims))
+    splits = list(GroupKFold(folds).split(crossfit, groups=groups))
+    for kept, out in tqdm(splits, desc="cross-fitting NeuroQuery's text regression"):
+        crossfit[out] = regression(kept)(x[out].toarray())
+    weights, bias = _linearised(regression(np.arange(x.shape[0])), x.shape[1])
+    return _standardised(weights, bias, crossfit)
+
+
+def _linearised(
+    predict: Callable[[np.ndarray], np.ndarray], n_terms: int, chunk: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(weights [n_terms, k], bias [k])`` of an affine ``predict``: its answers to no term and to each term alone.
+
+    Raises:
+        DataError: the prediction is not affine (a changed ``neuroquery`` release).
+    """
+    bias = predict(np.zeros((1, n_terms)))[0]
+    starts = range(0, n_terms, chunk)
+    weights = np.concatenate([predict(np.eye(min(chunk, n_terms - i), n_terms, k=i)) - bias for i in starts])
+    probe = np.random.default_rng(0).random((4, n_terms)) * (np.random.default_rng(1).random((4, n_terms)) < 0.01)
+    if not np.allclose(probe @ weights + bias, predict(probe), rtol=1e-4, atol=1e-6):
+        raise DataError("neuroquery's SmoothedRegression.predict is not affine in this release; pin neuroquery")
+    return weights, bias
 
 
 def _candidates() -> list[Path]:
@@ -404,32 +507,61 @@ def _unigram_operator(vocabulary: tuple[str, ...]) -> scipy.sparse.csr_matrix:
 
 
 def build_terms(
-    directory: str | Path, ids: Sequence[str], train: np.ndarray, dims: int = 0, seed: int = 0
+    directory: str | Path,
+    ids: Sequence[str],
+    train: np.ndarray,
+    dims: int = 0,
+    seed: int = 0,
+    kind: str = TERM_EMBEDDINGS[0],
+    maps: Callable[[np.ndarray], np.ndarray] | None = None,
+    groups: Sequence | None = None,
 ) -> tuple[Terms, dict[str, int]]:
     """Read, join and weight NeuroQuery's text for the maps ``ids`` and fit a ``dims``-entry embedding (0: none).
 
+    Args:
+        directory: NeuroQuery's files.
+        ids: map ids (``pmid_of``).
+        train: ``[N]`` bool, the training split.
+        dims: embedding size; 0: the tf-idf only.
+        seed: the embedding's seed.
+        kind: one of ``TERM_EMBEDDINGS``.
+        maps: ``"neuroquery"`` only: rows -> their ``[n, n_voxels]`` maps as the networks read them.
+        groups: ``"neuroquery"`` only: ``[N]`` study group of each map (the cross-fit's folds).
+
     Returns:
         The terms and their counts for the manifest.
+
+    Raises:
+        DataError: an unknown ``kind``, or ``"neuroquery"`` without ``maps`` and ``groups``.
     """
+    if kind not in TERM_EMBEDDINGS:
+        raise DataError(f"--term-embedding {kind!r} is not known; use one of {', '.join(TERM_EMBEDDINGS)}")
+    if dims and kind == "neuroquery" and (maps is None or groups is None):
+        raise DataError("the neuroquery text embedding needs the maps and their study groups")
     text = read_neuroquery(directory)
     counts, observed = join_text(text, ids)
     weights, idf = tfidf(counts, observed, train, text.vocabulary)
-    embedding = fit_embedding(weights, observed & np.asarray(train, bool), dims, seed) if dims else None
+    fit = observed & np.asarray(train, bool)
+    embedding, crossfit = None, None
+    if dims and kind == "svd":
+        embedding = fit_embedding(weights, fit, dims, seed)
+    elif dims:
+        rows = np.flatnonzero(fit)
+        embedding, values = fit_supervised_embedding(
+            weights, fit, maps(rows), np.asarray(groups)[rows], dims, seed=seed
+        )  # fmt: skip
+        crossfit = np.full((len(observed), embedding.dims), np.nan, np.float32)
+        crossfit[rows] = values
     stats = {
         "articles_read": len(text.pmids),
         "maps_with_text": int(observed.sum()),
         "maps_without_text": int((~observed).sum()),
-        "train_maps_with_text": int((observed & np.asarray(train, bool)).sum()),
+        "train_maps_with_text": int(fit.sum()),
     }
-    logger.info(
-        "NeuroQuery: %d of %d maps have text (%d training)",
-        stats["maps_with_text"],
-        len(ids),
-        stats["train_maps_with_text"],
-    )
+    logger.info("NeuroQuery: %d of %d maps have text (%d training)", stats["maps_with_text"], len(ids), int(fit.sum()))
     if embedding is not None:
         stats["embedding_dims"] = embedding.dims
-    return Terms(weights, observed, idf, list(text.vocabulary), embedding), stats
+    return Terms(weights, observed, idf, list(text.vocabulary), embedding, crossfit), stats
 
 
 def save_terms(path: str | Path, terms: Terms) -> None:
@@ -451,6 +583,7 @@ def save_terms(path: str | Path, terms: Terms) -> None:
                 if terms.embedding is not None
                 else {}
             ),
+            **({"crossfit": terms.crossfit} if terms.crossfit is not None else {}),
         )
 
 
@@ -468,13 +601,16 @@ def load_terms(dataset_dir: str | Path) -> Terms | None:
         with np.load(path, allow_pickle=False) as z:
             observed, idf, vocabulary = z["observed"].astype(bool), z["idf"], [str(t) for t in z["vocabulary"]]
             embedding = TermEmbedding(z["components"], z["offset"]) if "components" in z else None
+            crossfit = z["crossfit"] if "crossfit" in z else None
     except (OSError, ValueError, KeyError) as err:
         raise DataError(f"{path} is unreadable ({err}); rebuild the dataset with --force") from err
     bad_embedding = embedding is not None and (
-        embedding.components.shape[0] != len(idf) or embedding.offset.shape != (embedding.dims,)
+        embedding.components.shape[0] != len(idf)
+        or embedding.offset.shape != (embedding.dims,)
+        or (crossfit is not None and crossfit.shape != (len(observed), embedding.dims))
     )
     if tfidf_m.shape != (len(observed), len(idf)) or len(vocabulary) != len(idf) or bad_embedding:
         raise DataError(
             f"{path} is inconsistent (tf-idf {tfidf_m.shape}, {len(observed)} flags, {len(idf)} idf); rebuild with --force"
         )
-    return Terms(tfidf_m, observed, idf, vocabulary, embedding)
+    return Terms(tfidf_m, observed, idf, vocabulary, embedding, crossfit)

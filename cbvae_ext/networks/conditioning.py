@@ -299,6 +299,7 @@ def initialise_from_data(
     rows: Mapping[str, np.ndarray] | None = None,
     hidden_groups: Sequence[str] = (),
     own_penalty: Sequence[str] = (),
+    own_penalty_by: str = "mse",
 ) -> nn.Module:
     """Fit a network's conditional-mean path on the dataset's training split (see ``ConditionalMean``).
 
@@ -316,9 +317,12 @@ def initialise_from_data(
     (``{"train": ..., "val": ...}``, dataset rows) replaces the dataset's splits, e.g. to refit without
     some studies (the evaluation's unseen term pairs). ``hidden_groups`` are hidden on every row, as if the
     dataset lacked them (an ablation, ``scripts/ablate_text.py``). ``own_penalty`` groups (e.g. ``"terms"``)
-    get a third strength, chosen by validation MSE after the other two (which are kept), instead of sharing
-    the fields' and topics' strength.
+    get a third strength, chosen after the other two (which are kept) by validation MSE, or with
+    ``own_penalty_by="peak_auc"`` by the validation peak AUC of the all-given maps (the two disagree
+    about text features, ``architecture.md``), instead of sharing the fields' and topics' strength.
     """
+    if own_penalty_by not in ("mse", "peak_auc"):
+        raise ValueError(f"own_penalty_by must be 'mse' or 'peak_auc', got {own_penalty_by!r}")
     from cbvae_ext.data import load_dataset_info, normalise_maps
     from cbvae_ext.networks import unwrap
 
@@ -391,7 +395,14 @@ def initialise_from_data(
     if own.any():
         strengths = 10.0 ** np.arange(0, 7)
         own_penalties = [penalty(*alpha, t) for t in strengths]
-        b0, coef, best, _ = fit_ridge(x_train, lambda r: maps(rows[r]), val_sets, lambda r: maps(val[r]), own_penalties)
+        b0, coef, best, _ = fit_ridge(
+            x_train,
+            lambda r: maps(rows[r]),
+            val_sets,
+            lambda r: maps(val[r]),
+            own_penalties,
+            criterion=_peak_auc_score if own_penalty_by == "peak_auc" else None,
+        )
         alpha = (*alpha, float(strengths[best]))
     if identify_task:
         # the MSE choice shrinks a small category's map to the mean map, so a task alone names no category;
@@ -415,6 +426,13 @@ def initialise_from_data(
     path.fit(intercept, full)
     path.alpha = alpha
     return network
+
+
+def _peak_auc_score(preds: Sequence[np.ndarray], y_val: np.ndarray) -> float:
+    """``-(mean validation peak AUC)`` of the all-given predictions (``preds[0]``; maps without a sampled peak skipped)."""
+    from cbvae_ext.evaluation.metrics import peak_auc
+
+    return -float(np.nanmean(peak_auc(preds[0], y_val >= 1.0)))
 
 
 def _identification_score(preds: Sequence[np.ndarray], y_val: np.ndarray, labels: np.ndarray) -> float:

@@ -84,7 +84,7 @@ def _hidden(info, meta: np.ndarray, meta_mask: np.ndarray, names: tuple[str, ...
     return m.numpy(), mm.numpy()
 
 
-def text_table(info, seed: int, split: str = "val", n_components: int = 100) -> None:
+def text_table(info, seed: int, split: str = "val", n_components: int = 100, rank: int | None = None) -> None:
     """Peak AUC on ``split`` of the path without the terms group, with it, and with NeuroQuery's text part added
     (every penalty chosen on the validation split)."""
     from neuroquery.smoothed_regression import SmoothedRegression
@@ -98,7 +98,8 @@ def text_table(info, seed: int, split: str = "val", n_components: int = 100) -> 
     has_tr, has_va = terms.observed[train], terms.observed[val]
     peaks = y_va >= 1.0
     no_terms = ("terms",)
-    model = build_network(preset_config("cpu", info.schema, info.mask.shape))
+    overrides = {} if rank is None else {"cond_mean_rank": rank}
+    model = build_network(preset_config("cpu", info.schema, info.mask.shape, **overrides))
     initialise_from_data(model, info.path, seed=seed, hidden_groups=no_terms)
     base_tr = _path_probs(model, info, *_hidden(info, *info.encode(train), no_terms))
     base_va = _path_probs(model, info, *_hidden(info, *info.encode(val), no_terms))
@@ -142,6 +143,7 @@ def main() -> None:
     parser.add_argument("--text", action="store_true", help="also the terms ablation (peak AUC on validation)")
     parser.add_argument("--text-only", action="store_true", help="only the terms ablation")
     parser.add_argument("--text-split", choices=("val", "test"), help="the terms ablation's split (default val)")
+    parser.add_argument("--cond-mean-rank", type=int, help="the terms ablation's path rank (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -149,7 +151,7 @@ def main() -> None:
     if not args.text_only:
         identification_table(info, args.split, args.seed)
     if args.text or args.text_only:
-        text_table(info, args.seed, "val" if args.text_split is None else args.text_split)
+        text_table(info, args.seed, args.text_split or "val", rank=args.cond_mean_rank)
 
 
 if __name__ == "__main__":

@@ -109,12 +109,16 @@ def text_table(info, seed: int, split: str = "val", n_components: int = 100, ran
     }
     kind = info.manifest["options"]["terms"].get("embedding", "svd")
     ways = (
-        ((), "mse", ""),
-        (("terms",), "mse", ", its own penalty by MSE"),
-        (("terms",), "peak_auc", ", its own penalty by peak AUC"),
+        ({"residual_groups": ()}, ", in the one ridge"),
+        ({"residual_groups": (), "own_penalty": ("terms",)}, ", in the one ridge, its own penalty by MSE"),
+        (
+            {"residual_groups": (), "own_penalty": ("terms",), "own_penalty_by": "peak_auc"},
+            ", in the one ridge, its own penalty by peak AUC",
+        ),
+        ({}, ", fitted on the residual of the path without it (the default)"),
     )
-    for own, by, label in ways if info.schema.term_dims else ():
-        initialise_from_data(model, info.path, seed=seed, own_penalty=own, own_penalty_by=by)
+    for options, label in ways if info.schema.term_dims else ():
+        initialise_from_data(model, info.path, seed=seed, **options)
         name = f"+ terms group ({info.schema.term_dims}-dim {kind} embedding{label})"
         auc[name] = peak_auc(_path_probs(model, info, *info.encode(val)), peaks)
         print(f"{name}: penalties {model.cond_mean.alpha}")

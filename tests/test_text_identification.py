@@ -85,7 +85,7 @@ def test_a_group_with_its_own_penalty_keeps_the_other_two(tiny_dataset, by):
     for own in ((), ("terms",)):
         model = build_network(preset_config("cpu", info.schema, info.mask.shape))
         paths[own] = initialise_from_data(
-            model, info.path, identify_task=False, own_penalty=own, own_penalty_by=by
+            model, info.path, identify_task=False, own_penalty=own, own_penalty_by=by, residual_groups=()
         ).cond_mean
     shared, separate = paths[()].alpha, paths[("terms",)].alpha
     assert len(shared) == 2 and len(separate) == 3 and tuple(separate[:2]) == tuple(shared)
@@ -109,3 +109,30 @@ def test_the_peak_auc_criterion_is_the_mean_peak_auc_of_the_all_given_maps():
     expect = np.nanmean(peak_auc(good, y >= 1.0))
     assert _peak_auc_score([good, bad], y) == pytest.approx(-expect)
     assert _peak_auc_score([good], y) < _peak_auc_score([bad], y)
+
+
+def test_a_residual_group_leaves_the_path_without_it_unchanged(tiny_dataset):
+    """``residual_groups``: the rows without the group get exactly the path fitted without it (at a rank that
+    stores the coefficients exactly); the rows with it get that path plus the group's own fit."""
+    import torch
+
+    from cbvae_ext.data import load_dataset_info
+    from cbvae_ext.networks import build_network, initialise_from_data, preset_config
+    from cbvae_ext.networks.conditioning import hide_groups
+
+    info = load_dataset_info(tiny_dataset)
+    paths = {}
+    for key, options in (("hidden", {"hidden_groups": ("terms",)}), ("residual", {})):
+        model = build_network(preset_config("cpu", info.schema, info.mask.shape, cond_mean_rank=1024))
+        paths[key] = initialise_from_data(model, info.path, **options)
+    assert len(paths["residual"].cond_mean.alpha) == 3
+    meta, mask = (torch.from_numpy(a) for a in info.encode(info.rows("val")))
+    hide = torch.tensor([g.name == "terms" for g in info.schema.groups]).expand(len(meta), -1)
+    without = torch.cat(hide_groups(meta, mask, info.schema.groups, hide), dim=1)
+    with_text = torch.cat([meta, mask], dim=1)
+    has = mask[:, info.schema.group("terms").mask_index] > 0
+    assert has.any()
+    with torch.no_grad():
+        out = {k: (p.conditional_mean(without), p.conditional_mean(with_text)) for k, p in paths.items()}
+    torch.testing.assert_close(out["residual"][0], out["hidden"][0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out["residual"][1][has], out["hidden"][1][has], atol=1e-3)

@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         default=TERM_EMBEDDINGS[0],
         choices=TERM_EMBEDDINGS,
         help="how the text embedding is fitted on the training split: svd (the tf-idf's truncated SVD) or "
-        "neuroquery (NeuroQuery's SmoothedRegression of the training maps' principal coordinates, cross-fitted)",
+        "neuroquery (NeuroQuery's SmoothedRegression of the training maps, read as their principal coordinates; "
+        "the training rows cross-fitted)",
     )
     info = sub.add_parser("info", help="check a dataset folder's files (full checksums) and print its counts")
     info.add_argument("out")

@@ -19,7 +19,10 @@ the fast path (``cbvae_ext.networks.set_fast_path``, the default) side by side f
 conditional-mean fit and random streams, on the same training batches of a real dataset, one step of
 each in turn, so a shared or busy machine slows both alike. After ``--maps`` presentations each, it
 prints each path's median maps/s over those steps and its validation ELBO (β = 1, averaged over
-``--val-samples`` posterior draws per map), then the speed-up ratio on the last lines. Set the CPU
+``--val-samples`` posterior draws per map), then the speed-up ratio on the last lines. The two paths give the
+same gradients up to rounding, and two trajectories from there part by tens of nats of ELBO within a few
+epochs; ``--control`` adds a third leg, the plain path from weights perturbed by one part in a million, whose
+ELBO difference from plain is that noise floor. Set the CPU
 threads with ``OMP_NUM_THREADS`` (and ``OMP_WAIT_POLICY=PASSIVE`` on a machine shared with other jobs:
 threads that spin while waiting make a busy machine several times slower).
 """
@@ -154,6 +157,14 @@ def _profile(step: TrainStep, engine: SimpleNamespace, batch: dict[str, torch.Te
     return 0
 
 
+def _perturb(network: torch.nn.Module, seed: int, scale: float = 1e-6) -> None:
+    """Multiply every parameter by ``1 + scale * N(0, 1)``: a control leg that differs from plain by about rounding."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.mul_(1.0 + scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
 def compare(args: argparse.Namespace, device: torch.device) -> int:
     """Train the plain and the fast path side by side (see the module docstring); print the ratio last."""
     from cbvae_ext.engine.bundle_glue import make_loader
@@ -169,8 +180,14 @@ def compare(args: argparse.Namespace, device: torch.device) -> int:
     print(f"fitting the conditional-mean path on {args.dataset_dir} (shared by both paths) ...", flush=True)
     initialise_from_data(base, args.dataset_dir, seed=args.seed)
     legs = {}
-    for name, fast in (("plain (today)", False), ("fast path (new)", True)):
-        network = _place(set_fast_path(copy.deepcopy(base), fast), device, channels_last)
+    paths = [("plain (today)", False), ("fast path (new)", True)]
+    if args.control:
+        paths.append(("plain, perturbed", False))
+    for name, fast in paths:
+        network = set_fast_path(copy.deepcopy(base), fast)
+        if name == "plain, perturbed":
+            _perturb(network, args.seed)
+        network = _place(network, device, channels_last)
         engine = _engine(network, mask, device)
         set_fast_path(engine.loss_function, fast)
         legs[name] = SimpleNamespace(engine=engine, fast=fast, times=[], rng=None)
@@ -223,7 +240,7 @@ def compare(args: argparse.Namespace, device: torch.device) -> int:
             f"{name:18s} {rate:8.1f} {t['neg_elbo']:10.1f} {t['recon']:10.1f} {t['kl']:8.2f} {t['imp']:7.3f} "
             f"{t['loss']:10.1f}"
         )
-    (_, plain, t0), (_, fast, t1) = rows
+    (_, plain, t0), (_, fast, t1) = rows[:2]
     loading = _loader_ms(args.dataset_dir, batch_size, device)
     print(
         f"loader, ms per batch (not in the step times): memory-mapped {loading[False]:.1f}, "
@@ -232,6 +249,11 @@ def compare(args: argparse.Namespace, device: torch.device) -> int:
     print(
         f"validation -ELBO, fast - plain: {t1['neg_elbo'] - t0['neg_elbo']:+.2f} nats/map ({t0['neg_elbo']:.1f} plain)"
     )
+    if args.control:
+        print(
+            f"validation -ELBO, perturbed plain - plain (the same path, weights x (1 + 1e-6 noise): how far two "
+            f"trajectories part by rounding alone): {rows[2][2]['neg_elbo'] - t0['neg_elbo']:+.2f} nats/map"
+        )
     print(f"speed-up (fast path / plain, median over {n_steps - warm} interleaved steps): {fast / plain:.2f}x")
     return 0
 
@@ -250,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", action="store_true", help="time the plain path instead of the fast path")
     parser.add_argument("--compare", action="store_true", help="plain vs fast path, trained side by side")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N train steps; print the top ops")
+    parser.add_argument(
+        "--control", action="store_true", help="--compare: a third leg, plain from weights perturbed by 1e-6"
+    )
     parser.add_argument("--maps", type=int, default=1600, help="--compare: map presentations per path")
     parser.add_argument("--val-samples", type=int, default=4, help="--compare: posterior draws per val map")
     parser.add_argument("--seed", type=int, default=0)

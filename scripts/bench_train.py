@@ -14,15 +14,18 @@ device first (the GPU preset keeps the whole split resident) so the peak memory 
 that take the most self time, by operator and by operator and input shape: where a step goes. The profiler's
 overhead lengthens every step (222–288 ms profiled against 178 ms timed on 2 CPU cores), so read the shares.
 
-``--compare`` trains the plain path (the network and loss before the fast path, ``fast_path=False``) and
-the fast path (``cbvae_ext.networks.set_fast_path``, the default) side by side from the same weights,
-conditional-mean fit and random streams, on the same training batches of a real dataset, one step of
-each in turn, so a shared or busy machine slows both alike. After ``--maps`` presentations each, it
-prints each path's median maps/s over those steps and its validation ELBO (β = 1, averaged over
-``--val-samples`` posterior draws per map), then the speed-up ratio on the last lines. The two paths give the
-same gradients up to rounding, and two trajectories from there part by tens of nats of ELBO within a few
-epochs; ``--control`` adds a third leg, the plain path from weights perturbed by one part in a million, whose
-ELBO difference from plain is that noise floor. Set the CPU
+``--compare`` trains, side by side from the same seed, conditional-mean fit and random streams, on the same
+training batches of a real dataset, one step of each in turn (so a shared or busy machine slows all alike):
+the plain full network (``fast_path=False``, ``lean_finest_grid=False``: the configuration the speed work
+started from), the fast path of the full network (``cbvae_ext.networks.set_fast_path``) and the fast path of
+the lean network (``lean_finest_grid``, ``cbvae_ext.networks.dense3d``); the preset's own is marked the
+default. After ``--maps`` presentations each, it prints each leg's median maps/s over those steps and its
+validation ELBO (β = 1, averaged over ``--val-samples`` posterior draws per map), then each leg's ELBO
+difference from plain and its speed-up over plain, the default's on the last line. The plain and fast paths
+give the same gradients up to rounding, and two trajectories from there part by tens of nats of ELBO within
+a few epochs; ``--control`` adds a leg, the plain path from weights perturbed by one part in a million, whose
+ELBO difference from plain is that noise floor. ``--candidate DICT`` adds the default network with those
+``build_network`` keys (e.g. ``"{'block_layers': [0, 1]}"``), on the fast path. Set the CPU
 threads with ``OMP_NUM_THREADS`` (and ``OMP_WAIT_POLICY=PASSIVE`` on a machine shared with other jobs:
 threads that spin while waiting make a busy machine several times slower).
 """
@@ -30,6 +33,7 @@ threads that spin while waiting make a busy machine several times slower).
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import os
 import resource
@@ -165,8 +169,18 @@ def _perturb(network: torch.nn.Module, seed: int, scale: float = 1e-6) -> None:
             p.mul_(1.0 + scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
+#: ``--compare``'s legs: label, fast path, lean finest grid, perturbed weights. The first is the configuration
+#: the speed issue started from (plain path, full network); the default is the preset's (``train.yaml``).
+LEGS = (
+    ("plain (today)", False, False, False),
+    ("fast path", True, False, False),
+    ("fast + lean", True, True, False),
+)
+CONTROL_LEG = ("plain, perturbed", False, False, True)
+
+
 def compare(args: argparse.Namespace, device: torch.device) -> int:
-    """Train the plain and the fast path side by side (see the module docstring); print the ratio last."""
+    """Train the legs side by side (see the module docstring); print the default's ratio to plain last."""
     from cbvae_ext.engine.bundle_glue import make_loader
     from cbvae_ext.networks import initialise_from_data
 
@@ -175,34 +189,44 @@ def compare(args: argparse.Namespace, device: torch.device) -> int:
     schema, mask = _schema_and_mask(args.dataset_dir)
     train_step, _, channels_last = _steps(settings, device)
     eval_step = EvalStep(CBVAELoss(mask=mask).to(device), train_step.autocast_dtype, channels_last)
-    torch.manual_seed(args.seed)
-    base = build_network(preset_config(args.preset, schema, tuple(mask.shape)))
-    print(f"fitting the conditional-mean path on {args.dataset_dir} (shared by both paths) ...", flush=True)
-    initialise_from_data(base, args.dataset_dir, seed=args.seed)
+    default_lean = bool(preset_config(args.preset, schema, tuple(mask.shape)).get("lean_finest_grid", False))
+    architectures = {False: {"lean_finest_grid": False}, True: {"lean_finest_grid": True}}
+    legs_wanted = list(LEGS) + ([CONTROL_LEG] if args.control else [])
+    if args.candidate:  # the default network with these build_network keys, on the fast path
+        architectures["candidate"] = {"lean_finest_grid": default_lean, **args.candidate}
+        legs_wanted.append(("candidate", True, "candidate", False))
+    bases = {}
+    for key, overrides in architectures.items():  # one initialisation per architecture, from the same seed
+        torch.manual_seed(args.seed)
+        bases[key] = build_network(preset_config(args.preset, schema, tuple(mask.shape), **overrides))
+    print(f"fitting the conditional-mean path on {args.dataset_dir} (shared by every leg) ...", flush=True)
+    initialise_from_data(bases[False], args.dataset_dir, seed=args.seed)
+    for net in bases.values():  # the same fit: the path does not depend on the architecture
+        net.cond_mean.load_state_dict(bases[False].cond_mean.state_dict())
     legs = {}
-    paths = [("plain (today)", False, False), ("fast path (new)", True, False)]
-    if args.control:
-        paths.append(("plain, perturbed", False, True))
-    for name, fast, perturbed in paths:
-        network = set_fast_path(copy.deepcopy(base), fast)
+    for name, fast, lean, perturbed in legs_wanted:
+        network = set_fast_path(copy.deepcopy(bases[lean]), fast)
         if perturbed:
             _perturb(network, args.seed)
         network = _place(network, device, channels_last)
         engine = _engine(network, mask, device)
         set_fast_path(engine.loss_function, fast)
-        legs[name] = SimpleNamespace(engine=engine, fast=fast, times=[], rng=None)
+        default = fast and lean == default_lean and not perturbed
+        legs[name] = SimpleNamespace(engine=engine, default=default, perturbed=perturbed, times=[], rng=None)
 
     loader = make_loader(args.dataset_dir, "train", batch_size, shuffle=True, seed=args.seed, device=device)
     val = make_loader(args.dataset_dir, "val", batch_size, device=device)
     steps_per_epoch = len(loader)
     n_steps = max(1, -(-args.maps // batch_size))
+    labels = {False: "full", True: "lean", "candidate": "candidate"}
+    params = "  ".join(f"{labels[key]} {count_parameters(net):,}" for key, net in bases.items())
     print(
         f"device: {device} ({torch.get_num_threads()} CPU threads, OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY', 'unset')})  preset: {args.preset}  batch: {batch_size}  "
-        f"params: {count_parameters(base):,}"
+        f"params: {params}"
     )
     print(
-        f"training both paths {n_steps} steps = {n_steps * batch_size} map presentations each "
+        f"training {len(legs)} legs {n_steps} steps = {n_steps * batch_size} map presentations each "
         f"({n_steps / steps_per_epoch:.1f} epochs of {len(loader.dataset)} training maps), interleaved",
         flush=True,
     )
@@ -228,34 +252,49 @@ def compare(args: argparse.Namespace, device: torch.device) -> int:
                 rates = "  ".join(f"{n}: {batch_size / statistics.median(v.times):.1f}" for n, v in legs.items())
                 print(f"  step {done}/{n_steps}  median maps/s  {rates}", flush=True)
     warm = min(args.warmup, n_steps - 1)
-    rows = []
-    for name, leg in legs.items():
-        rate = batch_size / statistics.median(leg.times[warm:])
-        terms = _val_elbo(leg.engine, val, eval_step, args.val_samples, args.seed)
-        rows.append((name, rate, terms))
+    for leg in legs.values():
+        leg.rate = batch_size / statistics.median(leg.times[warm:])
+        leg.terms = _val_elbo(leg.engine, val, eval_step, args.val_samples, args.seed)
     print(f"\nvalidation after {n_steps * batch_size} presentations ({args.val_samples} draws per map, β = 1):")
-    print(f"{'path':18s} {'maps/s':>8s} {'-ELBO':>10s} {'recon':>10s} {'KL':>8s} {'imp':>7s} {'val loss':>10s}")
-    for name, rate, t in rows:
+    print(f"{'leg':18s} {'maps/s':>8s} {'-ELBO':>10s} {'recon':>10s} {'KL':>8s} {'imp':>7s} {'val loss':>10s}")
+    for name, leg in legs.items():
+        t = leg.terms
         print(
-            f"{name:18s} {rate:8.1f} {t['neg_elbo']:10.1f} {t['recon']:10.1f} {t['kl']:8.2f} {t['imp']:7.3f} "
-            f"{t['loss']:10.1f}"
+            f"{name:18s} {leg.rate:8.1f} {t['neg_elbo']:10.1f} {t['recon']:10.1f} {t['kl']:8.2f} {t['imp']:7.3f} "
+            f"{t['loss']:10.1f}{'  (default)' if leg.default else ''}"
         )
-    (_, plain, t0), (_, fast, t1), *control = rows
     loading = _loader_ms(args.dataset_dir, batch_size, device)
     print(
         f"loader, ms per batch (not in the step times): memory-mapped {loading[False]:.1f}, "
         f"resident (--resident true) {loading[True]:.1f}"
     )
-    print(
-        f"validation -ELBO, fast - plain: {t1['neg_elbo'] - t0['neg_elbo']:+.2f} nats/map ({t0['neg_elbo']:.1f} plain)"
-    )
-    for _, _, t2 in control:
-        print(
-            f"validation -ELBO, perturbed plain - plain (the same path, weights x (1 + 1e-6 noise): how far two "
-            f"trajectories part by rounding alone): {t2['neg_elbo'] - t0['neg_elbo']:+.2f} nats/map"
+    plain, *others = legs.items()
+    base = plain[1].terms["neg_elbo"]
+    for name, leg in others:
+        what = (
+            " (the same path, weights x (1 + 1e-6 noise): how far two trajectories part by rounding alone)"
+            if leg.perturbed
+            else ""
         )
-    print(f"speed-up (fast path / plain, median over {n_steps - warm} interleaved steps): {fast / plain:.2f}x")
+        print(
+            f"validation -ELBO, {name} - plain: {leg.terms['neg_elbo'] - base:+.2f} nats/map ({base:.1f} plain){what}"
+        )
+    n = n_steps - warm
+    for name, leg in sorted(others, key=lambda item: item[1].default):  # the default's ratio last
+        label = "default" if leg.default else name
+        print(f"speed-up ({label} / plain, median over {n} interleaved steps): {leg.rate / plain[1].rate:.2f}x")
     return 0
+
+
+def _mapping(text: str) -> dict[str, Any]:
+    """``--candidate``'s value: a Python literal mapping of ``build_network`` keys."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping such as \"{{'block_layers': [0, 1]}}\", got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,14 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-maps", type=int, default=16)
     parser.add_argument("--resident-maps", type=int, default=0)
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--plain", action="store_true", help="time the plain path instead of the fast path")
-    parser.add_argument("--compare", action="store_true", help="plain vs fast path, trained side by side")
+    parser.add_argument("--plain", action="store_true", help="time the plain full network (--compare's first leg)")
+    parser.add_argument("--compare", action="store_true", help="plain, fast and lean legs, trained side by side")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N train steps; print the top ops")
     parser.add_argument(
         "--control", action="store_true", help="--compare: a third leg, plain from weights perturbed by 1e-6"
     )
     parser.add_argument("--maps", type=int, default=1600, help="--compare: map presentations per path")
     parser.add_argument("--val-samples", type=int, default=4, help="--compare: posterior draws per val map")
+    parser.add_argument(
+        "--candidate",
+        type=_mapping,
+        default=None,
+        metavar="DICT",
+        help="--compare: one more leg, the default network with these build_network keys, e.g. \"{'block_layers': [0, 1]}\"",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -303,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         resident = torch.empty((args.resident_maps, 1, *shape), dtype=torch.float16, device=device)
 
     step, _, channels_last = _steps(settings, device)
-    network = build_network(preset_config(args.preset, schema, shape, fast_path=not args.plain))
+    plain = {"fast_path": False, "lean_finest_grid": False} if args.plain else {}  # the compare's first leg
+    network = build_network(preset_config(args.preset, schema, shape, **plain))
     network = _place(network, device, channels_last)
     if args.compile:
         network = torch.compile(network)
@@ -346,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
           f"({torch.get_num_threads()} CPU threads)")  # fmt: skip
-    path = "plain" if args.plain else "fast path"
+    path = "plain full network" if args.plain else "default network (fast path)"
     print(f"preset: {args.preset}  grid: {shape}  batch: {batch_size}  params: {count_parameters(model):,}  {path}")
     print(f"train step: {maps_per_s:.1f} maps/s  ({1000 * train_s / args.steps:.1f} ms/step, {args.steps} steps)")
     print(f"decode (TorchScript, CPU, batch 1): {decode_ms:.1f} ms/map")

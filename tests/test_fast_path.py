@@ -63,10 +63,17 @@ def _run(net: torch.nn.Module, loss: CBVAELoss, batch: dict[str, torch.Tensor], 
     return out, terms, grads
 
 
+LEAN = {"lean_finest_grid": True}
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("model", ["cbvae", "baseline"])
-def test_fast_path_trains_like_the_plain_path(schema: MetadataSchema, model: str, channels_last: bool) -> None:
-    plain, fast = _pair(schema, model)
+@pytest.mark.parametrize(
+    ("model", "overrides"), [("cbvae", {"lean_finest_grid": False}), ("cbvae", LEAN), ("baseline", {})]
+)
+def test_fast_path_trains_like_the_plain_path(
+    schema: MetadataSchema, model: str, overrides: dict, channels_last: bool
+) -> None:
+    plain, fast = _pair(schema, model, **overrides)
     batch = _inputs(schema)
     loss_plain = set_fast_path(CBVAELoss(mask=_brain_mask(), free_bits=4.0), False)
     out0, terms0, grads0 = _run(plain, loss_plain, batch, channels_last)
@@ -88,6 +95,30 @@ def test_fast_path_trains_like_the_plain_path(schema: MetadataSchema, model: str
     z, m = out0["mu"].detach(), plain.decoder_input(batch["meta"], batch["meta_mask"], None)
     with torch.no_grad():
         torch.testing.assert_close(fast.decode(z, m), plain.decode(z, m), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("block_layers", [[0, 2], [1, 2]])
+def test_lean_network_drops_the_repeated_finest_grid_passes(schema: MetadataSchema, block_layers: list[int]) -> None:
+    """Lean: the stem is a bare conv and (where the finest level has no dense layers) the decoder's last mix
+    is gone, with their FiLM channels; everything else, and the default network, is unchanged."""
+    arch = {"block_layers": block_layers}
+    full = build_network(preset_config("cpu", schema, SHAPE, **arch, lean_finest_grid=False))
+    lean = build_network(preset_config("cpu", schema, SHAPE, **arch, **LEAN))
+    assert preset_config("cpu", schema, SHAPE)["lean_finest_grid"] is True  # the default (train.yaml)
+    assert not build_network(
+        {k: v for k, v in preset_config("cpu", schema, SHAPE).items() if k != "lean_finest_grid"}
+    ).encoder.stem.lean  # an older run folder's config
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in full.encoder.stem.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in lean.encoder.stem.modules())
+    channels = full.encoder.film.channels
+    assert lean.encoder.film.channels == channels[1:]  # the stem's FiLM layer, first in the list, dropped
+    mixes_dropped = 1 if block_layers[0] == 0 else 0  # a finest level with dense layers needs its mix
+    assert len(lean.decoder.film.channels) == len(full.decoder.film.channels) - mixes_dropped
+    gone = set(full.state_dict()) - set(lean.state_dict())
+    assert gone and all(
+        k.startswith(("encoder.stem.conv.post", "decoder.mixes.1", "encoder.film", "decoder.film")) for k in gone
+    )
+    assert set(lean.state_dict()) <= set(full.state_dict())
 
 
 def test_fast_stem_skips_the_space_to_depth_copy(schema: MetadataSchema) -> None:

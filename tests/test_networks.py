@@ -383,9 +383,9 @@ def test_dilated_block_sees_whole_bottleneck() -> None:
 # exact trainable sizes at the 4 mm grid with 15 categories and no topics (the conditional mean is buffers),
 # documented in bundle/docs/architecture.md
 PARAMETERS = {
-    ("cpu", "cbvae"): 508_797,
+    ("cpu", "cbvae"): 506_621,
     ("cpu", "baseline"): 549_728,
-    ("gpu", "cbvae"): 1_522_157,
+    ("gpu", "cbvae"): 1_517_997,
     ("gpu", "baseline"): 4_983_272,
 }
 
@@ -464,3 +464,24 @@ def test_decoder_groups_leave_the_task_to_the_conditional_mean_path(schema: Meta
         # with every group given to the decoder, its FiLM adds its own change on top of the path's
         net.decoder_keep.fill_(1.0)
         assert not torch.allclose(net.decode(z, m_other) - net.decode(z, m), path_change, atol=1e-4)
+
+
+@pytest.mark.parametrize(("n_inputs", "true_rank"), [(60, 60), (60, 5)])
+def test_conditional_mean_fit_is_the_best_low_rank_approximation(n_inputs: int, true_rank: int) -> None:
+    """``ConditionalMean.fit`` (eigendecomposition of the small Gram matrix) stores numpy's truncated SVD of the
+    coefficients, orthonormal basis rows; a coefficient matrix of lower rank than the path is kept exactly."""
+    rng = np.random.default_rng(3)
+    grid = (9, 10, 8)
+    coef = rng.normal(size=(n_inputs, true_rank)) @ rng.normal(size=(true_rank, int(np.prod(grid)))) * 0.01
+    path = ConditionalMean(n_inputs, grid, rank=8)
+    path.fit(np.full(grid, 0.2), coef.reshape(n_inputs, *grid))
+    a, s, vh = np.linalg.svd(coef, full_matrices=False)
+    best = (a[:, :8] * s[:8]) @ vh[:8]
+    stored = (path.weight.T @ path.basis).double().numpy()
+    assert np.abs(stored - best).max() <= 1e-5 * np.abs(coef).max()
+    kept = min(8, true_rank)
+    gram = (path.basis[:kept] @ path.basis[:kept].T).double()
+    torch.testing.assert_close(gram, torch.eye(kept, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert not path.basis[kept:].any()  # no directions made of rounding noise
+    if true_rank <= 8:
+        assert np.abs(stored - coef).max() <= 1e-5 * np.abs(coef).max()

@@ -31,6 +31,7 @@ from cbvae_ext.evaluation.columns import CORRELATION_DECODER, DECODING, MODEL, T
 from cbvae_ext.evaluation.likelihood import bernoulli_nll
 from cbvae_ext.evaluation.metrics import to_volumes
 from cbvae_ext.evaluation.section import EvalData, Section
+from cbvae_ext.heap import frozen_heap
 
 __all__ = [
     "Candidates",
@@ -231,7 +232,7 @@ def correlation_decoder_scores(candidates: Candidates, maps: np.ndarray, mask: n
 
     affine = np.asarray(affine, dtype=np.float64)
     mask_img = nib.Nifti1Image(np.asarray(mask, np.uint8), affine)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, frozen_heap():  # nilearn collects garbage for every image
         paths = {}
         for j, (name, vec) in enumerate(zip(candidates.names, candidates.maps, strict=True)):
             paths[name] = str(Path(tmp) / f"{j}.nii.gz")

@@ -6,10 +6,8 @@ Each ``plot_*`` function builds its figure in a ``_*_figure`` helper (which test
 
 from __future__ import annotations
 
-import gc
 import textwrap
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from cbvae_ext.evaluation.debiasing import PROBES  # noqa: E402
+from cbvae_ext.heap import frozen_heap  # noqa: E402
 from cbvae_ext.run_folder import write_png_atomically  # noqa: E402
 
 __all__ = [
@@ -59,17 +58,6 @@ def _unit_colorbar(fig: Figure, cmap: str, label: str, **where: Any) -> Colorbar
     return bar
 
 
-@contextmanager
-def _frozen_gc() -> Iterator[None]:
-    """Hide the existing heap from the collector: nilearn calls ``gc.collect()`` for every image it reads,
-    which costs seconds per panel in a process holding torch and a dataset."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def plot_recon_examples(
     volumes: Mapping[str, np.ndarray], affine: np.ndarray, titles: Sequence[str], path: str | Path
 ) -> Path:
@@ -85,7 +73,7 @@ def plot_recon_examples(
     from nilearn.datasets import load_mni152_template
     from nilearn.plotting import plot_stat_map  # noqa: F401 - imported before freezing so its modules are frozen too
 
-    with _frozen_gc():
+    with frozen_heap():
         template = load_mni152_template(resolution=2)
         fig = _examples_figure(volumes, affine, titles, template)
     return _save(fig, path)

@@ -77,6 +77,8 @@ class ConditionalBetaVAE(nn.Module):
         condition_dropout: probability of hiding each condition group in training (or per group name).
         fast_path: run the encoder and decoder on their fast path (``dense3d.set_fast_path``: same
             parameters and function, fewer passes over the finest grids); False: the plain path.
+        lean_finest_grid: drop the normalise-FiLM-activate passes on the stem's grid that repeat another
+            (``dense3d``: a different network, fewer parameters; False for run folders written before it).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class ConditionalBetaVAE(nn.Module):
         decoder_groups: Sequence[str] | None = None,
         condition_dropout: float | Mapping[str, float] = 0.0,
         fast_path: bool = True,
+        lean_finest_grid: bool = False,
     ) -> None:
         super().__init__()
         self.latent_size = latent_size
@@ -131,6 +134,7 @@ class ConditionalBetaVAE(nn.Module):
             film_hidden=film_hidden,
             norm=norm,
             act=act,
+            lean_finest_grid=lean_finest_grid,
         )
         self.encoder = DenseEncoder(spatial_shape, 2 * latent_size, cond_dim=cond_dim, **arch)
         self.decoder = DenseDecoder(

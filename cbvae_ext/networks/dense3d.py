@@ -6,6 +6,11 @@ dilated dense block -> per level a FiLM 3x3 conv, trilinear upsampling (to the e
 sizes round-trip), a dense block and a FiLM 1x1 conv -> sub-pixel 2x upsampling (1x1 conv + pixel shuffle)
 to logits on the input grid. No convolution runs at full resolution: 3D convolution backward is slow on CPU.
 
+``lean_finest_grid`` drops the two normalise-FiLM-activate passes over the stem's grid that repeat another
+(on CPU that grid takes a third of a step): the stem's own (the first transition, or the first dense layer,
+normalises the same map again) and, where the decoder's finest level has no dense layers, its closing FiLM
+1x1 conv (it sat between the level's FiLM 3x3 conv and the head's 1x1 conv, a second linear mix).
+
 The bottleneck block uses dilations (MONAI ``ConvDenseBlock``) so that every bottleneck voxel sees every
 other one; ``DilatedDenseBlock`` checks this against the grid it runs on.
 
@@ -14,7 +19,8 @@ fewer passes over the two finest grids, where a CPU step spends most of its time
 + 1x1 conv runs as the equivalent kernel-2 stride-2 conv (no space-to-depth copy); a transition pools before
 its 1x1 conv (both linear, so they commute: the conv runs on an 8x smaller grid); a decoder level without
 dense layers mixes channels before the upsampling (same argument); FiLM is fused into the batch norm
-(``film.norm_film``). ``scripts/bench_train.py --compare`` measures it against the plain path.
+(``film.norm_film``); a lean decoder runs the head's 1x1 conv before the upsampling. ``scripts/bench_train.py
+--compare`` measures it against the plain path.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from monai.networks.blocks import Convolution, UpSample
 from monai.networks.blocks.denseblock import ConvDenseBlock
 from monai.networks.layers.factories import Pool
 from monai.networks.nets.densenet import _DenseBlock
-from monai.networks.utils import pixelunshuffle
+from monai.networks.utils import pixelshuffle, pixelunshuffle
 from torch.nn import functional as F
 
 from cbvae_ext.networks.film import FiLMGenerator, FiLMNormAct, FiLMParams
@@ -67,6 +73,13 @@ def encoder_shapes(spatial_shape: Sequence[int], n_levels: int) -> list[tuple[in
     if min(shapes[-1]) < 1:
         raise ValueError(f"spatial_shape {list(spatial_shape)} is too small for {n_levels} levels; use fewer channels")
     return shapes
+
+
+class _Pass(nn.Module):
+    """Stands in for a ``FiLMNormAct`` a lean network drops: returns its input (it takes no FiLM parameters)."""
+
+    def forward(self, x: torch.Tensor, params: FiLMParams = None) -> torch.Tensor:
+        return x
 
 
 class FiLMConv(nn.Module):
@@ -128,7 +141,7 @@ class SpaceToDepth(nn.Module):
 
 
 class SpaceToDepthStem(nn.Module):
-    """2x downsampling stem: ``SpaceToDepth``, then 1x1 conv, normalisation, FiLM, activation.
+    """2x downsampling stem: ``SpaceToDepth``, then 1x1 conv, normalisation, FiLM, activation (``lean``: the conv alone).
 
     Equivalent to a kernel-2 stride-2 convolution, which the fast path runs instead (its 1x1 weight read
     as the kernel-2 one; the input needs no gradient, so only the weight's is computed); the decoder's
@@ -141,6 +154,7 @@ class SpaceToDepthStem(nn.Module):
         spatial_shape: input grid.
         norm: MONAI normalisation name/args.
         act: MONAI activation name/args.
+        lean: no normalisation, FiLM or activation (the next layer normalises); it then takes no FiLM parameters.
     """
 
     fast = True  # set_fast_path
@@ -153,11 +167,15 @@ class SpaceToDepthStem(nn.Module):
         spatial_shape: Sequence[int],
         norm: str | tuple,
         act: str | tuple,
+        lean: bool = False,
     ) -> None:
         super().__init__()
         self.down = SpaceToDepth(spatial_shape)
         self.conv = FiLMConv(spatial_dims, in_channels * 2**spatial_dims, out_channels, 1, norm=norm, act=act)
+        if lean:
+            self.conv.post = _Pass()
         self.channels = out_channels
+        self.lean = bool(lean)
         self.in_channels = in_channels
 
     def forward(self, x: torch.Tensor, params: FiLMParams = None) -> torch.Tensor:
@@ -272,6 +290,7 @@ class DenseEncoder(nn.Module):
         norm: MONAI normalisation name/args.
         act: MONAI activation name/args.
         in_channels: input channels.
+        lean_finest_grid: a stem without normalisation, FiLM and activation (see the module docstring).
     """
 
     def __init__(
@@ -289,13 +308,14 @@ class DenseEncoder(nn.Module):
         norm: str | tuple = "batch",
         act: str | tuple = "leakyrelu",
         in_channels: int = 1,
+        lean_finest_grid: bool = False,
     ) -> None:
         super().__init__()
         if len(block_layers) != len(channels) - 1:
             raise ValueError(f"block_layers {list(block_layers)} needs len(channels) - 1 = {len(channels) - 1} entries")
         sd = len(spatial_shape)
         shapes = encoder_shapes(spatial_shape, len(block_layers))
-        self.stem = SpaceToDepthStem(sd, in_channels, channels[0], spatial_shape, norm, act)
+        self.stem = SpaceToDepthStem(sd, in_channels, channels[0], spatial_shape, norm, act, lean=lean_finest_grid)
         self.blocks = nn.ModuleList()
         self.transitions = nn.ModuleList()
         for i, n in enumerate(block_layers):
@@ -305,16 +325,17 @@ class DenseEncoder(nn.Module):
             sd, channels[-1], growth_rate, dilations, bottleneck_channels, shapes[-1], norm, act
         )
         self.fc = nn.Linear(bottleneck_channels * math.prod(shapes[-1]), out_features)
-        film_channels = [self.stem.channels] + [t.channels for t in self.transitions] + [self.bottleneck.channels]
+        film_channels = [] if self.stem.lean else [self.stem.channels]
+        film_channels += [t.channels for t in self.transitions] + [self.bottleneck.channels]
         self.film = FiLMGenerator(cond_dim, film_channels, film_hidden) if cond_dim else None
         self.n_film = len(film_channels)
 
     def forward(self, x: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
-        params = _film_params(self.film, m, self.n_film)
-        h = self.stem(x, params[0])
-        for i, (block, transition) in enumerate(zip(self.blocks, self.transitions, strict=True)):
-            h = transition(block(h), params[1 + i])
-        h = self.bottleneck(h, params[-1])
+        params = iter(_film_params(self.film, m, self.n_film))  # in the order film_channels lists the layers
+        h = self.stem(x, None if self.stem.lean else next(params))
+        for block, transition in zip(self.blocks, self.transitions, strict=True):
+            h = transition(block(h), next(params))
+        h = self.bottleneck(h, next(params))
         return self.fc(h.flatten(1))
 
 
@@ -337,6 +358,8 @@ class DenseDecoder(nn.Module):
         out_channels: output channels.
         cond_input: the first (linear) layer reads ``[z, m]``, not ``z`` alone, so the conditions shape the
             bottleneck grid itself rather than only rescaling its channels.
+        lean_finest_grid: where the finest level has no dense layers, no closing FiLM 1x1 conv there (see the
+            module docstring).
     """
 
     fast = True  # set_fast_path
@@ -357,6 +380,7 @@ class DenseDecoder(nn.Module):
         act: str | tuple = "leakyrelu",
         out_channels: int = 1,
         cond_input: bool = False,
+        lean_finest_grid: bool = False,
     ) -> None:
         super().__init__()
         if len(block_layers) != len(channels) - 1:
@@ -385,7 +409,10 @@ class DenseDecoder(nn.Module):
                 UpSample(sd, size=shapes[i + 1], mode="nontrainable", interp_mode="trilinear", align_corners=False)
             )
             self.blocks.append(_DenseBlock(sd, n, channels[i], bn_size, growth_rate, 0.0, act=act, norm=norm))
-            self.mixes.append(FiLMConv(sd, channels[i] + n * growth_rate, channels[i], 1, norm=norm, act=act))
+            if lean_finest_grid and i == 0 and n == 0:
+                self.mixes.append(_Pass())  # the head's 1x1 conv mixes the channels
+            else:
+                self.mixes.append(FiLMConv(sd, channels[i] + n * growth_rate, channels[i], 1, norm=norm, act=act))
         # mirror of the stride-2 stem: a learned 2x sub-pixel upsampling (1x1 conv + pixel shuffle), cropped
         # to the input grid, avoids any full-resolution convolution
         scale = 2**sd
@@ -401,22 +428,34 @@ class DenseDecoder(nn.Module):
         self.out_shape = shapes[0]
         film_channels = [bottleneck_channels, self.bottleneck.channels]
         for conv, mix in zip(self.convs, self.mixes, strict=True):
-            film_channels += [conv.channels, mix.channels]
+            film_channels += [conv.channels] + ([] if isinstance(mix, _Pass) else [mix.channels])
         self.film = FiLMGenerator(cond_dim, film_channels, film_hidden) if cond_dim else None
         self.n_film = len(film_channels)
 
     def forward(self, z: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
-        params = _film_params(self.film, m, self.n_film)
+        params = iter(_film_params(self.film, m, self.n_film))  # in the order film_channels lists the layers
         if self.cond_input and m is not None:
             z = torch.cat([z, m.to(z.dtype)], dim=1)
         h = self.fc(z).view(-1, self.bottleneck_channels, *self.grid)
-        h = self.bottleneck(self.fc_post(h, params[0]), params[1])
-        for i, (conv, up, block, mix) in enumerate(zip(self.convs, self.ups, self.blocks, self.mixes, strict=True)):
-            h = conv(h, params[2 + 2 * i])
-            if self.fast and len(block) == 0:
+        h = self.fc_post(h, next(params))
+        h = self.bottleneck(h, next(params))
+        for conv, up, block, mix in zip(self.convs, self.ups, self.blocks, self.mixes, strict=True):
+            h = conv(h, next(params))
+            if isinstance(mix, _Pass):  # lean finest level: up, then the head
+                # the head's 1x1 conv commutes with the (linear, weights summing to 1) upsampling, bias
+                # included, so the fast path runs it on the 8x smaller grid
+                if self.fast:
+                    shuffle = self.head.pixelshuffle  # MONAI's SubpixelUpsample: its conv, then the shuffle
+                    return self._crop(pixelshuffle(up(shuffle.conv_block(h)), h.ndim - 2, shuffle.scale_factor))
+                h = up(h)
+            elif self.fast and len(block) == 0:
                 # no dense layers: the mix's bias-free 1x1 conv commutes with the (linear) upsampling, so it
                 # runs on the 8x smaller grid
-                h = mix.post(up(mix.conv(h)), params[3 + 2 * i])
+                h = mix.post(up(mix.conv(h)), next(params))
             else:
-                h = mix(block(up(h)), params[3 + 2 * i])
-        return self.head(h)[(..., *(slice(0, s) for s in self.out_shape))]
+                h = mix(block(up(h)), next(params))
+        return self._crop(self.head(h))
+
+    def _crop(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits on the input grid (the sub-pixel head rounds odd sizes up)."""
+        return logits[(..., *(slice(0, s) for s in self.out_shape))]

@@ -13,6 +13,7 @@ usage: scripts/gpu_check.sh [--out DIR] [--epochs N] [--data-dir DIR] [--neurosy
 
   --out DIR             [GPU_CHECK_OUT] everything it writes (default ./runs/gpu_check):
                           DIR/summary.txt     the figures: device, throughput, peak memory, wall/CPU time per step
+                          DIR/step_times.tsv  wall and CPU seconds (user, sys) of each step
                           DIR/env.txt         torch, CUDA and device versions
                           DIR/bench_train.txt bench_train.py's output
                           DIR/main/           run_main.sh's folder: run folders, logs/, eval/test_results.json
@@ -79,36 +80,21 @@ summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
 
-# timed NAME CMD...: run CMD with its output in DIR/NAME.txt (and the console), its wall time in the
-# summary; a failure ends the check
+# timed NAME CMD...: run CMD with its output in DIR/NAME.txt (and the console), its wall and CPU time in
+# DIR/step_times.tsv and the summary; a failure ends the check
+source scripts/step_times.sh
+times_file="$out/step_times.tsv"
+rm -f "$times_file"
+step_times_start "$times_file"
 timed() {
   local name="$1"; shift
-  local start=$SECONDS rc=0
+  local rc=0
+  step_time_begin
   "$@" 2>&1 | tee "$out/$name.txt" || rc=${PIPESTATUS[0]}
-  note "$name: wall $((SECONDS - start)) s, exit $rc"
+  step_time_end "$times_file" "$name"
+  note "$name: wall, CPU user, CPU sys $(tail -1 "$times_file" | cut -f2- | tr '\t' ' ') s; exit $rc"
   [ "$rc" = 0 ] || { echo "[gpu_check] $name failed; see $out/$name.txt" >&2; exit "$rc"; }
 }
-
-
-# every step runs through this wrapper (run_main.sh through $PYTHON): it appends each benchmark, dataset and
-# bundle command's wall time and CPU time (user, sys of the process and its children) to DIR/step_times.tsv
-times_file="$out/step_times.tsv"
-printf 'step\twall_s\tcpu_user sys\n' > "$times_file"
-cat > "$out/timed_python" <<WRAP
-#!/usr/bin/env bash
-start=\$(date +%s%N)
-rc=0
-"$py" "\$@" || rc=\$?
-case "\$1 \$2 \$3 \$4" in
-  scripts/*.py*|"-m cbvae_ext.data build"*|"-m monai.bundle run "*)
-    if [ "\$1" = -m ]; then name="\$2 \$3"; else name="\$(basename "\$1" .py)"; fi
-    for ((i = 1; i < \$#; i++)); do [ "\${!i}" = --output_dir ] && { j=\$((i + 1)); name="\$4 \$(basename "\${!j}")"; }; done
-    times > "$out/.times"  # not in a subshell: a subshell's own children's times are 0
-    printf '%s\t%s\t%s\n' "\$name" "\$(( (\$(date +%s%N) - start) / 1000000000 ))" "\$(tail -1 "$out/.times")" >> "$times_file" ;;
-esac
-exit \$rc
-WRAP
-chmod +x "$out/timed_python"
 
 main_args=(--no-setup --out "$out/main")
 [ -n "$data_dir" ] && main_args+=(--data-dir "$data_dir")
@@ -147,13 +133,17 @@ note "[gpu_check] $(date -u +%FT%TZ) out=$out device=$device tiny=$tiny"
 note "$(cat "$out/env.txt")"
 [ "$setup" = 1 ] && note "setup (scripts/setup_env.sh): wall $setup_s s"
 
-timed bench_train "$out/timed_python" scripts/bench_train.py "${bench[@]}"
+timed bench_train "$py" scripts/bench_train.py "${bench[@]}"
 note "$(grep -E '^(device|preset|train step|peak)' "$out/bench_train.txt")"
 
-# run_main.sh: dataset build -> the four trainings -> one evaluation (its per-step logs under main/logs/)
-PYTHON="$out/timed_python" CBVAE_TRAIN_ARGS="${train_args[*]} ${CBVAE_TRAIN_ARGS:-}" \
+# run_main.sh: dataset build -> the four trainings -> one evaluation (its per-step logs and times under
+# main/logs/; a rerun into the same folder appends to main/logs/step_times.tsv, so only this run's rows are copied)
+main_times="$out/main/logs/step_times.tsv"
+main_rows=$( [ -s "$main_times" ] && wc -l < "$main_times" || echo 1 )
+PYTHON="$py" CBVAE_TRAIN_ARGS="${train_args[*]} ${CBVAE_TRAIN_ARGS:-}" \
   CBVAE_EVAL_ARGS="${eval_args[*]} ${CBVAE_EVAL_ARGS:-}" timed run_main bash scripts/run_main.sh "${main_args[@]}"
-note "per step (wall s, CPU user/sys of the step):"
+tail -n +"$((main_rows + 1))" "$main_times" >> "$times_file"
+note "per step (seconds):"
 note "$(column -t -s $'\t' "$times_file" 2>/dev/null || cat "$times_file")"
 note "results: $out/main/eval/test_results.json"
 note "[gpu_check] done in $SECONDS s"

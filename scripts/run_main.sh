@@ -19,6 +19,7 @@ Options override the environment variables in brackets:
                           DIR/status.json        {"state","step","message","updated"} (a cloud launcher polls it)
                           DIR/DONE | DIR/FAILED  end markers
                           DIR/logs/<step>.log    output of each step
+                          DIR/logs/step_times.tsv wall and CPU seconds (user, sys) of each step
                           DIR/cbvae, DIR/baseline (DIR/uncond, DIR/nolambda)  run folders
                           DIR/eval/              test_results.json and figures
   --data-dir DIR        dataset folder (default DIR/data_<subset>)
@@ -127,16 +128,21 @@ data_dir="${data_dir:-$out/data_$subset}"
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 mkdir -p "$out/logs"
 rm -f "$out/DONE" "$out/FAILED"
+source scripts/step_times.sh
+step_times_start "$out/logs/step_times.tsv"  # kept across reruns: a resumed job appends its steps
 
-# run one step: output to the console and logs/<name>.log, progress in status.json; a failure ends the job
+# run one step: output to the console and logs/<name>.log, its wall and CPU time in logs/step_times.tsv,
+# progress in status.json; a failure ends the job
 step() {
   local name="$1"; shift
   echo "[main] $name: $*"
   "$py" -m cbvae_ext.cloud.job_status "$out" running "$name" "$*"
   local rc=0
+  step_time_begin
   # the console gets the live progress bars; the log keeps each line's final state (no \r-joined bars)
   # (fd 3 is the console; tee appends to it so a redirected console file is never truncated)
   { "$@" 2>&1 | tee -a /dev/fd/3 | sed -u 's/.*\r//' > "$out/logs/$name.log" || rc=${PIPESTATUS[0]}; } 3>&1
+  step_time_end "$out/logs/step_times.tsv" "$name"
   if [ "$rc" != 0 ]; then
     "$py" -m cbvae_ext.cloud.job_status "$out" failed "$name" "exit code $rc; see logs/$name.log"
     touch "$out/FAILED"

@@ -36,19 +36,40 @@ def test_tiny_check_on_cpu_writes_every_figure_under_one_folder(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
     assert "device cpu" in summary and "train step:" in summary and "maps/s" in summary
-    rows = [line.split("\t") for line in (out / "step_times.tsv").read_text().splitlines()[1:]]
-    steps = [r[0] for r in rows]
-    trained = [f"training {n}" for n in ("cbvae", "baseline", "uncond", "nolambda")]
-    assert steps == ["bench_train", "cbvae_ext.data build", *trained, "evaluate eval"]
-    for name, wall, cpu in rows:
-        user, _ = cpu.split()
-        assert int(wall) >= 0 and user.endswith("s") and user != "0m0.000s", (name, cpu)  # a real process ran
+    header, *lines = (out / "step_times.tsv").read_text().splitlines()
+    assert header.split("\t") == ["step", "wall_s", "cpu_user_s", "cpu_sys_s"]
+    rows = {
+        name: (float(wall), float(user), float(sys_)) for name, wall, user, sys_ in (line.split("\t") for line in lines)
+    }
+    trained = [f"train_{n}" for n in ("cbvae", "baseline", "uncond", "nolambda")]
+    # the benchmark, the whole of run_main.sh, then each of its steps (logs/step_times.tsv)
+    assert list(rows) == ["bench_train", "run_main", "dataset", *trained, "check_decoder", "evaluate"]
+    for name in ("bench_train", "dataset", *trained, "evaluate"):
+        wall, user, sys_ = rows[name]
+        assert wall > 0 and user > 0 and sys_ >= 0, (name, rows[name])  # a real process ran, and was timed
+    steps = sum(rows[n][0] for n in rows if n not in ("bench_train", "run_main"))
+    assert steps <= rows["run_main"][0] + 0.5 and rows["run_main"][1] >= rows["evaluate"][1]  # parts of the whole
+    assert (out / "main" / "logs" / "step_times.tsv").read_text().splitlines()[1:] == lines[2:]
     results = json.loads((out / "main" / "eval" / "test_results.json").read_text())
     assert set(results["models"]) == {"cbvae", "baseline", "uncond", "nolambda"}  # evaluated together
     assert results["n_test"] > 0
     for name in results["models"]:
         assert (out / "main" / name / "decoder.ts").is_file(), name
     assert (out / "main" / "DONE").is_file() and not (out / "main" / "data_120").exists()  # the dataset reused
+
+
+def test_step_times_record_a_childs_cpu_time_and_keep_earlier_rows(tmp_path: Path) -> None:
+    # scripts/step_times.sh (run_main.sh's and this script's step clock): two "jobs" into one file, as a resume does
+    times = tmp_path / "step_times.tsv"
+    burn = f"{sys.executable} -c 'import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass'"
+    job = f"source scripts/step_times.sh; step_times_start {times}; step_time_begin; {burn}; sleep 0.2; step_time_end {times} burn"
+    for _ in range(2):
+        subprocess.run(["bash", "-c", job], cwd=SCRIPT.parents[1], check=True, timeout=60)
+    header, *rows = [line.split("\t") for line in times.read_text().splitlines()]
+    assert header == ["step", "wall_s", "cpu_user_s", "cpu_sys_s"] and len(rows) == 2  # one header, rows appended
+    for name, wall, user, sys_ in rows:
+        # the child's CPU time is counted (a subshell's `times` would read 0), the sleep is wall time only
+        assert name == "burn" and float(user) + float(sys_) >= 0.25 and float(wall) >= 0.45, rows
 
 
 @pytest.mark.parametrize(

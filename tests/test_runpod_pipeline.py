@@ -75,9 +75,12 @@ def test_pipeline_builds_trains_every_run_and_evaluates_them_all(repo_root: Path
     for name in names[1:]:
         assert f"--{name}_run_dir {out / name}" in evaluate
     assert json.loads((out / "status.json").read_text())["state"] == "done" and (out / "DONE").exists()
-    assert {p.stem for p in (out / "logs").iterdir()} == {"dataset", "check_decoder", "evaluate"} | {
-        f"train_{n}" for n in names
-    }
+    steps = ["dataset", *(f"train_{n}" for n in names), "check_decoder", "evaluate"]
+    assert {p.name for p in (out / "logs").iterdir()} == {f"{s}.log" for s in steps} | {"step_times.tsv"}
+    # each step's wall and CPU seconds, in the order they ran
+    header, *rows = [line.split("\t") for line in (out / "logs" / "step_times.tsv").read_text().splitlines()]
+    assert header == ["step", "wall_s", "cpu_user_s", "cpu_sys_s"] and [r[0] for r in rows] == steps
+    assert all(float(v) >= 0 for r in rows for v in r[1:])
     # the console keeps the live bars, the log each line's final state
     assert "progress 10%" in proc.stdout
     assert (out / "logs" / "dataset.log").read_text() == "progress 100%\n"

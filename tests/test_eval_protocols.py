@@ -115,6 +115,27 @@ def test_neuroquery_baseline_is_the_librarys_estimator_and_beats_the_mean_map(sp
     assert r_fit > r_mean
 
 
+@pytest.mark.parametrize(("n", "p"), [(80, 40), (60, 120)])  # fewer terms than studies, and more (square U)
+def test_the_gcv_without_the_hat_matrix_gives_the_librarys_errors(n: int, p: int) -> None:
+    from neuroquery import ridge
+    from scipy import linalg
+
+    from cbvae_ext.data.neuroquery import _gcv_without_hat, fast_ridge_gcv
+
+    rng = np.random.default_rng(n)
+    x, y = rng.random((n, p)) * (rng.random((n, p)) < 0.2), rng.random((n, 300))
+    xp, _, yc, intercept = ridge._preprocess(x, y)
+    u, s, _ = linalg.svd(xp, full_matrices=False)
+    theirs = ridge._gcv(u, s, yc, intercept, ridge._DEFAULT_ALPHAS)
+    np.testing.assert_allclose(_gcv_without_hat(u, s, yc, intercept, ridge._DEFAULT_ALPHAS), theirs, rtol=1e-9)
+    with fast_ridge_gcv():
+        fast = ridge.RidgeGCV().fit(x, y)
+    assert ridge._gcv is not _gcv_without_hat  # the library's own again after the block
+    plain = ridge.RidgeGCV().fit(x, y)
+    assert fast.alpha_ == plain.alpha_
+    np.testing.assert_allclose(fast.coef_, plain.coef_, rtol=1e-9, atol=1e-12)
+
+
 def test_direction_scores_trivial_changes():
     rng = np.random.default_rng(0)
     real = rng.normal(size=(3, 500))

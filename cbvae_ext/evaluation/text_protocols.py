@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 
-from cbvae_ext.data.neuroquery import texts_tfidf
+from cbvae_ext.data.neuroquery import fast_ridge_gcv, texts_tfidf
 from cbvae_ext.evaluation.columns import (
     MITCHELL,
     MODEL_COND,
@@ -94,13 +94,14 @@ class NeuroQueryBaseline:
         # as SmoothedRegression.fit: the ridge is fitted on the raw tf-idf, the smoothing applied when predicting
         model.smoothing_ = nmf.CovarianceSmoothing(model.n_components, model.smoothing_weight).fit(x)
         step = max(1, -(-y.shape[1] // self.max_selection_voxels))
-        adapt = ridge.AdaptiveRidge(alphas=model.alphas).fit(x, y[:, ::step])
-        reg = ridge.SelectiveRidge(alphas=model.alphas)
-        reg.original_n_features_ = x.shape[1]
-        reg.selected_features_ = np.flatnonzero(adapt.feat_penalty_ < adapt.feat_penalty_.max())
-        reg.feat_penalty_ = adapt.feat_penalty_[reg.selected_features_]
-        # SelectiveRidge.fit minus its all-voxel AdaptiveRidge: the GCV ridge on the kept terms
-        ridge.RidgeGCV.fit(reg, x[:, reg.selected_features_], y)
+        with fast_ridge_gcv():  # the library's errors without its n x n hat matrix per alpha
+            adapt = ridge.AdaptiveRidge(alphas=model.alphas).fit(x, y[:, ::step])
+            reg = ridge.SelectiveRidge(alphas=model.alphas)
+            reg.original_n_features_ = x.shape[1]
+            reg.selected_features_ = np.flatnonzero(adapt.feat_penalty_ < adapt.feat_penalty_.max())
+            reg.feat_penalty_ = adapt.feat_penalty_[reg.selected_features_]
+            # SelectiveRidge.fit minus its all-voxel AdaptiveRidge: the GCV ridge on the kept terms
+            ridge.RidgeGCV.fit(reg, x[:, reg.selected_features_], y)
         model.regression_ = reg
         self.model = model
         return self

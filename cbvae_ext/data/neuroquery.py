@@ -355,8 +355,8 @@ def _gcv_without_hat(U: np.ndarray, s: np.ndarray, Y: np.ndarray, intercept: Any
 def fast_ridge_gcv() -> Iterator[None]:
     """Within the block, neuroquery's GCV ridges (``RidgeGCV``, ``AdaptiveRidge``, ``SmoothedRegression``) compute
     their leave-one-out errors with ``_gcv_without_hat``: the same errors, alpha and coefficients (6.8x sooner
-    for 1,000 studies x 28,549 voxels on 2 cores; the SVDs of the tf-idf, untouched, then take most of a
-    full-database fit). Not for threads that fit NeuroQuery at the same time (it swaps a module global).
+    for 1,000 studies x 600 terms x 28,549 voxels on 2 cores beside a training; the SVDs of the tf-idf are
+    untouched). Not for threads that fit NeuroQuery at the same time (it swaps a module global).
     """
     from neuroquery import ridge
 

@@ -4,8 +4,9 @@ python -m cbvae_ext.evaluation.term_maps --run_dir RUN --dataset_dir DATA --out 
 
 For each term, four maps (``term_maps.png``, one row per term, drawn like ``category_maps.png``):
 
-- the C-β-VAE's conditional-mean map of the words alone, by the app's rule (the words -> LDA topic weights,
-  and NeuroQuery's terms embedded where the run has a terms group; every other condition missing);
+- the C-β-VAE's conditional-mean map of the words alone, by the title-only protocol's words rule
+  (``TopicVocabulary.match``: the words -> LDA topic weights, and NeuroQuery's terms embedded where the run has a
+  terms group; every other condition missing);
 - NeuroQuery (``NeuroQueryBaseline``) fitted on the training studies with text, queried with the same words;
 - the mean map of the held-out (test) studies whose text uses the term: the target;
 - the mean map of the training studies that use it: the literature both predictors learnt from.
@@ -103,7 +104,7 @@ def _mean_rows(maps: np.ndarray, uses: np.ndarray) -> np.ndarray:
 
 
 def _words_rule(model: Any, terms: Sequence[str], mask: np.ndarray) -> tuple[np.ndarray, list[bool]]:
-    """The app's words rule: topic weights of the words (and the terms embedding), then the conditional mean."""
+    """The title-only protocol's words rule: topic weights of the words (and the terms embedding), then the conditional mean."""
     from cbvae_ext.app.words import TopicVocabulary
 
     schema = model.schema
@@ -131,7 +132,8 @@ def term_maps(
         run_dir: a C-β-VAE run folder with a conditional-mean path.
         dataset_dir: the dataset it was trained on, built with NeuroQuery's terms (``terms.npz``).
         terms: the words, one query each.
-        neuroquery: fit NeuroQuery on the training studies with text (a minute or two on the full database).
+        neuroquery: fit NeuroQuery on the training studies with text (slow on the full database: unfinished after
+            21 min of CPU on 2 cores; ``--no-neuroquery`` leaves it out).
 
     Returns:
         ``(TermMaps, mask [D, H, W] bool, affine)``.

@@ -23,6 +23,8 @@ from cbvae_ext.evaluation import (
 )
 from cbvae_ext.evaluation.metrics import pearson_r
 from cbvae_ext.evaluation.report import markdown_report
+from cbvae_ext.evaluation.seeds import compare_seeds, seeds_report
+from cbvae_ext.evaluation.seeds import main as seeds_main
 
 pytestmark = pytest.mark.slow
 
@@ -274,6 +276,53 @@ def test_markdown_report_of_the_results(results):
     else:  # one row per pair, then the two medians, in one table
         assert text.count(f"| {' + '.join(up['pairs'][0]['terms'])} |") == 1
         assert "| median |  |" in text and "| median, pair-specific" in text
+
+
+def _second_seed(out: Path, folder: Path, shift: float, flip: str) -> Path:
+    """A copy of the evaluation ``out`` as if from another seed: reconstruction r shifted by ``shift`` on every
+    map, the rows shuffled, and the criterion ``flip`` decided the other way."""
+    shutil.copytree(out, folder)
+    table = pd.read_parquet(folder / "per_map_test.parquet").sample(frac=1.0, random_state=0)
+    table["cbvae/recon/pearson_r"] += shift
+    table.to_parquet(folder / "per_map_test.parquet", index=False)
+    res = json.loads((folder / "test_results.json").read_text())
+    res["criteria"][flip]["passed"] = not res["criteria"][flip]["passed"]
+    (folder / "test_results.json").write_text(json.dumps(res))
+    return folder
+
+
+def test_two_seeds_side_by_side(results, tmp_path):
+    res, out = results
+    other = _second_seed(out, tmp_path / "seed1", 0.05, "r_above_pca")
+    cmp = compare_seeds(out, other, n_bootstrap=200)
+    assert cmp["n_test"] == res["n_test"]
+    decided = [n for n, c in res["criteria"].items() if c["passed"] is not None]
+    assert cmp["n_decided"] == len(decided) and cmp["n_agree"] == len(decided) - 1
+    assert cmp["criteria"]["r_above_pca"]["agree"] is False
+    # joined by study id, not by row: the shuffled copy differs only where it was shifted
+    recon = cmp["columns"]["cbvae/recon/pearson_r"]
+    assert recon["mean_diff"] == pytest.approx(0.05) and recon["ci95"] == pytest.approx([0.05, 0.05])
+    assert recon["differs"] is True
+    others = {n: c for n, c in cmp["columns"].items() if n != "cbvae/recon/pearson_r" and c["mean_diff"] is not None}
+    assert others and all(c["mean_diff"] == 0 and c["differs"] is False for c in others.values())
+    assert all(n.startswith("cbvae/") for n in cmp["columns"])  # baselines do not depend on the seed
+    text = seeds_report(cmp)
+    assert f"{len(decided) - 1} of {len(decided)} criteria" in text
+    assert "| r_above_pca |" in text and "| **no** |" in text
+    assert "| cbvae/recon/pearson_r |" in text and "+0.05 [+0.05, +0.05] | **differs** |" in text
+
+
+def test_two_seeds_of_different_splits_is_one_line(results, tmp_path, capsys):
+    _, out = results
+    other = _second_seed(out, tmp_path / "seed1", 0.0, "r_above_pca")
+    table = pd.read_parquet(other / "per_map_test.parquet")
+    table.iloc[1:].to_parquet(other / "per_map_test.parquet", index=False)
+    assert seeds_main([str(out), str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: ") and "different test splits" in err
+    (other / "per_map_test.parquet").unlink()
+    assert seeds_main([str(out), str(other / "test_results.json")]) == 2
+    assert "per_map_test.parquet does not exist" in capsys.readouterr().err
 
 
 def test_out_of_distribution_studyset(results):

@@ -16,7 +16,7 @@ from typing import Any
 from cbvae_ext.errors import CbvaeError
 from cbvae_ext.evaluation import RESULTS_LAYOUT, RESULTS_LAYOUT_VERSION
 
-__all__ = ["ReportError", "load_results", "main", "markdown_report"]
+__all__ = ["ReportError", "criterion_cells", "load_results", "main", "markdown_report", "markdown_table"]
 
 RESULTS = "test_results.json"
 _RERUN = "rerun the evaluation: python -m monai.bundle run evaluate --config_file bundle/configs/evaluate.yaml"
@@ -69,10 +69,22 @@ def _num(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table; pipes inside cells are escaped."""
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     body = ("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows)
     return "\n".join([*lines, *body])
+
+
+def criterion_cells(c: Mapping[str, Any]) -> tuple[str, str]:
+    """A criterion's value (paired mean difference [95% CI], or value vs reference) and its result."""
+    if c.get("passed") is None:
+        return "—", f"n/a ({c.get('reason')})"
+    result = "passed" if c["passed"] else "**failed**"
+    if "mean_diff" in c:
+        lo, hi = c["ci95"]
+        return f"{c['mean_diff']:+.4g} [{lo:+.4g}, {hi:+.4g}]", result
+    return f"{_num(c['value'])} vs {_num(c['reference'])}", result
 
 
 def markdown_report(res: Mapping[str, Any]) -> str:
@@ -117,7 +129,7 @@ def markdown_report(res: Mapping[str, Any]) -> str:
         if "absent" not in b:
             rows.append([label, *(_ci(b.get(k)) for k in ("pearson_r", "dice_top5", "dice_top1", "ssim"))])
     rows.append(["constant map", "—", "—", "—", _ci(base["constant_map"].get("ssim"))])
-    out.append(_table(["model / baseline", "Pearson r", "Dice top 5%", "Dice top 1%", "SSIM (mask)"], rows))
+    out.append(markdown_table(["model / baseline", "Pearson r", "Dice top 5%", "Dice top 1%", "SSIM (mask)"], rows))
 
     lik = res["likelihood"]
     rows = [
@@ -131,7 +143,7 @@ def markdown_report(res: Mapping[str, Any]) -> str:
         for m in lik["models"].values()
     ]
     out.append(f"Likelihoods (nats/map; entropy floor {_ci(lik['entropy_floor'], 0)}):")
-    out.append(_table(["model", "bounds", "bound", "log-likelihood", "NLL above the floor"], rows))
+    out.append(markdown_table(["model", "bounds", "bound", "log-likelihood", "NLL above the floor"], rows))
 
     eq = res.get("pca_equivalent", {})
     if "absent" not in eq:
@@ -181,32 +193,10 @@ def markdown_report(res: Mapping[str, Any]) -> str:
         r2 = deb["year_r2"].get(name)
         rows.append([name, *cells, "—" if r2 is None else f"{r2:.3f}"])
     if rows:
-        out.append(_table(["year probes on", "logistic", "MLP", "year R²"], rows))
+        out.append(markdown_table(["year probes on", "logistic", "MLP", "year R²"], rows))
 
-    rows = []
-    for name, c in res["criteria"].items():
-        if c.get("passed") is None:
-            rows.append([name, c["rule"], "—", f"n/a ({c.get('reason')})"])
-        elif "mean_diff" in c:
-            lo, hi = c["ci95"]
-            rows.append(
-                [
-                    name,
-                    c["rule"],
-                    f"{c['mean_diff']:+.4g} [{lo:+.4g}, {hi:+.4g}]",
-                    "passed" if c["passed"] else "**failed**",
-                ]
-            )
-        else:
-            rows.append(
-                [
-                    name,
-                    c["rule"],
-                    f"{_num(c['value'])} vs {_num(c['reference'])}",
-                    "passed" if c["passed"] else "**failed**",
-                ]
-            )
-    out.append(_table(["criterion", "rule", "paired mean difference [95% CI]", "result"], rows))
+    rows = [[name, c["rule"], *criterion_cells(c)] for name, c in res["criteria"].items()]
+    out.append(markdown_table(["criterion", "rule", "paired mean difference [95% CI]", "result"], rows))
 
     dup, miss = res.get("duplicates", {}), res.get("missing_conditions", {})
     out.append(
@@ -260,7 +250,9 @@ def _protocol_report(res: Mapping[str, Any]) -> list[str]:
                 "—" if mitchell is None else f"{mitchell['accuracy']:.3f} ({mitchell['n_pairs']} pairs)",
             ]
         )
-    out = [_table(["predictor (test split)", "Pearson r", "peak AUC", "peak log-lik. vs mean", "Mitchell"], rows)]
+    out = [
+        markdown_table(["predictor (test split)", "Pearson r", "peak AUC", "peak log-lik. vs mean", "Mitchell"], rows)
+    ]
     if "absent" in nq:
         out.append(f"NeuroQuery: absent ({nq['absent']}).")
     title = res.get("title_only", {})
@@ -317,7 +309,7 @@ def _unseen_pairs_report(up: Mapping[str, Any]) -> list[str]:
         f"Unseen term pairs ({up['n_pairs']} pairs co-occurring in {band['studies'][0]}–{band['studies'][1]} of "
         f"{band['of_training_studies_with_text']} training studies with text; those studies removed, both predictors "
         "refitted; r with the removed studies' mean map):",
-        _table(header, rows),
+        markdown_table(header, rows),
     ]
 
 
@@ -341,7 +333,9 @@ def _generative_report(res: Mapping[str, Any]) -> list[str]:
             f"Completion from a random half of each study's peak voxels ({comp['n_studies']} test studies, "
             f"{comp['n_half_splits']} splits; the given half left out of the AUC):"
         )
-        out.append(_table(["predictor", "AUC of the other half", "r with the full map", "C-β-VAE − it (AUC)"], rows))
+        out.append(
+            markdown_table(["predictor", "AUC of the other half", "r with the full map", "C-β-VAE − it (AUC)"], rows)
+        )
     joint = res.get("joint_peak_likelihood")
     if joint is not None and "absent" in joint:
         out.append(f"Joint peak likelihood: absent ({joint['absent']}).")
@@ -412,7 +406,7 @@ def _decoding_qc_report(res: Mapping[str, Any]) -> list[str]:
             "prior only",
             "chance",
         ]
-        out.append(_table(header, rows))
+        out.append(markdown_table(header, rows))
     qc = res.get("quality_control", {})
     if "absent" in qc:
         out.append(f"Quality control: absent ({qc['absent']}).")
@@ -422,7 +416,7 @@ def _decoding_qc_report(res: Mapping[str, Any]) -> list[str]:
             lo, hi = c["ci95"]
             auc = "—" if c["auc"] is None else f"{c['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
             rows.append([kind, auc, _num(c["median_percentile"]), _ci(c["score_drop_nats"], 1)])
-        out.append(_table(["corruption", "ROC AUC [95% CI]", "median percentile", "score drop (nats)"], rows))
+        out.append(markdown_table(["corruption", "ROC AUC [95% CI]", "median percentile", "score drop (nats)"], rows))
         sym = qc["corruptions"].get("flip_x", {}).get("nearly_symmetric")
         if sym:
             out.append(

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from cbvae_ext.errors import CbvaeError
 from cbvae_ext.evaluation import RESULTS_LAYOUT, RESULTS_LAYOUT_VERSION
 
-__all__ = ["ReportError", "criterion_cells", "load_results", "main", "markdown_report", "markdown_table"]
+__all__ = [
+    "ReportError",
+    "criterion_cells",
+    "load_results",
+    "main",
+    "markdown_report",
+    "markdown_table",
+    "print_or_fail",
+]
 
 RESULTS = "test_results.json"
 _RERUN = "rerun the evaluation: python -m monai.bundle run evaluate --config_file bundle/configs/evaluate.yaml"
@@ -432,17 +440,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 1 or args[0] in ("-h", "--help"):
         print("usage: python -m cbvae_ext.evaluation.report EVAL/test_results.json", file=sys.stderr)
         return 2
-    try:
+
+    def text() -> str:
         res = load_results(args[0])
         try:
-            text = markdown_report(res)
+            return markdown_report(res)
         except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
             # the layout version matched but a section has the wrong shape: edited or damaged by hand
             raise ReportError(
                 f"{args[0]} does not have the {RESULTS} layout version {RESULTS_LAYOUT_VERSION} "
                 f"({type(err).__name__}: {str(err)[:120]}); {_RERUN}"
             ) from None
-    except ReportError as err:
+
+    return print_or_fail(text, ReportError)
+
+
+def print_or_fail(make: Callable[[], str], errors: type[Exception] | tuple[type[Exception], ...]) -> int:
+    """A command line's end: print what ``make`` returns and exit 0, or one ``error:`` line and exit 2 on ``errors``."""
+    try:
+        text = make()
+    except errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     sys.stdout.write(text)

@@ -27,7 +27,7 @@ import pandas as pd
 
 from cbvae_ext.errors import CbvaeError
 from cbvae_ext.evaluation.columns import MODEL
-from cbvae_ext.evaluation.report import ReportError, criterion_cells, load_results, markdown_table
+from cbvae_ext.evaluation.report import ReportError, criterion_cells, load_results, markdown_table, print_or_fail
 from cbvae_ext.evaluation.stats import paired_bootstrap
 from cbvae_ext.evaluation.workflow import TEST_TABLE
 
@@ -153,13 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("eval_b", help="the same for the second seed, on the same dataset")
     parser.add_argument("--n_bootstrap", type=int, default=1000, help="resamples per paired difference")
     args = parser.parse_args(argv)
-    try:
-        text = seeds_report(compare_seeds(args.eval_a, args.eval_b, args.n_bootstrap))
-    except (SeedComparisonError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    sys.stdout.write(text)
-    return 0
+    return print_or_fail(
+        lambda: seeds_report(compare_seeds(args.eval_a, args.eval_b, args.n_bootstrap)),
+        (SeedComparisonError, ValueError),
+    )
 
 
 if __name__ == "__main__":

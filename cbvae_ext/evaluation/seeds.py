@@ -102,9 +102,9 @@ def compare_seeds(eval_a: str | Path, eval_b: str | Path, n_bootstrap: int = 100
             continue
         a, b = a_tab[name].to_numpy(np.float64), b_tab[name].to_numpy(np.float64)
         diff = paired_bootstrap(b, a, "greater", n_bootstrap, seed)
-        lo, hi = diff.pop("ci95")
-        diff.pop("passed")
-        columns[name] = {**diff, "ci95": [lo, hi], "differs": None if lo is None else bool(lo > 0 or hi < 0)}
+        diff.pop("passed")  # the one-sided verdict; a seed difference is read two-sided, from the CI
+        lo, hi = diff["ci95"]
+        columns[name] = {**diff, "differs": None if lo is None else bool(lo > 0 or hi < 0)}
     agree = [c["agree"] for c in criteria.values() if c["agree"] is not None]
     return {
         "runs": [r["models"].get(MODEL, {}).get("run_dir") for r in res],

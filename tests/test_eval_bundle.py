@@ -302,6 +302,8 @@ def test_two_seeds_side_by_side(results, tmp_path):
     # joined by study id, not by row: the shuffled copy differs only where it was shifted
     recon = cmp["columns"]["cbvae/recon/pearson_r"]
     assert recon["mean_diff"] == pytest.approx(0.05) and recon["ci95"] == pytest.approx([0.05, 0.05])
+    mean_a = pd.read_parquet(out / "per_map_test.parquet")["cbvae/recon/pearson_r"].mean()
+    assert recon["mean_a"] == pytest.approx(mean_a) and recon["mean_b"] == pytest.approx(mean_a + 0.05)
     assert recon["differs"] is True
     others = {n: c for n, c in cmp["columns"].items() if n != "cbvae/recon/pearson_r" and c["mean_diff"] is not None}
     assert others and all(c["mean_diff"] == 0 and c["differs"] is False for c in others.values())

@@ -103,6 +103,7 @@ def compare_seeds(eval_a: str | Path, eval_b: str | Path, n_bootstrap: int = 100
         a, b = a_tab[name].to_numpy(np.float64), b_tab[name].to_numpy(np.float64)
         diff = paired_bootstrap(b, a, "greater", n_bootstrap, seed)
         diff.pop("passed")  # the one-sided verdict; a seed difference is read two-sided, from the CI
+        diff["mean_a"], diff["mean_b"] = diff["mean_b"], diff["mean_a"]  # paired_bootstrap's first argument is B
         lo, hi = diff["ci95"]
         columns[name] = {**diff, "differs": None if lo is None else bool(lo > 0 or hi < 0)}
     agree = [c["agree"] for c in criteria.values() if c["agree"] is not None]

@@ -16,16 +16,17 @@ overhead lengthens every step (222–288 ms profiled against 178 ms timed on 2 C
 
 ``--compare`` trains, side by side from the same seed, conditional-mean fit and random streams, on the same
 training batches of a real dataset, one step of each in turn (so a shared or busy machine slows all alike):
-the plain full network (``fast_path=False``, ``lean_finest_grid=False``: the configuration the speed work
-started from), the fast path of the full network (``cbvae_ext.networks.set_fast_path``) and the fast path of
-the lean network (``lean_finest_grid``, ``cbvae_ext.networks.dense3d``); the preset's own is marked the
+the plain full network (``fast_path=False``, ``lean_finest_grid=False``, the CPU preset's ``block_layers``
+of then, ``START_BLOCK_LAYERS``: the configuration the speed work started from), the fast path of that
+network (``cbvae_ext.networks.set_fast_path``), the fast path of its lean version (``lean_finest_grid``,
+``cbvae_ext.networks.dense3d``) and the preset's own network (``train.yaml``), the one marked the
 default. After ``--maps`` presentations each, it prints each leg's median maps/s over those steps and its
 validation ELBO (β = 1, averaged over ``--val-samples`` posterior draws per map), then each leg's ELBO
 difference from plain and its speed-up over plain, the default's on the last line. The plain and fast paths
 give the same gradients up to rounding, and two trajectories from there part by tens of nats of ELBO within
 a few epochs; ``--control`` adds a leg, the plain path from weights perturbed by one part in a million, whose
 ELBO difference from plain is that noise floor. ``--candidate DICT`` adds the default network with those
-``build_network`` keys (e.g. ``"{'block_layers': [0, 1]}"``), on the fast path. Set the CPU
+``build_network`` keys (e.g. ``"{'growth_rate': 6}"``), on the fast path. Set the CPU
 threads with ``OMP_NUM_THREADS`` (and ``OMP_WAIT_POLICY=PASSIVE`` on a machine shared with other jobs:
 threads that spin while waiting make a busy machine several times slower).
 """
@@ -169,14 +170,28 @@ def _perturb(network: torch.nn.Module, seed: int, scale: float = 1e-6) -> None:
             p.mul_(1.0 + scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
-#: ``--compare``'s legs: label, fast path, lean finest grid, perturbed weights. The first is the configuration
-#: the speed issue started from (plain path, full network); the default is the preset's (``train.yaml``).
+#: ``block_layers`` of the network the speed work started from, per preset (the CPU preset's until 2026-12-07);
+#: a preset not listed started from its own.
+START_BLOCK_LAYERS = {"cpu": [0, 2]}
+
+
+def start_architecture(preset: str, lean: bool = False) -> dict[str, Any]:
+    """``build_network`` keys of the full network the speed work started from (``lean``: without its finest-grid passes)."""
+    start = {"block_layers": START_BLOCK_LAYERS[preset]} if preset in START_BLOCK_LAYERS else {}
+    return {**start, "lean_finest_grid": lean}
+
+
+#: ``--compare``'s legs: label, fast path, architecture (``start``: the full network the speed work started
+#: from; ``lean``: it without the finest-grid passes; ``default``: the preset's own, ``train.yaml``), perturbed
+#: weights. The first is the configuration the speed issue started from; a leg that repeats an earlier one's
+#: path and network is left out (the GPU preset's default is its lean network).
 LEGS = (
-    ("plain (today)", False, False, False),
-    ("fast path", True, False, False),
-    ("fast + lean", True, True, False),
+    ("plain (start)", False, "start", False),
+    ("fast path", True, "start", False),
+    ("fast + lean", True, "lean", False),
+    ("default", True, "default", False),
 )
-CONTROL_LEG = ("plain, perturbed", False, False, True)
+CONTROL_LEG = ("plain, perturbed", False, "start", True)
 
 
 def compare(args: argparse.Namespace, device: torch.device) -> int:
@@ -189,37 +204,41 @@ def compare(args: argparse.Namespace, device: torch.device) -> int:
     schema, mask = _schema_and_mask(args.dataset_dir)
     train_step, _, channels_last = _steps(settings, device)
     eval_step = EvalStep(CBVAELoss(mask=mask).to(device), train_step.autocast_dtype, channels_last)
-    default_lean = bool(preset_config(args.preset, schema, tuple(mask.shape)).get("lean_finest_grid", False))
-    architectures = {False: {"lean_finest_grid": False}, True: {"lean_finest_grid": True}}
+    architectures = {"start": start_architecture(args.preset), "lean": start_architecture(args.preset, lean=True)}
+    architectures["default"] = {}
     legs_wanted = list(LEGS) + ([CONTROL_LEG] if args.control else [])
     if args.candidate:  # the default network with these build_network keys, on the fast path
-        architectures["candidate"] = {"lean_finest_grid": default_lean, **args.candidate}
+        architectures["candidate"] = dict(args.candidate)
         legs_wanted.append(("candidate", True, "candidate", False))
+    configs = {key: preset_config(args.preset, schema, tuple(mask.shape), **o) for key, o in architectures.items()}
     bases = {}
-    for key, overrides in architectures.items():  # one initialisation per architecture, from the same seed
+    for key, config in configs.items():  # one initialisation per architecture, from the same seed
         torch.manual_seed(args.seed)
-        bases[key] = build_network(preset_config(args.preset, schema, tuple(mask.shape), **overrides))
+        bases[key] = build_network(config)
     print(f"fitting the conditional-mean path on {args.dataset_dir} (shared by every leg) ...", flush=True)
-    initialise_from_data(bases[False], args.dataset_dir, seed=args.seed)
+    initialise_from_data(bases["start"], args.dataset_dir, seed=args.seed)
     for net in bases.values():  # the same fit: the path does not depend on the architecture
-        net.cond_mean.load_state_dict(bases[False].cond_mean.state_dict())
-    legs = {}
-    for name, fast, lean, perturbed in legs_wanted:
-        network = set_fast_path(copy.deepcopy(bases[lean]), fast)
+        net.cond_mean.load_state_dict(bases["start"].cond_mean.state_dict())
+    legs, seen = {}, []
+    for name, fast, arch, perturbed in legs_wanted:
+        if not perturbed and (fast, configs[arch]) in seen:
+            print(f"{name}: the same path and network as an earlier leg, left out")
+            continue
+        seen.append((fast, configs[arch]))
+        network = set_fast_path(copy.deepcopy(bases[arch]), fast)
         if perturbed:
             _perturb(network, args.seed)
         network = _place(network, device, channels_last)
         engine = _engine(network, mask, device)
         set_fast_path(engine.loss_function, fast)
-        default = fast and lean == default_lean and not perturbed
+        default = fast and configs[arch] == configs["default"] and not perturbed
         legs[name] = SimpleNamespace(engine=engine, default=default, perturbed=perturbed, times=[], rng=None)
 
     loader = make_loader(args.dataset_dir, "train", batch_size, shuffle=True, seed=args.seed, device=device)
     val = make_loader(args.dataset_dir, "val", batch_size, device=device)
     steps_per_epoch = len(loader)
     n_steps = max(1, -(-args.maps // batch_size))
-    labels = {False: "full", True: "lean", "candidate": "candidate"}
-    params = "  ".join(f"{labels[key]} {count_parameters(net):,}" for key, net in bases.items())
+    params = "  ".join(f"{key} {count_parameters(net):,}" for key, net in bases.items())
     print(
         f"device: {device} ({torch.get_num_threads()} CPU threads, OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY', 'unset')})  preset: {args.preset}  batch: {batch_size}  "
@@ -293,7 +312,7 @@ def _mapping(text: str) -> dict[str, Any]:
     except (ValueError, SyntaxError):
         value = None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a mapping such as \"{{'block_layers': [0, 1]}}\", got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a mapping such as \"{{'growth_rate': 6}}\", got {text!r}")
     return value
 
 
@@ -321,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         type=_mapping,
         default=None,
         metavar="DICT",
-        help="--compare: one more leg, the default network with these build_network keys, e.g. \"{'block_layers': [0, 1]}\"",
+        help="--compare: one more leg, the default network with these build_network keys, e.g. \"{'growth_rate': 6}\"",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -349,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         resident = torch.empty((args.resident_maps, 1, *shape), dtype=torch.float16, device=device)
 
     step, _, channels_last = _steps(settings, device)
-    plain = {"fast_path": False, "lean_finest_grid": False} if args.plain else {}  # the compare's first leg
+    plain = {"fast_path": False, **start_architecture(args.preset)} if args.plain else {}  # the compare's first leg
     network = build_network(preset_config(args.preset, schema, shape, **plain))
     network = _place(network, device, channels_last)
     if args.compile:

@@ -19,8 +19,8 @@ training batches of a real dataset, one step of each in turn (so a shared or bus
 the plain full network (``fast_path=False``, ``lean_finest_grid=False``, the CPU preset's ``block_layers``
 of then, ``START_BLOCK_LAYERS``: the configuration the speed work started from), the fast path of that
 network (``cbvae_ext.networks.set_fast_path``), the fast path of its lean version (``lean_finest_grid``,
-``cbvae_ext.networks.dense3d``) and the preset's own network (``train.yaml``), the one marked the
-default. After ``--maps`` presentations each, it prints each leg's median maps/s over those steps and its
+``cbvae_ext.networks.dense3d``) and the preset's own network (``train.yaml``; left out when it is one of
+those, which is then marked the default). After ``--maps`` presentations each, it prints each leg's median maps/s over those steps and its
 validation ELBO (β = 1, averaged over ``--val-samples`` posterior draws per map), then each leg's ELBO
 difference from plain and its speed-up over plain, the default's on the last line. The plain and fast paths
 give the same gradients up to rounding, and two trajectories from there part by tens of nats of ELBO within

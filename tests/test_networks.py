@@ -345,6 +345,24 @@ def test_gradient_reversal_numbers(schema: MetadataSchema) -> None:
     torch.testing.assert_close(z.grad, -0.25 * z_plain.grad)
 
 
+@pytest.mark.parametrize("source", ["z", "mu"])
+def test_adversary_reads_its_input_and_reverses_into_the_encoder(schema: MetadataSchema, source: str) -> None:
+    net = _model(schema, adversary_input=source).train()
+    net.grl.lambda_ = 0.5
+    x, meta, mask = _batch(schema)
+    out = net(x, meta, mask)
+    assert not torch.equal(out["z"], out["mu"])  # training samples z
+    torch.testing.assert_close(out["year_logits"], net.adversary(out[source]))
+    # the adversary's loss reaches the encoder reversed, whichever input it reads
+    out["year_logits"].logsumexp(1).sum().backward()
+    assert next(net.encoder.parameters()).grad.abs().sum() > 0
+
+
+def test_adversary_input_is_checked(schema: MetadataSchema) -> None:
+    with pytest.raises(ValueError, match=r"adversary_input must be one of \('z', 'mu'\), got 'sigma'"):
+        _model(schema, adversary_input="sigma")
+
+
 def test_decoder_input_uses_observed_else_imputed(schema: MetadataSchema) -> None:
     net = _model(schema)
     _, meta, mask = _batch(schema)

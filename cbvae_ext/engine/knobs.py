@@ -84,6 +84,9 @@ class TrainKnobs:
     film_hidden: int = _knob("hidden width of the FiLM generators (conditions -> per-channel scale, shift)", 1)
     imputation_channels: int = _knob("width of the imputation head's CNN", 1)
     adversary_hidden: int = _knob("hidden width of the year adversary", 1)
+    adversary_input: Literal["z", "mu"] = _knob(
+        "what the year adversary reads (cbvae): z, the latent sample, or mu, the posterior mean the year probes read"
+    )
     resnet_widen: float = _knob("ResNet-10 width factor (baseline only)", 0.0, open_low=True)
     resnet_conv1_size: int = _knob("kernel size of ResNet-10's first convolution (baseline only)", 1)
     condition_dropout: float = _knob(

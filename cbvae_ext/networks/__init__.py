@@ -8,7 +8,7 @@
 - ``spatial_shape``, ``latent_size``, ``meta_dim``, ``mask_dim``, ``n_continuous``, ``n_year_bins``.
 - architecture: ``channels``, ``block_layers``, ``growth_rate``, ``bn_size``, ``dilations``,
   ``bottleneck_channels``, ``norm``, ``act``; cbvae only: ``film_hidden``, ``imputation_channels``,
-  ``adversary_hidden``, ``grl_lambda``; baseline only: ``resnet_widen``, ``resnet_conv1_size``.
+  ``adversary_hidden``, ``adversary_input``, ``grl_lambda``; baseline only: ``resnet_widen``, ``resnet_conv1_size``.
 - conditioning (cbvae): ``groups`` (``schema.groups``), ``conditioning``, ``cond_mean``, ``cond_mean_rank``,
   ``unknown_tokens``, ``decoder_cond_input``, ``encoder_groups``, ``decoder_groups``, ``condition_dropout``; the baseline takes
   ``cond_mean`` (its mean-map bias volume). Their values are ``train.yaml``'s (``network_def``).

@@ -13,7 +13,10 @@ from cbvae_ext.networks.dense3d import DenseDecoder, DenseEncoder, set_fast_path
 from cbvae_ext.networks.heads import GradientReversal, ImputationHead, YearAdversary, sample_latent
 from cbvae_ext.schema import TOPICS, ConditionGroup
 
-__all__ = ["ConditionalBetaVAE", "complete_metadata"]
+__all__ = ["ADVERSARY_INPUTS", "ConditionalBetaVAE", "complete_metadata"]
+
+#: What the year adversary may read: the latent sample or the posterior mean.
+ADVERSARY_INPUTS = ("z", "mu")
 
 
 def complete_metadata(
@@ -42,8 +45,8 @@ class ConditionalBetaVAE(nn.Module):
     (missing values are 0 with mask 0). The imputation head predicts every continuous field from the
     map; ``decoder_input`` fills missing continuous fields with it; inside ``decode`` hidden task/topic
     groups are replaced by learned "unknown" tokens. In training, each condition group is hidden with
-    probability ``condition_dropout``. The adversary predicts the year bin from ``z`` through a gradient
-    reversal layer whose strength is ``self.grl.lambda_``.
+    probability ``condition_dropout``. The adversary predicts the year bin from ``z`` (or from ``μ``,
+    ``adversary_input="mu"``) through a gradient reversal layer whose strength is ``self.grl.lambda_``.
 
     Args:
         spatial_shape: map grid ``(D, H, W)``.
@@ -62,6 +65,8 @@ class ConditionalBetaVAE(nn.Module):
         imputation_channels: width of the imputation head's CNN.
         adversary_hidden: width of the adversary MLP.
         grl_lambda: initial gradient reversal strength.
+        adversary_input: what the adversary reads: ``"z"`` (the sample) or ``"mu"`` (the posterior mean, which
+            the post-hoc year probes read: the sample's noise does not hide the year from it).
         norm: MONAI normalisation name/args.
         act: MONAI activation name/args.
         groups: the schema's condition groups (``schema.groups``, or their JSON form ``groups_config``).
@@ -100,6 +105,7 @@ class ConditionalBetaVAE(nn.Module):
         imputation_channels: int = 8,
         adversary_hidden: int = 64,
         grl_lambda: float = 1.0,
+        adversary_input: str = "z",
         norm: str | tuple = "batch",
         act: str | tuple = "leakyrelu",
         conditioning: bool = True,
@@ -141,6 +147,9 @@ class ConditionalBetaVAE(nn.Module):
             spatial_shape, latent_size, cond_dim=cond_dim, cond_input=decoder_cond_input and cond_dim > 0, **arch
         )
         self.imputer = ImputationHead(n_continuous, imputation_channels, len(spatial_shape), norm, act)
+        if adversary_input not in ADVERSARY_INPUTS:
+            raise ValueError(f"adversary_input must be one of {ADVERSARY_INPUTS}, got {adversary_input!r}")
+        self.adversary_input = adversary_input
         self.grl = GradientReversal(grl_lambda)
         self.adversary = YearAdversary(latent_size, n_year_bins, adversary_hidden)
         self.tokens = UnknownTokens(self.groups, meta_dim) if unknown_tokens and self.conditioning else None
@@ -242,7 +251,7 @@ class ConditionalBetaVAE(nn.Module):
             "z": z,
             "imp_mu": imp_mu,
             "imp_logvar": imp_logvar,
-            "year_logits": self.adversary(self.grl(z)),
+            "year_logits": self.adversary(self.grl(mu if self.adversary_input == "mu" else z)),
         }
         if cond_mean is not None:
             out["cond_mean"] = cond_mean

@@ -39,9 +39,13 @@ def main() -> None:
     ap.add_argument("--run", action="append", required=True, metavar="NAME=DIR", help="a run folder (repeat)")
     ap.add_argument("--twin", required=True, help="NAME of the run every other one is paired with")
     ap.add_argument("--n-train", type=int, default=8000, help="training-split maps the probes are fitted on")
-    ap.add_argument("--n-permutations", type=int, default=5, help="permutations of each probe's null")
+    ap.add_argument("--n-permutations", type=int, default=5, help="permutations of the logistic probe's null")
+    ap.add_argument("--n-permutations-mlp", type=int, default=2, help="permutations of the MLP probe's null")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    bad = [r for r in args.run if "=" not in r]
+    if bad:
+        ap.error(f"--run {bad[0]!r}: give NAME=DIR")
     runs = dict(r.split("=", 1) for r in args.run)
     if args.twin not in runs:
         ap.error(f"--twin {args.twin!r} is not one of the --run names ({', '.join(runs)})")
@@ -65,7 +69,7 @@ def main() -> None:
         with torch.no_grad():
             mu_train, mu_test = (encode_split(model, d, mask, 64, "cpu") for d in (train, test))
         res = year_probes(
-            mu_train, train.year_bin, mu_test, test.year_bin, args.n_permutations, n_permutations_mlp=2, seed=args.seed
+            mu_train, train.year_bin, mu_test, test.year_bin, args.n_permutations, args.n_permutations_mlp, args.seed
         )
         terms[name] = {k: balanced_accuracy_terms(test.year_bin[dated], r["predictions"]) for k, r in res.items()}
 

@@ -348,14 +348,20 @@ def test_gradient_reversal_numbers(schema: MetadataSchema) -> None:
 @pytest.mark.parametrize("source", ["z", "mu"])
 def test_adversary_reads_its_input_and_reverses_into_the_encoder(schema: MetadataSchema, source: str) -> None:
     net = _model(schema, adversary_input=source).train()
-    net.grl.lambda_ = 0.5
     x, meta, mask = _batch(schema)
-    out = net(x, meta, mask)
-    assert not torch.equal(out["z"], out["mu"])  # training samples z
-    torch.testing.assert_close(out["year_logits"], net.adversary(out[source]))
-    # the adversary's loss reaches the encoder reversed, whichever input it reads
-    out["year_logits"].logsumexp(1).sum().backward()
-    assert next(net.encoder.parameters()).grad.abs().sum() > 0
+    grads = {}
+    for lam in (0.5, -1.0):  # -1: the adversary's plain gradient; the same seed, so the same z and dropout
+        net.zero_grad()
+        net.grl.lambda_ = lam
+        torch.manual_seed(1)
+        out = net(x, meta, mask)
+        assert not torch.equal(out["z"], out["mu"])  # training samples z
+        torch.testing.assert_close(out["year_logits"], net.adversary(out[source]))
+        out["year_logits"].logsumexp(1).sum().backward()
+        grads[lam] = next(net.encoder.parameters()).grad.clone()
+    # the adversary's loss reaches the encoder reversed and scaled by lambda, whichever input it reads
+    assert grads[-1.0].abs().sum() > 0
+    torch.testing.assert_close(grads[0.5], -0.5 * grads[-1.0])
 
 
 def test_adversary_input_is_checked(schema: MetadataSchema) -> None:

@@ -9,7 +9,7 @@ Failure modes (``faults``): ``create_error`` (GraphQL error, no pod made), ``cre
 connection drops before the reply), ``pod_error`` (every ``pod`` query errors), ``pod_lost`` (every ``pod``
 query drops the connection), ``never_running`` (the pod never gets a runtime/SSH port), and
 ``terminate_errors=N`` (the first N ``podTerminate`` calls error), ``create_delay=S`` (the create request
-takes S seconds before the pod exists and the reply is sent).
+takes S seconds before the pod exists and the reply is sent), ``pod_delay=S`` (every ``pod`` query takes S s).
 
 Like RunPod, every pod gets ``RUNPOD_POD_ID`` and a pod-scoped ``RUNPOD_API_KEY`` (``platform_env``): that
 key is accepted only for ``pod`` and ``podTerminate`` of its own pod (401 for anything else).
@@ -205,6 +205,7 @@ class RunPodStub:
         }
 
     def _op_pod(self, args: dict[str, Any], operation: Any) -> Any:
+        time.sleep(self.faults.get("pod_delay", 0))
         if self.faults.get("pod_error"):
             return "Something went wrong. Please try again later."
         if self.faults.get("pod_lost"):

@@ -270,34 +270,62 @@ def test_ending_signals_terminate_the_pod(stub: RunPodStub, tmp_path: Path, sign
     assert signal.getsignal(signum) is previous
 
 
-def test_second_ctrl_c_during_a_slow_create_still_finds_and_terminates_the_pod(monkeypatch, tmp_path: Path, capsys):
-    # the API takes 1.5 s to create the pod; Ctrl-C 0.2 s into the request cuts it, a second one hits the lookup
+def _press_during(
+    stub: RunPodStub, operation: str, signum: signal.Signals, pauses: tuple[float, ...]
+) -> threading.Thread:
+    """Send ``signum`` to the main thread ``pauses`` seconds apart, starting once ``operation`` reached the stub."""
+
+    def press() -> None:
+        while not stub.ops(operation):
+            time.sleep(0.02)
+        for pause in pauses:
+            time.sleep(pause)
+            signal.pthread_kill(threading.main_thread().ident, signum)  # as Ctrl-C or kill reaches it
+
+    presser = threading.Thread(target=press)
+    presser.start()
+    return presser
+
+
+def test_ctrl_c_during_a_slow_create_waits_for_the_pod_and_terminates_it(monkeypatch, tmp_path: Path, capsys):
+    # the API takes 1.5 s to create the pod; two Ctrl-C 0.2 and 0.7 s into the request are held until it answers
+    # (raised inside requests, an exception can leave its locks held), so the pod's id is known: no lookup by name
     with RunPodStub(RUNPOD_KEY, faults={"create_delay": 1.5}) as stub:
         monkeypatch.setenv("RUNPOD_API_BASE_URL", stub.url)
-        # a 2-minute cap: if a loaded machine delivers both presses after the create, fail instead of hanging
+        # a 2-minute cap: if a loaded machine delivers the presses after the create, fail instead of hanging
         config = LaunchConfig(
             image="img", local_dir=tmp_path / "d", retry_s=0.2, lookup_s=10, poll_s=60, max_hours=120 / 3600
         )
         launcher = PodLauncher(config, Secrets(runpod_api_key=RUNPOD_KEY))
-
-        def two_ctrl_c() -> None:
-            while not stub.ops("podFindAndDeployOnDemand"):
-                time.sleep(0.02)
-            for pause in (0.2, 0.5):
-                time.sleep(pause)
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # as Ctrl-C reaches it
-
-        presser = threading.Thread(target=two_ctrl_c)
-        presser.start()
+        presser = _press_during(stub, "podFindAndDeployOnDemand", signal.SIGINT, (0.2, 0.5))
         with pytest.raises(KeyboardInterrupt):
             launcher.run()
         presser.join()
-        time.sleep(2.0)  # a pod created after a premature give-up would show up by now
         alive = stub.alive()
-    assert len(stub.pods) == 1 and alive == []
+    out = capsys.readouterr().out
+    assert len(stub.pods) == 1 and alive == [] and stub.ops("pod") == []  # stopped before following it
     assert [r.arguments["input"]["podId"] for r in stub.ops("podTerminate")] == ["stubpod1"]
     assert launcher.result.leftover() == "pod stubpod1 terminated"
-    assert "SIGINT ignored: terminating the pod first" in capsys.readouterr().out
+    assert "SIGINT arrived during a RunPod API call: stopping now that it has answered" in out
+    assert "looking for pod" not in out and stub.ops("myself") == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT], ids=["sigusr1", "ctrl_c"])
+def test_a_signal_during_a_pod_query_ends_the_launch_not_the_query(monkeypatch, tmp_path: Path, capsys, signum):
+    # on a loaded machine SIGUSR1 landed inside the SDK's ``pod`` query, which then counted as a failed API call
+    # ("retrying") and the launcher hung; now the query finishes and the launch ends at once
+    with RunPodStub(RUNPOD_KEY, start_polls=0, faults={"pod_delay": 1.0}) as stub:
+        monkeypatch.setenv("RUNPOD_API_BASE_URL", stub.url)
+        launcher, _, _ = make(tmp_path, max_hours=120 / 3600)
+        presser = _press_during(stub, "pod", signum, (0.3,))
+        with pytest.raises(KeyboardInterrupt if signum == signal.SIGINT else LaunchInterrupted):
+            launcher.run()
+        presser.join()
+        alive = stub.alive()
+    out = capsys.readouterr().out
+    assert alive == [] and len(stub.ops("podTerminate")) == 1 and len(stub.ops("pod")) == 1
+    assert "API call failed" not in out
+    assert f"{signum.name} arrived during a RunPod API call: stopping now that it has answered" in out
 
 
 def test_a_pod_that_removed_itself_counts_as_terminated(monkeypatch, tmp_path: Path, capsys):

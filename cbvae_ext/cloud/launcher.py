@@ -360,6 +360,8 @@ class PodLauncher:
         self._lookup_s = 0.0
         self._signal: signal.Signals | None = None
         self._saying = False
+        self._in_api_call = False
+        self._held = False  # a signal came during an API call
 
     # ----- output -------------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -472,30 +474,32 @@ class PodLauncher:
             f"it removes itself at {datetime.fromtimestamp(deadline):%Y-%m-%d %H:%M} whatever happens here"
         )
         try:
-            pod = rp.create_pod(
-                name=cfg.name,
-                image_name=cfg.image,
-                gpu_type_id=cfg.gpu,
-                cloud_type=cfg.cloud,
-                support_public_ip=True,
-                start_ssh=True,
-                volume_in_gb=int(cfg.volume_gb),
-                container_disk_in_gb=int(cfg.container_disk_gb),
-                ports="22/tcp",
-                volume_mount_path=cfg.volume_mount_path,
-                env=env,
-                network_volume_id=cfg.network_volume_id,
-            )
+            with self._api_call():
+                pod = rp.create_pod(
+                    name=cfg.name,
+                    image_name=cfg.image,
+                    gpu_type_id=cfg.gpu,
+                    cloud_type=cfg.cloud,
+                    support_public_ip=True,
+                    start_ssh=True,
+                    volume_in_gb=int(cfg.volume_gb),
+                    container_disk_in_gb=int(cfg.container_disk_gb),
+                    ports="22/tcp",
+                    volume_mount_path=cfg.volume_mount_path,
+                    env=env,
+                    network_volume_id=cfg.network_volume_id,
+                )
         except rp.error.QueryError:
             # the API answered with an error: nothing was created, but check once by the unique name
             self._create_cut_off, self._lookup_s = True, 0.0
             raise
         except BaseException:
-            # cut off (Ctrl-C, a signal, a lost connection): the pod may exist, or appear a little later
+            # cut off (a lost connection, a timeout): the pod may exist, or appear a little later
             self._create_cut_off, self._lookup_s = True, cfg.lookup_s
             raise
         self.result.pod_id = pod["id"]
         self.say(f"pod {pod['id']} created")
+        self._check_signal()
 
     def _find_pod_by_name(self, rp: ModuleType) -> None:
         """Set ``result.pod_id`` to the pod named like ours; keep looking for ``lookup_s`` (it may still be in
@@ -532,7 +536,30 @@ class PodLauncher:
 
     def _check_signal(self) -> None:
         if self._signal is not None:
-            raise LaunchInterrupted(self._signal)
+            if self._held:
+                self._held = False
+                self.say(f"{self._signal.name} arrived during a RunPod API call: stopping now that it has answered")
+            raise self._interruption()
+
+    def _interruption(self) -> BaseException:
+        """What the remembered signal raises: ``KeyboardInterrupt`` for Ctrl-C, else ``LaunchInterrupted``."""
+        assert self._signal is not None
+        return KeyboardInterrupt() if self._signal == signal.SIGINT else LaunchInterrupted(self._signal)
+
+    @contextlib.contextmanager
+    def _api_call(self) -> Iterator[None]:
+        """Around one SDK request: a signal waits until it answers (at most the SDK's 30 s timeout).
+
+        An exception raised by a signal handler inside requests/urllib3 can leave one of their locks held, and
+        the launcher then hangs when the request's remains are freed (seen once on a loaded machine: SIGUSR1
+        during a ``pod`` query, then nothing for 60 s). Held back, it is raised by the caller's next
+        ``_check_signal``, once what the call returned is recorded (a created pod's id).
+        """
+        self._in_api_call = True
+        try:
+            yield
+        finally:
+            self._in_api_call = False
 
     def _check_caps(self) -> None:
         self._check_signal()
@@ -555,14 +582,17 @@ class PodLauncher:
     def _poll_pod(self, rp: ModuleType) -> dict[str, Any] | None:
         """The pod, or ``None`` after a transient API failure (too many in a row raise)."""
         try:
-            pod = rp.get_pod(self.result.pod_id)
+            with self._api_call():
+                pod = rp.get_pod(self.result.pod_id)
         except Exception as err:  # requests errors and runpod.error.* alike: the API is unreachable or failing
+            self._check_signal()  # a signal held during the failed call ends the launch, not a retry
             self._api_failures += 1
             if self._api_failures >= self.config.max_api_failures:
                 raise LaunchError(f"RunPod API failed {self._api_failures} times in a row: {err}") from err
             self.say(f"warning: RunPod API call failed ({err}); retrying")
             return None
         self._api_failures = 0
+        self._check_signal()
         if pod is None:
             raise LaunchError(f"pod {self.result.pod_id} no longer exists")
         rate = float(pod.get("costPerHr") or 0.0)
@@ -680,16 +710,18 @@ class PodLauncher:
     @contextlib.contextmanager
     def _signals_raise(self) -> Iterator[None]:
         """SIGTERM/SIGHUP/SIGQUIT/SIGUSR1 (killed job, closed terminal, Ctrl-\\) raise ``LaunchInterrupted`` so
-        ``finally`` terminates the pod (their default action would end the launcher with the pod running)."""
+        ``finally`` terminates the pod (their default action would end the launcher with the pod running); Ctrl-C
+        raises ``KeyboardInterrupt`` as usual. Neither is raised inside logging or an API call (held until it ends)."""
 
         def handler(signum: int, frame: Any) -> None:
-            # remembered too: a raise that lands inside an ``except Exception`` (logging, an API call) is swallowed,
+            # remembered too: a raise that lands inside an ``except Exception`` (a status read) is swallowed,
             # so every poll checks it again
             self._signal = signal.Signals(signum)
-            if not self._saying:
-                raise LaunchInterrupted(self._signal)
+            self._held = self._held or self._in_api_call
+            if not (self._saying or self._in_api_call):
+                raise self._interruption()
 
-        with _handlers({s: handler for s in _catchable(*_ENDING_SIGNALS)}):
+        with _handlers({s: handler for s in _catchable(signal.SIGINT, *_ENDING_SIGNALS)}):
             yield
 
     @contextlib.contextmanager

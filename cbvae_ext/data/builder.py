@@ -44,7 +44,7 @@ from .folder import (
     resolve_out,
     verify_files,
 )
-from .grid import Grid, make_grid
+from .grid import Grid, check_resolution, make_grid
 from .kernels import DEFAULT_KERNEL_FWHM_MM, DEFAULT_RADIUS, KernelSpec, render_maps
 from .sources import (
     TOPIC_SUM_TOLERANCE,
@@ -303,7 +303,7 @@ def build_dataset(
             "8 training, 1 validation and 1 test map)"
         )
     spec = KernelSpec(kernel, float(kernel_fwhm_mm), float(radius))
-    grid = make_grid(int(resolution))
+    check_resolution(int(resolution))
     if not neurosynth and not neurostore_dirs:
         raise DataError("no source selected; drop --no-neurosynth or add --neurostore-dir")
 
@@ -318,7 +318,7 @@ def build_dataset(
     options = {
         "subset": subset,
         "resolution": int(resolution),
-        "kernel": spec.to_dict(grid),
+        "kernel": spec.to_dict(int(resolution)),
         "dtype": dtype,
         "seed": seed,
     }
@@ -348,6 +348,8 @@ def build_dataset(
             logger.info("reusing %s (same inputs and options; pass --force to rebuild)", out)
             return out
         _check_replaceable(target)  # fail before the slow part; checked again just before the rename
+        # made only now: NiMARE's template and its resampling cost seconds that a reused build does not need
+        grid = make_grid(int(resolution))
         _build(
             target, inputs, options, key, spec, grid, subset, seed, neurosynth, dtype, batch_size, neuroquery_dir,
             int(term_dims), term_embedding, start,
@@ -506,7 +508,7 @@ def _build(
             "n_maps": len(rows),
             "dtype": dtype,
             "grid": grid.to_dict(),
-            "kernel": spec.to_dict(grid),
+            "kernel": spec.to_dict(grid.resolution_mm),
             "image_scaling": "loader divides each map by its own maximum",
             "sources": [
                 {

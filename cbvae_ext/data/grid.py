@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["RESOLUTIONS", "Grid", "make_grid"]
+__all__ = ["RESOLUTIONS", "Grid", "check_resolution", "make_grid"]
 
 RESOLUTIONS = (2, 4)
 
@@ -78,14 +78,19 @@ def _pad_to_multiple(mask: np.ndarray, affine: np.ndarray, multiple: int = 8) ->
     return padded, affine
 
 
+def check_resolution(resolution: int) -> None:
+    """Raise ``DataError`` for a voxel size the grids do not come in."""
+    if resolution not in RESOLUTIONS:
+        raise DataError(f"--resolution {resolution} is not supported; use one of {', '.join(map(str, RESOLUTIONS))}")
+
+
 def make_grid(resolution: int = 4) -> Grid:
     """The padded MNI152 brain-mask grid at ``resolution`` mm (2 or 4).
 
     Raises:
         DataError: for an unsupported resolution.
     """
-    if resolution not in RESOLUTIONS:
-        raise DataError(f"--resolution {resolution} is not supported; use one of {', '.join(map(str, RESOLUTIONS))}")
+    check_resolution(resolution)
     from nilearn.image import resample_img
     from nimare.utils import get_template
 

@@ -78,19 +78,20 @@ class KernelSpec:
         fwhm = spec.get("kernel_fwhm_mm", spec.get("fwhm_mm", DEFAULT_KERNEL_FWHM_MM))  # fwhm_mm: older manifests
         return cls(str(spec["name"]), float(fwhm), float(spec.get("radius_mm", DEFAULT_RADIUS)))
 
-    def nimare_fwhm(self, grid: Grid) -> float:
-        """The ``fwhm`` to give NiMARE's ``get_ale_kernel``/``ALEKernel`` for this kernel on ``grid``."""
-        zooms = np.abs(np.diag(grid.affine)[:3])
+    def nimare_fwhm(self, resolution_mm: float) -> float:
+        """The ``fwhm`` to give NiMARE's ``get_ale_kernel``/``ALEKernel`` for this kernel on the isotropic grid
+        of ``resolution_mm`` voxels (``Grid.resolution_mm``: the builder's cache key needs it before the grid)."""
+        zooms = np.full(3, float(resolution_mm))
         return float(self.kernel_fwhm_mm * np.sqrt(np.prod(zooms)) / (np.sqrt(2.0) * zooms.mean()))
 
-    def to_dict(self, grid: Grid) -> dict:
+    def to_dict(self, resolution_mm: float) -> dict:
         if self.name == "ale":
             return {
                 "name": "ale",
                 "kernel_fwhm_mm": self.kernel_fwhm_mm,
-                "nimare_fwhm": self.nimare_fwhm(grid),
+                "nimare_fwhm": self.nimare_fwhm(resolution_mm),
                 "combine": "max",
-                "nimare_equivalent": f"ALEKernel(fwhm={self.nimare_fwhm(grid):.6g})",
+                "nimare_equivalent": f"ALEKernel(fwhm={self.nimare_fwhm(resolution_mm):.6g})",
             }
         return {
             "name": "mkda",
@@ -105,7 +106,7 @@ class KernelSpec:
         if self.name == "ale":
             from nimare.meta.utils import get_ale_kernel
 
-            _, kernel = get_ale_kernel(grid.mask_img(), fwhm=self.nimare_fwhm(grid))
+            _, kernel = get_ale_kernel(grid.mask_img(), fwhm=self.nimare_fwhm(grid.resolution_mm))
             return kernel.astype(np.float32)
         from nimare.meta.utils import sphere_kernel_offsets
 

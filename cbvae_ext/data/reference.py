@@ -18,7 +18,7 @@ def nimare_kernel(spec: KernelSpec, grid: Grid):
     from nimare.meta.kernel import ALEKernel, MKDAKernel
 
     if spec.name == "ale":
-        return ALEKernel(fwhm=spec.nimare_fwhm(grid))
+        return ALEKernel(fwhm=spec.nimare_fwhm(grid.resolution_mm))
     return MKDAKernel(r=spec.radius, value=1)
 
 

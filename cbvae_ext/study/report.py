@@ -68,7 +68,7 @@ def study_report(result: StudyResult, context: StudyContext, source: str | None 
                 "dataset_dir": None if context.dataset is None else str(context.dataset.path),
             },
             "grid": context.grid.to_dict(),
-            "kernel": context.kernel.to_dict(context.grid),
+            "kernel": context.kernel.to_dict(context.grid.resolution_mm),
             "posterior": result.posterior,
             "decode": result.decode_info,
             "nearest": result.nearest,
@@ -91,7 +91,7 @@ def _sidecar(name: str, result: StudyResult, context: StudyContext) -> dict[str,
         "space": "MNI152 (NiMARE mni152_2mm brain mask grid)",
         "run_dir": str(context.model.run_dir),
         "conditions": result.conditions,
-        "kernel": context.kernel.to_dict(context.grid),
+        "kernel": context.kernel.to_dict(context.grid.resolution_mm),
         "cbvae_version": package_version(),
     }
     if name == "ma_map" and result.study.image is not None:

@@ -234,8 +234,8 @@ def test_entry_script_end_to_end_on_cpu(repo_root: Path, tmp_path: Path, tiny_da
         "--decoding_n_terms 5 --decoding_max_maps 6 --qc_k 1 --qc_max_maps 6 --n_unseen_pairs 1",
         "CBVAE_NEUROQUERY_DIR": str(NEUROQUERY_DIR),  # the tiny dataset's terms came from there
         "CBVAE_TERM_DIMS": str(TINY_TERM_DIMS),  # and its terms condition
-        # the model and the baseline: gpu_check's test already runs all four through run_main.sh
-        "CBVAE_NETWORKS": "cbvae,baseline",
+        # the model alone (about 20 s a training): gpu_check's test already runs all four through run_main.sh
+        "CBVAE_NETWORKS": "cbvae",
     }
     args = ["--root", str(tmp_path), "--subset", "120", "--epochs", "1", "--neurosynth-dir", str(neurosynth_dir)]
     proc = run_entry(repo_root, args, env, timeout=1500)
@@ -243,15 +243,13 @@ def test_entry_script_end_to_end_on_cpu(repo_root: Path, tmp_path: Path, tiny_da
     out = tmp_path / "output"
     assert (out / "DONE").exists() and json.loads((out / "status.json").read_text())["state"] == "done"
     assert "reusing" in (out / "logs" / "dataset.log").read_text()
-    for name in ("cbvae", "baseline"):
-        assert (out / name / "decoder.ts").stat().st_size > 0
-        assert (out / name / "model.pt").stat().st_size > 0
+    assert (out / "cbvae" / "decoder.ts").stat().st_size > 0 and (out / "cbvae" / "model.pt").stat().st_size > 0
     results = json.loads((out / "eval" / "test_results.json").read_text())
-    assert results["split"] == "test" and results["n_test"] > 0 and {"cbvae", "baseline"} <= set(results["models"])
-    assert not (out / "uncond").exists() and not (out / "nolambda").exists()  # --networks chose two
-    assert not (out / "logs" / "train_uncond.log").exists() and not (out / "logs" / "train_nolambda.log").exists()
+    assert results["split"] == "test" and results["n_test"] > 0 and "cbvae" in results["models"]
+    for name in ("baseline", "uncond", "nolambda"):  # --networks chose one
+        assert not (out / name).exists() and not (out / "logs" / f"train_{name}.log").exists()
     steps = {p.stem for p in (out / "logs").iterdir()}
-    assert {"dataset", "train_cbvae", "train_baseline", "check_decoder", "evaluate"} <= steps
+    assert {"dataset", "train_cbvae", "check_decoder", "evaluate"} <= steps
 
 
 def _pid_namespaces_work() -> bool:

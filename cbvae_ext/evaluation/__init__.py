@@ -1,91 +1,59 @@
-"""Formal evaluation of trained runs on the test split: paired statistics, likelihoods, baselines, probes, figures."""
+"""Formal evaluation of trained runs on the test split: paired statistics, likelihoods, baselines, probes, figures.
+
+The names are imported on first use (``cbvae_ext.lazy``): a command of one submodule loads only what it uses.
+"""
 
 from __future__ import annotations
 
-from cbvae_ext.evaluation.baselines import (
-    CategoryMeanBaseline,
-    MeanMapBaseline,
-    PCABaseline,
-    TopicRidgeBaseline,
-    equivalent_dimension,
-)
-from cbvae_ext.evaluation.conditional import conditional_mean_probs, identification
-from cbvae_ext.evaluation.criteria import PAIRED_CRITERIA, evaluate_criteria
-from cbvae_ext.evaluation.duplicates import duplicate_report, nearest_train_r
-from cbvae_ext.evaluation.imputation import imputation_scores
-from cbvae_ext.evaluation.likelihood import bernoulli_nll, entropy_floor, importance_weighted_bound, latent_free_nll
-from cbvae_ext.evaluation.metrics import (
-    SSIM_PARAMS,
-    masked_vectors,
-    peak_auc,
-    pearson_r,
-    score_maps,
-    ssim_masked,
-    to_volumes,
-    topk_dice,
-)
-from cbvae_ext.evaluation.probes import adversary_balanced_accuracy, make_probes, probe_with_null, year_probes, year_r2
-from cbvae_ext.evaluation.stats import balanced_accuracy_terms, bootstrap_summary, paired_bootstrap
-from cbvae_ext.evaluation.text_protocols import (
-    NeuroQueryBaseline,
-    mitchell_scores,
-    peak_log_likelihood,
-    title_tfidf,
-)
-from cbvae_ext.evaluation.workflow import (
-    RESULTS_LAYOUT,
-    RESULTS_LAYOUT_VERSION,
-    ROLES,
-    Evaluation,
-    EvaluationError,
-    LoadedRun,
-    json_safe,
-    load_run,
-)
+from cbvae_ext.lazy import lazy_exports
 
-__all__ = [
-    "PAIRED_CRITERIA",
-    "RESULTS_LAYOUT",
-    "RESULTS_LAYOUT_VERSION",
-    "ROLES",
-    "SSIM_PARAMS",
-    "CategoryMeanBaseline",
-    "Evaluation",
-    "EvaluationError",
-    "LoadedRun",
-    "MeanMapBaseline",
-    "NeuroQueryBaseline",
-    "PCABaseline",
-    "TopicRidgeBaseline",
-    "adversary_balanced_accuracy",
-    "balanced_accuracy_terms",
-    "bernoulli_nll",
-    "bootstrap_summary",
-    "conditional_mean_probs",
-    "duplicate_report",
-    "entropy_floor",
-    "equivalent_dimension",
-    "evaluate_criteria",
-    "identification",
-    "importance_weighted_bound",
-    "imputation_scores",
-    "latent_free_nll",
-    "json_safe",
-    "load_run",
-    "make_probes",
-    "masked_vectors",
-    "mitchell_scores",
-    "nearest_train_r",
-    "paired_bootstrap",
-    "pearson_r",
-    "peak_auc",
-    "peak_log_likelihood",
-    "probe_with_null",
-    "score_maps",
-    "ssim_masked",
-    "title_tfidf",
-    "to_volumes",
-    "topk_dice",
-    "year_probes",
-    "year_r2",
-]
+#: each public name and the submodule that defines it
+_SOURCES = {
+    "CategoryMeanBaseline": "baselines",
+    "Evaluation": "workflow",
+    "EvaluationError": "workflow",
+    "LoadedRun": "workflow",
+    "MeanMapBaseline": "baselines",
+    "NeuroQueryBaseline": "text_protocols",
+    "PAIRED_CRITERIA": "criteria",
+    "PCABaseline": "baselines",
+    "RESULTS_LAYOUT": "workflow",
+    "RESULTS_LAYOUT_VERSION": "workflow",
+    "ROLES": "workflow",
+    "SSIM_PARAMS": "metrics",
+    "TopicRidgeBaseline": "baselines",
+    "adversary_balanced_accuracy": "probes",
+    "balanced_accuracy_terms": "stats",
+    "bernoulli_nll": "likelihood",
+    "bootstrap_summary": "stats",
+    "conditional_mean_probs": "conditional",
+    "duplicate_report": "duplicates",
+    "entropy_floor": "likelihood",
+    "equivalent_dimension": "baselines",
+    "evaluate_criteria": "criteria",
+    "identification": "conditional",
+    "importance_weighted_bound": "likelihood",
+    "imputation_scores": "imputation",
+    "json_safe": "workflow",
+    "latent_free_nll": "likelihood",
+    "load_run": "workflow",
+    "make_probes": "probes",
+    "masked_vectors": "metrics",
+    "mitchell_scores": "text_protocols",
+    "nearest_train_r": "duplicates",
+    "paired_bootstrap": "stats",
+    "peak_auc": "metrics",
+    "peak_log_likelihood": "text_protocols",
+    "pearson_r": "metrics",
+    "probe_with_null": "probes",
+    "score_maps": "metrics",
+    "ssim_masked": "metrics",
+    "title_tfidf": "text_protocols",
+    "to_volumes": "metrics",
+    "topk_dice": "metrics",
+    "year_probes": "probes",
+    "year_r2": "probes",
+}
+
+__all__ = sorted(_SOURCES)
+__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)

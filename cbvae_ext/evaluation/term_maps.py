@@ -142,15 +142,16 @@ def term_maps(
         TermMapsError: no terms, a run without a conditional-mean path or of another grid, a dataset
             without terms, a term outside NeuroQuery's vocabulary.
     """
+    terms = [t.strip() for t in terms if t and t.strip()]
+    if not terms:
+        raise TermMapsError("no terms given; pass --terms 'pain,reward' (comma-separated)")
+    # imported after the checks of the arguments alone: they take seconds (torch, MONAI)
     from cbvae_ext import inference
     from cbvae_ext.data import load_dataset_info
     from cbvae_ext.data.neuroquery import load_terms, texts_tfidf
     from cbvae_ext.evaluation.passes import load_split
     from cbvae_ext.evaluation.text_protocols import NeuroQueryBaseline
 
-    terms = [t.strip() for t in terms if t and t.strip()]
-    if not terms:
-        raise TermMapsError("no terms given; pass --terms 'pain,reward' (comma-separated)")
     info = load_dataset_info(dataset_dir)
     mask = np.asarray(info.mask) != 0
     model = inference.load(run_dir)
@@ -207,10 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-neuroquery", action="store_true", help="leave NeuroQuery out (it is fitted on every study with text)"
     )
     args = parser.parse_args(argv)
-    from cbvae_ext.evaluation.figures import plot_category_maps
-
     try:
         maps, mask, affine = term_maps(args.run_dir, args.dataset_dir, args.terms.split(","), not args.no_neuroquery)
+        from cbvae_ext.evaluation.figures import plot_category_maps
+
         labels = [f"{t}\n(train {a}, test {b})" for t, a, b in zip(maps.terms, maps.n_train, maps.n_test, strict=True)]
         shown = {k: np.nan_to_num(v) for k, v in maps.columns.items()}
         path = plot_category_maps(shown, mask, affine, labels, args.out)

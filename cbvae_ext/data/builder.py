@@ -348,10 +348,8 @@ def build_dataset(
             logger.info("reusing %s (same inputs and options; pass --force to rebuild)", out)
             return out
         _check_replaceable(target)  # fail before the slow part; checked again just before the rename
-        # made only now: NiMARE's template and its resampling cost seconds that a reused build does not need
-        grid = make_grid(int(resolution))
         _build(
-            target, inputs, options, key, spec, grid, subset, seed, neurosynth, dtype, batch_size, neuroquery_dir,
+            target, inputs, options, key, spec, int(resolution), subset, seed, neurosynth, dtype, batch_size, neuroquery_dir,
             int(term_dims), term_embedding, start,
         )  # fmt: skip
     return out
@@ -373,7 +371,7 @@ def _build(
     options: dict,
     key: str | None,
     spec: KernelSpec,
-    grid: Grid,
+    resolution: int,
     subset: int | None,
     seed: int,
     neurosynth: bool,
@@ -386,6 +384,8 @@ def _build(
 ) -> None:
     """Read, filter, split and render into a temporary sibling of ``out``, then swap it in (see ``build_dataset``)."""
     tables = [read_neurosynth(d) if kind == "neurosynth" else read_neurostore(d) for kind, d in inputs]
+    # made only now: NiMARE's template and its resampling cost seconds that a reused build or missing files do not
+    grid = make_grid(resolution)
     rows, peaks, counts = _place_peaks(tables, grid)
     topics, topic_names, topic_keys = _topics(tables)
     keep = rows["n_peaks"].to_numpy() > 0

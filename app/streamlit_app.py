@@ -29,9 +29,9 @@ if str(REPO_ROOT) not in sys.path:  # `streamlit run` without an installed packa
 
 from cbvae_ext.extras import MissingExtraError, require  # noqa: E402
 
-try:  # the app extra: pip install "cbvae[app]"
-    st = require("streamlit", needed_by="the Counterfactual Machine page")
-    components = require("streamlit.components.v1", needed_by="the Counterfactual Machine page")
+try:  # the app extra: pip install "cbvae[app]" (light: a missing one is said at once, before MONAI's ~10 s import)
+    st = require("streamlit", needed_by="the Counterfactual Machine page", light=True)
+    components = require("streamlit.components.v1", needed_by="the Counterfactual Machine page", light=True)
 except MissingExtraError as err:
     raise SystemExit(f"error: {err}") from None
 

@@ -44,7 +44,8 @@ def require(module: str, name: str = "", *, needed_by: str = "", instead: str = 
         needed_by: what needs it, for the message (default: ``module``).
         instead: how to do without it, appended to the message (e.g. ``"or pass --use_mlflow false"``).
         light: import with ``importlib`` rather than MONAI's ``optional_import``, for the RunPod launcher and
-            the pod's watchdog, which never import MONAI (and torch): that costs seconds, ~20 s on a busy CPU.
+            the pod's watchdog, which never import MONAI (and torch), and the app's first check: that costs
+            seconds, ~20 s on a busy CPU.
 
     Raises:
         MissingExtraError: the module (or one it needs) cannot be imported.

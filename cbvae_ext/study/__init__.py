@@ -8,7 +8,8 @@ CLI: ``python -m cbvae_ext.study FILE --run_dir RUN [--dataset_dir DATA] --out D
     analysis.results[0].ma_map                          # [D, H, W] arrays (also .reconstruction, ...)
     analysis.write("out/my_study")                      # NIfTI + JSON sidecars + report.json, atomically
 
-Formats, outputs and every field of the report: ``bundle/docs/study.md``.
+Formats, outputs and every field of the report: ``bundle/docs/study.md``. The analysis (torch) is imported on
+first use (``cbvae_ext.lazy``), so a bad file is refused before a run is loaded.
 """
 
 from __future__ import annotations
@@ -18,11 +19,24 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .analysis import ATYPICAL_PERCENTILE, OUTSIDE, READING_MARGIN, TYPICALITY_SCORES, StudyContext, StudyResult
+from cbvae_ext.lazy import lazy_exports
+
+from .options import ATYPICAL_PERCENTILE, OUTSIDE, READING_MARGIN, TYPICALITY_SCORES
 from .readers import FORMATS, MAX_PEAKS, METADATA_FIELDS, StudyError, StudyInput, read_studies
-from .report import REPORT_FORMAT, study_report, write_reports
+
+#: the names of the modules that import torch, and where they are defined
+_LAZY = {
+    "REPORT_FORMAT": "report",
+    "StudyContext": "analysis",
+    "StudyResult": "analysis",
+    "study_report": "report",
+    "write_reports": "report",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+if TYPE_CHECKING:
+    from .analysis import StudyContext, StudyResult
 
 __all__ = [
     "TYPICALITY_SCORES",
@@ -66,6 +80,8 @@ class StudyAnalysis:
 
     def write(self, out: str | Path) -> Path:
         """NIfTI maps, sidecars and reports under ``out`` (one folder per study), atomically."""
+        from .report import write_reports
+
         return write_reports(self.results, self.context, out, self.source, self.options, self.seconds)
 
     def zip_bytes(self) -> bytes:
@@ -96,6 +112,7 @@ def analyse_file(
     metadata: Mapping[str, Any] | None = None,
     allow_extrapolation: bool = False,
     readings: bool = True,
+    open_options: Mapping[str, Any] | None = None,
 ) -> StudyAnalysis:
     """Read a study file and analyse every study in it against a run.
 
@@ -112,6 +129,7 @@ def analyse_file(
         metadata: ``year``, ``sample_size``, ``task``, ``text`` for every study (override the file's).
         allow_extrapolation: accept conditions outside the run's training range.
         readings: also score alternative readings (Talairach labelled MNI, x flipped) and warn on a likely one.
+        open_options: keyword options of ``StudyContext.open`` when it opens ``run_dir`` (``k``, ``seed``, ...).
 
     Raises:
         StudyError: bad input (the one-line message names the problem and the fix).
@@ -122,10 +140,8 @@ def analyse_file(
     unknown = sorted(set(metadata or {}) - set(METADATA_FIELDS))
     if unknown:
         raise StudyError(f"unknown metadata {', '.join(unknown)}; give any of {', '.join(METADATA_FIELDS)}")
-    if context is None:
-        if run_dir is None:
-            raise StudyError("no run given; pass --run_dir RUN (a trained and exported run folder)")
-        context = StudyContext.open(run_dir, dataset_dir)
+    if context is None and run_dir is None:
+        raise StudyError("no run given; pass --run_dir RUN (a trained and exported run folder)")
     if isinstance(source, bytes):
         if not filename:
             raise StudyError("an uploaded file needs its name (filename=...) to tell its format")
@@ -142,6 +158,10 @@ def analyse_file(
         name = str(source)
     for study in studies:
         study.metadata.update({k: v for k, v in (metadata or {}).items() if v is not None})
+    if context is None:  # opened once the file is read: a bad file is refused in a second, a run takes longer
+        from .analysis import StudyContext
+
+        context = StudyContext.open(run_dir, dataset_dir, **(open_options or {}))
     options = {
         "space": space,
         "outside": outside,
@@ -152,5 +172,7 @@ def analyse_file(
         "seed": context.seed,
     }
     results = context.analyse_many(studies, outside=outside, allow_extrapolation=allow_extrapolation, readings=readings)
+    from .report import study_report
+
     reports = [study_report(r, context, name) for r in results]
     return StudyAnalysis(context, results, reports, name, options, time.perf_counter() - start)

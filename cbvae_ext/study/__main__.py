@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from cbvae_ext.errors import CbvaeError
 
-from .analysis import TYPICALITY_SCORES
+from .options import TYPICALITY_SCORES
 from .readers import MAX_PEAKS
 
 __all__ = ["main", "parser"]
@@ -50,17 +50,20 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        from . import StudyContext, analyse_file
+        from . import analyse_file
 
         started = time.perf_counter()
-        context = StudyContext.open(
-            args.run_dir, args.dataset_dir, k=args.k, seed=args.seed, cache=not args.no_cache,
-            typicality_score=args.typicality_score,
-        )  # fmt: skip
         meta = {"year": args.year, "sample_size": args.sample_size, "task": args.task, "text": args.text}
         analysis = analyse_file(
             args.file,
-            context=context,
+            args.run_dir,
+            args.dataset_dir,
+            open_options={
+                "k": args.k,
+                "seed": args.seed,
+                "cache": not args.no_cache,
+                "typicality_score": args.typicality_score,
+            },  # fmt: skip
             space=args.space,
             outside=args.outside,
             max_peaks=args.max_peaks,

@@ -27,6 +27,7 @@ from cbvae_ext.evaluation.likelihood import bernoulli_nll, entropy_floor
 from cbvae_ext.inference import CounterfactualModel, load
 from cbvae_ext.run_folder import EVALUATION_FILES, MODEL, RunFolder, replace_atomically
 
+from .options import ATYPICAL_PERCENTILE, OUTSIDE, READING_MARGIN, TYPICALITY_SCORES
 from .readers import StudyError, StudyInput, to_mni
 
 __all__ = [
@@ -42,21 +43,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: What to do with peaks outside the brain mask: drop them (the dataset builder's rule) or keep them.
-OUTSIDE = ("drop", "keep")
-#: Below this typicality percentile a study gets a plain "atypical" warning.
-ATYPICAL_PERCENTILE = 5.0
-#: An alternative reading of the peaks (Talairach labelled MNI, x flipped) that is this many percentile points more
-#: typical than the study as given triggers a warning naming that reading.
-READING_MARGIN = 25.0
 #: Largest standardised dataset (bytes) that ``nearest`` keeps in memory between calls.
 NEAREST_CACHE_BYTES = 1 << 30
-#: Typicality scores: ``peak_density`` (mean log density of the model's prior-predictive map at the study's peak
-#: voxels, per peak, so comparable between studies of any size) and ``elbo`` (the whole-map ELBO plus its entropy
-#: floor, which grows with the number of peaks). On the 1k run's validation split the peak density separates
-#: corrupted copies far better (random peaks: AUC 0.83 vs 0.61, 10 mm shifts 0.76 vs 0.50): it is the default.
-#: (name -> its term in ``StudyContext.score``; the first is the default)
-TYPICALITY_SCORES = {"peak_density": "peak_density", "elbo": "elbo_score"}
 #: Prior draws averaged for the prior-predictive map of ``peak_density`` (seeded, every condition unknown).
 N_PREDICTIVE_DRAWS = 64
 #: Version of the typicality computation (part of the reference cache key).

@@ -1,5 +1,6 @@
-"""Packaging like a library: the extras fail in one line naming the extra, the packages list is complete, and
-``pip install`` outside the checkout trains and generates from the installed configs."""
+"""Packaging like a library: the extras fail in one line naming the extra, the packages list is complete,
+``pip install`` outside the checkout trains and generates from the installed configs, and the commands that
+need no network never import torch before they must."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import tomllib
-from conftest import BUNDLE_ENV, REPO_ROOT, TINY_TRAINING
+from conftest import BUNDLE_ENV, NEUROQUERY_DIR, REPO_ROOT, TINY_TERM_DIMS, TINY_TRAINING
 
 from cbvae_ext.configs import config_dir
 from cbvae_ext.extras import EXTRAS, MissingExtraError
@@ -82,6 +83,40 @@ def test_the_page_without_streamlit_is_one_line():
     assert proc.stderr == (
         'error: the Counterfactual Machine page needs streamlit, which is not installed: pip install "cbvae[app]"\n'
     )
+
+
+def test_light_paths_never_import_torch_or_monai(tiny_dataset: Path, neurosynth_dir: Path, tmp_path: Path):
+    """The builder finding its cached build, the study command refusing a bad file and the term maps refusing
+    no terms each spent 10-16 s importing torch and MONAI (eager package ``__init__``s); now about a second."""
+    data = shutil.copytree(tiny_dataset, tmp_path / "tiny")  # a copy: its lock never meets another test's builder
+    bad = tmp_path / "bad.txt"
+    bad.write_text("// Reference=Colin27\n// a\n// Subjects=3\n1 2 3\n")
+    code = f"""
+import sys
+import cbvae_ext.evaluation as evaluation
+from cbvae_ext.data import build_dataset
+from cbvae_ext.evaluation.term_maps import main as term_maps
+from cbvae_ext.study.__main__ import main as study
+# the session dataset's build options: the same cache key, so the build is reused
+build_dataset(neurosynth_dir={str(neurosynth_dir)!r}, out={str(data)!r}, subset=120, resolution=4,
+              neuroquery_dir={str(NEUROQUERY_DIR)!r}, term_dims={TINY_TERM_DIMS})
+assert term_maps(["--run_dir", "r", "--dataset_dir", "d", "--out", "o.png", "--terms", " , "]) == 2
+assert study([{str(bad)!r}, "--run_dir", "r", "--out", {str(tmp_path / "never")!r}]) == 2
+heavy = sorted(m for m in ("torch", "monai", "nimare") if m in sys.modules)
+assert heavy == [], heavy
+assert "paired_bootstrap" in dir(evaluation) and callable(evaluation.paired_bootstrap)  # names still resolve
+try:
+    evaluation.no_such_name
+except AttributeError as err:
+    assert "no_such_name" in str(err)
+else:
+    raise AssertionError("an unknown name resolved")
+"""
+    # a rebuild would import NiMARE (its template), so the check below also says the build was reused
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=BUNDLE_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no terms given" in proc.stderr and "unknown coordinate space 'Colin27'" in proc.stderr
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.slow

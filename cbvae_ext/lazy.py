@@ -15,16 +15,20 @@ from typing import Any
 __all__ = ["lazy_exports"]
 
 
-def lazy_exports(package: str, sources: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """The ``__getattr__`` and ``__dir__`` of a package that re-exports names from its submodules.
+def lazy_exports(
+    package: str, names: Mapping[str, str]
+) -> tuple[list[str], Callable[[str], Any], Callable[[], list[str]]]:
+    """The ``__all__``, ``__getattr__`` and ``__dir__`` of a package that re-exports names from its submodules.
 
     Args:
         package: the package's ``__name__``.
-        sources: public name -> the submodule (relative to ``package``) that defines it.
+        names: submodule (relative to ``package``) -> the public names it defines, space-separated (as
+            ``from .sub import ...`` would list them).
 
     Returns:
-        ``(__getattr__, __dir__)``: assign both at the package's top level.
+        ``(__all__, __getattr__, __dir__)``: assign them at the package's top level.
     """
+    sources = {name: module for module, defined in names.items() for name in defined.split()}
 
     def __getattr__(name: str) -> Any:  # noqa: N807 (the module protocol's name)
         if name not in sources:
@@ -36,4 +40,4 @@ def lazy_exports(package: str, sources: Mapping[str, str]) -> tuple[Callable[[st
     def __dir__() -> list[str]:  # noqa: N807
         return sorted({*vars(sys.modules[package]), *sources})
 
-    return __getattr__, __dir__
+    return sorted(sources), __getattr__, __dir__

@@ -119,6 +119,16 @@ else:
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.parametrize("package", ["cbvae_ext.data", "cbvae_ext.evaluation", "cbvae_ext.study"])
+def test_every_lazily_exported_name_resolves(package: str):
+    import importlib
+
+    module = importlib.import_module(package)
+    for name in module.__all__:  # a misspelt name or submodule in the lazy table raises here
+        assert getattr(module, name) is not None, name
+    assert set(module.__all__) <= set(dir(module))
+
+
 @pytest.mark.slow
 def test_pip_install_outside_the_checkout_trains_and_generates(tmp_path: Path, tiny_dataset: Path):
     """``pip install`` from a copy of the repository into a folder, then train and generate from another folder

@@ -10,20 +10,13 @@ from __future__ import annotations
 
 from cbvae_ext.lazy import lazy_exports
 
-#: each public name and the submodule that defines it
+#: each submodule and the public names it defines
 _SOURCES = {
-    "CATEGORIES": "categories",
-    "DataError": "errors",
-    "DatasetInfo": "dataset",
-    "LoadMapd": "dataset",
-    "build_dataset": "builder",
-    "check_dataset_files": "folder",
-    "load_dataset_info": "dataset",
-    "load_split_tensors": "dataset",
-    "make_dataset": "dataset",
-    "map_transforms": "dataset",
-    "normalise_maps": "dataset",
+    "builder": "build_dataset",
+    "categories": "CATEGORIES",
+    "dataset": "DatasetInfo LoadMapd load_dataset_info load_split_tensors make_dataset map_transforms normalise_maps",
+    "errors": "DataError",
+    "folder": "check_dataset_files",
 }
 
-__all__ = sorted(_SOURCES)
-__getattr__, __dir__ = lazy_exports(__name__, _SOURCES)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _SOURCES)

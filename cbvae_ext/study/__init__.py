@@ -26,15 +26,12 @@ from cbvae_ext.lazy import lazy_exports
 from .options import ATYPICAL_PERCENTILE, OUTSIDE, READING_MARGIN, TYPICALITY_SCORES
 from .readers import FORMATS, MAX_PEAKS, METADATA_FIELDS, StudyError, StudyInput, read_studies
 
-#: the names of the modules that import torch, and where they are defined
+#: the submodules that import torch, and the public names they define
 _LAZY = {
-    "REPORT_FORMAT": "report",
-    "StudyContext": "analysis",
-    "StudyResult": "analysis",
-    "study_report": "report",
-    "write_reports": "report",
+    "analysis": "StudyContext StudyResult",
+    "report": "REPORT_FORMAT study_report write_reports",
 }
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
+_, __getattr__, __dir__ = lazy_exports(__name__, _LAZY)  # __all__ below lists every name
 if TYPE_CHECKING:
     from .analysis import StudyContext, StudyResult
 

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "seed": args.seed,
                 "cache": not args.no_cache,
                 "typicality_score": args.typicality_score,
-            },  # fmt: skip
+            },
             space=args.space,
             outside=args.outside,
             max_peaks=args.max_peaks,

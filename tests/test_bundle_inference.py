@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import BUNDLE_ENV, REPO_ROOT, run_bundle
+from conftest import run_bundle, run_python
 
 from cbvae_ext.app.downloads import GENERATED_DESCRIPTION
 from cbvae_ext.generation import MapGenerator, sidecar_path
@@ -60,10 +58,7 @@ def test_a_run_without_conditional_mean_or_a_given_z_decodes_z(tiny_runs: dict[s
 def test_an_unknown_category_through_the_bundle_is_one_line(tiny_runs: dict[str, Path], tmp_path: Path):
     out = tmp_path / "x.nii.gz"
     args = [*INFERENCE, "--run_dir", str(tiny_runs["cbvae"]), "--conditions", "{'task': 'chess'}"]
-    proc = subprocess.run(
-        [sys.executable, *args, "--output_file", str(out)],
-        cwd=REPO_ROOT, env=BUNDLE_ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = run_python([*args, "--output_file", str(out)], timeout=600)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: unknown task category 'chess'; valid categories: ")

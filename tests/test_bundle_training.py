@@ -16,11 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import conftest
 import pandas as pd
 import pytest
 import torch
-from conftest import BUNDLE_ENV, run_bundle, training_command
+from conftest import BUNDLE_ENV, run_bundle, run_python, training_command
 
 from cbvae_ext.data import build_dataset
 from cbvae_ext.engine.knobs import TrainKnobs
@@ -195,9 +194,7 @@ def test_task_penalty_knob_reaches_the_conditional_mean_fit(tiny_dataset, tiny_r
 
 def _bundle(args: list[str]) -> subprocess.CompletedProcess:
     """A bundle command that may fail (``run_bundle`` fails the test on a non-zero status)."""
-    return subprocess.run(
-        [sys.executable, *args], cwd=conftest.REPO_ROOT, env=BUNDLE_ENV, capture_output=True, text=True, timeout=900
-    )
+    return run_python(args)
 
 
 def _one_line_error(proc: subprocess.CompletedProcess) -> str:

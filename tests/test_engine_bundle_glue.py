@@ -9,13 +9,12 @@ import logging
 import os
 import re
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BUNDLE_ENV, REPO_ROOT
+from conftest import REPO_ROOT, run_python
 
 from cbvae_ext.engine.bundle_glue import BundleConfigError, flag
 from cbvae_ext.engine.knobs import TrainKnobs, knob_table, network_keys, train_knobs
@@ -247,9 +246,7 @@ def cli_results(tiny_dataset, tmp_path_factory):
         runs[case] = (args, out, _snapshot(out))
 
     def launch(args: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, *args], cwd=REPO_ROOT, env=BUNDLE_ENV, capture_output=True, text=True, timeout=600
-        )
+        return run_python(args, timeout=600)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         procs = dict(zip(runs, pool.map(launch, [args for args, _, _ in runs.values()]), strict=True))

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_python
 
 from cbvae_ext.evaluation import (
     PAIRED_CRITERIA,
@@ -43,14 +43,14 @@ SMALL = {
 
 def _evaluate(repo_root: Path, dataset: Path, output: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "evaluate",
+        "-m", "monai.bundle", "run", "evaluate",
         "--config_file", "bundle/configs/evaluate.yaml",
         "--dataset_dir", str(dataset),
         "--output_dir", str(output),
         *FAST,
         *args,
     ]  # fmt: skip
-    return subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=600)
+    return run_python(cmd, cwd=repo_root, timeout=600)
 
 
 @pytest.fixture(scope="module")

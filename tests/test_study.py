@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import BUNDLE_ENV, REPO_ROOT
+from conftest import BUNDLE_ENV, run_python
 from study_files import (
     test_split_studies,
     write_csv,
@@ -323,10 +321,9 @@ def test_cli_end_to_end(tmp_path: Path, tiny_runs: dict[str, Path], tiny_dataset
         "MNI",
     )
     out = tmp_path / "out"
-    cli = [sys.executable, "-m", "cbvae_ext.study", str(path), "--run_dir", str(tiny_runs["cbvae"]), "--out", str(out)]
+    cli = ["-m", "cbvae_ext.study", str(path), "--run_dir", str(tiny_runs["cbvae"]), "--out", str(out)]
     env = {**BUNDLE_ENV, "CBVAE_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([*cli, "--dataset_dir", str(tiny_dataset), "--year", "2010"], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = run_python([*cli, "--dataset_dir", str(tiny_dataset), "--year", "2010"], env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     index = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in index["studies"]] == ["mni study", "small study"]
@@ -345,8 +342,7 @@ def test_cli_end_to_end(tmp_path: Path, tiny_runs: dict[str, Path], tiny_dataset
     # bad input: one line on stderr, exit status 2, nothing written
     bad = tmp_path / "bad.txt"
     bad.write_text("// Reference=Colin27\n// a\n// Subjects=3\n1 2 3\n")
-    proc = subprocess.run([*cli[:3], str(bad), *cli[4:-1], str(tmp_path / "never")], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = run_python([*cli[:2], str(bad), *cli[3:-1], str(tmp_path / "never")], env=env, timeout=600)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: ") and "unknown coordinate space" in proc.stderr
     assert not (tmp_path / "never").exists()

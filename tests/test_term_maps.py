@@ -4,11 +4,11 @@ uses each term, drawn as a real PNG with the r table printed; bad input is one e
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_python
 from PIL import Image
 
 from cbvae_ext import inference
@@ -30,10 +30,7 @@ TERMS = ["memory", "visual"]  # used by training and test studies of the fixture
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cbvae_ext.evaluation.term_maps", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    return run_python(["-m", "cbvae_ext.evaluation.term_maps", *args], cwd=REPO, timeout=600)
 
 
 def test_the_maps_are_the_words_rule_neuroquery_and_the_studies_using_each_term(

@@ -11,7 +11,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +200,15 @@ def run_python(
     return preload.run(_PRELOAD, args, BUNDLE_ENV if env is None else env, cwd, timeout)
 
 
+def start_python(args: list[str], log: Any) -> preload.Child | subprocess.Popen:
+    """``python *args`` in the background, stdout and stderr into the open file ``log`` (as ``run_python``)."""
+    if _PRELOAD.serves(BUNDLE_ENV):
+        return _PRELOAD.popen(args, BUNDLE_ENV, REPO_ROOT, log.fileno(), log.fileno())
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=REPO_ROOT, env=BUNDLE_ENV, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
 def run_bundle(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run a bundle command from the repo root; fail with the end of its output when it fails."""
     if launcher is None:
@@ -217,10 +228,12 @@ def tiny_runs(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> d
 
     def make(root: Path) -> dict[str, str]:
         off = ("--use_wandb", "false", "--use_mlflow", "false")
-        run_bundle(training_command(tiny_dataset, root / "cbvae", 1, *off))
-        run_bundle(
-            training_command(tiny_dataset, root / "baseline", 1, *off, configs=("train.yaml", "train_baseline.yaml"))
-        )
+        commands = [
+            training_command(tiny_dataset, root / "cbvae", 1, *off),
+            training_command(tiny_dataset, root / "baseline", 1, *off, configs=("train.yaml", "train_baseline.yaml")),
+        ]
+        with ThreadPoolExecutor(max_workers=2) as pool:  # both at once: the other test process often waits on them
+            list(pool.map(run_bundle, commands))
         return {"cbvae": str(root / "cbvae"), "baseline": str(root / "baseline")}
 
     return {name: Path(path) for name, path in once_per_run(tmp_path_factory, "runs", make).items()}

@@ -17,6 +17,7 @@ import array
 import json
 import os
 import runpy
+import select
 import selectors
 import signal
 import socket
@@ -27,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["PreloadServer", "run"]
+__all__ = ["Child", "PreloadServer", "run"]
 
 #: Modules the bundle commands import; nothing here may run a torch operation.
 PRELOAD = (
@@ -121,6 +122,43 @@ def _run_child(request: dict, fds: list[int]) -> int:
     return 0
 
 
+class Child:
+    """A command running in a child of the server: its ``pid``, and ``returncode`` once ``wait`` returns."""
+
+    def __init__(self, args: list[str], conn: socket.socket) -> None:
+        self.args = args
+        self._conn = conn
+        self._buffer = b""
+        self.pid = int(self._line(None))
+        self.returncode: int | None = None
+
+    def _line(self, timeout: float | None) -> bytes:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._conn], [], [], left)[0]:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            data = self._conn.recv(4096)
+            if not data:
+                raise RuntimeError("the preload server closed the connection (did it die?)")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit status (negative: killed by that signal), as ``subprocess.Popen.wait``."""
+        if self.returncode is None:
+            self.returncode = int(self._line(timeout))
+            self._conn.close()
+        return self.returncode
+
+    def poll(self) -> int | None:
+        try:
+            return self.wait(0)
+        except subprocess.TimeoutExpired:
+            return None
+
+
 class PreloadServer:
     """One server process (started on first use, stopped by ``close``) with the environment it was started in."""
 
@@ -145,34 +183,33 @@ class PreloadServer:
             env.get(k) == self.env.get(k) for k in IMPORT_TIME_ENV
         )
 
-    def run(
-        self, args: list[str], env: dict[str, str], cwd: Path, timeout: float, stdin: int | None = None
-    ) -> subprocess.CompletedProcess:
-        """``subprocess.run([python, *args], capture_output=True, text=True)`` through the server."""
+    def popen(self, args: list[str], env: dict[str, str], cwd: Path, stdout: int, stderr: int) -> Child:
+        """Start ``python *args`` through the server (``subprocess.Popen`` with these file descriptors)."""
         with self._lock:
             if self.proc is None or self.proc.poll() is not None:
                 self._start()
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, open(os.devnull, "rb") as null:
-            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            conn.connect(self.path)
-            fds = [stdin if stdin is not None else null.fileno(), out.fileno(), err.fileno()]
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.path)
+        with open(os.devnull, "rb") as null:
+            fds = array.array("i", [null.fileno(), stdout, stderr])
             request = json.dumps({"args": list(args), "env": env, "cwd": str(cwd)}).encode()
-            conn.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-            reader = conn.makefile("r")
-            pid = int(reader.readline())
-            conn.settimeout(timeout)
-            start = time.monotonic()
+            conn.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        return Child(args, conn)
+
+    def run(self, args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        """``subprocess.run([python, *args], capture_output=True, text=True)`` through the server."""
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            child = self.popen(args, env, cwd, out.fileno(), err.fileno())
             try:
-                code = int(reader.readline())
-            except (TimeoutError, ValueError):
-                os.killpg(pid, signal.SIGKILL)
-                raise subprocess.TimeoutExpired(args, time.monotonic() - start) from None
-            finally:
-                conn.close()
+                child.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                raise
             out.seek(0)
             err.seek(0)
             return subprocess.CompletedProcess(
-                args, code, out.read().decode(errors="replace"), err.read().decode(errors="replace")
+                args, child.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace")
             )
 
     def close(self) -> None:

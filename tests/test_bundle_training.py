@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import BUNDLE_ENV, run_bundle, run_python, training_command
+from conftest import run_bundle, run_python, start_python, training_command
 
 from cbvae_ext.data import build_dataset
 from cbvae_ext.engine.knobs import TrainKnobs
@@ -121,9 +121,7 @@ def test_resume_after_sigkill(tiny_dataset, repo_root, tmp_path):
     # a text "false" override passes through the config's switches (flag() is unit-tested)
     args = training_command(tiny_dataset, out, 3, *OFF, "--channels_last", "false")
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, *args], cwd=repo_root, env=BUNDLE_ENV, stdout=log, stderr=subprocess.STDOUT
-    )
+    proc = start_python(args, log)
     try:
         deadline = time.monotonic() + 600
         while not list((out / "checkpoints").glob("*_epoch=*.pt")):

@@ -227,11 +227,11 @@ def test_entry_script_end_to_end_on_cpu(repo_root: Path, tmp_path: Path, tiny_da
     train_args += " --network_overrides {'channels':[4,8],'block_layers':[1],'growth_rate':4}"
     env = {
         "CBVAE_TRAIN_ARGS": train_args,
-        # gpu_check.sh --tiny's evaluation sizes: the unseen pairs' NeuroQuery refits and the decoding of every
-        # test map took 130 of this test's 223 s at the defaults
+        # gpu_check.sh --tiny's evaluation sizes, without the NeuroQuery fits (42 of the evaluation's 92 s here;
+        # gpu_check's test runs them through run_main.sh, test_eval_bundle checks them)
         "CBVAE_EVAL_ARGS": "--n_bootstrap 20 --n_permutations 5 --iwae_k 2 --n_prior_samples 2 --n_counterfactual 1 "
         "--max_train_maps 100 --n_half_splits 1 --joint_k 2 --n_calibration_samples 2 --decoding_k 1 "
-        "--decoding_n_terms 5 --decoding_max_maps 6 --qc_k 1 --qc_max_maps 6 --n_unseen_pairs 1",
+        "--decoding_n_terms 5 --decoding_max_maps 6 --qc_k 1 --qc_max_maps 6 --n_unseen_pairs 0 --neuroquery false",
         "CBVAE_NEUROQUERY_DIR": str(NEUROQUERY_DIR),  # the tiny dataset's terms came from there
         "CBVAE_TERM_DIMS": str(TINY_TERM_DIMS),  # and its terms condition
         # the model alone (about 20 s a training): gpu_check's test already runs all four through run_main.sh

@@ -1,6 +1,6 @@
 """A preloaded Python for the suite's command lines: MONAI, torch, ignite and cbvae_ext imported once.
 
-Every ``python -m monai.bundle ...`` the suite starts spends 10-14 s of a 2-core machine importing MONAI
+Every ``python -m monai.bundle ...`` the suite starts spends 7-14 s of a 2-core machine (by machine) importing MONAI
 (``import monai`` loads all of its submodules) before it does anything; the suite starts dozens. This server
 imports them once, then runs each command line in a child forked from it: the same ``__main__`` code as
 ``python -m``, in its own process with its own environment, folder, stdin/stdout/stderr and exit status, minus

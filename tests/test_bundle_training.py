@@ -116,7 +116,7 @@ def test_train_baseline_overlay(tiny_runs):
     assert json.loads((tiny_runs["cbvae"] / "network_config.json").read_text())["model"] == "cbvae"
 
 
-def test_resume_after_sigkill(tiny_dataset, repo_root, tmp_path):
+def test_resume_after_sigkill(tiny_dataset, tmp_path):
     out = tmp_path / "resumed"
     # a text "false" override passes through the config's switches (flag() is unit-tested)
     args = training_command(tiny_dataset, out, 3, *OFF, "--channels_last", "false")

@@ -5,16 +5,17 @@
    beside the training category means.
 2. Terms: peak AUC on the validation split (``--text-split test``: the test split) of the training mean map (the trivial answer), of the path's
    map without the terms group (topics, task, year; the group hidden in the fit and the prediction), with
-   it (the dataset's text embedding: ``--term-dims`` and ``--term-embedding`` of the build), and without it
+   it (the dataset's text embedding: ``--term-dims`` and ``--term-embedding`` of the build; on the residual,
+   its maps kept outside the path's rank as the preset does, or truncated with the rest), and without it
    plus a NeuroQuery text part
    (``neuroquery.smoothed_regression.SmoothedRegression`` fitted on the training studies with text, on the
    residual maps projected onto a training PCA basis), paired over the split's studies with text
    (``--text``; needs ``terms.npz``). The terms group is tried in the shared penalty and with a penalty
-   of its own, chosen by validation MSE or by validation peak AUC.
+   of its own, chosen by validation MSE or by validation peak AUC. Each row's Pearson r beside its peak AUC.
 
 Usage::
 
-    python scripts/ablate_text.py --dataset DATA [--split test] [--text | --text-only] [--text-split test]
+    python scripts/ablate_text.py --dataset DATA [--split test] [--text | --text-only] [--text-split test] [--residual-only]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from cbvae_ext.data import load_dataset_info, normalise_maps
 from cbvae_ext.data.neuroquery import load_terms
 from cbvae_ext.evaluation.conditional import identification
-from cbvae_ext.evaluation.metrics import peak_auc
+from cbvae_ext.evaluation.metrics import peak_auc, pearson_r
 from cbvae_ext.evaluation.stats import paired_bootstrap
 from cbvae_ext.networks import build_network, initialise_from_data, preset_config
 from cbvae_ext.networks.conditioning import hide_groups
@@ -84,7 +85,9 @@ def _hidden(info, meta: np.ndarray, meta_mask: np.ndarray, names: tuple[str, ...
     return m.numpy(), mm.numpy()
 
 
-def text_table(info, seed: int, split: str = "val", n_components: int = 100, rank: int | None = None) -> None:
+def text_table(
+    info, seed: int, split: str = "val", n_components: int = 100, rank: int | None = None, residual_only: bool = False
+) -> None:
     """Peak AUC on ``split`` of the path without the terms group, with it, and with NeuroQuery's text part added
     (every penalty chosen on the validation split)."""
     from neuroquery.smoothed_regression import SmoothedRegression
@@ -103,40 +106,54 @@ def text_table(info, seed: int, split: str = "val", n_components: int = 100, ran
     initialise_from_data(model, info.path, seed=seed, hidden_groups=no_terms)
     base_tr = _path_probs(model, info, *_hidden(info, *info.encode(train), no_terms))
     base_va = _path_probs(model, info, *_hidden(info, *info.encode(val), no_terms))
-    auc = {
-        "training mean map (trivial)": peak_auc(np.broadcast_to(y_tr.mean(axis=0), y_va.shape), peaks),
-        "topics + task + year": peak_auc(base_va, peaks),
+    probs = {
+        "training mean map (trivial)": np.broadcast_to(y_tr.mean(axis=0), y_va.shape),
+        "topics + task + year": base_va,
     }
+    auc = {name: peak_auc(p, peaks) for name, p in probs.items()}
     kind = info.manifest["options"]["terms"].get("embedding", "svd")
+    one_ridge = {"residual_groups": ()}
+    truncated = {**overrides, "cond_mean_exact": []}
     ways = (
-        ({"residual_groups": ()}, ", in the one ridge"),
-        ({"residual_groups": (), "own_penalty": ("terms",)}, ", in the one ridge, its own penalty by MSE"),
+        (truncated, one_ridge, ", in the one ridge"),
+        (truncated, {**one_ridge, "own_penalty": ("terms",)}, ", in the one ridge, its own penalty by MSE"),
         (
-            {"residual_groups": (), "own_penalty": ("terms",), "own_penalty_by": "peak_auc"},
+            truncated,
+            {**one_ridge, "own_penalty": ("terms",), "own_penalty_by": "peak_auc"},
             ", in the one ridge, its own penalty by peak AUC",
         ),
-        ({}, ", fitted on the residual of the path without it (the default)"),
+        (truncated, {}, ", fitted on the residual of the path without it, truncated to the path's rank"),
+        (overrides, {}, ", fitted on the residual, its maps kept outside the rank (the default)"),
     )
-    for options, label in ways if info.schema.term_dims else ():
+    ways = ways[3:] if residual_only else ways  # the one-ridge rows take a fit each (~4 min on full v7)
+    for network, options, label in ways if info.schema.term_dims else ():
+        model = build_network(preset_config("cpu", info.schema, info.mask.shape, **network))
         initialise_from_data(model, info.path, seed=seed, **options)
         name = f"+ terms group ({info.schema.term_dims}-dim {kind} embedding{label})"
-        auc[name] = peak_auc(_path_probs(model, info, *info.encode(val)), peaks)
+        probs[name] = _path_probs(model, info, *info.encode(val))
+        auc[name] = peak_auc(probs[name], peaks)
         print(f"{name}: penalties {model.cond_mean.alpha}")
     pca = PCA(min(n_components, int(has_tr.sum()) - 1), random_state=seed).fit(y_tr[has_tr] - base_tr[has_tr])
     target = pca.transform(y_tr[has_tr] - base_tr[has_tr])
     reg = SmoothedRegression(n_components=min(300, int(has_tr.sum()) - 1)).fit(terms.tfidf[train[has_tr]], target)
     text_va = np.zeros_like(base_va)
     text_va[has_va] = pca.inverse_transform(reg.predict(terms.tfidf[val[has_va]].toarray()))
-    auc["+ NeuroQuery text part"] = peak_auc(np.clip(base_va + text_va, 1e-4, 1 - 1e-4), peaks)
-    base = auc["topics + task + year"]
+    probs["+ NeuroQuery text part"] = np.clip(base_va + text_va, 1e-4, 1 - 1e-4)
+    auc["+ NeuroQuery text part"] = peak_auc(probs["+ NeuroQuery text part"], peaks)
+    r = {name: pearson_r(p, y_va) for name, p in probs.items()}
+    name0 = "topics + task + year"
     print(f"{split} studies: {len(val)}, {int(has_va.sum())} with text")
-    print("| conditional-mean path | peak AUC, with text | all | paired vs topics + task + year, with text [95% CI] |")
-    print("| --- | ---: | ---: | --- |")
+    print(
+        "| conditional-mean path | peak AUC, with text | all | paired vs topics + task + year, with text [95% CI] "
+        "| Pearson r, with text | paired r vs topics + task + year [95% CI] |"
+    )
+    print("| --- | ---: | ---: | --- | ---: | --- |")
     for name, values in auc.items():
-        diff = paired_bootstrap(values[has_va], base[has_va])
+        da, dr = (paired_bootstrap(x[name][has_va], x[name0][has_va]) for x in (auc, r))
         print(
             f"| {name} | {np.nanmean(values[has_va]):.3f} | {np.nanmean(values):.3f} | "
-            f"{diff['mean_diff']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] |"
+            f"{da['mean_diff']:+.3f} [{da['ci95'][0]:+.3f}, {da['ci95'][1]:+.3f}] | {np.nanmean(r[name][has_va]):.3f} | "
+            f"{dr['mean_diff']:+.3f} [{dr['ci95'][0]:+.3f}, {dr['ci95'][1]:+.3f}] |"
         )
 
 
@@ -148,6 +165,9 @@ def main() -> None:
     parser.add_argument("--text-only", action="store_true", help="only the terms ablation")
     parser.add_argument("--text-split", choices=("val", "test"), help="the terms ablation's split (default val)")
     parser.add_argument("--cond-mean-rank", type=int, help="the terms ablation's path rank (default: the preset's)")
+    parser.add_argument(
+        "--residual-only", action="store_true", help="of the terms group's rows only the residual fits (the default's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -155,7 +175,9 @@ def main() -> None:
     if not args.text_only:
         identification_table(info, args.split, args.seed)
     if args.text or args.text_only:
-        text_table(info, args.seed, args.text_split or "val", rank=args.cond_mean_rank)
+        text_table(
+            info, args.seed, args.text_split or "val", rank=args.cond_mean_rank, residual_only=args.residual_only
+        )
 
 
 if __name__ == "__main__":

@@ -509,3 +509,32 @@ def test_conditional_mean_fit_is_the_best_low_rank_approximation(n_inputs: int, 
     assert not path.basis[kept:].any()  # no directions made of rounding noise
     if true_rank <= 8:
         assert np.abs(stored - coef).max() <= 1e-5 * np.abs(coef).max()
+
+
+def test_conditional_mean_keeps_its_exact_entries_outside_the_rank() -> None:
+    """``exact`` rows of the coefficients are stored as given (fast and plain path alike), the rest at the rank."""
+    rng = np.random.default_rng(4)
+    grid, n_inputs, exact = (5, 6, 4), 12, [3, 7]
+    coef = rng.normal(size=(n_inputs, int(np.prod(grid)))) * 0.01
+    path = ConditionalMean(n_inputs, grid, rank=2, exact=exact)
+    path.fit(np.full(grid, 0.3), coef.reshape(n_inputs, *grid))
+    m = torch.zeros(2, n_inputs, dtype=torch.float64)
+    m[0, 3], m[1, 7] = 1.5, -2.0  # only exact entries: the prediction is exact
+    with torch.no_grad():
+        fast = path(m.float())
+        type(path).fast = False
+        try:
+            plain = path(m.float())
+        finally:
+            type(path).fast = True
+    want = logit(0.3 + (m[:, exact] @ torch.from_numpy(coef[exact])).numpy()).float().reshape(2, 1, *grid)
+    torch.testing.assert_close(fast, want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(plain, fast, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="exact indices"):
+        ConditionalMean(n_inputs, grid, rank=2, exact=[n_inputs])
+    torch.testing.assert_close(path.exact_coef.double(), torch.from_numpy(coef[exact]), rtol=0, atol=1e-7)
+    again = ConditionalMean(n_inputs, grid, rank=2, exact=exact)
+    again.load_state_dict(path.state_dict())
+    torch.testing.assert_close(again.coefficients(), path.coefficients())
+    with pytest.raises(RuntimeError, match="basis"):  # a checkpoint of a path without them is refused
+        again.load_state_dict(ConditionalMean(n_inputs, grid, rank=2).state_dict())

@@ -90,7 +90,7 @@ def test_a_group_with_its_own_penalty_keeps_the_other_two(tiny_dataset, by):
     shared, separate = paths[()].alpha, paths[("terms",)].alpha
     assert len(shared) == 2 and len(separate) == 3 and tuple(separate[:2]) == tuple(shared)
     assert separate[2] in 10.0 ** np.arange(0, 7)
-    coef = {k: (p.weight.T @ p.basis).detach() for k, p in paths.items()}
+    coef = {k: p.coefficients().detach() for k, p in paths.items()}
     same = torch.allclose(coef[()], coef[("terms",)], rtol=1e-4, atol=1e-6)
     assert same == (separate[2] == shared[0])
     with pytest.raises(ValueError, match="own_penalty_by must be"):
@@ -136,3 +136,43 @@ def test_a_residual_group_leaves_the_path_without_it_unchanged(tiny_dataset):
         out = {k: (p.conditional_mean(without), p.conditional_mean(with_text)) for k, p in paths.items()}
     torch.testing.assert_close(out["residual"][0], out["hidden"][0], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(out["residual"][1][has], out["hidden"][1][has], atol=1e-3)
+
+
+def test_the_text_groups_maps_are_kept_outside_the_paths_rank(tiny_dataset):
+    """``cond_mean_exact`` (the preset's ``[terms]``): the group's coefficient maps are stored as fitted, those of
+    a path of full rank; a path without it truncates them with the rest. The other rows are the best rank-r
+    approximation of the coefficients without the group's rows."""
+    import torch
+
+    from cbvae_ext.data import load_dataset_info
+    from cbvae_ext.networks import build_network, initialise_from_data, preset_config
+
+    info = load_dataset_info(tiny_dataset)
+    g, meta_dim = info.schema.group("terms"), info.schema.meta_dim
+    rows = [*range(g.meta_slice.start, g.meta_slice.stop), meta_dim + g.mask_index]
+    paths = {}
+    for key, options in (
+        ("exact", {"cond_mean_rank": 2}),
+        ("truncated", {"cond_mean_rank": 2, "cond_mean_exact": []}),
+        ("full", {"cond_mean_rank": 1024, "cond_mean_exact": []}),
+    ):
+        model = build_network(preset_config("cpu", info.schema, info.mask.shape, **options))
+        paths[key] = initialise_from_data(model, info.path).cond_mean
+    exact, truncated, full = paths["exact"], paths["truncated"], paths["full"]
+    assert exact.exact_index.tolist() == rows and not len(truncated.exact_index)
+    coef = full.coefficients().double()  # every coefficient, as fitted
+    torch.testing.assert_close(exact.exact_coef.double(), coef[rows], rtol=0, atol=1e-5 * coef.abs().max().item())
+    cut = truncated.coefficients().double()
+    assert (cut[rows] - coef[rows]).abs().max() > 1e-3 * coef[rows].abs().max()
+    rest = coef.clone()
+    rest[rows] = 0.0
+    a, s, vh = torch.linalg.svd(rest, full_matrices=False)
+    best = (a[:, :2] * s[:2]) @ vh[:2]
+    low = (exact.weight.T @ exact.basis[:2]).double()
+    torch.testing.assert_close(low, best, rtol=0, atol=1e-4 * coef.abs().max().item())
+    torch.testing.assert_close(
+        exact.coefficients().double(),
+        best.index_put((torch.tensor(rows),), coef[rows]),
+        rtol=0,
+        atol=1e-4 * coef.abs().max().item(),
+    )

@@ -10,7 +10,8 @@
   ``bottleneck_channels``, ``norm``, ``act``; cbvae only: ``film_hidden``, ``imputation_channels``,
   ``adversary_hidden``, ``adversary_input``, ``grl_lambda``; baseline only: ``resnet_widen``, ``resnet_conv1_size``.
 - conditioning (cbvae): ``groups`` (``schema.groups``), ``conditioning``, ``cond_mean``, ``cond_mean_rank``,
-  ``unknown_tokens``, ``decoder_cond_input``, ``encoder_groups``, ``decoder_groups``, ``condition_dropout``; the baseline takes
+  ``cond_mean_exact``, ``unknown_tokens``, ``decoder_cond_input``, ``encoder_groups``, ``decoder_groups``,
+  ``condition_dropout``; the baseline takes
   ``cond_mean`` (its mean-map bias volume). Their values are ``train.yaml``'s (``network_def``).
 
 Keys a model does not take (e.g. the dataset checksum and grid saved beside the config in

@@ -74,6 +74,8 @@ class ConditionalBetaVAE(nn.Module):
             beyond a bias volume; ``decode`` ignores ``m``).
         cond_mean: add the conditional-mean path (else logits are the decoder's alone).
         cond_mean_rank: rank of the conditional-mean path.
+        cond_mean_exact: condition groups whose entries (values and observed flag) the path keeps exactly,
+            outside its rank (``ConditionalMean``'s ``exact``), e.g. ``["terms"]``.
         unknown_tokens: learned tokens for hidden categorical/vector groups.
         decoder_cond_input: also feed ``m`` into the decoder's first (linear) layer.
         encoder_groups: names of the groups the encoder sees (None: all).
@@ -111,6 +113,7 @@ class ConditionalBetaVAE(nn.Module):
         conditioning: bool = True,
         cond_mean: bool = False,
         cond_mean_rank: int = 32,
+        cond_mean_exact: Sequence[str] = (),
         unknown_tokens: bool = False,
         decoder_cond_input: bool = False,
         encoder_groups: Sequence[str] | None = None,
@@ -161,7 +164,14 @@ class ConditionalBetaVAE(nn.Module):
             persistent=False,
         )
         cm_dim = cond_dim * (1 + len(self.vector_flags)) if self.conditioning else 0
-        self.cond_mean = ConditionalMean(cm_dim, spatial_shape, cond_mean_rank) if cond_mean else None
+        exact = [
+            i
+            for g in self.groups
+            if g.name in cond_mean_exact
+            for i in (*range(g.meta_slice.start, g.meta_slice.stop), meta_dim + g.mask_index)
+        ]
+        exact = exact if self.conditioning else []
+        self.cond_mean = ConditionalMean(cm_dim, spatial_shape, cond_mean_rank, exact=exact) if cond_mean else None
         # the encoder sees only ``encoder_groups``, the decoder's FiLM only ``decoder_groups``: the others are
         # hidden (0 values, mask 0) before the FiLM, so the decoder's unknown tokens stand in for them
         self.register_buffer("encoder_keep", self._keep(encoder_groups, meta_dim, mask_dim), persistent=False)

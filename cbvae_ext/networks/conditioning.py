@@ -175,7 +175,7 @@ def logit(p: np.ndarray | torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 
 
 class ConditionalMean(nn.Module):
-    """Conditional mean map ``p(m) = b + U·(W·m)`` (clipped to ``[eps, 1 - eps]``), returned as logits.
+    """Conditional mean map ``p(m) = b + U·(W·m) + m[exact]·E`` (clipped to ``[eps, 1 - eps]``), returned as logits.
 
     Everything is a buffer (saved with the model, never trained): ``fit`` sets it.
 
@@ -184,6 +184,9 @@ class ConditionalMean(nn.Module):
         spatial_shape: output grid ``(D, H, W)``.
         rank: rank of ``U·W`` (ignored when ``cond_dim`` is 0).
         eps: probability clip before the logit.
+        exact: indices of ``m`` whose coefficient maps ``E`` are stored exactly, outside the rank-``rank``
+            approximation: the text embedding fitted on the path's residual, whose 64 maps the rank-32
+            truncation of everything together cut down (``architecture.md``, "Text condition").
 
     Attributes:
         fast: one ``addmm`` and one ``logit`` pass over the grid (``dense3d.set_fast_path``); False: the
@@ -192,25 +195,50 @@ class ConditionalMean(nn.Module):
 
     fast = True
 
-    def __init__(self, cond_dim: int, spatial_shape: Sequence[int], rank: int, eps: float = 1e-4) -> None:
+    def __init__(
+        self, cond_dim: int, spatial_shape: Sequence[int], rank: int, eps: float = 1e-4, exact: Sequence[int] = ()
+    ) -> None:
         super().__init__()
         self.shape = tuple(int(s) for s in spatial_shape)
         self.eps = float(eps)
         n_vox = int(np.prod(self.shape))
         self.rank = min(int(rank), cond_dim) if cond_dim else 0
+        exact = [int(i) for i in exact] if cond_dim else []
+        if any(not 0 <= i < cond_dim for i in exact) or len(set(exact)) != len(exact):
+            raise ValueError(f"exact indices {exact} must be distinct entries of the {cond_dim} conditions")
         self.register_buffer("intercept", torch.full((n_vox,), 0.5))  # logit 0 until fitted
         self.register_buffer("weight", torch.zeros(self.rank, cond_dim))
-        self.register_buffer("basis", torch.zeros(self.rank, n_vox))
+        # rows [:rank] the low-rank basis, rows [rank:] the exact entries' maps: one addmm serves both
+        # (two chained addmm failed shape propagation in a frozen TorchScript trace)
+        self.register_buffer("basis", torch.zeros(self.rank + len(exact), n_vox))
+        self.register_buffer("exact_index", torch.tensor(exact, dtype=torch.long), persistent=False)
+
+    @property
+    def exact_coef(self) -> torch.Tensor:
+        """``[len(exact), V]`` the exact entries' coefficient maps."""
+        return self.basis[self.rank :]
+
+    def coefficients(self) -> torch.Tensor:
+        """``[cond_dim, V]`` the stored ``coef`` of ``p(m) = intercept + m·coef`` (low-rank part plus exact rows)."""
+        coef = self.weight.T @ self.basis[: self.rank]
+        coef[self.exact_index] += self.exact_coef
+        return coef
 
     def forward(self, m: torch.Tensor | None) -> torch.Tensor:
         n = 1 if m is None else m.shape[0]
         p = self.intercept.expand(n, -1)
+        h = None
+        if len(self.basis) and m is not None:
+            m = m.to(self.weight.dtype)
+            h = m @ self.weight.T
+            if len(self.exact_index):
+                h = torch.cat([h, m.index_select(1, self.exact_index)], dim=1)
         if self.fast:  # one fused pass each (addmm; logit with its clip): this runs on the grid every step
-            if self.rank and m is not None:
-                p = torch.addmm(self.intercept, m.to(self.weight.dtype) @ self.weight.T, self.basis)
+            if h is not None:
+                p = torch.addmm(self.intercept, h, self.basis)
             return torch.logit(p, self.eps).reshape(n, 1, *self.shape)
-        if self.rank and m is not None:
-            p = p + (m.to(self.weight.dtype) @ self.weight.T) @ self.basis
+        if h is not None:
+            p = p + h @ self.basis
         p = p.clamp(self.eps, 1.0 - self.eps)
         return (torch.log(p) - torch.log1p(-p)).reshape(n, 1, *self.shape)
 
@@ -218,23 +246,29 @@ class ConditionalMean(nn.Module):
     def fit(self, intercept: np.ndarray | torch.Tensor, coef: np.ndarray | torch.Tensor | None = None) -> None:
         """Set ``p(m) = intercept + m·coef`` (``intercept [D, H, W]``, ``coef [cond_dim, D, H, W]``).
 
-        ``coef`` is stored as its best rank-``rank`` approximation (``weight`` the left singular vectors times
-        the singular values, ``basis`` the right singular vectors), exact when ``rank`` is at least its rank.
+        The rows of ``coef`` at the ``exact`` indices are stored as they are (``exact_coef``, the last rows of
+        ``basis``). The rest is stored as its best rank-``rank`` approximation (``weight`` the left singular
+        vectors times the singular values, ``basis`` the right singular vectors), exact when ``rank`` is at
+        least its rank.
         The singular vectors come from the eigendecomposition of ``coef · coefᵀ`` (``cond_dim²``, in float64):
         ``torch.linalg.svd`` of the wide ``[cond_dim, V]`` matrix took 10 s of a tiny training's 28 s on one
         CPU thread, this a fraction of a second; directions whose singular value is below ``1e-7`` of the
         largest (float64 rounding of the Gram matrix) are left out.
         """
         self.intercept.copy_(torch.as_tensor(np.asarray(intercept)).flatten().to(self.intercept))
-        if not self.rank or coef is None:
+        if coef is None or not len(self.basis):
             return
-        coef = torch.as_tensor(np.asarray(coef)).double().flatten(1)
+        coef = torch.as_tensor(np.asarray(coef)).double().flatten(1).clone()
+        self.basis[self.rank :] = coef[self.exact_index].to(self.basis)
+        coef[self.exact_index] = 0.0
+        if not self.rank:
+            return
         eigenvalues, vectors = torch.linalg.eigh(coef @ coef.T)  # ascending
         s = eigenvalues.flip(0).clamp_min(0.0).sqrt()[: self.rank]
         a = vectors.flip(1)[:, : self.rank]
         r = int((s > 1e-7 * s[0]).sum()) if len(s) and s[0] > 0 else 0
         self.weight.zero_()
-        self.basis.zero_()
+        self.basis[: self.rank] = 0.0
         self.weight[:r] = (a[:, :r] * s[:r]).T.to(self.weight)
         self.basis[:r] = ((a[:, :r].T @ coef) / s[:r, None]).to(self.basis)
 

@@ -184,9 +184,9 @@ class ConditionalMean(nn.Module):
         spatial_shape: output grid ``(D, H, W)``.
         rank: rank of ``U·W`` (ignored when ``cond_dim`` is 0).
         eps: probability clip before the logit.
-        exact: indices of ``m`` whose coefficient maps ``E`` are stored exactly, outside the rank-``rank``
-            approximation: the text embedding fitted on the path's residual, whose 64 maps the rank-32
-            truncation of everything together cut down (``architecture.md``, "Text condition").
+        exact: indices of ``m`` whose coefficient maps ``E`` are stored as fitted, outside the rank-``rank``
+            approximation (the text embedding fitted on the path's residual; ``architecture.md``, "Text
+            condition", measures it against the truncation).
 
     Attributes:
         fast: one ``addmm`` and one ``logit`` pass over the grid (``dense3d.set_fast_path``); False: the

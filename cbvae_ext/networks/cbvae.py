@@ -164,13 +164,12 @@ class ConditionalBetaVAE(nn.Module):
             persistent=False,
         )
         cm_dim = cond_dim * (1 + len(self.vector_flags)) if self.conditioning else 0
-        exact = [
+        exact = [  # ConditionalMean ignores them when cm_dim is 0 (conditioning off)
             i
             for g in self.groups
             if g.name in cond_mean_exact
             for i in (*range(g.meta_slice.start, g.meta_slice.stop), meta_dim + g.mask_index)
         ]
-        exact = exact if self.conditioning else []
         self.cond_mean = ConditionalMean(cm_dim, spatial_shape, cond_mean_rank, exact=exact) if cond_mean else None
         # the encoder sees only ``encoder_groups``, the decoder's FiLM only ``decoder_groups``: the others are
         # hidden (0 values, mask 0) before the FiLM, so the decoder's unknown tokens stand in for them

@@ -11,11 +11,16 @@
    (``neuroquery.smoothed_regression.SmoothedRegression`` fitted on the training studies with text, on the
    residual maps projected onto a training PCA basis), paired over the split's studies with text
    (``--text``; needs ``terms.npz``). The terms group is tried in the shared penalty and with a penalty
-   of its own, chosen by validation MSE or by validation peak AUC. Each row's Pearson r beside its peak AUC.
+   of its own, chosen by validation MSE or by validation peak AUC. Last, the embedding a build would need for
+   the path to carry that text part: the same regression on the residual's principal coordinates, read as a
+   64-dim embedding cross-fitted over study-group folds as the build's is (``fit_supervised_embedding``),
+   fitted to the residual by the path's own ridge (penalty by validation MSE). Each row's Pearson r beside
+   its peak AUC.
 
 Usage::
 
-    python scripts/ablate_text.py --dataset DATA [--split test] [--text | --text-only] [--text-split test] [--residual-only]
+    python scripts/ablate_text.py --dataset DATA [--split test] [--text | --text-only] [--text-split test]
+        [--residual-only | --no-group-rows]
 """
 
 from __future__ import annotations
@@ -26,12 +31,12 @@ import numpy as np
 import torch
 
 from cbvae_ext.data import load_dataset_info, normalise_maps
-from cbvae_ext.data.neuroquery import load_terms
+from cbvae_ext.data.neuroquery import fit_supervised_embedding, load_terms
 from cbvae_ext.evaluation.conditional import identification
 from cbvae_ext.evaluation.metrics import peak_auc, pearson_r
 from cbvae_ext.evaluation.stats import paired_bootstrap
 from cbvae_ext.networks import build_network, initialise_from_data, preset_config
-from cbvae_ext.networks.conditioning import hide_groups
+from cbvae_ext.networks.conditioning import fit_ridge, hide_groups
 
 
 def _maps(info, rows: np.ndarray) -> np.ndarray:
@@ -86,7 +91,14 @@ def _hidden(info, meta: np.ndarray, meta_mask: np.ndarray, names: tuple[str, ...
 
 
 def text_table(
-    info, seed: int, split: str = "val", n_components: int = 100, rank: int | None = None, residual_only: bool = False
+    info,
+    seed: int,
+    split: str = "val",
+    n_components: int = 100,
+    rank: int | None = None,
+    residual_only: bool = False,
+    group_rows: bool = True,
+    embedding_dims: int = 64,
 ) -> None:
     """Peak AUC on ``split`` of the path without the terms group, with it, and with NeuroQuery's text part added
     (every penalty chosen on the validation split)."""
@@ -126,7 +138,7 @@ def text_table(
         (overrides, {}, ", fitted on the residual, its maps kept outside the rank (the default)"),
     )
     ways = ways[3:] if residual_only else ways  # the one-ridge rows take a fit each (~4 min on full v7)
-    for network, options, label in ways if info.schema.term_dims else ():
+    for network, options, label in ways if info.schema.term_dims and group_rows else ():
         model = build_network(preset_config("cpu", info.schema, info.mask.shape, **network))
         initialise_from_data(model, info.path, seed=seed, **options)
         name = f"+ terms group ({info.schema.term_dims}-dim {kind} embedding{label})"
@@ -140,6 +152,24 @@ def text_table(
     text_va[has_va] = pca.inverse_transform(reg.predict(terms.tfidf[val[has_va]].toarray()))
     probs["+ NeuroQuery text part"] = np.clip(base_va + text_va, 1e-4, 1 - 1e-4)
     auc["+ NeuroQuery text part"] = peak_auc(probs["+ NeuroQuery text part"], peaks)
+    fit_rows, val_rows = np.flatnonzero(has_tr), np.flatnonzero(has_va)
+    embedding, crossfit = fit_supervised_embedding(
+        terms.tfidf[train], has_tr, target, info.metadata["split_group"].to_numpy()[train[has_tr]],
+        min(embedding_dims, target.shape[1] - 1), seed=seed,
+    )  # fmt: skip
+    x_va = embedding.embed(terms.tfidf[val[has_va]])
+    strengths = 10.0 ** np.arange(0, 7)
+    b2, c2, best, _ = fit_ridge(
+        crossfit,
+        lambda r: y_tr[fit_rows[r]] - base_tr[fit_rows[r]],
+        [x_va],
+        lambda r: y_va[val_rows[r]] - base_va[val_rows[r]],
+        [np.full(crossfit.shape[1], t) for t in strengths],
+    )
+    name = f"+ {embedding.dims}-dim cross-fitted NeuroQuery embedding of the residual (ridge {strengths[best]:g})"
+    probs[name] = base_va.copy()
+    probs[name][has_va] = np.clip(base_va[has_va] + b2 + x_va @ c2, 1e-4, 1 - 1e-4)
+    auc[name] = peak_auc(probs[name], peaks)
     r = {name: pearson_r(p, y_va) for name, p in probs.items()}
     name0 = "topics + task + year"
     print(f"{split} studies: {len(val)}, {int(has_va.sum())} with text")
@@ -168,6 +198,9 @@ def main() -> None:
     parser.add_argument(
         "--residual-only", action="store_true", help="of the terms group's rows only the residual fits (the default's)"
     )
+    parser.add_argument(
+        "--no-group-rows", action="store_true", help="skip the dataset's own terms-group rows (the other rows only)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -176,7 +209,12 @@ def main() -> None:
         identification_table(info, args.split, args.seed)
     if args.text or args.text_only:
         text_table(
-            info, args.seed, args.text_split or "val", rank=args.cond_mean_rank, residual_only=args.residual_only
+            info,
+            args.seed,
+            args.text_split or "val",
+            rank=args.cond_mean_rank,
+            residual_only=args.residual_only,
+            group_rows=not args.no_group_rows,
         )
 
 

@@ -12,7 +12,8 @@ import scipy.sparse
 from sklearn.decomposition import PCA
 
 from cbvae_ext.data import DataError, build_dataset
-from cbvae_ext.data.builder import term_columns
+from cbvae_ext.data.builder import condition_features, condition_residual, term_columns
+from cbvae_ext.data.categories import CATEGORIES
 from cbvae_ext.data.dataset import load_dataset_info
 from cbvae_ext.data.neuroquery import (
     ENV_VAR,
@@ -26,6 +27,7 @@ from cbvae_ext.data.neuroquery import (
     resolve_neuroquery_dir,
     tfidf,
 )
+from cbvae_ext.schema import CONTINUOUS_FIELDS
 
 FIXTURES = Path(__file__).parent / "data"
 NQ = FIXTURES / "neuroquery"
@@ -164,12 +166,32 @@ def test_the_neuroquery_embedding_is_cross_fitted_and_linear():
         fit_supervised_embedding(x, np.arange(n) < 2, maps[:2], np.arange(2), dims=2)
 
 
-def test_a_neuroquery_build_stores_cross_fitted_training_rows(tmp_path):
+def test_the_residual_target_is_what_the_conditions_leave():
+    rng = np.random.default_rng(0)
+    n, tcols = 300, ["topic_0", "topic_1", "topic_2"]
+    rows = pd.DataFrame(rng.dirichlet(np.ones(3), n), columns=tcols)
+    rows["topics_observed"] = True
+    rows["category"] = rng.choice([*CATEGORIES[:3], None], n)
+    for name in CONTINUOUS_FIELDS:
+        rows[name] = np.where(rng.random(n) < 0.3, np.nan, rng.normal(2000.0, 5.0, n))
+    rows["split"] = np.array(["train", "train", "train", "val", "test"])[np.arange(n) % 5]
+    x = condition_features(rows, tcols)
+    assert x.shape == (n, 3 + 1 + len(CATEGORIES) + 2 * len(CONTINUOUS_FIELDS))
+    assert np.isfinite(x).all() and np.allclose(x[:, 4 : 4 + len(CATEGORIES)].sum(1), rows["category"].notna())
+    maps = x @ rng.normal(size=(x.shape[1], 50)) + 0.1 * (noise := rng.normal(size=(n, 50)))
+    residual = condition_residual(lambda r: maps[r], rows, tcols)(np.arange(n))
+    # what the conditions explain is gone, what they do not (the noise) is left
+    assert residual.var() < 0.05 * maps.var()
+    assert np.corrcoef(residual.ravel(), noise.ravel())[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("kind", ["neuroquery", "neuroquery-residual"])
+def test_a_neuroquery_build_stores_cross_fitted_training_rows(tmp_path, kind):
     out = build_dataset(
-        neurosynth_dir=NS, out=tmp_path / "ds", subset=60, neuroquery_dir=NQ, term_dims=4, term_embedding="neuroquery"
+        neurosynth_dir=NS, out=tmp_path / "ds", subset=60, neuroquery_dir=NQ, term_dims=4, term_embedding=kind
     )
     info, terms = load_dataset_info(out), load_terms(out)
-    assert info.manifest["options"]["terms"]["embedding"] == "neuroquery"
+    assert info.manifest["options"]["terms"]["embedding"] == kind
     g = info.schema.group("terms")
     meta, _ = info.encode(info.rows("all"))
     fit = terms.observed & (info.metadata["split"] == "train").to_numpy()

@@ -64,9 +64,10 @@ def _parser() -> argparse.ArgumentParser:
         "--term-embedding",
         default=TERM_EMBEDDINGS[0],
         choices=TERM_EMBEDDINGS,
-        help="how the text embedding is fitted on the training split: svd (the tf-idf's truncated SVD) or "
+        help="how the text embedding is fitted on the training split: svd (the tf-idf's truncated SVD), "
         "neuroquery (NeuroQuery's SmoothedRegression of the training maps, read as their principal coordinates; "
-        "the training rows cross-fitted)",
+        "the training rows cross-fitted) or neuroquery-residual (the same, fitted to the maps' residual after a "
+        "ridge on topics, task and the continuous fields)",
     )
     info = sub.add_parser("info", help="check a dataset folder's files (full checksums) and print its counts")
     info.add_argument("out")

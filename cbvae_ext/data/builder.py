@@ -10,13 +10,14 @@ and whose files still match their checksums is reused unless ``force``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
@@ -62,6 +63,8 @@ __all__ = [
     "DTYPES",
     "FORMAT_NAME",
     "build_dataset",
+    "condition_features",
+    "condition_residual",
     "package_version",
     "term_columns",
     "topic_columns",
@@ -287,7 +290,8 @@ def build_dataset(
             condition (with ``neuroquery_dir``; ``TERMS.size`` is the tested size); 0 (the default: no
             validation gain on the 1k or the full build, ``bundle/docs/architecture.md``): ``terms.npz`` only.
         term_embedding: how that embedding is fitted, one of ``neuroquery.TERM_EMBEDDINGS`` (``"svd"``: the
-            tf-idf's truncated SVD; ``"neuroquery"``: NeuroQuery's regression of the training maps, cross-fitted).
+            tf-idf's truncated SVD; ``"neuroquery"``: NeuroQuery's regression of the training maps, cross-fitted;
+            ``"neuroquery-residual"``: the same regression of their residual after the other conditions).
 
     Raises:
         DataError: bad option or input, nothing left after filtering, an unwritable output, or another
@@ -353,6 +357,46 @@ def build_dataset(
             int(term_dims), term_embedding, start,
         )  # fmt: skip
     return out
+
+
+def condition_features(rows: pd.DataFrame, tcols: Sequence[str]) -> np.ndarray:
+    """``[N, F]`` float64 non-text conditions of the build's rows: the topic weights and their observed flag, the
+    task one-hot (none where unknown) and each continuous field standardised on train (0 where missing) with its
+    observed flag."""
+    train = (rows["split"] == "train").to_numpy()
+    parts = [rows[list(tcols)].to_numpy(np.float64), rows[[f"{TOPICS.name}_observed"]].to_numpy(np.float64)]
+    parts.append((rows["category"].to_numpy()[:, None] == np.array(CATEGORIES)[None, :]).astype(np.float64))
+    for name in CONTINUOUS_FIELDS:
+        v = rows[name].to_numpy(np.float64)
+        seen = np.isfinite(v)
+        ref = v[seen & train]
+        centre, scale = (ref.mean(), ref.std() or 1.0) if len(ref) else (0.0, 1.0)
+        parts.append(np.stack([np.where(seen, (v - centre) / scale, 0.0), seen.astype(np.float64)], axis=1))
+    return np.concatenate(parts, axis=1)
+
+
+def condition_residual(
+    maps: Callable[[np.ndarray], np.ndarray], rows: pd.DataFrame, tcols: Sequence[str]
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``rows -> maps(rows) - ridge(conditions)``: what topics, task and the continuous fields do not explain.
+
+    The ridge (``networks.conditioning.fit_ridge``, one penalty for every feature, chosen by validation MSE) is
+    fitted on the training rows; the ``"neuroquery-residual"`` text embedding is fitted to its residual, so the
+    embedding carries what the text adds to the conditional-mean path rather than what the topics already say.
+    """
+    from cbvae_ext.networks.conditioning import fit_ridge
+
+    x = condition_features(rows, tcols)
+    train, val = (np.flatnonzero((rows["split"] == s).to_numpy()) for s in ("train", "val"))
+    b0, coef, best, _ = fit_ridge(
+        x[train],
+        lambda r: maps(train[r]),
+        [x[val]],
+        lambda r: maps(val[r]),
+        [np.full(x.shape[1], a) for a in 10.0 ** np.arange(0, 7)],
+    )
+    logger.info("text embedding target: the residual of a ridge on %d conditions (penalty 1e%d)", x.shape[1], best)
+    return lambda r: maps(r) - (b0 + x[r] @ coef).astype(np.float32)
 
 
 def _network_maps(path: Path, rows: np.ndarray, mask: np.ndarray, chunk: int = 512) -> np.ndarray:
@@ -462,9 +506,12 @@ def _build(
             from .neuroquery import build_terms
 
             is_train = (rows["split"] == "train").to_numpy()
+            targets = functools.partial(_network_maps, tmp / "maps.npy", mask=grid.mask)
+            if term_dims and term_embedding == "neuroquery-residual":
+                targets = condition_residual(targets, rows, tcols)
             terms, counts["neuroquery"] = build_terms(
                 neuroquery_dir, rows["id"], is_train, term_dims, seed, term_embedding,
-                maps=lambda r: _network_maps(tmp / "maps.npy", r, grid.mask), groups=rows["split_group"].to_numpy(),
+                maps=targets, groups=rows["split_group"].to_numpy(),
             )  # fmt: skip
             if terms.embedding is not None:
                 ecols = term_columns(terms.embedding.dims)

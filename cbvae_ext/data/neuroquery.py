@@ -25,9 +25,10 @@ on the training studies with text and each dimension standardised on them, one o
   not ones that have seen its own map;
 - ``"neuroquery-residual"``: the same, fitted to what the other conditions do not explain (the training
   maps minus a ridge on topics, task and the continuous fields, its penalty by validation MSE; the builder's
-  ``condition_residual``). The maps' first principal coordinates are mostly what the topics already say;
-  on full-v7 validation this embedding raised the path's peak AUC +0.011 where the maps' raised it +0.004
-  (``architecture.md``, "What the embedding must be fitted on").
+  ``condition_residual``). The maps' first principal coordinates are mostly what the topics already say,
+  but on full-v7 validation this build's group raised the path's peak AUC only +0.003 (the maps' +0.004),
+  where the same regression of the path's own residual, fitted on its principal coordinates, raised it
+  +0.011 (``architecture.md``, "What the embedding must be fitted on").
 
 Each is linear, so a typed query (``TextEmbedder.embed_counts``) goes through exactly the map a new
 study's text does, and ``terms.npz`` carries it (``components``, ``offset``; ``crossfit``) for the app

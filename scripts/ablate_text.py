@@ -14,9 +14,9 @@
    of its own, chosen by validation MSE or by validation peak AUC. Last, the embedding a build would need for
    the path to carry that text part: the same regression on the residual's principal coordinates, read as a
    64-dim embedding cross-fitted over study-group folds as the build's is (``fit_supervised_embedding``),
-   fitted to the residual by the path's own ridge (penalty by validation MSE; skipped on a
-   ``--term-embedding neuroquery-residual`` build, whose group rows are that design). Each row's Pearson r
-   beside its peak AUC.
+   fitted to the residual by the path's own ridge (penalty by validation MSE; a ``--term-embedding
+   neuroquery-residual`` build is not this design: its base and targets differ, ``architecture.md``). Each
+   row's Pearson r beside its peak AUC.
 
 Usage::
 
@@ -153,25 +153,24 @@ def text_table(
     text_va[has_va] = pca.inverse_transform(reg.predict(terms.tfidf[val[has_va]].toarray()))
     probs["+ NeuroQuery text part"] = np.clip(base_va + text_va, 1e-4, 1 - 1e-4)
     auc["+ NeuroQuery text part"] = peak_auc(probs["+ NeuroQuery text part"], peaks)
-    if kind != "neuroquery-residual":  # else the build's own group rows are this design
-        fit_rows, val_rows = np.flatnonzero(has_tr), np.flatnonzero(has_va)
-        embedding, crossfit = fit_supervised_embedding(
-            terms.tfidf[train], has_tr, target, info.metadata["split_group"].to_numpy()[train[has_tr]],
-            min(embedding_dims, target.shape[1] - 1), seed=seed,
-        )  # fmt: skip
-        x_va = embedding.embed(terms.tfidf[val[has_va]])
-        strengths = 10.0 ** np.arange(0, 7)
-        b2, c2, best, _ = fit_ridge(
-            crossfit,
-            lambda r: y_tr[fit_rows[r]] - base_tr[fit_rows[r]],
-            [x_va],
-            lambda r: y_va[val_rows[r]] - base_va[val_rows[r]],
-            [np.full(crossfit.shape[1], t) for t in strengths],
-        )
-        name = f"+ {embedding.dims}-dim cross-fitted NeuroQuery embedding of the residual (ridge {strengths[best]:g})"
-        probs[name] = base_va.copy()
-        probs[name][has_va] = np.clip(base_va[has_va] + b2 + x_va @ c2, 1e-4, 1 - 1e-4)
-        auc[name] = peak_auc(probs[name], peaks)
+    fit_rows, val_rows = np.flatnonzero(has_tr), np.flatnonzero(has_va)
+    embedding, crossfit = fit_supervised_embedding(
+        terms.tfidf[train], has_tr, target, info.metadata["split_group"].to_numpy()[train[has_tr]],
+        min(embedding_dims, target.shape[1] - 1), seed=seed,
+    )  # fmt: skip
+    x_va = embedding.embed(terms.tfidf[val[has_va]])
+    strengths = 10.0 ** np.arange(0, 7)
+    b2, c2, best, _ = fit_ridge(
+        crossfit,
+        lambda r: y_tr[fit_rows[r]] - base_tr[fit_rows[r]],
+        [x_va],
+        lambda r: y_va[val_rows[r]] - base_va[val_rows[r]],
+        [np.full(crossfit.shape[1], t) for t in strengths],
+    )
+    name = f"+ {embedding.dims}-dim cross-fitted NeuroQuery embedding of the residual (ridge {strengths[best]:g})"
+    probs[name] = base_va.copy()
+    probs[name][has_va] = np.clip(base_va[has_va] + b2 + x_va @ c2, 1e-4, 1 - 1e-4)
+    auc[name] = peak_auc(probs[name], peaks)
     r = {name: pearson_r(p, y_va) for name, p in probs.items()}
     name0 = "topics + task + year"
     print(f"{split} studies: {len(val)}, {int(has_va.sum())} with text")
